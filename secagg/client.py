@@ -1,0 +1,497 @@
+"""The client side of one round, sans-I/O: one state class per protocol round.
+
+:meth:`SecAggClient.start` returns the first message; :meth:`SecAggClient.receive` takes
+each server message and returns what to send back. Every check an honest client must make
+on the server's messages is here: signed roster, session binding, neighbour sets, the
+consistency signatures, and never revealing both shares of one peer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from secagg import graph, kernels, shamir
+from secagg.errors import (
+    DecryptionError,
+    InputError,
+    InvalidSignature,
+    ProtocolViolation,
+    RoundAborted,
+    SecAggError,
+    ServerMisbehaviour,
+    UnexpectedMessage,
+)
+from secagg.keys import (
+    PUBLIC_KEY_BYTES,
+    AgreementKey,
+    IdentityKey,
+    aead_decrypt,
+    aead_encrypt,
+    random_seed,
+    verify_signature,
+)
+from secagg.messages import (
+    Abort,
+    AdvertiseKeys,
+    AggregateResult,
+    ConsistencyRequest,
+    ConsistencySignature,
+    MaskedInput,
+    Message,
+    Roster,
+    ShareDelivery,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskShares,
+    consistency_payload,
+    decode_message,
+    seed_commitment,
+)
+from secagg.params import RoundParams
+from secagg.prg import Purpose, StreamMask, derive_key
+from secagg.quantize import dequantize
+from secagg.rounds.advertise_keys import graph_seed, session_id_for
+from secagg.rounds.base import Stage
+from secagg.rounds.unmasking import pair_sign
+
+__all__ = ["ClientResult", "SecAggClient", "share_aad"]
+
+
+def share_aad(session_id: bytes, sender: int, recipient: int) -> bytes:
+    """Associated data of a share ciphertext: session and direction."""
+    return session_id + sender.to_bytes(4, "big") + recipient.to_bytes(4, "big")
+
+
+@dataclass(frozen=True, eq=False)
+class ClientResult:
+    """What a client learns at the end of a round: the aggregate only."""
+
+    sums: npt.NDArray[np.uint64]
+    contributors: tuple[int, ...]
+    total_weight: int
+    weighted_sum: npt.NDArray[np.float64]
+
+    @property
+    def mean(self) -> npt.NDArray[np.float64]:
+        return self.weighted_sum / float(self.total_weight)
+
+
+class _Secrets:
+    """Per-round secrets of one client; never in ``repr``."""
+
+    def __init__(self) -> None:
+        self.enc = AgreementKey()
+        self.mask = AgreementKey()
+        self.seed = random_seed()
+        self.rounding_key = random_seed()
+
+    def __repr__(self) -> str:
+        return "_Secrets(<redacted>)"
+
+
+class _Ctx:
+    """State the client's round states share."""
+
+    def __init__(
+        self,
+        cid: int,
+        identity: IdentityKey,
+        params: RoundParams,
+        directory: Mapping[int, bytes],
+        x: npt.NDArray[np.float64],
+        weight: int,
+        rounding_key: bytes | None,
+    ) -> None:
+        self.cid = cid
+        self.identity = identity
+        self.params = params
+        self.digest = params.digest()
+        self.directory = directory
+        self.x: npt.NDArray[np.float64] | None = x
+        self.weight = weight
+        self.secrets = _Secrets()
+        if rounding_key is not None:
+            self.secrets.rounding_key = rounding_key
+        self.session_id = b""
+        self.roster: dict[int, AdvertiseKeys] = {}
+        self.neighbours: frozenset[int] = frozenset()
+        self.own_shares: tuple[bytes, bytes] = (b"", b"")
+        self.peer_shares: dict[int, tuple[bytes, bytes]] = {}
+        self.u1_peers: frozenset[int] = frozenset()
+        self.u2: tuple[int, ...] = ()
+        self.result: ClientResult | None = None
+        self.error: SecAggError | None = None
+        self.warnings: list[str] = []
+
+    @property
+    def rid(self) -> bytes:
+        return self.params.round_id
+
+    def misbehaviour(self, what: str) -> ServerMisbehaviour:
+        return ServerMisbehaviour(what, client_id=self.cid)
+
+
+class _State:
+    stage: Stage
+    accepts: type[Message]
+
+    def __init__(self, ctx: _Ctx) -> None:
+        self.ctx = ctx
+
+    def handle(self, msg: Message) -> tuple[_State, list[Message]]:
+        raise NotImplementedError
+
+
+class AdvertiseState(_State):
+    """Round 0: keys advertised, waiting for the roster."""
+
+    stage = Stage.ADVERTISE_KEYS
+    accepts = Roster
+
+    def first_message(self) -> AdvertiseKeys:
+        c = self.ctx
+        commit = seed_commitment(c.digest, c.cid, c.secrets.seed)
+        unsigned = AdvertiseKeys(
+            c.rid, c.cid, c.secrets.enc.public, c.secrets.mask.public, commit, bytes(64)
+        )
+        sig = c.identity.sign(unsigned.signed_payload(c.digest))
+        return AdvertiseKeys(c.rid, c.cid, unsigned.enc_pk, unsigned.mask_pk, commit, sig)
+
+    def handle(self, msg: Message) -> tuple[_State, list[Message]]:
+        assert isinstance(msg, Roster)
+        c = self.ctx
+        entries: dict[int, AdvertiseKeys] = {}
+        for e in msg.entries:
+            if e.sender in entries:
+                raise c.misbehaviour(f"roster lists client {e.sender} twice")
+            pk = c.directory.get(e.sender)
+            if pk is None:
+                raise c.misbehaviour(f"roster lists unknown client {e.sender}")
+            try:
+                verify_signature(pk, e.signed_payload(c.digest), e.signature)
+            except InvalidSignature:
+                raise c.misbehaviour(
+                    f"roster entry of client {e.sender} is not signed by it"
+                ) from None
+            if e.enc_pk == e.mask_pk:
+                raise c.misbehaviour(f"client {e.sender} reuses one key for both purposes")
+            entries[e.sender] = e
+        own = entries.get(c.cid)
+        if own is None or own.encode() != self.first_message_cached.encode():
+            raise c.misbehaviour("roster does not carry this client's keys as sent")
+        t = c.params.threshold
+        if len(entries) < t:
+            raise c.misbehaviour(f"roster has {len(entries)} clients, fewer than t={t}")
+        c.roster = entries
+        c.session_id = session_id_for(c.digest, list(entries.values()))
+        ids = sorted(entries)
+        degree = min(c.params.degree, len(ids) - 1)
+        c.neighbours = graph.neighbours(ids, degree, graph_seed(c.session_id))[c.cid]
+        holders = sorted(c.neighbours | {c.cid})
+        seed_sh, key_sh = shamir.split_many(
+            [c.secrets.seed, c.secrets.mask.private_bytes], t, holders
+        )
+        c.own_shares = (seed_sh[c.cid], key_sh[c.cid])
+        bundles = []
+        for v in sorted(c.neighbours):
+            key = self._share_key(v, sender=c.cid, recipient=v)
+            pt = seed_sh[v] + key_sh[v]
+            bundles.append((v, aead_encrypt(key, pt, share_aad(c.session_id, c.cid, v))))
+        return ShareKeysState(c), [ShareKeys(c.rid, c.cid, c.session_id, tuple(bundles))]
+
+    first_message_cached: AdvertiseKeys
+
+    def _share_key(self, peer: int, *, sender: int, recipient: int) -> bytes:
+        c = self.ctx
+        shared = c.secrets.enc.agree(c.roster[peer].enc_pk)
+        return derive_key(shared, c.session_id, Purpose.SHARE_ENC, sender, recipient)
+
+
+class ShareKeysState(_State):
+    """Round 1: shares sent, waiting for the shares addressed to this client."""
+
+    stage = Stage.SHARE_KEYS
+    accepts = ShareDelivery
+
+    def handle(self, msg: Message) -> tuple[_State, list[Message]]:
+        assert isinstance(msg, ShareDelivery)
+        c = self.ctx
+        if msg.session_id != c.session_id:
+            raise c.misbehaviour("share delivery bound to another session")
+        senders = [u for u, _ in msg.shares]
+        if len(set(senders)) != len(senders) or not set(senders) <= c.neighbours:
+            raise c.misbehaviour("share delivery from clients that are not neighbours")
+        if len(senders) + 1 < c.params.threshold:
+            raise RoundAborted(
+                Stage.SHARE_KEYS,
+                f"only {len(senders)} neighbours shared keys; threshold {c.params.threshold}",
+            )
+        for u, ct in msg.shares:
+            shared = c.secrets.enc.agree(c.roster[u].enc_pk)
+            key = derive_key(shared, c.session_id, Purpose.SHARE_ENC, u, c.cid)
+            try:
+                pt = aead_decrypt(key, ct, share_aad(c.session_id, u, c.cid), client_id=u)
+            except DecryptionError:
+                c.warnings.append(f"share bundle from client {u} failed authentication")
+                continue
+            c.peer_shares[u] = (pt[: shamir.SHARE_BYTES], pt[shamir.SHARE_BYTES :])
+        c.u1_peers = frozenset(senders)
+        masks = [
+            StreamMask(
+                derive_key(c.secrets.seed, c.session_id, Purpose.SELF_MASK, c.cid),
+                Purpose.SELF_MASK,
+                1,
+            )
+        ]
+        for v in sorted(c.u1_peers):
+            shared = c.secrets.mask.agree(c.roster[v].mask_pk)
+            key = derive_key(shared, c.session_id, Purpose.PAIR_MASK, min(c.cid, v), max(c.cid, v))
+            masks.append(StreamMask(key, Purpose.PAIR_MASK, pair_sign(c.cid, v)))
+        assert c.x is not None
+        words = kernels.mask_vector(c.x, c.weight, c.params.quant, c.secrets.rounding_key, masks)
+        c.x = None  # the plaintext update is no longer needed
+        return MaskedInputState(c), [MaskedInput(c.rid, c.cid, c.session_id, words)]
+
+
+class MaskedInputState(_State):
+    """Round 2: masked input sent, waiting for the survivor set to sign."""
+
+    stage = Stage.MASKED_INPUT
+    accepts = ConsistencyRequest
+
+    def handle(self, msg: Message) -> tuple[_State, list[Message]]:
+        assert isinstance(msg, ConsistencyRequest)
+        c = self.ctx
+        if msg.session_id != c.session_id:
+            raise c.misbehaviour("consistency request bound to another session")
+        u2 = msg.survivors
+        if list(u2) != sorted(set(u2)):
+            raise c.misbehaviour("survivor list is not sorted and unique")
+        if c.cid not in u2:
+            raise c.misbehaviour("survivor list omits this client, which sent its input")
+        if not set(u2) <= set(c.roster):
+            raise c.misbehaviour("survivor list names clients outside the roster")
+        if not (set(u2) & c.neighbours) <= c.u1_peers:
+            raise c.misbehaviour("survivor list names neighbours that never shared keys")
+        if len(u2) < c.params.threshold:
+            raise c.misbehaviour(f"survivor list has {len(u2)} < t={c.params.threshold} clients")
+        c.u2 = u2
+        sig = c.identity.sign(consistency_payload(c.session_id, u2))
+        return ConsistencyState(c), [ConsistencySignature(c.rid, c.cid, c.session_id, sig)]
+
+
+class ConsistencyState(_State):
+    """Round 3: signature sent, waiting for the unmask request."""
+
+    stage = Stage.CONSISTENCY
+    accepts = UnmaskRequest
+
+    def handle(self, msg: Message) -> tuple[_State, list[Message]]:
+        assert isinstance(msg, UnmaskRequest)
+        c = self.ctx
+        if msg.session_id != c.session_id:
+            raise c.misbehaviour("unmask request bound to another session")
+        alive, dropped = set(msg.alive), set(msg.dropped)
+        if msg.alive != c.u2:
+            raise c.misbehaviour("unmask request's survivor set differs from the signed one")
+        if alive & dropped:
+            raise c.misbehaviour(
+                f"clients {sorted(alive & dropped)} listed as both alive and dropped"
+            )
+        if len(set(msg.dropped)) != len(msg.dropped):
+            raise c.misbehaviour("dropped list has duplicates")
+        if not (dropped & c.neighbours) <= c.u1_peers:
+            raise c.misbehaviour("dropped list names neighbours that never shared keys")
+        if not dropped <= set(c.roster):
+            raise c.misbehaviour("dropped list names clients outside the roster")
+        # Every neighbour that shared keys is either a survivor or dropped: no third case.
+        if not c.u1_peers <= alive | dropped:
+            raise c.misbehaviour("unmask request leaves some neighbours unaccounted for")
+        payload = consistency_payload(c.session_id, c.u2)
+        valid = set()
+        for signer, sig in msg.signatures:
+            if signer in valid or signer not in alive:
+                raise c.misbehaviour("consistency signatures repeat or come from non-survivors")
+            try:
+                verify_signature(c.directory[signer], payload, sig)
+            except InvalidSignature:
+                raise c.misbehaviour(
+                    f"consistency signature of client {signer} is invalid"
+                ) from None
+            valid.add(signer)
+        t = c.params.threshold
+        if len(valid) < t:
+            raise c.misbehaviour(f"only {len(valid)} consistency signatures; t={t}")
+        seed_shares = []
+        key_shares = []
+        if c.cid in alive:
+            seed_shares.append((c.cid, c.own_shares[0]))
+        for peer in sorted(c.peer_shares):
+            if peer in alive:
+                seed_shares.append((peer, c.peer_shares[peer][0]))
+            elif peer in dropped:
+                key_shares.append((peer, c.peer_shares[peer][1]))
+        c.peer_shares.clear()
+        out = UnmaskShares(c.rid, c.cid, c.session_id, tuple(seed_shares), tuple(key_shares))
+        return UnmaskingState(c), [out]
+
+
+class UnmaskingState(_State):
+    """Round 4: shares revealed, waiting for the aggregate."""
+
+    stage = Stage.UNMASKING
+    accepts = AggregateResult
+
+    def handle(self, msg: Message) -> tuple[_State, list[Message]]:
+        assert isinstance(msg, AggregateResult)
+        c = self.ctx
+        p = c.params
+        if msg.session_id != c.session_id:
+            raise c.misbehaviour("result bound to another session")
+        if msg.contributors != c.u2:
+            raise c.misbehaviour("result's contributor set differs from the signed one")
+        if msg.sums.size != p.quant.values(p.dim):
+            raise c.misbehaviour("result has the wrong length")
+        weighted_sum, total = dequantize(msg.sums, p.quant, len(msg.contributors), p.dim)
+        c.result = ClientResult(msg.sums, msg.contributors, total, weighted_sum)
+        return _Final(c, Stage.COMPLETED), []
+
+
+class _Final(_State):
+    accepts = Message
+
+    def __init__(self, ctx: _Ctx, stage: Stage) -> None:
+        super().__init__(ctx)
+        self.stage = stage
+
+    def handle(self, msg: Message) -> tuple[_State, list[Message]]:
+        raise UnexpectedMessage(f"the round is {self.stage}", client_id=self.ctx.cid)
+
+
+class SecAggClient:
+    """One client's participation in one masked round.
+
+    Parameters
+    ----------
+    client_id:
+        This client's id in the round (1..2^32-1).
+    identity:
+        Its long-term Ed25519 key; ``directory[client_id]`` must be its public key.
+    params:
+        The round parameters (the same for every participant).
+    directory:
+        Client id -> Ed25519 public key of every invited client, from a source the client
+        trusts (enrolment), not from the server alone.
+    x:
+        The update to aggregate: ``params.dim`` real values.
+    weight:
+        Integer weight (sample count), ``1..params.quant.max_weight``.
+    rounding_key:
+        32-byte key of the stochastic-rounding stream; fresh from the CSPRNG by default.
+        Fixing it makes the quantized input reproducible (tests, audits).
+    """
+
+    def __init__(
+        self,
+        client_id: int,
+        identity: IdentityKey,
+        params: RoundParams,
+        directory: Mapping[int, bytes],
+        x: npt.ArrayLike,
+        weight: int = 1,
+        *,
+        rounding_key: bytes | None = None,
+    ) -> None:
+        if directory.get(client_id) != identity.public:
+            raise InputError("the directory does not list this client's identity key")
+        if any(len(pk) != PUBLIC_KEY_BYTES for pk in directory.values()):
+            raise InputError("directory keys must be 32-byte Ed25519 public keys")
+        arr = np.asarray(x, dtype=np.float64).reshape(-1)
+        if arr.size != params.dim:
+            raise InputError(f"update has {arr.size} values, the round aggregates {params.dim}")
+        if np.isnan(arr).any():
+            raise InputError("update holds NaN")
+        if isinstance(weight, bool) or not 1 <= int(weight) <= params.quant.max_weight:
+            raise InputError(f"weight must be an integer in 1..{params.quant.max_weight}")
+        if rounding_key is not None and len(rounding_key) != 32:
+            raise InputError("rounding_key must be 32 bytes")
+        self._ctx = _Ctx(client_id, identity, params, directory, arr, int(weight), rounding_key)
+        self._state: _State = AdvertiseState(self._ctx)
+        self._started = False
+
+    @property
+    def client_id(self) -> int:
+        return self._ctx.cid
+
+    @property
+    def stage(self) -> Stage:
+        return self._state.stage
+
+    @property
+    def done(self) -> bool:
+        return self.stage in (Stage.COMPLETED, Stage.ABORTED)
+
+    @property
+    def result(self) -> ClientResult | None:
+        return self._ctx.result
+
+    @property
+    def error(self) -> SecAggError | None:
+        return self._ctx.error
+
+    @property
+    def warnings(self) -> list[str]:
+        return self._ctx.warnings
+
+    def start(self, now: float = 0.0) -> list[Message]:
+        """The first message (AdvertiseKeys)."""
+        if self._started:
+            raise UnexpectedMessage("client already started", client_id=self._ctx.cid)
+        self._started = True
+        state = self._state
+        assert isinstance(state, AdvertiseState)
+        msg = state.first_message()
+        state.first_message_cached = msg
+        return [msg]
+
+    def receive(self, message: Message | bytes, now: float = 0.0) -> list[Message]:
+        """Handle one server message; return the messages to send.
+
+        Raises
+        ------
+        ServerMisbehaviour
+            When the server's message is one an honest server never sends; the client
+            aborts and sends nothing more.
+        RoundAborted
+            When the server aborted the round.
+        ProtocolViolation
+            For a malformed message or one unexpected in this state (the state is kept).
+        """
+        c = self._ctx
+        msg = decode_message(message) if isinstance(message, bytes | bytearray) else message
+        if msg.round_id != c.rid:
+            raise ProtocolViolation("message belongs to another round", client_id=c.cid)
+        if self.done:
+            raise UnexpectedMessage(f"the round is {self.stage}", client_id=c.cid)
+        if isinstance(msg, Abort):
+            self._fail(RoundAborted(msg.stage, msg.reason))
+        if not self._started or not isinstance(msg, self._state.accepts):
+            raise UnexpectedMessage(
+                f"{msg.stage_name} is not expected in client stage {self.stage}",
+                client_id=c.cid,
+            )
+        try:
+            self._state, out = self._state.handle(msg)
+        except (ServerMisbehaviour, RoundAborted) as exc:
+            self._fail(exc)
+        return out
+
+    def _fail(self, exc: ServerMisbehaviour | RoundAborted) -> None:
+        self._ctx.error = exc
+        self._ctx.x = None
+        self._state = _Final(self._ctx, Stage.ABORTED)
+        raise exc

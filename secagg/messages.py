@@ -1,0 +1,419 @@
+"""Protocol messages and their fixed byte encoding (no pickle, ever).
+
+Every message starts with the same header::
+
+    magic "SAGG" | version u8 | type u8 | round_id 16 bytes | sender u32 (0 = server)
+
+followed by type-specific fields (big-endian integers, length-prefixed byte strings with a
+bound checked before reading). Decoding rejects unknown types, truncation, trailing bytes
+and out-of-range values with :class:`~secagg.errors.MalformedMessage`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from secagg.errors import MalformedMessage
+from secagg.keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES
+from secagg.params import MAX_CLIENTS, PROTOCOL_VERSION, ROUND_ID_BYTES
+from secagg.shamir import SHARE_BYTES
+from secagg.wire import Reader, Writer
+
+__all__ = [
+    "MAGIC",
+    "SESSION_ID_BYTES",
+    "SHARE_CIPHERTEXT_BYTES",
+    "Abort",
+    "AdvertiseKeys",
+    "AggregateResult",
+    "ConsistencyRequest",
+    "ConsistencySignature",
+    "MaskedInput",
+    "Message",
+    "Roster",
+    "ShareDelivery",
+    "ShareKeys",
+    "UnmaskRequest",
+    "UnmaskShares",
+    "advertise_payload",
+    "consistency_payload",
+    "decode_message",
+    "seed_commitment",
+]
+
+MAGIC = b"SAGG"
+SESSION_ID_BYTES = 32
+SHARE_PLAINTEXT_BYTES = 2 * SHARE_BYTES
+"""A share ciphertext carries the self-seed share and the mask-key share."""
+SHARE_CIPHERTEXT_BYTES = SHARE_PLAINTEXT_BYTES + 16
+"""Plaintext plus the 16-byte AES-GCM tag."""
+MAX_TEXT = 1024
+SERVER = 0
+
+
+def advertise_payload(
+    params_digest: bytes, sender: int, enc_pk: bytes, mask_pk: bytes, commit: bytes
+) -> bytes:
+    """Bytes an AdvertiseKeys signature covers: binds the keys to the round's parameters."""
+    return (
+        b"secagg/v1/advertise"
+        + params_digest
+        + sender.to_bytes(4, "big")
+        + enc_pk
+        + mask_pk
+        + commit
+    )
+
+
+def consistency_payload(session_id: bytes, survivors: tuple[int, ...]) -> bytes:
+    """Bytes a consistency signature covers: the session and the sorted survivor set."""
+    return b"secagg/v1/consistency" + session_id + Writer().ids(survivors).getvalue()
+
+
+def seed_commitment(params_digest: bytes, sender: int, seed: bytes) -> bytes:
+    """SHA-256 commitment to a self-mask seed; lets the server check a reconstructed seed."""
+    return hashlib.sha256(
+        b"secagg/v1/self-seed" + params_digest + sender.to_bytes(4, "big") + seed
+    ).digest()
+
+
+@dataclass(frozen=True)
+class Message:
+    """Fields common to every message."""
+
+    TYPE: ClassVar[int] = 0
+    round_id: bytes
+    sender: int
+
+    def _body(self, w: Writer) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> Message:
+        raise NotImplementedError
+
+    def encode(self) -> bytes:
+        w = Writer().raw(MAGIC).u8(PROTOCOL_VERSION).u8(self.TYPE)
+        w.fixed(self.round_id, ROUND_ID_BYTES).u32(self.sender)
+        self._body(w)
+        return w.getvalue()
+
+    @property
+    def stage_name(self) -> str:
+        return type(self).__name__
+
+
+# ----------------------------------------------------------------------- client -> server
+
+
+@dataclass(frozen=True)
+class AdvertiseKeys(Message):
+    """Round 0: the client's two X25519 public keys, signed with its identity key."""
+
+    TYPE: ClassVar[int] = 1
+    enc_pk: bytes
+    mask_pk: bytes
+    seed_commit: bytes
+    signature: bytes
+
+    def _body(self, w: Writer) -> None:
+        w.fixed(self.enc_pk, PUBLIC_KEY_BYTES).fixed(self.mask_pk, PUBLIC_KEY_BYTES)
+        w.fixed(self.seed_commit, 32).fixed(self.signature, SIGNATURE_BYTES)
+
+    @classmethod
+    def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> AdvertiseKeys:
+        return cls(
+            round_id,
+            sender,
+            r.fixed(PUBLIC_KEY_BYTES),
+            r.fixed(PUBLIC_KEY_BYTES),
+            r.fixed(32),
+            r.fixed(SIGNATURE_BYTES),
+        )
+
+    def signed_payload(self, params_digest: bytes) -> bytes:
+        return advertise_payload(
+            params_digest, self.sender, self.enc_pk, self.mask_pk, self.seed_commit
+        )
+
+
+def _pairs(w: Writer, pairs: tuple[tuple[int, bytes], ...], size: int) -> None:
+    w.u32(len(pairs))
+    for peer, blob in pairs:
+        w.u32(peer).fixed(blob, size)
+
+
+def _read_pairs(r: Reader, size: int) -> tuple[tuple[int, bytes], ...]:
+    n = r.u32()
+    if n > MAX_CLIENTS or n * (4 + size) > r.remaining:
+        raise MalformedMessage(f"list of {n} entries does not fit the message")
+    return tuple((r.u32(), r.fixed(size)) for _ in range(n))
+
+
+@dataclass(frozen=True)
+class ShareKeys(Message):
+    """Round 1: one encrypted share bundle per neighbour, ``(recipient, ciphertext)``."""
+
+    TYPE: ClassVar[int] = 2
+    session_id: bytes
+    shares: tuple[tuple[int, bytes], ...]
+
+    def _body(self, w: Writer) -> None:
+        w.fixed(self.session_id, SESSION_ID_BYTES)
+        _pairs(w, self.shares, SHARE_CIPHERTEXT_BYTES)
+
+    @classmethod
+    def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> ShareKeys:
+        return cls(
+            round_id, sender, r.fixed(SESSION_ID_BYTES), _read_pairs(r, SHARE_CIPHERTEXT_BYTES)
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class MaskedInput(Message):
+    """Round 2: the masked, packed input ``y_u`` as uint64 words."""
+
+    TYPE: ClassVar[int] = 3
+    session_id: bytes
+    words: npt.NDArray[np.uint64]
+
+    def _body(self, w: Writer) -> None:
+        w.fixed(self.session_id, SESSION_ID_BYTES).u64(self.words.size)
+        w.raw(np.ascontiguousarray(self.words, dtype="<u8").tobytes())
+
+    @classmethod
+    def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> MaskedInput:
+        session = r.fixed(SESSION_ID_BYTES)
+        n = r.u64()
+        if 8 * n != r.remaining:
+            raise MalformedMessage(f"masked input announces {n} words, carries {r.remaining} bytes")
+        words = np.frombuffer(r.view(8 * n), dtype="<u8").astype(np.uint64)
+        return cls(round_id, sender, session, words)
+
+
+@dataclass(frozen=True)
+class ConsistencySignature(Message):
+    """Round 3: the client's signature over the survivor set it was shown."""
+
+    TYPE: ClassVar[int] = 4
+    session_id: bytes
+    signature: bytes
+
+    def _body(self, w: Writer) -> None:
+        w.fixed(self.session_id, SESSION_ID_BYTES).fixed(self.signature, SIGNATURE_BYTES)
+
+    @classmethod
+    def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> ConsistencySignature:
+        return cls(round_id, sender, r.fixed(SESSION_ID_BYTES), r.fixed(SIGNATURE_BYTES))
+
+
+@dataclass(frozen=True)
+class UnmaskShares(Message):
+    """Round 4: self-seed shares of survivors and mask-key shares of dropped clients."""
+
+    TYPE: ClassVar[int] = 5
+    session_id: bytes
+    seed_shares: tuple[tuple[int, bytes], ...]
+    key_shares: tuple[tuple[int, bytes], ...]
+
+    def _body(self, w: Writer) -> None:
+        w.fixed(self.session_id, SESSION_ID_BYTES)
+        _pairs(w, self.seed_shares, SHARE_BYTES)
+        _pairs(w, self.key_shares, SHARE_BYTES)
+
+    @classmethod
+    def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> UnmaskShares:
+        return cls(
+            round_id,
+            sender,
+            r.fixed(SESSION_ID_BYTES),
+            _read_pairs(r, SHARE_BYTES),
+            _read_pairs(r, SHARE_BYTES),
+        )
+
+
+# ----------------------------------------------------------------------- server -> client
+
+
+@dataclass(frozen=True)
+class Roster(Message):
+    """End of round 0: every advertised key set, as the clients signed them."""
+
+    TYPE: ClassVar[int] = 16
+    entries: tuple[AdvertiseKeys, ...]
+
+    def _body(self, w: Writer) -> None:
+        w.u32(len(self.entries))
+        for e in self.entries:
+            w.u32(e.sender)
+            e._body(w)
+
+    @classmethod
+    def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> Roster:
+        n = r.u32()
+        entry = 4 + 3 * 32 + SIGNATURE_BYTES
+        if n > MAX_CLIENTS or n * entry > r.remaining:
+            raise MalformedMessage(f"roster of {n} entries does not fit the message")
+        entries = []
+        for _ in range(n):
+            cid = r.u32()
+            entries.append(AdvertiseKeys._decode_body(r, round_id, cid))
+        return cls(round_id, sender, tuple(entries))
+
+
+@dataclass(frozen=True)
+class ShareDelivery(Message):
+    """End of round 1: the share ciphertexts addressed to this client, by sender."""
+
+    TYPE: ClassVar[int] = 17
+    session_id: bytes
+    shares: tuple[tuple[int, bytes], ...]
+
+    def _body(self, w: Writer) -> None:
+        w.fixed(self.session_id, SESSION_ID_BYTES)
+        _pairs(w, self.shares, SHARE_CIPHERTEXT_BYTES)
+
+    @classmethod
+    def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> ShareDelivery:
+        return cls(
+            round_id, sender, r.fixed(SESSION_ID_BYTES), _read_pairs(r, SHARE_CIPHERTEXT_BYTES)
+        )
+
+
+@dataclass(frozen=True)
+class ConsistencyRequest(Message):
+    """End of round 2: the set of clients whose masked input the server holds."""
+
+    TYPE: ClassVar[int] = 18
+    session_id: bytes
+    survivors: tuple[int, ...]
+
+    def _body(self, w: Writer) -> None:
+        w.fixed(self.session_id, SESSION_ID_BYTES).ids(self.survivors)
+
+    @classmethod
+    def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> ConsistencyRequest:
+        return cls(round_id, sender, r.fixed(SESSION_ID_BYTES), r.ids(MAX_CLIENTS))
+
+
+@dataclass(frozen=True)
+class UnmaskRequest(Message):
+    """End of round 3: survivors, dropped clients, and the survivors' signatures."""
+
+    TYPE: ClassVar[int] = 19
+    session_id: bytes
+    alive: tuple[int, ...]
+    dropped: tuple[int, ...]
+    signatures: tuple[tuple[int, bytes], ...]
+
+    def _body(self, w: Writer) -> None:
+        w.fixed(self.session_id, SESSION_ID_BYTES).ids(self.alive).ids(self.dropped)
+        _pairs(w, self.signatures, SIGNATURE_BYTES)
+
+    @classmethod
+    def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> UnmaskRequest:
+        return cls(
+            round_id,
+            sender,
+            r.fixed(SESSION_ID_BYTES),
+            r.ids(MAX_CLIENTS),
+            r.ids(MAX_CLIENTS),
+            _read_pairs(r, SIGNATURE_BYTES),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class AggregateResult(Message):
+    """The unmasked lane sums, published to the contributors."""
+
+    TYPE: ClassVar[int] = 20
+    session_id: bytes
+    contributors: tuple[int, ...]
+    sums: npt.NDArray[np.uint64]
+
+    def _body(self, w: Writer) -> None:
+        w.fixed(self.session_id, SESSION_ID_BYTES).ids(self.contributors).u64(self.sums.size)
+        w.raw(np.ascontiguousarray(self.sums, dtype="<u8").tobytes())
+
+    @classmethod
+    def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> AggregateResult:
+        session = r.fixed(SESSION_ID_BYTES)
+        contributors = r.ids(MAX_CLIENTS)
+        n = r.u64()
+        if 8 * n != r.remaining:
+            raise MalformedMessage(f"result announces {n} values, carries {r.remaining} bytes")
+        sums = np.frombuffer(r.view(8 * n), dtype="<u8").astype(np.uint64)
+        return cls(round_id, sender, session, contributors, sums)
+
+
+@dataclass(frozen=True)
+class Abort(Message):
+    """The round ended without a result; ``stage`` names where."""
+
+    TYPE: ClassVar[int] = 21
+    stage: str
+    reason: str
+
+    def _body(self, w: Writer) -> None:
+        w.var(self.stage.encode()[:MAX_TEXT]).var(self.reason.encode()[:MAX_TEXT])
+
+    @classmethod
+    def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> Abort:
+        try:
+            stage = r.var(MAX_TEXT).decode()
+            reason = r.var(MAX_TEXT).decode()
+        except UnicodeDecodeError:
+            raise MalformedMessage("abort text is not UTF-8") from None
+        return cls(round_id, sender, stage, reason)
+
+
+_TYPES: dict[int, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        AdvertiseKeys,
+        ShareKeys,
+        MaskedInput,
+        ConsistencySignature,
+        UnmaskShares,
+        Roster,
+        ShareDelivery,
+        ConsistencyRequest,
+        UnmaskRequest,
+        AggregateResult,
+        Abort,
+    )
+}
+CLIENT_TYPES = frozenset({1, 2, 3, 4, 5})
+
+
+def decode_message(data: bytes | memoryview) -> Message:
+    """Decode any message.
+
+    Raises
+    ------
+    MalformedMessage
+        For bad magic or version, an unknown type, truncation, trailing bytes or
+        out-of-range fields.
+    """
+    r = Reader(data)
+    if r.fixed(4) != MAGIC:
+        raise MalformedMessage("not a secagg message (bad magic)")
+    if r.u8() != PROTOCOL_VERSION:
+        raise MalformedMessage("unsupported protocol version")
+    kind = r.u8()
+    cls = _TYPES.get(kind)
+    if cls is None:
+        raise MalformedMessage(f"unknown message type {kind}")
+    round_id = r.fixed(ROUND_ID_BYTES)
+    sender = r.u32()
+    is_client = kind in CLIENT_TYPES
+    if is_client == (sender == SERVER):
+        raise MalformedMessage("sender id does not match the message direction")
+    msg = cls._decode_body(r, round_id, sender)
+    r.end()
+    return msg

@@ -1,0 +1,199 @@
+"""Public parameters of one aggregation round, and their canonical encoding.
+
+Every client must hold the same :class:`RoundParams`; their SHA-256 digest goes into the
+session id, so a client configured differently computes a different session and every
+message it exchanges is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from secagg.errors import ConfigurationError, MalformedMessage
+from secagg.quantize import QuantSpec
+from secagg.wire import Reader, Writer
+
+__all__ = [
+    "MAX_CLIENTS",
+    "MAX_DIM",
+    "PROTOCOL_VERSION",
+    "ROUND_ID_BYTES",
+    "Mode",
+    "RoundParams",
+    "make_params",
+]
+
+PROTOCOL_VERSION = 1
+ROUND_ID_BYTES = 16
+MAX_CLIENTS = 1 << 16
+"""Largest roster a round accepts (bounds every list decoded from the wire)."""
+MAX_DIM = 1 << 31
+"""Largest vector a round accepts."""
+
+
+class Mode(IntEnum):
+    """Privacy mode of a round."""
+
+    MASKED = 1
+    CKKS = 2
+    HYBRID = 3
+
+    @classmethod
+    def parse(cls, name: str) -> Mode:
+        try:
+            return cls[name.upper()]
+        except KeyError:
+            raise ConfigurationError(
+                f"unknown mode {name!r}; choose one of masked, ckks, hybrid"
+            ) from None
+
+
+@dataclass(frozen=True)
+class RoundParams:
+    """Parameters every participant of a round agrees on.
+
+    Parameters
+    ----------
+    round_id:
+        16 random bytes naming the round.
+    mode:
+        Privacy mode.
+    dim:
+        Number of parameters aggregated.
+    quant:
+        Quantization and packing (clip, bits, roster size, max weight).
+    degree:
+        Neighbours per client in the SecAgg+ graph (``n - 1`` for the full graph).
+    threshold:
+        Shamir threshold ``t``: shares held by a client's neighbours and itself needed to
+        reconstruct its secrets; also the minimum number of survivors at every stage.
+    """
+
+    round_id: bytes
+    mode: Mode
+    dim: int
+    quant: QuantSpec
+    degree: int
+    threshold: int
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.round_id) != ROUND_ID_BYTES:
+            raise ConfigurationError(f"round_id must be {ROUND_ID_BYTES} bytes")
+        if not 1 <= self.dim <= MAX_DIM:
+            raise ConfigurationError(f"dim must be in 1..{MAX_DIM}, got {self.dim}")
+        n = self.quant.n_clients
+        if not 2 <= n <= MAX_CLIENTS:
+            raise ConfigurationError(f"a round needs 2..{MAX_CLIENTS} clients, got {n}")
+        if not 1 <= self.degree <= n - 1:
+            raise ConfigurationError(f"degree must be in 1..{n - 1}, got {self.degree}")
+        if not 1 <= self.threshold <= self.degree + 1:
+            raise ConfigurationError(
+                f"threshold must be in 1..degree+1={self.degree + 1}, got {self.threshold}"
+            )
+
+    @property
+    def n_clients(self) -> int:
+        return self.quant.n_clients
+
+    @property
+    def words(self) -> int:
+        """Length of a masked vector in uint64 words."""
+        return self.quant.words(self.dim)
+
+    def encode(self) -> bytes:
+        q = self.quant
+        return (
+            Writer()
+            .u8(PROTOCOL_VERSION)
+            .fixed(self.round_id, ROUND_ID_BYTES)
+            .u8(int(self.mode))
+            .u64(self.dim)
+            .f64(q.clip)
+            .u8(q.bits)
+            .u32(q.n_clients)
+            .u64(q.max_weight)
+            .u32(self.degree)
+            .u32(self.threshold)
+            .getvalue()
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> RoundParams:
+        r = Reader(data)
+        if r.u8() != PROTOCOL_VERSION:
+            raise MalformedMessage("unsupported protocol version")
+        round_id = r.fixed(ROUND_ID_BYTES)
+        try:
+            mode = Mode(r.u8())
+        except ValueError:
+            raise MalformedMessage("unknown mode") from None
+        dim = r.u64()
+        clip, bits, n, max_weight = r.f64(), r.u8(), r.u32(), r.u64()
+        degree, threshold = r.u32(), r.u32()
+        r.end()
+        try:
+            return cls(round_id, mode, dim, QuantSpec(clip, bits, n, max_weight), degree, threshold)
+        except ConfigurationError as exc:
+            raise MalformedMessage(f"invalid round parameters: {exc}") from exc
+
+    def digest(self) -> bytes:
+        """SHA-256 of the canonical encoding, bound into the session id."""
+        return hashlib.sha256(b"secagg/v1/params" + self.encode()).digest()
+
+
+def make_params(
+    n_clients: int,
+    dim: int,
+    *,
+    mode: Mode | str = Mode.MASKED,
+    clip: float = 8.0,
+    bits: int = 16,
+    max_weight: int = 1,
+    dropout: float | None = None,
+    corrupt: float | None = None,
+    neighbors: int | str | None = "auto",
+    threshold: int | str | None = "auto",
+    round_id: bytes | None = None,
+) -> RoundParams:
+    """Build round parameters, choosing degree and threshold (see :mod:`secagg.graph`).
+
+    ``neighbors`` is ``"auto"``, ``"all"`` (the full graph of classic SecAgg) or a number;
+    ``threshold`` is ``"auto"`` or a number. Explicit choices that miss the security target
+    are accepted and reported in ``warnings``.
+
+    Raises
+    ------
+    InfeasibleParameters
+        When no degree and threshold meet the goals, with the reason.
+    """
+    from secagg import graph
+
+    m = Mode.parse(mode) if isinstance(mode, str) else mode
+    degree: int | None
+    if neighbors in (None, "auto"):
+        degree = None
+    elif neighbors == "all":
+        degree = n_clients - 1
+    else:
+        degree = int(neighbors)
+    thr = None if threshold in (None, "auto") else int(threshold)
+    kwargs: dict[str, float] = {}
+    if dropout is not None:
+        kwargs["dropout"] = dropout
+    if corrupt is not None:
+        kwargs["corrupt"] = corrupt
+    gp = graph.choose_parameters(n_clients, degree=degree, threshold=thr, **kwargs)
+    quant = QuantSpec(clip=clip, bits=bits, n_clients=n_clients, max_weight=max_weight)
+    return RoundParams(
+        round_id=round_id if round_id is not None else secrets.token_bytes(ROUND_ID_BYTES),
+        mode=m,
+        dim=dim,
+        quant=quant,
+        degree=gp.degree,
+        threshold=gp.threshold,
+        warnings=gp.warnings,
+    )

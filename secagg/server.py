@@ -1,0 +1,192 @@
+"""The server side of one round, sans-I/O.
+
+Feed it client messages with :meth:`SecAggServer.receive` and the current time, call
+:meth:`SecAggServer.tick` whenever a timer fires (and after a refused message); both
+return ``(client_id, message)`` pairs to send. Nothing here reads a clock, opens a socket
+or starts a thread: the service moves bytes and runs timers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from secagg.errors import (
+    ConfigurationError,
+    InvalidSignature,
+    ProtocolViolation,
+    RoundAborted,
+    UnknownClient,
+)
+from secagg.keys import check_identity_key
+from secagg.messages import Abort, Message, decode_message
+from secagg.params import RoundParams
+from secagg.rounds.advertise_keys import AdvertiseKeysState
+from secagg.rounds.base import (
+    ClientRecord,
+    Outgoing,
+    RoundResult,
+    ServerContext,
+    ServerState,
+    Stage,
+)
+from secagg.rounds.terminal import AbortedState
+
+__all__ = ["SecAggServer", "StageTimeouts"]
+
+
+@dataclass(frozen=True)
+class StageTimeouts:
+    """Seconds each stage waits for its slowest client before declaring the rest dropped."""
+
+    advertise_keys: float = 30.0
+    share_keys: float = 30.0
+    masked_input: float = 120.0
+    consistency: float = 30.0
+    unmasking: float = 60.0
+
+    @classmethod
+    def uniform(cls, seconds: float) -> StageTimeouts:
+        return cls(seconds, seconds, seconds, seconds, seconds)
+
+    def for_stage(self, stage: Stage) -> float:
+        value = getattr(self, stage.value, None)
+        return float(value) if value is not None else float("inf")
+
+
+class SecAggServer:
+    """Drives one round through its states.
+
+    Parameters
+    ----------
+    params:
+        The round's public parameters; ``params.n_clients`` must equal ``len(directory)``.
+    directory:
+        Client id -> Ed25519 identity public key of every client invited to the round.
+    timeouts:
+        Stage deadlines.
+    now:
+        The current time (any monotonic clock, in seconds).
+    """
+
+    def __init__(
+        self,
+        params: RoundParams,
+        directory: Mapping[int, bytes],
+        *,
+        timeouts: StageTimeouts | None = None,
+        now: float = 0.0,
+    ) -> None:
+        if len(directory) != params.n_clients:
+            raise ConfigurationError(
+                f"params are for {params.n_clients} clients, directory has {len(directory)}"
+            )
+        for cid, pk in directory.items():
+            if not 1 <= cid < 1 << 32:
+                raise ConfigurationError(f"client ids must be in 1..2^32-1, got {cid}")
+            try:
+                check_identity_key(pk)
+            except InvalidSignature as exc:
+                raise ConfigurationError(f"identity key of client {cid}: {exc}") from None
+        self.timeouts = timeouts or StageTimeouts()
+        self.ctx = ServerContext(params, dict(directory))
+        first = Stage.ADVERTISE_KEYS
+        self._state: ServerState = AdvertiseKeysState(
+            self.ctx, frozenset(directory), now + self.timeouts.for_stage(first)
+        )
+        self._stage_started: dict[Stage, float] = {first: now}
+        self._stage_ended: dict[Stage, float] = {}
+
+    # -- observation ------------------------------------------------------------------------
+
+    @property
+    def stage(self) -> Stage:
+        return self._state.stage
+
+    @property
+    def done(self) -> bool:
+        return self.stage in (Stage.COMPLETED, Stage.ABORTED)
+
+    @property
+    def result(self) -> RoundResult | None:
+        return self.ctx.result
+
+    @property
+    def error(self) -> RoundAborted | None:
+        return self.ctx.error
+
+    @property
+    def deadline(self) -> float | None:
+        """When :meth:`tick` must next be called, or ``None`` once the round is over."""
+        return None if self.done else self._state.deadline
+
+    @property
+    def records(self) -> Mapping[int, ClientRecord]:
+        return self.ctx.records
+
+    @property
+    def session_id(self) -> bytes:
+        return self.ctx.session_id
+
+    @property
+    def stage_times(self) -> dict[str, float]:
+        """Seconds (on the caller's clock) each finished stage took."""
+        return {
+            s.value: self._stage_ended[s] - self._stage_started[s]
+            for s in self._stage_ended
+            if s in self._stage_started
+        }
+
+    # -- input -------------------------------------------------------------------------------
+
+    def receive(self, client_id: int, message: Message | bytes, now: float) -> list[Outgoing]:
+        """Accept one message from ``client_id`` (authenticated by the transport).
+
+        Raises
+        ------
+        ProtocolViolation
+            When the message is refused. The sender has then been dropped if
+            ``exc.drops_sender``; call :meth:`tick` afterwards, since a drop can let the
+            stage finish.
+        """
+        stage = self.stage
+        try:
+            msg = decode_message(message) if isinstance(message, bytes | bytearray) else message
+            self._state.handle(client_id, msg)
+        except ProtocolViolation as exc:
+            exc.client_id = client_id
+            exc.stage = stage.value
+            if exc.drops_sender and not isinstance(exc, UnknownClient):
+                self.ctx.drop(client_id, stage, f"{type(exc).__name__}: {exc}")
+            raise
+        return self.tick(now)
+
+    def tick(self, now: float) -> list[Outgoing]:
+        """Advance past every stage that is complete or whose deadline has passed."""
+        out: list[Outgoing] = []
+        while not self.done and (self._state.ready() or now >= self._state.deadline):
+            stage = self._state.stage
+            try:
+                nxt, msgs = self._state.finish(now, 0.0)
+            except RoundAborted as exc:
+                self._stage_ended[stage] = now
+                return out + self._abort(exc)
+            self._stage_ended[stage] = now
+            nxt.deadline = now + self.timeouts.for_stage(nxt.stage)
+            self._stage_started[nxt.stage] = now
+            self._state = nxt
+            out.extend(msgs)
+        return out
+
+    def abort(self, stage: str, reason: str) -> list[Outgoing]:
+        """Abort the round from outside (operator request, shutdown)."""
+        if self.done:
+            return []
+        return self._abort(RoundAborted(stage, reason))
+
+    def _abort(self, exc: RoundAborted) -> list[Outgoing]:
+        self.ctx.error = exc
+        notified = sorted(c for c, r in self.ctx.records.items() if r.active)
+        self._state = AbortedState(self.ctx)
+        msg = Abort(self.ctx.params.round_id, 0, exc.stage, exc.reason)
+        return [(cid, msg) for cid in notified]

@@ -1,0 +1,253 @@
+"""In-process simulation of one round: N clients and a server wired in memory, fake clock.
+
+Like h11's ``ConnectionPair``: every message goes through its byte encoding, so the
+simulation exercises the codec and counts the bytes each client sends and receives.
+Dropped clients simply stop answering at their scheduled stage; the fake clock then jumps
+to the stage deadline, as a real server's timer would fire.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from secagg.client import SecAggClient
+from secagg.errors import RoundAborted, SecAggError
+from secagg.keys import IdentityKey, random_seed
+from secagg.messages import Message
+from secagg.params import Mode, RoundParams, make_params
+from secagg.quantize import encode, unpack
+from secagg.rounds.base import Stage
+from secagg.server import SecAggServer, StageTimeouts
+
+__all__ = ["DROP_STAGES", "SimulationConfig", "run_round", "simulate"]
+
+DROP_STAGES: dict[str, Stage] = {
+    "advertise": Stage.ADVERTISE_KEYS,
+    "share": Stage.SHARE_KEYS,
+    "masked": Stage.MASKED_INPUT,
+    "consistency": Stage.CONSISTENCY,
+    "unmask": Stage.UNMASKING,
+}
+"""``--drop-stage`` names: the stage whose message a dropped client never sends."""
+
+_CLIENT_SENDS = {
+    Stage.ADVERTISE_KEYS: 1,
+    Stage.SHARE_KEYS: 2,
+    Stage.MASKED_INPUT: 3,
+    Stage.CONSISTENCY: 4,
+    Stage.UNMASKING: 5,
+}
+
+
+@dataclass
+class SimulationConfig:
+    """Options of ``secagg simulate``."""
+
+    clients: int = 20
+    dim: int = 1000
+    dropout: float = 0.1
+    drop_stage: str = "random"
+    mode: str = "masked"
+    bits: int = 16
+    clip: float = 8.0
+    neighbors: str = "auto"
+    threshold: str = "auto"
+    seed: int = 0
+    max_weight: int = 1
+    tolerated_dropout: float | None = None
+    tolerated_corrupt: float | None = None
+
+
+@dataclass
+class _Tally:
+    up: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    down: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    client_seconds: dict[int, float] = field(default_factory=lambda: defaultdict(float))
+    server_seconds: float = 0.0
+
+
+def _schedule(cfg: SimulationConfig, ids: list[int], rng: random.Random) -> dict[int, Stage]:
+    """Which clients drop, and before sending which stage's message."""
+    n_drop = round(cfg.dropout * len(ids))
+    if not 0 <= n_drop <= len(ids):
+        raise SecAggError(f"dropout must be in [0, 1], got {cfg.dropout}")
+    dropped = rng.sample(ids, n_drop)
+    names = list(DROP_STAGES)[1:]
+    plan: dict[int, Stage] = {}
+    for cid in dropped:
+        name = rng.choice(names) if cfg.drop_stage == "random" else cfg.drop_stage
+        if name not in DROP_STAGES:
+            raise SecAggError(f"unknown drop stage {name!r}")
+        plan[cid] = DROP_STAGES[name]
+    return plan
+
+
+def run_round(
+    params: RoundParams,
+    inputs: dict[int, np.ndarray[Any, Any]],
+    weights: dict[int, int],
+    drop_plan: dict[int, Stage],
+    *,
+    timeout: float = 10.0,
+) -> tuple[SecAggServer, dict[int, SecAggClient], _Tally, dict[int, bytes]]:
+    """Run one round in memory; returns the server, clients, byte/time tallies and rounding keys."""
+    tally = _Tally()
+    identities = {cid: IdentityKey() for cid in inputs}
+    directory = {cid: k.public for cid, k in identities.items()}
+    rounding = {cid: random_seed() for cid in inputs}
+    now = 0.0
+    server = SecAggServer(params, directory, timeouts=StageTimeouts.uniform(timeout), now=now)
+    clients = {
+        cid: SecAggClient(
+            cid,
+            identities[cid],
+            params,
+            directory,
+            inputs[cid],
+            weights[cid],
+            rounding_key=rounding[cid],
+        )
+        for cid in inputs
+    }
+
+    def silent(cid: int, msg: Message) -> bool:
+        stage = drop_plan.get(cid)
+        return stage is not None and _CLIENT_SENDS[stage] <= msg.TYPE
+
+    def to_server(cid: int, msgs: list[Message]) -> list[tuple[int, Message]]:
+        out: list[tuple[int, Message]] = []
+        for m in msgs:
+            if silent(cid, m):
+                continue
+            data = m.encode()
+            tally.up[cid] += len(data)
+            t0 = time.perf_counter()
+            try:
+                out.extend(server.receive(cid, data, now))
+            except SecAggError:
+                out.extend(server.tick(now))
+            tally.server_seconds += time.perf_counter() - t0
+        return out
+
+    pending: list[tuple[int, Message]] = []
+    for cid, c in clients.items():
+        t0 = time.perf_counter()
+        first = c.start(now)
+        tally.client_seconds[cid] += time.perf_counter() - t0
+        pending.extend(to_server(cid, first))
+    while not server.done:
+        if not pending:
+            deadline = server.deadline
+            assert deadline is not None
+            now = max(now, deadline)
+            t0 = time.perf_counter()
+            pending = server.tick(now)
+            tally.server_seconds += time.perf_counter() - t0
+            continue
+        batch, pending = pending, []
+        for cid, msg in batch:
+            if cid in drop_plan and _dropped_before(drop_plan[cid], msg):
+                continue
+            data = msg.encode()
+            tally.down[cid] += len(data)
+            t0 = time.perf_counter()
+            try:
+                replies = clients[cid].receive(data, now)
+            except SecAggError:
+                replies = []
+            tally.client_seconds[cid] += time.perf_counter() - t0
+            pending.extend(to_server(cid, replies))
+    return server, clients, tally, rounding
+
+
+def _dropped_before(stage: Stage, msg: Message) -> bool:
+    """A client gone before ``stage`` no longer receives what comes after it."""
+    return _CLIENT_SENDS[stage] < msg.TYPE - 14
+
+
+def simulate(cfg: SimulationConfig) -> dict[str, Any]:
+    """Run the configured round and return the report printed by ``secagg simulate``."""
+    wall0 = time.perf_counter()
+    params = make_params(
+        cfg.clients,
+        cfg.dim,
+        mode=Mode.parse(cfg.mode),
+        clip=cfg.clip,
+        bits=cfg.bits,
+        max_weight=cfg.max_weight,
+        neighbors=cfg.neighbors,
+        threshold=cfg.threshold,
+        dropout=cfg.tolerated_dropout,
+        corrupt=cfg.tolerated_corrupt,
+    )
+    if params.mode is not Mode.MASKED:
+        from secagg.he_round import simulate_he
+
+        return simulate_he(cfg, params)
+    rng = random.Random(cfg.seed)  # noqa: S311 -- picks test data and dropouts, no secrets
+    data_rng = np.random.default_rng(cfg.seed)  # test data only, never secrets
+    ids = list(range(1, cfg.clients + 1))
+    inputs = {
+        cid: np.clip(data_rng.normal(0.0, cfg.clip / 4, cfg.dim), -cfg.clip, cfg.clip)
+        for cid in ids
+    }
+    weights = {cid: rng.randint(1, cfg.max_weight) for cid in ids}
+    plan = _schedule(cfg, ids, rng)
+    server, _clients, tally, rounding = run_round(params, inputs, weights, plan)
+    wall = time.perf_counter() - wall0
+
+    report: dict[str, Any] = {
+        "mode": params.mode.name.lower(),
+        "clients": cfg.clients,
+        "dim": cfg.dim,
+        "bits": cfg.bits,
+        "neighbors": params.degree,
+        "threshold": params.threshold,
+        "dropped": {str(c): s.value for c, s in sorted(plan.items())},
+        "warnings": list(params.warnings) + server.ctx.warnings,
+    }
+    result = server.result
+    if result is None:
+        err = server.error
+        assert isinstance(err, RoundAborted)
+        report.update(
+            status="aborted",
+            abort={"stage": err.stage, "reason": err.reason},
+            survivors=0,
+            exact=False,
+            max_abs_error=None,
+        )
+    else:
+        spec = params.quant
+        expected = np.zeros(spec.values(cfg.dim), dtype=np.uint64)
+        float_sum = np.zeros(cfg.dim)
+        for cid in result.contributors:
+            words = encode(inputs[cid], weights[cid], spec, rounding[cid])
+            expected += unpack(words, spec, spec.values(cfg.dim))
+            float_sum += weights[cid] * inputs[cid]
+        report.update(
+            status="completed",
+            survivors=len(result.contributors),
+            exact=bool(np.array_equal(expected, result.sums)),
+            max_abs_error=float(np.max(np.abs(result.weighted_sum - float_sum))),
+            quantization_step=1.0 / spec.scale,
+        )
+    senders = [c for c in ids if c not in plan] or ids
+    report["seconds"] = {
+        "client_median": statistics.median(tally.client_seconds[c] for c in senders),
+        "server": tally.server_seconds,
+        "wall": wall,
+    }
+    report["bytes"] = {
+        "upload_per_client": statistics.mean(tally.up[c] for c in senders),
+        "download_per_client": statistics.mean(tally.down[c] for c in senders),
+        "raw_float32_per_client": 4 * cfg.dim,
+    }
+    return report

@@ -1,0 +1,122 @@
+"""An in-memory client/server pair, stepped one protocol stage at a time (like h11's)."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from secagg.client import SecAggClient
+from secagg.errors import SecAggError
+from secagg.keys import IdentityKey
+from secagg.messages import Message
+from secagg.params import make_params
+from secagg.quantize import encode, unpack
+from secagg.server import SecAggServer, StageTimeouts
+
+Outgoing = list[tuple[int, Message]]
+
+
+class Harness:
+    """N clients and a server; the test decides who answers at each stage."""
+
+    def __init__(self, n: int, dim: int = 16, *, weights: bool = False, **kw: Any) -> None:
+        self.params = make_params(n, dim, max_weight=1000 if weights else 1, **kw)
+        rng = np.random.default_rng(n * 1000 + dim)
+        self.ids = list(range(1, n + 1))
+        self.identities = {c: IdentityKey() for c in self.ids}
+        self.directory = {c: k.public for c, k in self.identities.items()}
+        self.xs = {c: rng.normal(0, 1, dim) for c in self.ids}
+        self.ws = {c: (int(rng.integers(1, 1000)) if weights else 1) for c in self.ids}
+        self.rounding = {c: secrets.token_bytes(32) for c in self.ids}
+        self.now = 0.0
+        self.server = SecAggServer(
+            self.params, self.directory, timeouts=StageTimeouts.uniform(10.0), now=0.0
+        )
+        self.clients = {
+            c: SecAggClient(
+                c,
+                self.identities[c],
+                self.params,
+                self.directory,
+                self.xs[c],
+                self.ws[c],
+                rounding_key=self.rounding[c],
+            )
+            for c in self.ids
+        }
+        self.errors: list[SecAggError] = []
+
+    def start(self) -> dict[int, list[Message]]:
+        return {c: cl.start(self.now) for c, cl in self.clients.items()}
+
+    def to_server(self, replies: dict[int, list[Message]], skip: Iterable[int] = ()) -> Outgoing:
+        """Send the replies of every client not in ``skip``; collect server output."""
+        skipped = set(skip)
+        out: Outgoing = []
+        for cid, msgs in replies.items():
+            if cid in skipped:
+                continue
+            for m in msgs:
+                try:
+                    out += self.server.receive(cid, m.encode(), self.now)
+                except SecAggError as exc:
+                    self.errors.append(exc)
+                    out += self.server.tick(self.now)
+        return out
+
+    def expire(self) -> Outgoing:
+        """Jump the clock past the stage deadline."""
+        deadline = self.server.deadline
+        assert deadline is not None
+        self.now = deadline
+        return self.server.tick(self.now)
+
+    def to_clients(
+        self,
+        out: Outgoing,
+        skip: Iterable[int] = (),
+        tamper: Callable[[int, Message], Message] | None = None,
+    ) -> dict[int, list[Message]]:
+        skipped = set(skip)
+        replies: dict[int, list[Message]] = {}
+        for cid, m in out:
+            if cid in skipped:
+                continue
+            if tamper is not None:
+                m = tamper(cid, m)
+            try:
+                replies.setdefault(cid, []).extend(self.clients[cid].receive(m.encode(), self.now))
+            except SecAggError as exc:
+                self.errors.append(exc)
+        return replies
+
+    def stage(self, replies: dict[int, list[Message]], silent: Iterable[int] = ()) -> Outgoing:
+        """Deliver one stage's replies (minus ``silent`` clients), expiring if needed."""
+        silent = set(silent)
+        out = self.to_server(replies, skip=silent)
+        if not out and not self.server.done:
+            out = self.expire()
+        return out
+
+    def run(self, drops: dict[str, set[int]] | None = None) -> None:
+        """Run every stage; ``drops`` maps stage name to the clients silent in it."""
+        drops = drops or {}
+        gone: set[int] = set()
+        replies = self.start()
+        for stage in ("advertise", "share", "masked", "consistency", "unmask"):
+            gone |= drops.get(stage, set())
+            out = self.stage(replies, silent=gone)
+            replies = self.to_clients(out, skip=gone)
+            if self.server.done:
+                break
+
+    def expected_sums(self, contributors: Iterable[int]) -> np.ndarray[Any, Any]:
+        spec = self.params.quant
+        total = np.zeros(spec.values(self.params.dim), dtype=np.uint64)
+        for c in contributors:
+            words = encode(self.xs[c], self.ws[c], spec, self.rounding[c])
+            total += unpack(words, spec, spec.values(self.params.dim))
+        return total
