@@ -190,7 +190,7 @@ class AdvertiseState(_State):
         c.session_id = session_id_for(c.digest, list(entries.values()))
         ids = sorted(entries)
         degree = min(c.params.degree, len(ids) - 1)
-        c.neighbours = graph.neighbours(ids, degree, graph_seed(c.session_id))[c.cid]
+        c.neighbours = graph.neighbours_of(ids, degree, graph_seed(c.session_id), c.cid)
         holders = sorted(c.neighbours | {c.cid})
         seed_sh, key_sh = shamir.split_many(
             [c.secrets.seed, c.secrets.mask.private_bytes], t, holders
