@@ -121,6 +121,7 @@ class _Ctx:
         self.neighbours: frozenset[int] = frozenset()
         self.own_shares: tuple[bytes, bytes] = (b"", b"")
         self.peer_shares: dict[int, tuple[bytes, bytes]] = {}
+        self.enc_shared: dict[int, bytes] = {}
         self.u1_peers: frozenset[int] = frozenset()
         self.u2: tuple[int, ...] = ()
         self.result: ClientResult | None = None
@@ -130,6 +131,13 @@ class _Ctx:
     @property
     def rid(self) -> bytes:
         return self.params.round_id
+
+    def share_key(self, peer: int, *, sender: int, recipient: int) -> bytes:
+        """AES key of the share bundle from ``sender`` to ``recipient`` (one of them is us)."""
+        shared = self.enc_shared.get(peer)
+        if shared is None:
+            shared = self.enc_shared[peer] = self.secrets.enc.agree(self.roster[peer].enc_pk)
+        return derive_key(shared, self.session_id, Purpose.SHARE_ENC, sender, recipient)
 
     def misbehaviour(self, what: str) -> ServerMisbehaviour:
         return ServerMisbehaviour(what, client_id=self.cid)
@@ -198,17 +206,12 @@ class AdvertiseState(_State):
         c.own_shares = (seed_sh[c.cid], key_sh[c.cid])
         bundles = []
         for v in sorted(c.neighbours):
-            key = self._share_key(v, sender=c.cid, recipient=v)
+            key = c.share_key(v, sender=c.cid, recipient=v)
             pt = seed_sh[v] + key_sh[v]
             bundles.append((v, aead_encrypt(key, pt, share_aad(c.session_id, c.cid, v))))
         return ShareKeysState(c), [ShareKeys(c.rid, c.cid, c.session_id, tuple(bundles))]
 
     first_message_cached: AdvertiseKeys
-
-    def _share_key(self, peer: int, *, sender: int, recipient: int) -> bytes:
-        c = self.ctx
-        shared = c.secrets.enc.agree(c.roster[peer].enc_pk)
-        return derive_key(shared, c.session_id, Purpose.SHARE_ENC, sender, recipient)
 
 
 class ShareKeysState(_State):
@@ -231,8 +234,7 @@ class ShareKeysState(_State):
                 f"only {len(senders)} neighbours shared keys; threshold {c.params.threshold}",
             )
         for u, ct in msg.shares:
-            shared = c.secrets.enc.agree(c.roster[u].enc_pk)
-            key = derive_key(shared, c.session_id, Purpose.SHARE_ENC, u, c.cid)
+            key = c.share_key(u, sender=u, recipient=c.cid)
             try:
                 pt = aead_decrypt(key, ct, share_aad(c.session_id, u, c.cid), client_id=u)
             except DecryptionError:
@@ -240,6 +242,7 @@ class ShareKeysState(_State):
                 continue
             c.peer_shares[u] = (pt[: shamir.SHARE_BYTES], pt[shamir.SHARE_BYTES :])
         c.u1_peers = frozenset(senders)
+        c.enc_shared.clear()
         masks = [
             StreamMask(
                 derive_key(c.secrets.seed, c.session_id, Purpose.SELF_MASK, c.cid),

@@ -10,6 +10,7 @@ Private keys are generated from :mod:`secrets` (the OS CSPRNG) and never appear 
 
 from __future__ import annotations
 
+import functools
 import hmac
 import secrets
 
@@ -140,17 +141,26 @@ class IdentityKey:
         return f"IdentityKey(public={self.public.hex()})"
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _import_identity_key(public: bytes) -> ECC.EccKey | str:
+    """Decoded key, or why it is refused (cached: directories are verified many times)."""
+    if len(public) != PUBLIC_KEY_BYTES:
+        return "Ed25519 public keys are 32 bytes"
+    try:
+        key: ECC.EccKey = eddsa.import_public_key(public)
+    except ValueError:
+        return "malformed Ed25519 public key"
+    if (key.pointQ * 8).is_point_at_infinity():
+        return "Ed25519 public key of small order"
+    return key
+
+
 def _decode_identity_key(public: bytes, client_id: int | None) -> ECC.EccKey:
     """Decode an Ed25519 public key, refusing small-order points (RFC 8032 allows them,
     but under such a key one forged signature verifies for every message)."""
-    if len(public) != PUBLIC_KEY_BYTES:
-        raise InvalidSignature("Ed25519 public keys are 32 bytes", client_id=client_id)
-    try:
-        key: ECC.EccKey = eddsa.import_public_key(public)
-    except ValueError as exc:
-        raise InvalidSignature("malformed Ed25519 public key", client_id=client_id) from exc
-    if (key.pointQ * 8).is_point_at_infinity():
-        raise InvalidSignature("Ed25519 public key of small order", client_id=client_id)
+    key = _import_identity_key(bytes(public))
+    if isinstance(key, str):
+        raise InvalidSignature(key, client_id=client_id)
     return key
 
 

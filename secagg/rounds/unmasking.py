@@ -105,7 +105,9 @@ def _recover(
     out: dict[int, bytes] = {}
     for owner, got, secret in zip(owners, shares, secrets_, strict=True):
         if not check(owner, secret):
-            secret, suspects = shamir.reconstruct_verified(got, t, lambda s, o=owner: check(o, s))
+            secret, suspects = shamir.reconstruct_verified(
+                got, t, lambda s, o=owner: check(o, s), max_attempts=8
+            )
             ctx.warnings.append(
                 f"clients {sorted(suspects)} revealed wrong shares of client {owner}'s {what}"
             )
