@@ -50,6 +50,7 @@ from secagg.he_params import ROUNDING_TOLERANCE, HEParams
 __all__ = [
     "CiphertextSum",
     "HEWorker",
+    "HEWorkerPool",
     "SecretContext",
     "ServerContext",
     "add_masks",
@@ -112,9 +113,17 @@ class _MemFile:
             atexit.register(os.unlink, self._tmp)
 
     def dump(self, obj: Any) -> bytes:
+        os.ftruncate(self.fd, 0)
         obj.save(self.path)
         size = os.fstat(self.fd).st_size
-        return os.pread(self.fd, size, 0)
+        data = os.pread(self.fd, size, 0)
+        if not size or len(data) != size:
+            raise CryptoError("could not serialize a SEAL object")
+        return data
+
+    def wipe(self) -> None:
+        """Drop the file's pages (after it held a secret key)."""
+        os.ftruncate(self.fd, 0)
 
     def load(self, obj: Any, context: Any, data: bytes) -> None:
         os.ftruncate(self.fd, 0)
@@ -346,12 +355,15 @@ def make_secret_context(params: HEParams) -> bytes:
     io = _memfile()
     secret_key = sa.KeyGenerator(seal).secret_key()
     public = _pb_double(_PUB_SCALE, params.scale)
-    data = (
-        _pb_bytes(_CTX_PARMS, io.dump(parms))
-        + _pb_bytes(_CTX_PUBLIC, public)
-        + _pb_bytes(_CTX_PRIVATE, _pb_bytes(_PRIV_SECRET_KEY, io.dump(secret_key)))
-        + _pb_int(_CTX_ENC_TYPE, _SYMMETRIC)
-    )
+    try:
+        data = (
+            _pb_bytes(_CTX_PARMS, io.dump(parms))
+            + _pb_bytes(_CTX_PUBLIC, public)
+            + _pb_bytes(_CTX_PRIVATE, _pb_bytes(_PRIV_SECRET_KEY, io.dump(secret_key)))
+            + _pb_int(_CTX_ENC_TYPE, _SYMMETRIC)
+        )
+    finally:
+        io.wipe()
     load_secret_context(data, params)  # round-trip check
     return data
 
@@ -362,6 +374,7 @@ def make_public_context(secret_context: bytes) -> bytes:
     Serialized with ``save_public_key=False, save_secret_key=False, save_galois_keys=False,
     save_relin_keys=False``; :func:`load_server_context` re-checks that nothing secret is in.
     """
+    _inspect_context(secret_context)
     ctx = _ts_load(secret_context)
     data = ctx.serialize(
         save_public_key=False, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
@@ -875,7 +888,8 @@ class HEWorker:
     timeout:
         Seconds to wait for any answer before the worker is declared dead.
 
-    Errors raised in the worker come back as the same :mod:`secagg.errors` class.
+    Errors raised in the worker come back as the same :mod:`secagg.errors` class. Not
+    thread-safe: one caller at a time.
     """
 
     def __init__(
@@ -896,13 +910,18 @@ class HEWorker:
             self.close()
             raise
 
-    def _call(self, op: int, args: Sequence[bytes]) -> list[bytes]:
+    def _request(self, op: int, args: Sequence[bytes]) -> None:
         try:
             _send(self._conn, [bytes([op]), *args])
+        except (OSError, ValueError) as exc:
+            raise CryptoError(f"HE worker unreachable: {exc}") from None
+
+    def _reply(self) -> list[bytes]:
+        try:
             if not self._conn.poll(self._timeout):
                 raise CryptoError(f"HE worker did not answer within {self._timeout} s")
             reply = _recv(self._conn)
-        except (EOFError, OSError, BrokenPipeError) as exc:
+        except (EOFError, OSError, ValueError) as exc:
             raise CryptoError(f"HE worker died: {exc}") from None
         if reply[0] == _OK:
             return reply[1:]
@@ -912,18 +931,26 @@ class HEWorker:
             raise cls(message, client_id=int(reply[3]) if reply[3] else None)
         raise cls(message)
 
+    def _call(self, op: int, args: Sequence[bytes]) -> list[bytes]:
+        self._request(op, args)
+        return self._reply()
+
     def encrypt(self, slots: npt.ArrayLike) -> list[bytes]:
         """:func:`encrypt` in the worker."""
         return self._call(_OP_ENCRYPT, [_u64_bytes(slots)])
 
     def begin_sum(self) -> None:
-        """Start a :class:`CiphertextSum` in the worker."""
+        """Start a :class:`CiphertextSum` in the worker (dropping any unfinished one)."""
         self._call(_OP_SUM_BEGIN, [])
 
     def add_upload(self, upload: Sequence[bytes], client_id: int | None = None) -> None:
         """:meth:`CiphertextSum.add` in the worker."""
-        cid = b"" if client_id is None else b"%d" % client_id
-        self._call(_OP_SUM_ADD, [cid, *(bytes(c) for c in upload)])
+        self._request(_OP_SUM_ADD, _upload_frames(upload, client_id))
+        self._reply()
+
+    def merge_sum(self, partial: Sequence[bytes], count: int) -> None:
+        """:meth:`CiphertextSum.merge` in the worker."""
+        self._call(_OP_SUM_MERGE, [b"%d" % count, *(bytes(c) for c in partial)])
 
     def finish_sum(self, plain_addend: npt.ArrayLike | None = None) -> list[bytes]:
         """:meth:`CiphertextSum.finish` in the worker."""
@@ -953,7 +980,7 @@ class HEWorker:
                 _send(self._conn, [bytes([_OP_CLOSE])])
                 if self._conn.poll(5.0):
                     _recv(self._conn)
-            except (EOFError, OSError):
+            except (EOFError, OSError, ValueError):
                 pass
             self._proc.join(5.0)
             if self._proc.is_alive():
@@ -962,6 +989,147 @@ class HEWorker:
         self._conn.close()
 
     def __enter__(self) -> HEWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _upload_frames(upload: Sequence[bytes], client_id: int | None) -> list[bytes]:
+    if isinstance(upload, bytes | bytearray):
+        raise MalformedMessage("an upload is a sequence of ciphertexts", client_id=client_id)
+    cid = b"" if client_id is None else b"%d" % client_id
+    try:
+        return [cid, *(bytes(c) for c in upload)]
+    except TypeError:
+        raise MalformedMessage("ciphertexts must be bytes", client_id=client_id) from None
+
+
+class HEWorkerPool:
+    """A server-side sum sharded over ``workers`` :class:`HEWorker` processes (one per core).
+
+    Uploads go round-robin to the workers without waiting for the previous one to be added;
+    :meth:`add_upload` and :meth:`drain` return the malformed uploads found meanwhile (each
+    refused whole, its ``client_id`` attached), so the caller can treat those clients as
+    dropped before it computes the hybrid-mode addend and calls :meth:`finish_sum`.
+
+    Parameters
+    ----------
+    params:
+        The round's parameters.
+    public_context:
+        The server's context bytes.
+    workers:
+        Number of processes.
+    """
+
+    def __init__(
+        self, params: HEParams, public_context: bytes, *, workers: int = 2, timeout: float = 300.0
+    ) -> None:
+        if workers < 1:
+            raise ConfigurationError(f"workers must be >= 1, got {workers}")
+        self.params = params
+        self._workers: list[HEWorker] = []
+        try:
+            for _ in range(workers):
+                self._workers.append(
+                    HEWorker(params, public_context, role="server", timeout=timeout)
+                )
+        except BaseException:
+            self.close()
+            raise
+        self._pending = [False] * workers
+        self._counts = [0] * workers
+        self._next = 0
+        self._open = False
+
+    def begin_sum(self) -> None:
+        """Start a new sum on every worker."""
+        self.drain()
+        for w in self._workers:
+            w.begin_sum()
+        self._counts = [0] * len(self._workers)
+        self._open = True
+
+    def _collect(self, i: int) -> list[MalformedMessage]:
+        if not self._pending[i]:
+            return []
+        self._pending[i] = False
+        try:
+            self._workers[i]._reply()
+        except MalformedMessage as exc:
+            self._counts[i] -= 1
+            return [exc]
+        return []
+
+    def add_upload(
+        self, upload: Sequence[bytes], client_id: int | None = None
+    ) -> list[MalformedMessage]:
+        """Queue one client's upload; return the uploads refused since the last call."""
+        if not self._open:
+            raise ConfigurationError("sum not begun")
+        frames = _upload_frames(upload, client_id)
+        if sum(self._counts) >= self.params.n_clients:
+            raise ConfigurationError(
+                f"parameters allow {self.params.n_clients} summands; the noise bound would not hold"
+            )
+        i = self._next
+        self._next = (i + 1) % len(self._workers)
+        refused = self._collect(i)
+        self._workers[i]._request(_OP_SUM_ADD, frames)
+        self._pending[i] = True
+        self._counts[i] += 1
+        return refused
+
+    def drain(self) -> list[MalformedMessage]:
+        """Wait until every queued upload is added; return those refused."""
+        refused: list[MalformedMessage] = []
+        for i in range(len(self._workers)):
+            refused += self._collect(i)
+        return refused
+
+    def finish_sum(self, plain_addend: npt.ArrayLike | None = None) -> list[bytes]:
+        """Merge the workers' partial sums, add ``plain_addend``, return the ciphertexts.
+
+        Raises
+        ------
+        MalformedMessage
+            If an upload was refused and not yet collected with :meth:`drain`.
+        """
+        refused = self.drain()
+        if refused:
+            self._open = False
+            raise refused[0]
+        if not self._open:
+            raise ConfigurationError("sum not begun")
+        self._open = False
+        active = [i for i, c in enumerate(self._counts) if c]
+        if not active:
+            raise ConfigurationError("no ciphertexts to sum")
+        head, rest = active[0], active[1:]
+        for i in rest:
+            self._workers[head].merge_sum(self._workers[i].finish_sum(), self._counts[i])
+        return self._workers[head].finish_sum(plain_addend)
+
+    def sum_ciphertexts(
+        self, uploads: Iterable[Sequence[bytes]], plain_addend: npt.ArrayLike | None = None
+    ) -> list[bytes]:
+        """:func:`sum_ciphertexts` over the pool: raises the first refused upload's error."""
+        self.begin_sum()
+        for i, upload in enumerate(uploads):
+            refused = self.add_upload(upload, client_id=i)
+            if refused:
+                self.drain()
+                self._open = False
+                raise refused[0]
+        return self.finish_sum(plain_addend)
+
+    def close(self) -> None:
+        """Stop every worker (idempotent)."""
+        for w in self._workers:
+            w.close()
+
+    def __enter__(self) -> HEWorkerPool:
         return self
 
     def __exit__(self, *exc: object) -> None:

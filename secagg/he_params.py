@@ -18,10 +18,11 @@ no special prime is needed):
   error of variance ``(N/2) * sum of the coefficient variances`` (central limit theorem,
   Costache et al., SAC 2023, eprint 2022/162). After ``n`` ciphertexts and one plaintext:
   ``sigma^2 = (N/2) * (n * (ERROR_VARIANCE + 1/12) + 1/12)`` in units of ``Delta^2``;
-* scale ``Delta = 2^scale_bits``: the smallest power of two with
-  ``TAIL_SIGMAS * sigma / Delta + float_error <= ROUNDING_TOLERANCE``;
+* scale ``Delta = 2^scale_bits``: large enough that
+  ``TAIL_SIGMAS * sigma / Delta + float_error <= ROUNDING_TOLERANCE``; :func:`select_params`
+  takes the largest scale that still fits the most lanes (spare bits go to the noise margin);
 * capacity: coefficients stay below ``q/2`` when ``sqrt(2) * 2^value_bits * Delta < q/2``
-  (a coefficient is bounded by the largest slot modulus), so
+  (a coefficient is at most the largest slot modulus times ``Delta``), so
   ``value_bits = floor(log2(q_min) - 1.5 - scale_bits)`` with ``q_min = 2^(bits - 1)``;
 * security: ``log2 q`` of the whole modulus chain within the HomomorphicEncryption.org limit
   for ``N`` (:data:`HE_STANDARD_MAX_LOG_Q`).
@@ -45,8 +46,10 @@ __all__ = [
     "TAIL_SIGMAS",
     "HEParams",
     "Mode",
+    "float_error",
     "max_value_bits",
     "noise_bound",
+    "noise_sigma",
     "select_params",
 ]
 
@@ -73,7 +76,8 @@ MIN_PRIME_BITS: Final = 2
 
 ERROR_VARIANCE: Final = 10.5
 """Variance of SEAL's encryption error: a centered binomial of 21 + 21 bits, variance 21/2
-(sigma ~= 3.24; SEAL 4 ``util/rlwe.cpp`` ``sample_poly_cbd``, HE standard section 2.1.2)."""
+(sigma ~= 3.24; SEAL 4 ``util/rlwe.cpp`` ``sample_poly_cbd``; the HE standard assumes
+sigma ~= 3.2)."""
 
 ENCODE_VARIANCE: Final = 1.0 / 12.0
 """Variance of the encoder's rounding of each coefficient to an integer (uniform on [-1/2, 1/2])."""
@@ -90,9 +94,6 @@ rounding needs noise above 0.5, twice the bound (``~2^-250``)."""
 FLOAT_MANTISSA_BITS: Final = 53
 """IEEE 754 binary64: SEAL's CKKS encoder and decoder compute in double precision."""
 
-SEAL_HEADER_BYTES: Final = 16
-"""SEAL serialization header (``seal::Serialization::SEALHeader``)."""
-
 CIPHERTEXT_OVERHEAD_BYTES: Final = 224
 """Measured overhead of a serialized SEAL 4 ciphertext beyond its coefficient words (header,
 parms_id, metadata, the 64-byte seed of a seeded ciphertext); used for size reports only."""
@@ -107,7 +108,7 @@ SIZE_TIE: Final = 0.01
 """Uploads within 1% of the smallest count as equally small in :func:`select_params`."""
 
 SLOT_WORD_BITS: Final = 63
-"""Slot values travel as uint64 and must stay exact in a float64 sum: at most 63 bits."""
+"""Slot values travel as uint64: at most 63 bits (the float error bound keeps them far lower)."""
 
 
 def _ceil_log2(x: int) -> int:
@@ -148,7 +149,8 @@ def float_error(poly_modulus_degree: int, value_bits: int) -> float:
 
 
 def noise_bound(poly_modulus_degree: int, scale_bits: int, terms: int, value_bits: int) -> float:
-    """Largest expected distance (in slot units) of a decrypted sum from its integer value."""
+    """Bound (``TAIL_SIGMAS`` sigma plus the float error) on how far, in slot units, a
+    decrypted sum of ``terms`` ciphertexts and one plaintext lies from its integer value."""
     sigma = noise_sigma(poly_modulus_degree, terms)
     return TAIL_SIGMAS * sigma / 2.0**scale_bits + float_error(poly_modulus_degree, value_bits)
 
