@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from secagg import graph, kernels, shamir
+from secagg import ckks, graph, kernels, shamir
 from secagg.errors import (
     DecryptionError,
     InputError,
@@ -40,6 +40,8 @@ from secagg.messages import (
     AggregateResult,
     ConsistencyRequest,
     ConsistencySignature,
+    EncryptedInput,
+    EncryptedResult,
     MaskedInput,
     Message,
     Roster,
@@ -49,11 +51,12 @@ from secagg.messages import (
     UnmaskShares,
     consistency_payload,
     decode_message,
+    encrypted_input_payload,
     seed_commitment,
 )
-from secagg.params import RoundParams
+from secagg.params import Mode, RoundParams
 from secagg.prg import Purpose, StreamMask, derive_key
-from secagg.quantize import dequantize
+from secagg.quantize import dequantize, lane_values, unpack
 from secagg.rounds.advertise_keys import graph_seed, session_id_for
 from secagg.rounds.base import Stage
 from secagg.rounds.unmasking import pair_sign
@@ -105,8 +108,10 @@ class _Ctx:
         x: npt.NDArray[np.float64],
         weight: int,
         rounding_key: bytes | None,
+        he: ckks.SecretContext | None = None,
     ) -> None:
         self.cid = cid
+        self.he = he
         self.identity = identity
         self.params = params
         self.digest = params.digest()
@@ -255,9 +260,45 @@ class ShareKeysState(_State):
             key = derive_key(shared, c.session_id, Purpose.PAIR_MASK, min(c.cid, v), max(c.cid, v))
             masks.append(StreamMask(key, Purpose.PAIR_MASK, pair_sign(c.cid, v)))
         assert c.x is not None
-        words = kernels.mask_vector(c.x, c.weight, c.params.quant, c.secrets.rounding_key, masks)
+        out: Message
+        if c.he is not None:
+            out = encrypted_input(c, c.session_id, masks)
+        else:
+            q = c.params.quant
+            words = kernels.mask_vector(c.x, c.weight, q, c.secrets.rounding_key, masks)
+            out = MaskedInput(c.rid, c.cid, c.session_id, words)
         c.x = None  # the plaintext update is no longer needed
-        return MaskedInputState(c), [MaskedInput(c.rid, c.cid, c.session_id, words)]
+        return MaskedInputState(c), [out]
+
+
+def encrypted_input(c: _Ctx, session_id: bytes, masks: list[StreamMask]) -> EncryptedInput:
+    """CKKS ciphertexts of the client's packed slots, masked modulo ``2^mask_bits`` in
+    ``hybrid`` mode (``masks`` empty in ``ckks`` mode), signed with the identity key."""
+    assert c.he is not None and c.x is not None
+    he = c.params.he
+    values = lane_values(c.x, c.weight, c.params.quant, c.secrets.rounding_key)
+    slots = ckks.pack_lanes(values, he)
+    if masks:
+        stream = np.zeros(he.n_slots, dtype=np.uint64)
+        kernels.add_masks(stream, masks)
+        slots = ckks.add_masks(slots, ckks.masks_from_words(stream, he), he)
+    cts = tuple(ckks.encrypt(c.he, slots))
+    sig = c.identity.sign(encrypted_input_payload(session_id, c.cid, cts))
+    return EncryptedInput(c.rid, c.cid, session_id, cts, sig)
+
+
+def decrypt_result(c: _Ctx, ciphertexts: tuple[bytes, ...]) -> npt.NDArray[np.uint64]:
+    """Lane sums from an encrypted sum: decrypt, reduce modulo the mask modulus (hybrid),
+    unpack. Only integers leave :func:`secagg.ckks.decrypt` (IND-CPA-D, Li–Micciancio 2021)."""
+    assert c.he is not None
+    he = c.params.he
+    try:
+        slot_sums = ckks.decrypt(c.he, ciphertexts)
+    except SecAggError as exc:
+        raise c.misbehaviour(f"encrypted result does not decrypt: {exc}") from None
+    if c.params.mode is Mode.HYBRID:
+        slot_sums = ckks.unmask_sum(slot_sums, he)
+    return ckks.unpack_lanes(slot_sums, he, he.n_values)
 
 
 class MaskedInputState(_State):
@@ -344,24 +385,41 @@ class ConsistencyState(_State):
 
 
 class UnmaskingState(_State):
-    """Round 4: shares revealed, waiting for the aggregate."""
+    """Round 4: shares revealed, waiting for the aggregate (encrypted in hybrid mode)."""
 
     stage = Stage.UNMASKING
-    accepts = AggregateResult
+    accepts: type[Message] = AggregateResult
+
+    def __init__(self, ctx: _Ctx) -> None:
+        super().__init__(ctx)
+        if ctx.he is not None:
+            self.accepts = EncryptedResult
 
     def handle(self, msg: Message) -> tuple[_State, list[Message]]:
-        assert isinstance(msg, AggregateResult)
+        assert isinstance(msg, AggregateResult | EncryptedResult)
         c = self.ctx
-        p = c.params
         if msg.session_id != c.session_id:
             raise c.misbehaviour("result bound to another session")
         if msg.contributors != c.u2:
             raise c.misbehaviour("result's contributor set differs from the signed one")
-        if msg.sums.size != p.quant.values(p.dim):
-            raise c.misbehaviour("result has the wrong length")
-        weighted_sum, total = dequantize(msg.sums, p.quant, len(msg.contributors), p.dim)
-        c.result = ClientResult(msg.sums, msg.contributors, total, weighted_sum)
-        return _Final(c, Stage.COMPLETED), []
+        if isinstance(msg, AggregateResult):
+            p = c.params
+            if msg.words.size != p.words:
+                raise c.misbehaviour("result has the wrong length")
+            sums = unpack(msg.words, p.quant, p.quant.values(p.dim))
+        else:
+            sums = decrypt_result(c, msg.ciphertexts)
+        return finish_result(c, sums, msg.contributors), []
+
+
+def finish_result(c: _Ctx, sums: npt.NDArray[np.uint64], contributors: tuple[int, ...]) -> _State:
+    """Check and dequantize the lane sums; the client's round is complete."""
+    p = c.params
+    if sums.size != p.quant.values(p.dim):
+        raise c.misbehaviour("result has the wrong length")
+    weighted_sum, total = dequantize(sums, p.quant, len(contributors), p.dim)
+    c.result = ClientResult(sums, contributors, total, weighted_sum)
+    return _Final(c, Stage.COMPLETED)
 
 
 class _Final(_State):
@@ -396,6 +454,8 @@ class SecAggClient:
     rounding_key:
         32-byte key of the stochastic-rounding stream; fresh from the CSPRNG by default.
         Fixing it makes the quantized input reproducible (tests, audits).
+    he_context:
+        ``hybrid`` mode: the key holders' CKKS context (with the secret key).
     """
 
     def __init__(
@@ -408,7 +468,12 @@ class SecAggClient:
         weight: int = 1,
         *,
         rounding_key: bytes | None = None,
+        he_context: ckks.SecretContext | None = None,
     ) -> None:
+        if params.mode is Mode.CKKS:
+            raise InputError("ckks rounds run secagg.he_round.CkksClient")
+        if params.mode is Mode.HYBRID and he_context is None:
+            raise InputError("a hybrid round needs the key holders' CKKS context")
         if directory.get(client_id) != identity.public:
             raise InputError("the directory does not list this client's identity key")
         if any(len(pk) != PUBLIC_KEY_BYTES for pk in directory.values()):
@@ -422,7 +487,9 @@ class SecAggClient:
             raise InputError(f"weight must be an integer in 1..{params.quant.max_weight}")
         if rounding_key is not None and len(rounding_key) != 32:
             raise InputError("rounding_key must be 32 bytes")
-        self._ctx = _Ctx(client_id, identity, params, directory, arr, int(weight), rounding_key)
+        self._ctx = _Ctx(
+            client_id, identity, params, directory, arr, int(weight), rounding_key, he_context
+        )
         self._state: _State = AdvertiseState(self._ctx)
         self._started = False
 

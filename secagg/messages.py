@@ -33,6 +33,8 @@ __all__ = [
     "AggregateResult",
     "ConsistencyRequest",
     "ConsistencySignature",
+    "EncryptedInput",
+    "EncryptedResult",
     "MaskedInput",
     "Message",
     "Roster",
@@ -43,6 +45,7 @@ __all__ = [
     "advertise_payload",
     "consistency_payload",
     "decode_message",
+    "encrypted_input_payload",
     "seed_commitment",
 ]
 
@@ -237,6 +240,57 @@ class UnmaskShares(Message):
         )
 
 
+MAX_CIPHERTEXTS = 1 << 16
+"""Bound on the ciphertexts in one encrypted vector (10^9 parameters at N = 16384)."""
+MAX_CIPHERTEXT_BYTES = 1 << 24
+"""Bound on one serialized CKKS ciphertext (N = 32768 with the largest modulus is ~7 MiB)."""
+
+
+def _blobs(w: Writer, blobs: tuple[bytes, ...]) -> None:
+    w.u32(len(blobs))
+    for b in blobs:
+        w.var(b)
+
+
+def _read_blobs(r: Reader) -> tuple[bytes, ...]:
+    n = r.u32()
+    if n > MAX_CIPHERTEXTS or 4 * n > r.remaining:
+        raise MalformedMessage(f"list of {n} ciphertexts does not fit the message")
+    return tuple(r.var(MAX_CIPHERTEXT_BYTES) for _ in range(n))
+
+
+def encrypted_input_payload(
+    session_id: bytes, sender: int, ciphertexts: tuple[bytes, ...]
+) -> bytes:
+    """Bytes an EncryptedInput signature covers: session, sender and every ciphertext."""
+    h = hashlib.sha256(b"secagg/v1/encrypted-input" + session_id + sender.to_bytes(4, "big"))
+    for c in ciphertexts:
+        h.update(len(c).to_bytes(4, "big") + c)
+    return h.digest()
+
+
+@dataclass(frozen=True)
+class EncryptedInput(Message):
+    """ckks and hybrid modes: the client's CKKS ciphertexts (of masked slots in hybrid),
+    signed with its identity key so the server can attribute every contribution."""
+
+    TYPE: ClassVar[int] = 6
+    session_id: bytes
+    ciphertexts: tuple[bytes, ...]
+    signature: bytes
+
+    def _body(self, w: Writer) -> None:
+        w.fixed(self.session_id, SESSION_ID_BYTES)
+        _blobs(w, self.ciphertexts)
+        w.fixed(self.signature, SIGNATURE_BYTES)
+
+    @classmethod
+    def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> EncryptedInput:
+        return cls(
+            round_id, sender, r.fixed(SESSION_ID_BYTES), _read_blobs(r), r.fixed(SIGNATURE_BYTES)
+        )
+
+
 # ----------------------------------------------------------------------- server -> client
 
 
@@ -329,16 +383,16 @@ class UnmaskRequest(Message):
 
 @dataclass(frozen=True, eq=False)
 class AggregateResult(Message):
-    """The unmasked lane sums, published to the contributors."""
+    """The unmasked aggregate, still packed (lane sums in uint64 words), for the contributors."""
 
     TYPE: ClassVar[int] = 20
     session_id: bytes
     contributors: tuple[int, ...]
-    sums: npt.NDArray[np.uint64]
+    words: npt.NDArray[np.uint64]
 
     def _body(self, w: Writer) -> None:
-        w.fixed(self.session_id, SESSION_ID_BYTES).ids(self.contributors).u64(self.sums.size)
-        w.raw(np.ascontiguousarray(self.sums, dtype="<u8").tobytes())
+        w.fixed(self.session_id, SESSION_ID_BYTES).ids(self.contributors).u64(self.words.size)
+        w.raw(np.ascontiguousarray(self.words, dtype="<u8").tobytes())
 
     @classmethod
     def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> AggregateResult:
@@ -346,9 +400,27 @@ class AggregateResult(Message):
         contributors = r.ids(MAX_CLIENTS)
         n = r.u64()
         if 8 * n != r.remaining:
-            raise MalformedMessage(f"result announces {n} values, carries {r.remaining} bytes")
-        sums = np.frombuffer(r.view(8 * n), dtype="<u8").astype(np.uint64)
-        return cls(round_id, sender, session, contributors, sums)
+            raise MalformedMessage(f"result announces {n} words, carries {r.remaining} bytes")
+        words = np.frombuffer(r.view(8 * n), dtype="<u8").astype(np.uint64)
+        return cls(round_id, sender, session, contributors, words)
+
+
+@dataclass(frozen=True)
+class EncryptedResult(Message):
+    """ckks and hybrid modes: the encrypted sum, for the key holders to decrypt."""
+
+    TYPE: ClassVar[int] = 22
+    session_id: bytes
+    contributors: tuple[int, ...]
+    ciphertexts: tuple[bytes, ...]
+
+    def _body(self, w: Writer) -> None:
+        w.fixed(self.session_id, SESSION_ID_BYTES).ids(self.contributors)
+        _blobs(w, self.ciphertexts)
+
+    @classmethod
+    def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> EncryptedResult:
+        return cls(round_id, sender, r.fixed(SESSION_ID_BYTES), r.ids(MAX_CLIENTS), _read_blobs(r))
 
 
 @dataclass(frozen=True)
@@ -386,9 +458,11 @@ _TYPES: dict[int, type[Message]] = {
         UnmaskRequest,
         AggregateResult,
         Abort,
+        EncryptedInput,
+        EncryptedResult,
     )
 }
-CLIENT_TYPES = frozenset({1, 2, 3, 4, 5})
+CLIENT_TYPES = frozenset({1, 2, 3, 4, 5, 6})
 
 
 def decode_message(data: bytes | memoryview) -> Message:

@@ -7,14 +7,19 @@ message it exchanges is refused.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 from secagg.errors import ConfigurationError, MalformedMessage
 from secagg.quantize import QuantSpec
 from secagg.wire import Reader, Writer
+
+if TYPE_CHECKING:
+    from secagg.he_params import HEParams
 
 __all__ = [
     "MAX_CLIENTS",
@@ -100,6 +105,22 @@ class RoundParams:
         return self.quant.n_clients
 
     @property
+    def he(self) -> HEParams:
+        """CKKS parameters of a ``ckks`` or ``hybrid`` round (derived, not transmitted).
+
+        Raises
+        ------
+        ConfigurationError
+            In a ``masked`` round.
+        InfeasibleParameters
+            If no 128-bit-secure CKKS set sums the inputs exactly.
+        """
+        if self.mode is Mode.MASKED:
+            raise ConfigurationError("masked rounds have no CKKS parameters")
+        q = self.quant
+        return _he_params(q.n_clients, q.bits, self.dim, self.mode.name.lower(), q.max_weight)
+
+    @property
     def words(self) -> int:
         """Length of a masked vector in uint64 words."""
         return self.quant.words(self.dim)
@@ -145,6 +166,13 @@ class RoundParams:
         return hashlib.sha256(b"secagg/v1/params" + self.encode()).digest()
 
 
+@functools.lru_cache(maxsize=64)
+def _he_params(n: int, bits: int, dim: int, mode: str, max_weight: int) -> HEParams:
+    from secagg.he_params import select_params
+
+    return select_params(n, bits, dim, "ckks" if mode == "ckks" else "hybrid", max_weight)
+
+
 def make_params(
     n_clients: int,
     dim: int,
@@ -181,14 +209,15 @@ def make_params(
     else:
         degree = int(neighbors)
     thr = None if threshold in (None, "auto") else int(threshold)
-    kwargs: dict[str, float] = {}
-    if dropout is not None:
-        kwargs["dropout"] = dropout
-    if corrupt is not None:
-        kwargs["corrupt"] = corrupt
-    gp = graph.choose_parameters(n_clients, degree=degree, threshold=thr, **kwargs)
+    gp = graph.choose_parameters(
+        n_clients,
+        degree=degree,
+        threshold=thr,
+        dropout=graph.DEFAULT_DROPOUT if dropout is None else dropout,
+        corrupt=graph.DEFAULT_CORRUPT if corrupt is None else corrupt,
+    )
     quant = QuantSpec(clip=clip, bits=bits, n_clients=n_clients, max_weight=max_weight)
-    return RoundParams(
+    params = RoundParams(
         round_id=round_id if round_id is not None else secrets.token_bytes(ROUND_ID_BYTES),
         mode=m,
         dim=dim,
@@ -197,3 +226,6 @@ def make_params(
         threshold=gp.threshold,
         warnings=gp.warnings,
     )
+    if m is not Mode.MASKED:
+        _ = params.he  # fail early when no CKKS parameter set fits
+    return params

@@ -29,7 +29,7 @@ import numpy.typing as npt
 from secagg.errors import ConfigurationError, InfeasibleParameters, InputError
 from secagg.prg import Purpose, keystream_u32
 
-__all__ = ["QuantSpec", "dequantize", "pack", "quantize", "unpack"]
+__all__ = ["QuantSpec", "dequantize", "encode", "lane_values", "pack", "quantize", "unpack"]
 
 WORD_BITS = 64
 """Packed words are uint64; masking is arithmetic mod 2^64 on whole words."""
@@ -171,18 +171,25 @@ def unpack(words: npt.NDArray[np.uint64], spec: QuantSpec, count: int) -> npt.ND
     return out[:count]
 
 
-def encode(
+def lane_values(
     x: npt.ArrayLike, weight: int, spec: QuantSpec, rounding_key: bytes
 ) -> npt.NDArray[np.uint64]:
-    """Quantize, weight and pack one client's update: the plaintext that gets masked."""
-    if not isinstance(weight, (int, np.integer)) or isinstance(weight, bool):
+    """Quantize and weight one client's update (steps 1-4): ``spec.values(dim)`` lane values."""
+    if not isinstance(weight, int | np.integer) or isinstance(weight, bool):
         raise InputError(f"weight must be an integer, got {type(weight).__name__}")
     if not 1 <= int(weight) <= spec.max_weight:
         raise InputError(f"weight must be in 1..{spec.max_weight}, got {weight}")
     q = quantize(x, spec, rounding_key)
     if spec.weighted:
         q = np.append(q * np.uint64(weight), np.uint64(weight))
-    return pack(q, spec)
+    return q
+
+
+def encode(
+    x: npt.ArrayLike, weight: int, spec: QuantSpec, rounding_key: bytes
+) -> npt.NDArray[np.uint64]:
+    """Quantize, weight and pack one client's update: the plaintext that gets masked."""
+    return pack(lane_values(x, weight, spec, rounding_key), spec)
 
 
 def dequantize(

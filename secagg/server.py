@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from secagg import ckks
 from secagg.errors import (
     ConfigurationError,
     InvalidSignature,
@@ -20,7 +21,7 @@ from secagg.errors import (
 )
 from secagg.keys import check_identity_key
 from secagg.messages import Abort, Message, decode_message
-from secagg.params import RoundParams
+from secagg.params import Mode, RoundParams
 from secagg.rounds.advertise_keys import AdvertiseKeysState
 from secagg.rounds.base import (
     ClientRecord,
@@ -67,6 +68,8 @@ class SecAggServer:
         Stage deadlines.
     now:
         The current time (any monotonic clock, in seconds).
+    he_context:
+        ``hybrid`` mode: the server's CKKS context (no key of any kind).
     """
 
     def __init__(
@@ -76,7 +79,12 @@ class SecAggServer:
         *,
         timeouts: StageTimeouts | None = None,
         now: float = 0.0,
+        he_context: ckks.ServerContext | None = None,
     ) -> None:
+        if params.mode is Mode.CKKS:
+            raise ConfigurationError("ckks rounds run secagg.he_round.CkksServer")
+        if params.mode is Mode.HYBRID and he_context is None:
+            raise ConfigurationError("a hybrid round needs the server's CKKS context")
         if len(directory) != params.n_clients:
             raise ConfigurationError(
                 f"params are for {params.n_clients} clients, directory has {len(directory)}"
@@ -89,7 +97,7 @@ class SecAggServer:
             except InvalidSignature as exc:
                 raise ConfigurationError(f"identity key of client {cid}: {exc}") from None
         self.timeouts = timeouts or StageTimeouts()
-        self.ctx = ServerContext(params, dict(directory))
+        self.ctx = ServerContext(params, dict(directory), he=he_context)
         first = Stage.ADVERTISE_KEYS
         self._state: ServerState = AdvertiseKeysState(
             self.ctx, frozenset(directory), now + self.timeouts.for_stage(first)

@@ -17,8 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from secagg import ckks
 from secagg.client import SecAggClient
 from secagg.errors import RoundAborted, SecAggError
+from secagg.he_round import CkksClient, CkksServer
 from secagg.keys import IdentityKey, random_seed
 from secagg.messages import Message
 from secagg.params import Mode, RoundParams, make_params
@@ -37,13 +39,11 @@ DROP_STAGES: dict[str, Stage] = {
 }
 """``--drop-stage`` names: the stage whose message a dropped client never sends."""
 
-_CLIENT_SENDS = {
-    Stage.ADVERTISE_KEYS: 1,
-    Stage.SHARE_KEYS: 2,
-    Stage.MASKED_INPUT: 3,
-    Stage.CONSISTENCY: 4,
-    Stage.UNMASKING: 5,
-}
+_ORDER = {s: i for i, s in enumerate(DROP_STAGES.values())}
+_SENT_IN = {1: 0, 2: 1, 3: 2, 6: 2, 4: 3, 5: 4}
+"""Client message type -> index of the stage it is sent in."""
+_ANSWERED_IN = {16: 1, 17: 2, 18: 3, 19: 4}
+"""Server message type -> index of the stage whose client message answers it (else: final)."""
 
 
 @dataclass
@@ -96,30 +96,45 @@ def run_round(
     drop_plan: dict[int, Stage],
     *,
     timeout: float = 10.0,
-) -> tuple[SecAggServer, dict[int, SecAggClient], _Tally, dict[int, bytes]]:
-    """Run one round in memory; returns the server, clients, byte/time tallies and rounding keys."""
+    he_secret: ckks.SecretContext | None = None,
+    he_server: ckks.ServerContext | None = None,
+) -> tuple[SecAggServer | CkksServer, _Tally, dict[int, bytes]]:
+    """Run one round in memory; returns the server, byte/time tallies and rounding keys.
+
+    ``drop_plan`` maps a client to the stage whose message it never sends.
+    """
     tally = _Tally()
+    errors: list[SecAggError] = []
     identities = {cid: IdentityKey() for cid in inputs}
     directory = {cid: k.public for cid, k in identities.items()}
     rounding = {cid: random_seed() for cid in inputs}
     now = 0.0
-    server = SecAggServer(params, directory, timeouts=StageTimeouts.uniform(timeout), now=now)
-    clients = {
-        cid: SecAggClient(
-            cid,
-            identities[cid],
-            params,
-            directory,
-            inputs[cid],
-            weights[cid],
-            rounding_key=rounding[cid],
-        )
-        for cid in inputs
-    }
+    server: SecAggServer | CkksServer
+    clients: dict[int, SecAggClient | CkksClient]
+    if params.mode is Mode.CKKS:
+        assert he_secret is not None and he_server is not None
+        server = CkksServer(params, directory, he_server, timeout=timeout, now=now)
+        clients = {
+            c: CkksClient(
+                c, identities[c], params, directory, inputs[c], weights[c], he_secret,
+                rounding_key=rounding[c],
+            )
+            for c in inputs
+        }  # fmt: skip
+    else:
+        timeouts = StageTimeouts.uniform(timeout)
+        server = SecAggServer(params, directory, timeouts=timeouts, now=now, he_context=he_server)
+        clients = {
+            c: SecAggClient(
+                c, identities[c], params, directory, inputs[c], weights[c],
+                rounding_key=rounding[c], he_context=he_secret,
+            )
+            for c in inputs
+        }  # fmt: skip
 
     def silent(cid: int, msg: Message) -> bool:
         stage = drop_plan.get(cid)
-        return stage is not None and _CLIENT_SENDS[stage] <= msg.TYPE
+        return stage is not None and _SENT_IN[msg.TYPE] >= _ORDER[stage]
 
     def to_server(cid: int, msgs: list[Message]) -> list[tuple[int, Message]]:
         out: list[tuple[int, Message]] = []
@@ -142,7 +157,7 @@ def run_round(
         first = c.start(now)
         tally.client_seconds[cid] += time.perf_counter() - t0
         pending.extend(to_server(cid, first))
-    while not server.done:
+    while not server.done or pending:
         if not pending:
             deadline = server.deadline
             assert deadline is not None
@@ -160,16 +175,17 @@ def run_round(
             t0 = time.perf_counter()
             try:
                 replies = clients[cid].receive(data, now)
-            except SecAggError:
+            except SecAggError as exc:
+                errors.append(exc)
                 replies = []
             tally.client_seconds[cid] += time.perf_counter() - t0
             pending.extend(to_server(cid, replies))
-    return server, clients, tally, rounding
+    return server, tally, rounding
 
 
 def _dropped_before(stage: Stage, msg: Message) -> bool:
     """A client gone before ``stage`` no longer receives what comes after it."""
-    return _CLIENT_SENDS[stage] < msg.TYPE - 14
+    return _ANSWERED_IN.get(msg.TYPE, len(_ORDER)) > _ORDER[stage]
 
 
 def simulate(cfg: SimulationConfig) -> dict[str, Any]:
@@ -200,7 +216,7 @@ def simulate(cfg: SimulationConfig) -> dict[str, Any]:
     weights = {cid: rng.randint(1, cfg.max_weight) for cid in ids}
     plan = _schedule(cfg, ids, rng)
     wall0 = time.perf_counter()
-    server, _clients, tally, rounding = run_round(params, inputs, weights, plan)
+    server, tally, rounding = run_round(params, inputs, weights, plan)
     wall = time.perf_counter() - wall0  # the round only: not data generation or checking
 
     report: dict[str, Any] = {
@@ -214,7 +230,7 @@ def simulate(cfg: SimulationConfig) -> dict[str, Any]:
         "warnings": list(params.warnings) + server.ctx.warnings,
     }
     result = server.result
-    if result is None:
+    if result is None or result.sums is None or result.weighted_sum is None:
         err = server.error
         assert isinstance(err, RoundAborted)
         report.update(

@@ -8,12 +8,13 @@ from typing import Any
 
 import numpy as np
 
+from secagg import ckks
 from secagg.client import SecAggClient
 from secagg.errors import SecAggError
 from secagg.keys import IdentityKey
 from secagg.messages import Message
 from secagg.params import make_params
-from secagg.quantize import encode, unpack
+from secagg.quantize import lane_values
 from secagg.server import SecAggServer, StageTimeouts
 
 Outgoing = list[tuple[int, Message]]
@@ -22,8 +23,17 @@ Outgoing = list[tuple[int, Message]]
 class Harness:
     """N clients and a server; the test decides who answers at each stage."""
 
-    def __init__(self, n: int, dim: int = 16, *, weights: bool = False, **kw: Any) -> None:
-        self.params = make_params(n, dim, max_weight=1000 if weights else 1, **kw)
+    def __init__(
+        self, n: int, dim: int = 16, *, weights: bool = False, mode: str = "masked", **kw: Any
+    ) -> None:
+        self.params = make_params(n, dim, max_weight=1000 if weights else 1, mode=mode, **kw)
+        self.he_secret: ckks.SecretContext | None = None
+        he_server: ckks.ServerContext | None = None
+        if mode != "masked":
+            he = self.params.he
+            secret = ckks.make_secret_context(he)
+            self.he_secret = ckks.load_secret_context(secret, he)
+            he_server = ckks.load_server_context(ckks.make_public_context(secret), he)
         rng = np.random.default_rng(n * 1000 + dim)
         self.ids = list(range(1, n + 1))
         self.identities = {c: IdentityKey() for c in self.ids}
@@ -33,7 +43,11 @@ class Harness:
         self.rounding = {c: secrets.token_bytes(32) for c in self.ids}
         self.now = 0.0
         self.server = SecAggServer(
-            self.params, self.directory, timeouts=StageTimeouts.uniform(10.0), now=0.0
+            self.params,
+            self.directory,
+            timeouts=StageTimeouts.uniform(10.0),
+            now=0.0,
+            he_context=he_server,
         )
         self.clients = {
             c: SecAggClient(
@@ -44,6 +58,7 @@ class Harness:
                 self.xs[c],
                 self.ws[c],
                 rounding_key=self.rounding[c],
+                he_context=self.he_secret,
             )
             for c in self.ids
         }
@@ -117,6 +132,18 @@ class Harness:
         spec = self.params.quant
         total = np.zeros(spec.values(self.params.dim), dtype=np.uint64)
         for c in contributors:
-            words = encode(self.xs[c], self.ws[c], spec, self.rounding[c])
-            total += unpack(words, spec, spec.values(self.params.dim))
+            total += lane_values(self.xs[c], self.ws[c], spec, self.rounding[c])
         return total
+
+    def result_sums(self) -> np.ndarray[Any, Any]:
+        """The aggregate as the server has it, decrypted by a key holder in HE modes."""
+        res = self.server.result
+        assert res is not None, self.server.error
+        if res.sums is not None:
+            return res.sums
+        assert res.ciphertexts is not None and self.he_secret is not None
+        he = self.params.he
+        slots = ckks.decrypt(self.he_secret, res.ciphertexts)
+        if self.params.mode.name == "HYBRID":
+            slots = ckks.unmask_sum(slots, he)
+        return ckks.unpack_lanes(slots, he, he.n_values)

@@ -43,14 +43,17 @@ def assert_exact(h: Harness, contributors: set[int]) -> None:
     res = h.server.result
     assert res is not None, h.server.error
     assert set(res.contributors) == contributors
-    assert np.array_equal(res.sums, h.expected_sums(contributors))
+    sums = h.result_sums()
+    assert np.array_equal(sums, h.expected_sums(contributors))
     float_sum = sum(h.ws[c] * h.xs[c] for c in contributors)
     step = 1.0 / h.params.quant.scale
-    assert np.max(np.abs(res.weighted_sum - float_sum)) <= step * res.total_weight
+    total = sum(h.ws[c] for c in contributors)
     for c in contributors:
         cres = h.clients[c].result
         if h.clients[c].done and cres is not None:
-            assert np.array_equal(cres.sums, res.sums)
+            assert np.array_equal(cres.sums, sums)
+            assert cres.total_weight == total
+            assert np.max(np.abs(cres.weighted_sum - float_sum)) <= step * total
 
 
 @pytest.mark.parametrize("neighbors", ["all", "auto"])

@@ -17,7 +17,9 @@ from typing import ClassVar
 import numpy as np
 import numpy.typing as npt
 
+from secagg import ckks
 from secagg.errors import (
+    ConfigurationError,
     DuplicateMessage,
     LateMessage,
     ProtocolViolation,
@@ -50,6 +52,7 @@ class Stage(StrEnum):
     MASKED_INPUT = "masked_input"
     CONSISTENCY = "consistency"
     UNMASKING = "unmasking"
+    ENCRYPTED_INPUT = "encrypted_input"
     COMPLETED = "completed"
     ABORTED = "aborted"
 
@@ -67,27 +70,35 @@ class ClientRecord:
 class RoundResult:
     """The outcome of a completed round.
 
+    In ``masked`` mode the server learns the sums; in ``ckks`` and ``hybrid`` modes it holds
+    only ``ciphertexts`` of the sum, which key holders decrypt.
+
     Attributes
     ----------
-    sums:
-        Exact lane-wise integer sums (``quant.values(dim)`` of them; the last is the total
-        weight in weighted rounds).
     contributors:
         Ids whose inputs are in the sum.
+    sums:
+        Exact lane-wise integer sums (``quant.values(dim)`` of them; the last is the total
+        weight in weighted rounds); ``None`` when the server cannot see them.
     total_weight:
-        ``sum w_u`` (number of contributors when unweighted).
+        ``sum w_u`` (number of contributors when unweighted); ``None`` likewise.
     weighted_sum:
-        Dequantized ``sum_u w_u x_u``.
+        Dequantized ``sum_u w_u x_u``; ``None`` likewise.
+    ciphertexts:
+        The encrypted sum (``ckks`` and ``hybrid``).
     """
 
-    sums: npt.NDArray[np.uint64]
     contributors: tuple[int, ...]
-    total_weight: int
-    weighted_sum: npt.NDArray[np.float64]
+    sums: npt.NDArray[np.uint64] | None = None
+    total_weight: int | None = None
+    weighted_sum: npt.NDArray[np.float64] | None = None
+    ciphertexts: tuple[bytes, ...] | None = None
 
     @property
     def mean(self) -> npt.NDArray[np.float64]:
-        """The (weighted) average of the contributors' inputs."""
+        """The (weighted) average of the contributors' inputs (``masked`` mode)."""
+        if self.weighted_sum is None or not self.total_weight:
+            raise ConfigurationError("the server holds only an encrypted sum")
         return self.weighted_sum / float(self.total_weight)
 
 
@@ -97,6 +108,7 @@ class ServerContext:
 
     params: RoundParams
     directory: Mapping[int, bytes]
+    he: ckks.ServerContext | None = None
     params_digest: bytes = b""
     records: dict[int, ClientRecord] = field(default_factory=dict)
     accepted: dict[tuple[int, int], bytes] = field(default_factory=dict)
@@ -106,6 +118,7 @@ class ServerContext:
     shares: dict[int, dict[int, bytes]] = field(default_factory=dict)
     u1: frozenset[int] = frozenset()
     acc: npt.NDArray[np.uint64] = field(default_factory=lambda: np.zeros(0, np.uint64))
+    he_sum: ckks.CiphertextSum | None = None
     u2: tuple[int, ...] = ()
     signatures: dict[int, bytes] = field(default_factory=dict)
     u3: frozenset[int] = frozenset()
@@ -140,7 +153,8 @@ class ServerState:
     """Base of the server's per-round states."""
 
     stage: ClassVar[Stage]
-    accepts: ClassVar[type[Message] | None] = None
+    accepts: type[Message] | None = None
+    """The message type this state takes (an instance may narrow it, e.g. by mode)."""
 
     def __init__(self, ctx: ServerContext, expected: frozenset[int], deadline: float) -> None:
         self.ctx = ctx

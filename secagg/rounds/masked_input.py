@@ -4,22 +4,40 @@ from __future__ import annotations
 
 import numpy as np
 
+from secagg import ckks
 from secagg.errors import ProtocolViolation
-from secagg.messages import ConsistencyRequest, MaskedInput, Message
+from secagg.keys import verify_signature
+from secagg.messages import (
+    ConsistencyRequest,
+    EncryptedInput,
+    MaskedInput,
+    Message,
+    encrypted_input_payload,
+)
+from secagg.params import Mode
 from secagg.rounds.base import Outgoing, ServerContext, ServerState, Stage
 
 __all__ = ["MaskedInputState"]
 
 
 class MaskedInputState(ServerState):
-    """Adds each masked input into the running sum mod 2^64; never keeps one on its own."""
+    """Adds each masked input into the running sum mod 2^64; never keeps one on its own.
+
+    In ``hybrid`` mode the masked input is CKKS ciphertexts of masked slot values, added
+    homomorphically: the server sees neither an input nor, later, the sum.
+    """
 
     stage = Stage.MASKED_INPUT
-    accepts = MaskedInput
+    accepts: type[Message] | None = MaskedInput
 
     def __init__(self, ctx: ServerContext, expected: frozenset[int], deadline: float) -> None:
         super().__init__(ctx, expected, deadline)
-        ctx.acc = np.zeros(ctx.params.words, dtype=np.uint64)
+        if ctx.params.mode is Mode.HYBRID:
+            assert ctx.he is not None
+            self.accepts = EncryptedInput
+            ctx.he_sum = ckks.CiphertextSum(ctx.he)
+        else:
+            ctx.acc = np.zeros(ctx.params.words, dtype=np.uint64)
 
     def handle(self, cid: int, msg: Message) -> None:
         try:
@@ -31,6 +49,14 @@ class MaskedInputState(ServerState):
             raise
 
     def validate(self, cid: int, msg: Message) -> None:
+        if isinstance(msg, EncryptedInput):
+            # Verify, then add atomically: CiphertextSum checks every ciphertext first.
+            self.check_session(cid, msg.session_id)
+            payload = encrypted_input_payload(msg.session_id, cid, msg.ciphertexts)
+            verify_signature(self.ctx.directory[cid], payload, msg.signature, client_id=cid)
+            assert self.ctx.he_sum is not None
+            self.ctx.he_sum.add(msg.ciphertexts, client_id=cid)
+            return
         assert isinstance(msg, MaskedInput)
         self.check_session(cid, msg.session_id)
         if msg.words.size != self.ctx.params.words:
@@ -41,8 +67,8 @@ class MaskedInputState(ServerState):
             )
 
     def store(self, cid: int, msg: Message) -> None:
-        assert isinstance(msg, MaskedInput)
-        self.ctx.acc += msg.words
+        if isinstance(msg, MaskedInput):
+            self.ctx.acc += msg.words
 
     def finish(self, now: float, timeout: float) -> tuple[ServerState, list[Outgoing]]:
         from secagg.rounds.consistency import ConsistencyState

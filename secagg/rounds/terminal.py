@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from secagg.errors import UnexpectedMessage
+from secagg.errors import LateMessage, UnexpectedMessage
 from secagg.messages import Message
 from secagg.rounds.base import Outgoing, ServerContext, ServerState, Stage
 
@@ -14,7 +14,14 @@ class _Terminal(ServerState):
         super().__init__(ctx, frozenset(), float("inf"))
 
     def handle(self, cid: int, msg: Message) -> None:
-        raise UnexpectedMessage(f"the round is {self.stage}", client_id=cid)
+        rec = self.ctx.records.get(cid)
+        exc: UnexpectedMessage
+        if rec is not None and not rec.active:
+            exc = LateMessage(f"the round is {self.stage}; message discarded", client_id=cid)
+        else:
+            exc = UnexpectedMessage(f"the round is {self.stage}", client_id=cid)
+        exc.drops_sender = False  # the round is over: its record stays as it was
+        raise exc
 
     def ready(self) -> bool:
         return False

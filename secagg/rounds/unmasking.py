@@ -10,12 +10,21 @@ wrong share is caught and another subset of shares is tried.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
-from secagg import kernels, shamir
+import numpy as np
+
+from secagg import ckks, kernels, shamir
 from secagg.errors import ProtocolViolation, ReconstructionError, RoundAborted
 from secagg.keys import AgreementKey, constant_time_equal, x25519_public
-from secagg.messages import AggregateResult, Message, UnmaskShares, seed_commitment
+from secagg.messages import (
+    AggregateResult,
+    EncryptedResult,
+    Message,
+    UnmaskShares,
+    seed_commitment,
+)
 from secagg.prg import Purpose, StreamMask, derive_key
 from secagg.quantize import dequantize, unpack
 from secagg.rounds.base import Outgoing, RoundResult, ServerContext, ServerState, Stage
@@ -77,9 +86,15 @@ class UnmaskingState(ServerState):
         except ReconstructionError as exc:
             raise RoundAborted(self.stage, str(exc)) from None
         ctx.result = result
-        msg = AggregateResult(
-            ctx.params.round_id, 0, ctx.session_id, result.contributors, result.sums
-        )
+        msg: Message
+        if result.ciphertexts is not None:
+            msg = EncryptedResult(
+                ctx.params.round_id, 0, ctx.session_id, result.contributors, result.ciphertexts
+            )
+        else:
+            msg = AggregateResult(
+                ctx.params.round_id, 0, ctx.session_id, result.contributors, ctx.acc
+            )
         return CompletedState(ctx), [(cid, msg) for cid in sorted(ctx.active(ctx.u2))]
 
 
@@ -106,7 +121,7 @@ def _recover(
     for owner, got, secret in zip(owners, shares, secrets_, strict=True):
         if not check(owner, secret):
             secret, suspects = shamir.reconstruct_verified(
-                got, t, lambda s, o=owner: check(o, s), max_attempts=8
+                got, t, functools.partial(check, owner), max_attempts=8
             )
             ctx.warnings.append(
                 f"clients {sorted(suspects)} revealed wrong shares of client {owner}'s {what}"
@@ -142,8 +157,15 @@ def unmask(ctx: ServerContext, responders: frozenset[int]) -> RoundResult:
             shared = sk.agree(ctx.advertised[u].mask_pk)
             key = derive_key(shared, sid, Purpose.PAIR_MASK, min(u, w), max(u, w))
             masks.append(StreamMask(key, Purpose.PAIR_MASK, -pair_sign(u, w)))
+    if ctx.he_sum is not None:
+        # hybrid: the negated masks, mod 2^mask_bits, go into the ciphertext sum as a plaintext
+        he = params.he
+        removal = np.zeros(he.n_slots, dtype=np.uint64)
+        kernels.add_masks(removal, masks)
+        cts = ctx.he_sum.finish(ckks.masks_from_words(removal, he))
+        return RoundResult(tuple(alive), ciphertexts=tuple(cts))
     acc = ctx.acc
     kernels.add_masks(acc, masks)
     sums = unpack(acc, params.quant, params.quant.values(params.dim))
     weighted_sum, total = dequantize(sums, params.quant, len(alive), params.dim)
-    return RoundResult(sums, tuple(alive), total, weighted_sum)
+    return RoundResult(tuple(alive), sums, total, weighted_sum)

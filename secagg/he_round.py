@@ -1,0 +1,372 @@
+"""The ``ckks`` round (sans-I/O), and the in-process simulation of ``ckks`` and ``hybrid``.
+
+A ``ckks`` round needs no key agreement and no unmasking: every client encrypts its packed
+update under the key holders' CKKS key, the server (holding a context with no key at all)
+adds the ciphertexts as they arrive and publishes the encrypted sum. The trust model is
+NVIDIA FLARE's: the server must not collude with any key holder (``docs/threat-model.md``).
+
+Because there is no unmasking, the round can also be asynchronous, FedBuff-style
+(Nguyen et al., AISTATS 2022): with ``publish_after=K`` the server publishes the sum as soon
+as ``K`` clients have submitted, or at the deadline if at least ``t`` have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from secagg import ckks
+from secagg.client import ClientResult, _Ctx, _Final, _State, decrypt_result, encrypted_input
+from secagg.errors import ConfigurationError, InputError, ProtocolViolation, SecAggError
+from secagg.keys import IdentityKey, check_identity_key, verify_signature
+from secagg.messages import (
+    Abort,
+    EncryptedInput,
+    EncryptedResult,
+    Message,
+    decode_message,
+    encrypted_input_payload,
+)
+from secagg.params import Mode, RoundParams
+from secagg.rounds.base import (
+    ClientRecord,
+    Outgoing,
+    RoundResult,
+    ServerContext,
+    ServerState,
+    Stage,
+)
+from secagg.rounds.terminal import AbortedState, CompletedState
+
+__all__ = ["CkksClient", "CkksServer", "ckks_session_id", "simulate_he"]
+
+
+def ckks_session_id(params: RoundParams) -> bytes:
+    """A ``ckks`` round has no advertised keys: its session id binds the parameters only."""
+    return hashlib.sha256(b"secagg/v1/ckks-session" + params.digest()).digest()
+
+
+class CollectState(ServerState):
+    """The only stage of a ``ckks`` round: verify and add signed ciphertexts."""
+
+    stage = Stage.ENCRYPTED_INPUT
+    accepts = EncryptedInput
+
+    def __init__(
+        self, ctx: ServerContext, expected: frozenset[int], deadline: float, publish_after: int
+    ) -> None:
+        super().__init__(ctx, expected, deadline)
+        assert ctx.he is not None
+        ctx.he_sum = ckks.CiphertextSum(ctx.he)
+        self.publish_after = publish_after
+
+    def validate(self, cid: int, msg: Message) -> None:
+        assert isinstance(msg, EncryptedInput) and self.ctx.he_sum is not None
+        self.check_session(cid, msg.session_id)
+        payload = encrypted_input_payload(msg.session_id, cid, msg.ciphertexts)
+        verify_signature(self.ctx.directory[cid], payload, msg.signature, client_id=cid)
+        self.ctx.he_sum.add(msg.ciphertexts, client_id=cid)
+
+    def ready(self) -> bool:
+        return len(self.received) >= self.publish_after or super().ready()
+
+    def finish(self, now: float, timeout: float) -> tuple[ServerState, list[Outgoing]]:
+        ctx = self.ctx
+        assert ctx.he_sum is not None
+        contributors = tuple(sorted(self.received))
+        for cid in self.expected - self.received:
+            ctx.drop(cid, self.stage, "no encrypted input before the round was published")
+        self.require(contributors, "submitted an encrypted input")
+        cts = tuple(ctx.he_sum.finish())
+        ctx.result = RoundResult(contributors, ciphertexts=cts)
+        msg = EncryptedResult(ctx.params.round_id, 0, ctx.session_id, contributors, cts)
+        return CompletedState(ctx), [(cid, msg) for cid in contributors]
+
+
+class CkksServer:
+    """Server of one ``ckks`` round; same driving interface as :class:`SecAggServer`.
+
+    Parameters
+    ----------
+    params, directory:
+        As for :class:`~secagg.server.SecAggServer` (``params.mode`` is ``ckks``).
+    he_context:
+        The server's CKKS context, which holds no key (checked when it was loaded).
+    timeout:
+        Seconds to wait for submissions.
+    publish_after:
+        Publish once this many clients submitted (FedBuff-style asynchronous aggregation);
+        default: all of them. Never below ``params.threshold``.
+    """
+
+    def __init__(
+        self,
+        params: RoundParams,
+        directory: Mapping[int, bytes],
+        he_context: ckks.ServerContext,
+        *,
+        timeout: float = 120.0,
+        now: float = 0.0,
+        publish_after: int | None = None,
+    ) -> None:
+        if params.mode is not Mode.CKKS:
+            raise ConfigurationError("CkksServer runs ckks rounds only")
+        if len(directory) != params.n_clients:
+            raise ConfigurationError(
+                f"params are for {params.n_clients} clients, directory has {len(directory)}"
+            )
+        for cid, pk in directory.items():
+            check_identity_key(pk)
+            if not 1 <= cid < 1 << 32:
+                raise ConfigurationError(f"client ids must be in 1..2^32-1, got {cid}")
+        k = params.n_clients if publish_after is None else publish_after
+        if not params.threshold <= k <= params.n_clients:
+            raise ConfigurationError(
+                f"publish_after must be in t={params.threshold}..n={params.n_clients}, got {k}"
+            )
+        self.ctx = ServerContext(params, dict(directory), he=he_context)
+        self.ctx.session_id = ckks_session_id(params)
+        self._state: ServerState = CollectState(self.ctx, frozenset(directory), now + timeout, k)
+
+    @property
+    def stage(self) -> Stage:
+        return self._state.stage
+
+    @property
+    def done(self) -> bool:
+        return self.stage in (Stage.COMPLETED, Stage.ABORTED)
+
+    @property
+    def result(self) -> RoundResult | None:
+        return self.ctx.result
+
+    @property
+    def error(self) -> SecAggError | None:
+        return self.ctx.error
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self.done else self._state.deadline
+
+    @property
+    def records(self) -> Mapping[int, ClientRecord]:
+        return self.ctx.records
+
+    def receive(self, client_id: int, message: Message | bytes, now: float) -> list[Outgoing]:
+        """Accept one submission; see :meth:`SecAggServer.receive` for the error contract."""
+        stage = self.stage
+        try:
+            msg = decode_message(message) if isinstance(message, bytes | bytearray) else message
+            self._state.handle(client_id, msg)
+        except ProtocolViolation as exc:
+            exc.client_id, exc.stage = client_id, stage.value
+            if exc.drops_sender:
+                self.ctx.drop(client_id, stage, f"{type(exc).__name__}: {exc}")
+            raise
+        return self.tick(now)
+
+    def tick(self, now: float) -> list[Outgoing]:
+        if self.done or not (self._state.ready() or now >= self._state.deadline):
+            return []
+        try:
+            self._state, out = self._state.finish(now, 0.0)
+        except SecAggError as exc:
+            from secagg.errors import RoundAborted
+
+            assert isinstance(exc, RoundAborted)
+            self.ctx.error = exc
+            active = sorted(c for c, r in self.ctx.records.items() if r.active)
+            self._state = AbortedState(self.ctx)
+            abort = Abort(self.ctx.params.round_id, 0, exc.stage, exc.reason)
+            return [(cid, abort) for cid in active]
+        return out
+
+
+class _CkksWaiting(_State):
+    stage = Stage.ENCRYPTED_INPUT
+    accepts = EncryptedResult
+
+    def handle(self, msg: Message) -> tuple[_State, list[Message]]:
+        from secagg.client import finish_result
+
+        assert isinstance(msg, EncryptedResult)
+        c = self.ctx
+        if msg.session_id != c.session_id:
+            raise c.misbehaviour("result bound to another session")
+        if c.cid not in msg.contributors or len(msg.contributors) < c.params.threshold:
+            raise c.misbehaviour("result's contributor set omits this client or is below t")
+        return finish_result(c, decrypt_result(c, msg.ciphertexts), msg.contributors), []
+
+
+class CkksClient:
+    """One key holder's participation in a ``ckks`` round: encrypt, submit, decrypt."""
+
+    def __init__(
+        self,
+        client_id: int,
+        identity: IdentityKey,
+        params: RoundParams,
+        directory: Mapping[int, bytes],
+        x: npt.ArrayLike,
+        weight: int,
+        he_context: ckks.SecretContext,
+        *,
+        rounding_key: bytes | None = None,
+    ) -> None:
+        if params.mode is not Mode.CKKS:
+            raise InputError("CkksClient runs ckks rounds only")
+        if directory.get(client_id) != identity.public:
+            raise InputError("the directory does not list this client's identity key")
+        arr = np.asarray(x, dtype=np.float64).reshape(-1)
+        if arr.size != params.dim or np.isnan(arr).any():
+            raise InputError(f"update must hold {params.dim} values and no NaN")
+        self._ctx = _Ctx(
+            client_id, identity, params, directory, arr, int(weight), rounding_key, he_context
+        )
+        self._ctx.session_id = ckks_session_id(params)
+        self._state: _State = _CkksWaiting(self._ctx)
+
+    @property
+    def stage(self) -> Stage:
+        return self._state.stage
+
+    @property
+    def done(self) -> bool:
+        return self.stage in (Stage.COMPLETED, Stage.ABORTED)
+
+    @property
+    def result(self) -> ClientResult | None:
+        return self._ctx.result
+
+    @property
+    def error(self) -> SecAggError | None:
+        return self._ctx.error
+
+    def start(self, now: float = 0.0) -> list[Message]:
+        c = self._ctx
+        if c.x is None:
+            raise InputError("client already started")
+        msg = encrypted_input(c, c.session_id, [])
+        c.x = None
+        return [msg]
+
+    def receive(self, message: Message | bytes, now: float = 0.0) -> list[Message]:
+        c = self._ctx
+        msg = decode_message(message) if isinstance(message, bytes | bytearray) else message
+        if self.done or msg.round_id != c.rid:
+            raise ProtocolViolation("message not expected by this client", client_id=c.cid)
+        try:
+            if isinstance(msg, Abort):
+                from secagg.errors import RoundAborted
+
+                raise RoundAborted(msg.stage, msg.reason)
+            if not isinstance(msg, self._state.accepts):
+                raise ProtocolViolation(f"unexpected {msg.stage_name}", client_id=c.cid)
+            self._state, out = self._state.handle(msg)
+        except SecAggError as exc:
+            if isinstance(exc, ProtocolViolation) and not exc.drops_sender:
+                raise
+            c.error = exc
+            self._state = _Final(c, Stage.ABORTED)
+            raise
+        return out
+
+
+def simulate_he(cfg: Any, params: RoundParams) -> dict[str, Any]:
+    """``secagg simulate --mode ckks|hybrid``: the same report as the masked simulation."""
+    import random
+    import statistics
+
+    from secagg.quantize import lane_values
+    from secagg.simulate import _schedule, run_round
+
+    he = params.he
+    t0 = time.perf_counter()
+    secret_bytes = ckks.make_secret_context(he)
+    secret = ckks.load_secret_context(secret_bytes, he)
+    server_ctx = ckks.load_server_context(ckks.make_public_context(secret_bytes), he)
+    keygen_seconds = time.perf_counter() - t0
+
+    rng = random.Random(cfg.seed)  # noqa: S311 -- test data and dropouts only
+    data_rng = np.random.default_rng(cfg.seed)
+    ids = list(range(1, cfg.clients + 1))
+    inputs = {
+        c: np.clip(data_rng.normal(0.0, cfg.clip / 4, cfg.dim), -cfg.clip, cfg.clip) for c in ids
+    }
+    weights = {c: rng.randint(1, cfg.max_weight) for c in ids}
+    plan = _schedule(cfg, ids, rng)
+    if params.mode is Mode.CKKS:
+        # No stage but the submission: a dropped client simply never submits.
+        plan = {c: Stage.MASKED_INPUT for c in plan}
+    wall0 = time.perf_counter()
+    server, tally, rounding = run_round(
+        params, inputs, weights, plan, he_secret=secret, he_server=server_ctx
+    )
+    wall = time.perf_counter() - wall0
+
+    report: dict[str, Any] = {
+        "mode": params.mode.name.lower(),
+        "clients": cfg.clients,
+        "dim": cfg.dim,
+        "bits": cfg.bits,
+        "neighbors": params.degree if params.mode is Mode.HYBRID else 0,
+        "threshold": params.threshold,
+        "dropped": {str(c): s.value for c, s in sorted(plan.items())},
+        "warnings": list(params.warnings),
+        "he": {
+            "poly_modulus_degree": he.poly_modulus_degree,
+            "coeff_mod_bit_sizes": list(he.coeff_mod_bit_sizes),
+            "scale_bits": he.scale_bits,
+            "lanes_per_slot": he.lanes_per_slot,
+            "ciphertexts_per_client": he.n_ciphertexts,
+            "keygen_seconds": keygen_seconds,
+        },
+    }
+    result = server.result
+    if result is None or result.ciphertexts is None:
+        err = server.error
+        report.update(
+            status="aborted",
+            abort={"stage": getattr(err, "stage", "?"), "reason": getattr(err, "reason", "")},
+            survivors=0,
+            exact=False,
+            max_abs_error=None,
+        )
+    else:
+        spec = params.quant
+        expected = np.zeros(spec.values(cfg.dim), dtype=np.uint64)
+        float_sum = np.zeros(cfg.dim)
+        for c in result.contributors:
+            expected += lane_values(inputs[c], weights[c], spec, rounding[c])
+            float_sum += weights[c] * inputs[c]
+        slot_sums = ckks.decrypt(secret, result.ciphertexts)
+        if params.mode is Mode.HYBRID:
+            slot_sums = ckks.unmask_sum(slot_sums, he)
+        sums = ckks.unpack_lanes(slot_sums, he, he.n_values)
+        from secagg.quantize import dequantize
+
+        weighted_sum, _ = dequantize(sums, spec, len(result.contributors), cfg.dim)
+        report.update(
+            status="completed",
+            survivors=len(result.contributors),
+            exact=bool(np.array_equal(expected, sums)),
+            max_abs_error=float(np.max(np.abs(weighted_sum - float_sum))),
+            quantization_step=1.0 / spec.scale,
+        )
+    senders = [c for c in ids if c not in plan] or ids
+    report["seconds"] = {
+        "client_median": statistics.median(tally.client_seconds[c] for c in senders),
+        "server": tally.server_seconds,
+        "wall": wall,
+    }
+    report["bytes"] = {
+        "upload_per_client": statistics.mean(tally.up[c] for c in senders),
+        "download_per_client": statistics.mean(tally.down[c] for c in senders),
+        "raw_float32_per_client": 4 * cfg.dim,
+    }
+    return report
