@@ -75,7 +75,7 @@ class CollectState(ServerState):
     def ready(self) -> bool:
         return len(self.received) >= self.publish_after or super().ready()
 
-    def finish(self, now: float, timeout: float) -> tuple[ServerState, list[Outgoing]]:
+    def finish(self, now: float) -> tuple[ServerState, list[Outgoing]]:
         ctx = self.ctx
         assert ctx.he_sum is not None
         contributors = tuple(sorted(self.received))
@@ -174,7 +174,7 @@ class CkksServer:
         if self.done or not (self._state.ready() or now >= self._state.deadline):
             return []
         try:
-            self._state, out = self._state.finish(now, 0.0)
+            self._state, out = self._state.finish(now)
         except SecAggError as exc:
             from secagg.errors import RoundAborted
 

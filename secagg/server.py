@@ -175,7 +175,7 @@ class SecAggServer:
         while not self.done and (self._state.ready() or now >= self._state.deadline):
             stage = self._state.stage
             try:
-                nxt, msgs = self._state.finish(now, 0.0)
+                nxt, msgs = self._state.finish(now)
             except RoundAborted as exc:
                 self._stage_ended[stage] = now
                 return out + self._abort(exc)

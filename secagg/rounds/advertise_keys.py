@@ -46,7 +46,7 @@ class AdvertiseKeysState(ServerState):
         assert isinstance(msg, AdvertiseKeys)
         self.ctx.advertised[cid] = msg
 
-    def finish(self, now: float, timeout: float) -> tuple[ServerState, list[Outgoing]]:
+    def finish(self, now: float) -> tuple[ServerState, list[Outgoing]]:
         from secagg import graph
         from secagg.rounds.share_keys import ShareKeysState
 
@@ -59,4 +59,4 @@ class AdvertiseKeysState(ServerState):
         ctx.graph = dict(graph.neighbours(sorted(u0), degree, graph_seed(ctx.session_id)))
         roster = Roster(ctx.params.round_id, 0, tuple(entries))
         out: list[Outgoing] = [(cid, roster) for cid in sorted(u0)]
-        return ShareKeysState(ctx, u0, now + timeout), out
+        return ShareKeysState(ctx, u0), out

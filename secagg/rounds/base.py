@@ -156,10 +156,12 @@ class ServerState:
     accepts: type[Message] | None = None
     """The message type this state takes (an instance may narrow it, e.g. by mode)."""
 
-    def __init__(self, ctx: ServerContext, expected: frozenset[int], deadline: float) -> None:
+    def __init__(
+        self, ctx: ServerContext, expected: frozenset[int], deadline: float = float("inf")
+    ) -> None:
         self.ctx = ctx
         self.expected = expected
-        self.deadline = deadline
+        self.deadline = deadline  # the driver sets it from its stage timeouts
         self.received: set[int] = set()
 
     # -- message intake -------------------------------------------------------------------
@@ -242,6 +244,6 @@ class ServerState:
                 f"{len(survivors)} of {len(self.expected)} clients {what}; the threshold is {t}",
             )
 
-    def finish(self, now: float, timeout: float) -> tuple[ServerState, list[Outgoing]]:
+    def finish(self, now: float) -> tuple[ServerState, list[Outgoing]]:
         """Move to the next state; raise :class:`RoundAborted` when the round cannot go on."""
         raise NotImplementedError

@@ -30,7 +30,7 @@ class ConsistencyState(ServerState):
         assert isinstance(msg, ConsistencySignature)
         self.ctx.signatures[cid] = msg.signature
 
-    def finish(self, now: float, timeout: float) -> tuple[ServerState, list[Outgoing]]:
+    def finish(self, now: float) -> tuple[ServerState, list[Outgoing]]:
         from secagg.rounds.unmasking import UnmaskingState
 
         ctx = self.ctx
@@ -41,4 +41,4 @@ class ConsistencyState(ServerState):
         sigs = tuple((cid, ctx.signatures[cid]) for cid in sorted(u3))
         request = UnmaskRequest(ctx.params.round_id, 0, ctx.session_id, ctx.u2, dropped, sigs)
         out: list[Outgoing] = [(cid, request) for cid in sorted(u3)]
-        return UnmaskingState(ctx, u3, now + timeout), out
+        return UnmaskingState(ctx, u3), out

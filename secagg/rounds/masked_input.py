@@ -30,8 +30,8 @@ class MaskedInputState(ServerState):
     stage = Stage.MASKED_INPUT
     accepts: type[Message] | None = MaskedInput
 
-    def __init__(self, ctx: ServerContext, expected: frozenset[int], deadline: float) -> None:
-        super().__init__(ctx, expected, deadline)
+    def __init__(self, ctx: ServerContext, expected: frozenset[int]) -> None:
+        super().__init__(ctx, expected)
         if ctx.params.mode is Mode.HYBRID:
             assert ctx.he is not None
             self.accepts = EncryptedInput
@@ -70,7 +70,7 @@ class MaskedInputState(ServerState):
         if isinstance(msg, MaskedInput):
             self.ctx.acc += msg.words
 
-    def finish(self, now: float, timeout: float) -> tuple[ServerState, list[Outgoing]]:
+    def finish(self, now: float) -> tuple[ServerState, list[Outgoing]]:
         from secagg.rounds.consistency import ConsistencyState
 
         ctx = self.ctx
@@ -82,4 +82,4 @@ class MaskedInputState(ServerState):
         ctx.u2 = u2
         request = ConsistencyRequest(ctx.params.round_id, 0, ctx.session_id, u2)
         out: list[Outgoing] = [(cid, request) for cid in sorted(ctx.active(u2))]
-        return ConsistencyState(ctx, ctx.active(u2), now + timeout), out
+        return ConsistencyState(ctx, ctx.active(u2)), out

@@ -30,7 +30,7 @@ class ShareKeysState(ServerState):
         assert isinstance(msg, ShareKeys)
         self.ctx.shares[cid] = dict(msg.shares)
 
-    def finish(self, now: float, timeout: float) -> tuple[ServerState, list[Outgoing]]:
+    def finish(self, now: float) -> tuple[ServerState, list[Outgoing]]:
         from secagg.rounds.masked_input import MaskedInputState
 
         ctx = self.ctx
@@ -43,4 +43,4 @@ class ShareKeysState(ServerState):
             bundle = tuple((u, ctx.shares[u][v]) for u in sorted(ctx.graph[v] & u1))
             out.append((v, ShareDelivery(rid, 0, ctx.session_id, bundle)))
         ctx.shares.clear()
-        return MaskedInputState(ctx, u1, now + timeout), out
+        return MaskedInputState(ctx, u1), out

@@ -11,7 +11,7 @@ __all__ = ["AbortedState", "CompletedState"]
 
 class _Terminal(ServerState):
     def __init__(self, ctx: ServerContext) -> None:
-        super().__init__(ctx, frozenset(), float("inf"))
+        super().__init__(ctx, frozenset())
 
     def handle(self, cid: int, msg: Message) -> None:
         rec = self.ctx.records.get(cid)
@@ -26,7 +26,7 @@ class _Terminal(ServerState):
     def ready(self) -> bool:
         return False
 
-    def finish(self, now: float, timeout: float) -> tuple[ServerState, list[Outgoing]]:
+    def finish(self, now: float) -> tuple[ServerState, list[Outgoing]]:
         return self, []
 
 

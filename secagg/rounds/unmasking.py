@@ -77,7 +77,7 @@ class UnmaskingState(ServerState):
         for owner, share in msg.key_shares:
             self.ctx.key_shares.setdefault(owner, {})[cid] = share
 
-    def finish(self, now: float, timeout: float) -> tuple[ServerState, list[Outgoing]]:
+    def finish(self, now: float) -> tuple[ServerState, list[Outgoing]]:
         ctx = self.ctx
         u4 = self.survivors()
         self.require(u4, "revealed their shares")
