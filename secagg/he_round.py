@@ -23,7 +23,7 @@ import numpy.typing as npt
 from secagg import ckks
 from secagg.client import ClientResult, _Ctx, _Final, _State, decrypt_result, encrypted_input
 from secagg.errors import ConfigurationError, InputError, ProtocolViolation, SecAggError
-from secagg.keys import IdentityKey, check_identity_key, verify_signature
+from secagg.keys import IdentityKey, verify_signature
 from secagg.messages import (
     Abort,
     EncryptedInput,
@@ -34,14 +34,14 @@ from secagg.messages import (
 )
 from secagg.params import Mode, RoundParams
 from secagg.rounds.base import (
-    ClientRecord,
     Outgoing,
     RoundResult,
     ServerContext,
     ServerState,
     Stage,
 )
-from secagg.rounds.terminal import AbortedState, CompletedState
+from secagg.rounds.terminal import CompletedState
+from secagg.server import SecAggServer, StageTimeouts
 
 __all__ = ["CkksClient", "CkksServer", "ckks_session_id", "simulate_he"]
 
@@ -57,10 +57,8 @@ class CollectState(ServerState):
     stage = Stage.ENCRYPTED_INPUT
     accepts = EncryptedInput
 
-    def __init__(
-        self, ctx: ServerContext, expected: frozenset[int], deadline: float, publish_after: int
-    ) -> None:
-        super().__init__(ctx, expected, deadline)
+    def __init__(self, ctx: ServerContext, expected: frozenset[int], publish_after: int) -> None:
+        super().__init__(ctx, expected)
         assert ctx.he is not None
         ctx.he_sum = ckks.CiphertextSum(ctx.he)
         self.publish_after = publish_after
@@ -88,8 +86,8 @@ class CollectState(ServerState):
         return CompletedState(ctx), [(cid, msg) for cid in contributors]
 
 
-class CkksServer:
-    """Server of one ``ckks`` round; same driving interface as :class:`SecAggServer`.
+class CkksServer(SecAggServer):
+    """Server of one ``ckks`` round; the same driving interface as :class:`SecAggServer`.
 
     Parameters
     ----------
@@ -98,11 +96,13 @@ class CkksServer:
     he_context:
         The server's CKKS context, which holds no key (checked when it was loaded).
     timeout:
-        Seconds to wait for submissions.
+        Seconds to wait for uploads.
     publish_after:
-        Publish once this many clients submitted (FedBuff-style asynchronous aggregation);
+        Publish once this many clients uploaded (FedBuff-style asynchronous aggregation);
         default: all of them. Never below ``params.threshold``.
     """
+
+    modes = (Mode.CKKS,)
 
     def __init__(
         self,
@@ -114,77 +114,18 @@ class CkksServer:
         now: float = 0.0,
         publish_after: int | None = None,
     ) -> None:
-        if params.mode is not Mode.CKKS:
-            raise ConfigurationError("CkksServer runs ckks rounds only")
-        if len(directory) != params.n_clients:
-            raise ConfigurationError(
-                f"params are for {params.n_clients} clients, directory has {len(directory)}"
-            )
-        for cid, pk in directory.items():
-            check_identity_key(pk)
-            if not 1 <= cid < 1 << 32:
-                raise ConfigurationError(f"client ids must be in 1..2^32-1, got {cid}")
         k = params.n_clients if publish_after is None else publish_after
         if not params.threshold <= k <= params.n_clients:
             raise ConfigurationError(
                 f"publish_after must be in t={params.threshold}..n={params.n_clients}, got {k}"
             )
-        self.ctx = ServerContext(params, dict(directory), he=he_context)
-        self.ctx.session_id = ckks_session_id(params)
-        self._state: ServerState = CollectState(self.ctx, frozenset(directory), now + timeout, k)
+        self.publish_after = k
+        timeouts = StageTimeouts(encrypted_input=timeout)
+        super().__init__(params, directory, timeouts=timeouts, now=now, he_context=he_context)
 
-    @property
-    def stage(self) -> Stage:
-        return self._state.stage
-
-    @property
-    def done(self) -> bool:
-        return self.stage in (Stage.COMPLETED, Stage.ABORTED)
-
-    @property
-    def result(self) -> RoundResult | None:
-        return self.ctx.result
-
-    @property
-    def error(self) -> SecAggError | None:
-        return self.ctx.error
-
-    @property
-    def deadline(self) -> float | None:
-        return None if self.done else self._state.deadline
-
-    @property
-    def records(self) -> Mapping[int, ClientRecord]:
-        return self.ctx.records
-
-    def receive(self, client_id: int, message: Message | bytes, now: float) -> list[Outgoing]:
-        """Accept one submission; see :meth:`SecAggServer.receive` for the error contract."""
-        stage = self.stage
-        try:
-            msg = decode_message(message) if isinstance(message, bytes | bytearray) else message
-            self._state.handle(client_id, msg)
-        except ProtocolViolation as exc:
-            exc.client_id, exc.stage = client_id, stage.value
-            if exc.drops_sender:
-                self.ctx.drop(client_id, stage, f"{type(exc).__name__}: {exc}")
-            raise
-        return self.tick(now)
-
-    def tick(self, now: float) -> list[Outgoing]:
-        if self.done or not (self._state.ready() or now >= self._state.deadline):
-            return []
-        try:
-            self._state, out = self._state.finish(now)
-        except SecAggError as exc:
-            from secagg.errors import RoundAborted
-
-            assert isinstance(exc, RoundAborted)
-            self.ctx.error = exc
-            active = sorted(c for c, r in self.ctx.records.items() if r.active)
-            self._state = AbortedState(self.ctx)
-            abort = Abort(self.ctx.params.round_id, 0, exc.stage, exc.reason)
-            return [(cid, abort) for cid in active]
-        return out
+    def _first_state(self) -> ServerState:
+        self.ctx.session_id = ckks_session_id(self.ctx.params)
+        return CollectState(self.ctx, frozenset(self.ctx.directory), self.publish_after)
 
 
 class _CkksWaiting(_State):
@@ -283,7 +224,7 @@ def simulate_he(cfg: Any, params: RoundParams) -> dict[str, Any]:
     import statistics
 
     from secagg.quantize import lane_values
-    from secagg.simulate import _schedule, run_round
+    from secagg.simulate import run_round, schedule
 
     he = params.he
     t0 = time.perf_counter()
@@ -299,7 +240,7 @@ def simulate_he(cfg: Any, params: RoundParams) -> dict[str, Any]:
         c: np.clip(data_rng.normal(0.0, cfg.clip / 4, cfg.dim), -cfg.clip, cfg.clip) for c in ids
     }
     weights = {c: rng.randint(1, cfg.max_weight) for c in ids}
-    plan = _schedule(cfg, ids, rng)
+    plan = schedule(cfg, ids, rng)
     if params.mode is Mode.CKKS:
         # No stage but the submission: a dropped client simply never submits.
         plan = {c: Stage.MASKED_INPUT for c in plan}

@@ -45,10 +45,11 @@ class StageTimeouts:
     masked_input: float = 120.0
     consistency: float = 30.0
     unmasking: float = 60.0
+    encrypted_input: float = 120.0
 
     @classmethod
     def uniform(cls, seconds: float) -> StageTimeouts:
-        return cls(seconds, seconds, seconds, seconds, seconds)
+        return cls(seconds, seconds, seconds, seconds, seconds, seconds)
 
     def for_stage(self, stage: Stage) -> float:
         value = getattr(self, stage.value, None)
@@ -81,10 +82,12 @@ class SecAggServer:
         now: float = 0.0,
         he_context: ckks.ServerContext | None = None,
     ) -> None:
-        if params.mode is Mode.CKKS:
-            raise ConfigurationError("ckks rounds run secagg.he_round.CkksServer")
-        if params.mode is Mode.HYBRID and he_context is None:
-            raise ConfigurationError("a hybrid round needs the server's CKKS context")
+        if params.mode not in self.modes:
+            raise ConfigurationError(
+                f"{type(self).__name__} does not run {params.mode.name} rounds"
+            )
+        if params.mode is not Mode.MASKED and he_context is None:
+            raise ConfigurationError("ckks and hybrid rounds need the server's CKKS context")
         if len(directory) != params.n_clients:
             raise ConfigurationError(
                 f"params are for {params.n_clients} clients, directory has {len(directory)}"
@@ -98,12 +101,17 @@ class SecAggServer:
                 raise ConfigurationError(f"identity key of client {cid}: {exc}") from None
         self.timeouts = timeouts or StageTimeouts()
         self.ctx = ServerContext(params, dict(directory), he=he_context)
-        first = Stage.ADVERTISE_KEYS
-        self._state: ServerState = AdvertiseKeysState(
-            self.ctx, frozenset(directory), now + self.timeouts.for_stage(first)
-        )
-        self._stage_started: dict[Stage, float] = {first: now}
+        first = self._first_state()
+        first.deadline = now + self.timeouts.for_stage(first.stage)
+        self._state: ServerState = first
+        self._stage_started: dict[Stage, float] = {first.stage: now}
         self._stage_ended: dict[Stage, float] = {}
+
+    modes: tuple[Mode, ...] = (Mode.MASKED, Mode.HYBRID)
+    """The modes this driver runs."""
+
+    def _first_state(self) -> ServerState:
+        return AdvertiseKeysState(self.ctx, frozenset(self.ctx.directory))
 
     # -- observation ------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from secagg.quantize import encode, unpack
 from secagg.rounds.base import Stage
 from secagg.server import SecAggServer, StageTimeouts
 
-__all__ = ["DROP_STAGES", "SimulationConfig", "run_round", "simulate"]
+__all__ = ["DROP_STAGES", "SimulationConfig", "run_round", "schedule", "simulate"]
 
 DROP_STAGES: dict[str, Stage] = {
     "advertise": Stage.ADVERTISE_KEYS,
@@ -73,7 +73,7 @@ class _Tally:
     server_seconds: float = 0.0
 
 
-def _schedule(cfg: SimulationConfig, ids: list[int], rng: random.Random) -> dict[int, Stage]:
+def schedule(cfg: SimulationConfig, ids: list[int], rng: random.Random) -> dict[int, Stage]:
     """Which clients drop, and before sending which stage's message."""
     n_drop = round(cfg.dropout * len(ids))
     if not 0 <= n_drop <= len(ids):
@@ -214,7 +214,7 @@ def simulate(cfg: SimulationConfig) -> dict[str, Any]:
         for cid in ids
     }
     weights = {cid: rng.randint(1, cfg.max_weight) for cid in ids}
-    plan = _schedule(cfg, ids, rng)
+    plan = schedule(cfg, ids, rng)
     wall0 = time.perf_counter()
     server, tally, rounding = run_round(params, inputs, weights, plan)
     wall = time.perf_counter() - wall0  # the round only: not data generation or checking

@@ -1,0 +1,1 @@
+"""Generated gRPC and protobuf modules (do not edit; see codegen.py)."""

@@ -1,0 +1,88 @@
+"""A small client of the operator API (``secagg round``, ``secagg enroll --server``, tests)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from secagg.service._gen import admin_pb2, admin_pb2_grpc
+from secagg.service.auth import admin_metadata
+from secagg.service.coordinator import RoundSpec
+from secagg.service.errors import from_rpc_error
+from secagg.service.serde import round_spec_to_proto
+from secagg.service.tls import ClientTls
+
+__all__ = ["AdminClient"]
+
+
+class AdminClient:
+    """Calls the ``Admin`` service with the admin token."""
+
+    def __init__(self, target: str, token: str, *, tls: ClientTls | None = None) -> None:
+        opts = tls.options() if tls else []
+        if tls is not None:
+            self._channel = grpc.secure_channel(target, tls.credentials(), options=opts)
+        else:
+            self._channel = grpc.insecure_channel(target, options=opts)
+        self._stub = admin_pb2_grpc.AdminStub(self._channel)
+        self._md = admin_metadata(token)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, fn: Callable[..., Any], request: Any, timeout: float = 60.0) -> Any:
+        try:
+            return fn(request, metadata=self._md, timeout=timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def enroll(self, name: str, identity_key: bytes) -> admin_pb2.Participant:
+        req = admin_pb2.EnrollRequest(name=name, identity_key=identity_key)
+        result: admin_pb2.Participant = self._call(self._stub.Enroll, req)
+        return result
+
+    def revoke(self, name: str) -> admin_pb2.Participant:
+        result: admin_pb2.Participant = self._call(
+            self._stub.Revoke, admin_pb2.RevokeRequest(name=name)
+        )
+        return result
+
+    def participants(self) -> list[admin_pb2.Participant]:
+        resp = self._call(self._stub.ListParticipants, admin_pb2.ListParticipantsRequest())
+        return list(resp.participants)
+
+    def create_round(self, spec: RoundSpec) -> admin_pb2.RoundStatus:
+        result: admin_pb2.RoundStatus = self._call(
+            self._stub.CreateRound, round_spec_to_proto(spec)
+        )
+        return result
+
+    def status(self, round_id: bytes) -> admin_pb2.RoundStatus:
+        req = admin_pb2.RoundStatusRequest(round_id=round_id)
+        result: admin_pb2.RoundStatus = self._call(self._stub.GetRoundStatus, req)
+        return result
+
+    def abort(self, round_id: bytes, reason: str = "") -> admin_pb2.RoundStatus:
+        req = admin_pb2.AbortRoundRequest(round_id=round_id, reason=reason)
+        result: admin_pb2.RoundStatus = self._call(self._stub.AbortRound, req)
+        return result
+
+    def wait(
+        self, round_id: bytes, timeout: float = 600.0, poll: float = 0.05
+    ) -> admin_pb2.RoundStatus:
+        """Poll until the round is no longer running (or ``timeout`` passes)."""
+        end = time.monotonic() + timeout
+        while True:
+            st = self.status(round_id)
+            if st.status != "running" or time.monotonic() > end:
+                return st
+            time.sleep(poll)

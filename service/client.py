@@ -1,0 +1,492 @@
+"""The client SDK: join a round over gRPC and run the protocol core to get the aggregate.
+
+>>> with Client("server:443", identity, tls=ClientTls(ca="ca.pem")) as client:
+...     agg = client.aggregate(round_id, model.state_dict(), weight=n_samples)
+...     model.load_state_dict(agg.mean)
+
+All protocol work is :class:`secagg.client.SecAggClient`; this module moves its bytes,
+authenticates each call (:mod:`secagg.service.auth`), checks the round against the
+client's :class:`Policy`, and reconnects after transient transport errors while the round
+can still use it (the server treats a resent message as the repeat it is).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import queue
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import grpc
+import numpy.typing as npt
+
+from secagg import ckks
+from secagg.client import ClientResult, SecAggClient
+from secagg.errors import ServerMisbehaviour
+from secagg.he_round import CkksClient
+from secagg.keys import IdentityKey
+from secagg.messages import Message
+from secagg.params import Mode
+from secagg.service._gen import aggregation_pb2, aggregation_pb2_grpc
+from secagg.service.auth import call_metadata
+from secagg.service.errors import PolicyRefused, from_rpc_error
+from secagg.service.plaintext import PlaintextClient
+from secagg.service.serde import (
+    DEFAULT_CHUNK_BYTES,
+    Assembler,
+    JoinedRound,
+    chunk_message,
+    max_server_message_bytes,
+    round_info_from_proto,
+)
+from secagg.service.servicer import GET_ROUND, SESSION
+from secagg.service.tensors import Layout, flatten, unflatten
+from secagg.service.tls import ClientTls
+
+__all__ = ["Aggregate", "Client", "Policy", "RetryPolicy", "TransferStats"]
+
+TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE})
+"""Statuses worth a reconnect: the transport failed, not the request."""
+GRPC_PREFIX = 5
+"""Bytes gRPC puts before each message (compressed flag and length)."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What this client requires of a round before it sends anything.
+
+    Attributes
+    ----------
+    expected_dim, expected_job:
+        Refuse rounds of another size or job.
+    min_clients, min_threshold, min_threshold_fraction:
+        Refuse rounds with fewer invited clients, or a Shamir threshold below
+        ``max(min_threshold, ceil(min_threshold_fraction * n))``: a low threshold lets few
+        colluders unmask an input.
+    pinned_directory:
+        Participant name -> Ed25519 key the client trusts independently of the server.
+        When set, every directory entry must be pinned and match; otherwise the directory
+        is trusted as served (a malicious server could then add clients it controls).
+    allow_insecure_plaintext:
+        Join INSECURE plaintext benchmark rounds (never for real data).
+    allowed_modes:
+        Privacy modes this client joins. ``ckks`` is off by default: there the server plus
+        any one key holder can decrypt every upload (docs/threat-model.md).
+    """
+
+    expected_dim: int | None = None
+    expected_job: str | None = None
+    min_clients: int = 2
+    min_threshold: int = 2
+    min_threshold_fraction: float = 0.0
+    pinned_directory: Mapping[str, bytes] | None = None
+    allow_insecure_plaintext: bool = False
+    allowed_modes: frozenset[str] = frozenset({"masked", "hybrid"})
+
+    def check(self, joined: JoinedRound, own_key: bytes) -> None:
+        """Raise :class:`PolicyRefused` if the round breaks this policy."""
+        p = joined.params
+        if not joined.insecure_plaintext and p.mode.name.lower() not in self.allowed_modes:
+            raise PolicyRefused(f"round mode {p.mode.name.lower()} is not allowed by the policy")
+        if joined.insecure_plaintext and not self.allow_insecure_plaintext:
+            raise PolicyRefused("the round is an INSECURE plaintext round")
+        if self.expected_dim is not None and p.dim != self.expected_dim:
+            raise PolicyRefused(
+                f"the round aggregates {p.dim} values, expected {self.expected_dim}"
+            )
+        if self.expected_job is not None and joined.job != self.expected_job:
+            raise PolicyRefused(f"the round belongs to job {joined.job!r}")
+        if p.n_clients < self.min_clients:
+            raise PolicyRefused(
+                f"the round has {p.n_clients} clients, fewer than {self.min_clients}"
+            )
+        need = max(self.min_threshold, math.ceil(self.min_threshold_fraction * p.n_clients))
+        if p.threshold < need and not joined.insecure_plaintext:
+            raise PolicyRefused(f"the round's threshold t={p.threshold} is below {need}")
+        if joined.directory.get(joined.client_id) != own_key:
+            raise PolicyRefused("the directory does not list this client's identity key")
+        if self.pinned_directory is not None:
+            for cid, key in joined.directory.items():
+                name = joined.names.get(cid, "")
+                if self.pinned_directory.get(name) != key:
+                    raise PolicyRefused(f"directory entry {name!r} does not match the pinned key")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Reconnects after transient failures, with exponential backoff.
+
+    ``budget`` is how long to keep trying without any progress; by default the round's
+    longest stage deadline (after that the server has dropped this client anyway).
+    """
+
+    initial_backoff: float = 0.05
+    max_backoff: float = 2.0
+    budget: float | None = None
+    connect_budget: float = 30.0
+
+
+@dataclass
+class TransferStats:
+    """Bytes this client moved: protocol messages (the core's own count) and gRPC messages."""
+
+    protocol_sent: int = 0
+    protocol_received: int = 0
+    grpc_sent: int = 0
+    grpc_received: int = 0
+    reconnects: int = 0
+
+
+class Aggregate:
+    """A round's result, in the structure of the update that was sent.
+
+    ``sum`` and ``mean`` are built on first access (each is a full copy of the model).
+
+    Attributes
+    ----------
+    sum, mean:
+        Weighted sum and weighted mean of the contributors' updates (shapes, dtypes and
+        devices of the update).
+    total_weight:
+        Sum of the contributors' weights.
+    contributors:
+        Client ids whose updates are in the sum.
+    sums:
+        The exact integer lane sums the server published.
+    """
+
+    def __init__(self, round_id: bytes, result: ClientResult, layout: Layout) -> None:
+        self.round_id = round_id
+        self.total_weight = result.total_weight
+        self.contributors = result.contributors
+        self.sums = result.sums
+        self._result = result
+        self._layout = layout
+
+    @functools.cached_property
+    def sum(self) -> Any:
+        return unflatten(self._result.weighted_sum, self._layout)
+
+    @functools.cached_property
+    def mean(self) -> Any:
+        return unflatten(self._result.mean, self._layout)
+
+    def __repr__(self) -> str:
+        return (
+            f"Aggregate(round_id={self.round_id.hex()}, contributors={len(self.contributors)}, "
+            f"total_weight={self.total_weight})"
+        )
+
+
+def _round_id(value: bytes | str) -> bytes:
+    return bytes.fromhex(value) if isinstance(value, str) else bytes(value)
+
+
+class Client:
+    """A participant's connection to a secagg server.
+
+    Parameters
+    ----------
+    target:
+        ``host:port`` of the server.
+    identity:
+        This participant's enrolled Ed25519 identity key.
+    tls:
+        Server trust anchor (and client certificate for mutual TLS); ``None`` connects
+        without TLS (loopback and tests only).
+    policy:
+        Checks applied to every round before joining it.
+    retry:
+        Reconnection behaviour.
+    chunk_bytes:
+        Largest chunk this client sends (capped by the server's limit) and accepts.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        identity: IdentityKey,
+        *,
+        tls: ClientTls | None = None,
+        policy: Policy | None = None,
+        retry: RetryPolicy | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.identity = identity
+        self.policy = policy or Policy()
+        self.retry = retry or RetryPolicy()
+        self.chunk_bytes = chunk_bytes
+        self.stats = TransferStats()
+        opts = [
+            ("grpc.max_receive_message_length", chunk_bytes + 64 * 1024),
+            ("grpc.max_send_message_length", -1),
+            *(tls.options() if tls else []),
+            *options,
+        ]
+        if tls is not None:
+            self._channel = grpc.secure_channel(target, tls.credentials(), options=opts)
+        else:
+            self._channel = grpc.insecure_channel(target, options=opts)
+        self._stub = aggregation_pb2_grpc.AggregationStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def join(self, round_id: bytes | str) -> JoinedRound:
+        """Fetch the round's parameters and directory and check them against the policy."""
+        rid = _round_id(round_id)
+        info = self._unary(
+            lambda: self._stub.GetRound(
+                aggregation_pb2.GetRoundRequest(round_id=rid),
+                metadata=call_metadata(self.identity, GET_ROUND, rid),
+                timeout=self.retry.connect_budget,
+            )
+        )
+        joined = round_info_from_proto(info)
+        if joined.round_id != rid:
+            raise ServerMisbehaviour("the server described another round")
+        self.policy.check(joined, self.identity.public)
+        return joined
+
+    def aggregate(
+        self,
+        round_id: bytes | str,
+        update: Any,
+        weight: int = 1,
+        *,
+        rounding_key: bytes | None = None,
+        he_context: bytes | ckks.SecretContext | None = None,
+    ) -> Aggregate:
+        """Contribute ``update`` to the round and return the aggregate.
+
+        ``update`` is a numpy array, a torch tensor (CPU or CUDA), or a dict of them (a
+        ``state_dict``); its values must number the round's ``dim``. ``ckks`` and ``hybrid``
+        rounds need ``he_context``, the key holders' CKKS context (``secagg keygen --ckks``).
+
+        Raises
+        ------
+        PolicyRefused
+            The round breaks this client's policy (nothing was sent).
+        RoundAborted
+            The round ended without a result.
+        ServerMisbehaviour
+            The server sent something an honest server never sends.
+        ServiceError
+            The server refused a call (see :func:`secagg.service.errors.from_rpc_error`).
+        """
+        joined = self.join(round_id)
+        vector, layout = flatten(update)
+        result = self.participate(
+            joined, vector, weight, rounding_key=rounding_key, he_context=he_context
+        )
+        assert result is not None
+        return Aggregate(joined.round_id, result, layout)
+
+    def participate(
+        self,
+        joined: JoinedRound,
+        vector: npt.ArrayLike,
+        weight: int = 1,
+        *,
+        rounding_key: bytes | None = None,
+        on_send: Callable[[Message], bool] | None = None,
+        he_context: bytes | ckks.SecretContext | None = None,
+    ) -> ClientResult | None:
+        """Run the protocol for a joined round with a flat ``vector``.
+
+        ``on_send`` sees each message before it is sent; returning ``False`` makes the
+        client go silent (it disconnects and returns ``None``), which simulations use to
+        model dropouts.
+        """
+        core: SecAggClient | PlaintextClient | CkksClient
+        p = joined.params
+        secret: ckks.SecretContext | None = None
+        if not joined.insecure_plaintext and p.mode is not Mode.MASKED:
+            if he_context is None:
+                raise PolicyRefused(f"a {p.mode.name.lower()} round needs the CKKS key context")
+            secret = (
+                ckks.load_secret_context(he_context, p.he)
+                if isinstance(he_context, bytes | bytearray)
+                else he_context
+            )
+        if joined.insecure_plaintext:
+            core = PlaintextClient(
+                joined.client_id, joined.params, vector, weight, rounding_key=rounding_key
+            )
+        elif p.mode is Mode.CKKS:
+            assert secret is not None
+            core = CkksClient(
+                joined.client_id,
+                self.identity,
+                p,
+                joined.directory,
+                vector,
+                weight,
+                secret,
+                rounding_key=rounding_key,
+            )
+        else:
+            core = SecAggClient(
+                joined.client_id,
+                self.identity,
+                joined.params,
+                joined.directory,
+                vector,
+                weight,
+                rounding_key=rounding_key,
+                he_context=secret,
+            )
+        return _Session(self, joined, core, on_send).run()
+
+    def _unary(self, call: Callable[[], Any]) -> Any:
+        deadline = time.monotonic() + self.retry.connect_budget
+        backoff = self.retry.initial_backoff
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as err:
+                if err.code() not in TRANSIENT or time.monotonic() + backoff > deadline:
+                    raise from_rpc_error(err) from None
+                time.sleep(backoff)
+                backoff = min(2 * backoff, self.retry.max_backoff)
+
+
+class _Session:
+    """One participation: keeps what was sent and received across reconnects."""
+
+    def __init__(
+        self,
+        client: Client,
+        joined: JoinedRound,
+        core: SecAggClient | PlaintextClient | CkksClient,
+        on_send: Callable[[Message], bool] | None,
+    ) -> None:
+        self.client = client
+        self.joined = joined
+        self.core = core
+        self.on_send = on_send
+        self.sent: list[bytes] = []
+        self.acked = 0
+        self.received = 0
+        self.chunk = min(client.chunk_bytes, joined.max_chunk_bytes)
+        self.max_in = max_server_message_bytes(joined.params)
+        self.queue: queue.SimpleQueue[aggregation_pb2.ClientFrame | None] = queue.SimpleQueue()
+        self.last_progress = time.monotonic()
+        d = joined.deadlines
+        stages = [float(getattr(d, f.name)) for f in fields(d)]
+        self.budget = client.retry.budget or max(stages)
+        self.call_timeout = sum(stages) + 60.0
+
+    def run(self) -> ClientResult | None:
+        if not self._accept(self.core.start(time.monotonic())):
+            return None
+        retry = self.client.retry
+        backoff = retry.initial_backoff
+        while True:
+            self.queue = queue.SimpleQueue()
+            self._put(
+                aggregation_pb2.ClientFrame(
+                    hello=aggregation_pb2.Hello(
+                        resume_from=self.received, max_chunk_bytes=self.client.chunk_bytes
+                    )
+                )
+            )
+            for seq in range(self.acked, len(self.sent)):
+                self._put_message(seq)
+            rid = self.joined.round_id
+            call = self.client._stub.Session(
+                iter(self.queue.get, None),
+                metadata=call_metadata(self.client.identity, SESSION, rid),
+                timeout=self.call_timeout,
+            )
+            try:
+                result = self._pump(call)
+                self.queue.put(None)
+                with contextlib.suppress(grpc.RpcError):
+                    for _ in call:  # the server closes the stream once it has sent all
+                        pass
+                return result
+            except _Silent:
+                return None
+            except grpc.RpcError as err:
+                stalled = time.monotonic() - self.last_progress
+                if err.code() not in TRANSIENT or stalled + backoff > self.budget:
+                    raise from_rpc_error(err) from None
+            finally:
+                self.queue.put(None)
+                call.cancel()
+            self.client.stats.reconnects += 1
+            time.sleep(backoff)
+            backoff = min(2 * backoff, retry.max_backoff)
+
+    def _pump(self, call: Iterator[aggregation_pb2.ServerFrame]) -> ClientResult:
+        stats = self.client.stats
+        asm = Assembler(self.client.chunk_bytes, self.max_in)
+        for frame in call:
+            self.last_progress = time.monotonic()
+            stats.grpc_received += frame.ByteSize() + GRPC_PREFIX
+            if frame.WhichOneof("kind") == "ack":
+                self.acked = max(self.acked, frame.ack.seq + 1)
+                continue
+            got = asm.add(frame.chunk)
+            if got is None:
+                continue
+            seq, data = got
+            if seq != self.received:
+                raise ServerMisbehaviour(f"server message {seq} arrived out of order")
+            self.received += 1
+            stats.protocol_received += len(data)
+            replies = self.core.receive(bytes(data), time.monotonic())
+            if not self._accept(replies):
+                raise _Silent
+            if self.core.done:
+                assert self.core.result is not None
+                return self.core.result
+        raise _Unavailable("the server ended the session before the round did")
+
+    def _accept(self, messages: list[Message]) -> bool:
+        for m in messages:
+            if self.on_send is not None and not self.on_send(m):
+                return False
+            data = m.encode()
+            self.sent.append(data)
+            self.client.stats.protocol_sent += len(data)
+            self._put_message(len(self.sent) - 1)
+        return True
+
+    def _put_message(self, seq: int) -> None:
+        for chunk in chunk_message(seq, self.sent[seq], self.chunk):
+            self._put(aggregation_pb2.ClientFrame(chunk=chunk))
+
+    def _put(self, frame: aggregation_pb2.ClientFrame) -> None:
+        self.client.stats.grpc_sent += frame.ByteSize() + GRPC_PREFIX
+        self.queue.put(frame)
+
+
+class _Silent(Exception):
+    """The ``on_send`` hook asked the client to go silent."""
+
+
+class _Unavailable(grpc.RpcError):  # type: ignore[misc]
+    """An UNAVAILABLE error raised locally: a session that ended too early is retried."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(details)
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self._details

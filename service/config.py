@@ -1,0 +1,109 @@
+"""Server configuration: defaults, a TOML file, and environment variables.
+
+Precedence: command-line flags over ``SECAGG_*`` environment variables over the file over
+defaults. The admin token is never read from a flag (it would show in ``ps``): set
+``SECAGG_ADMIN_TOKEN`` or ``admin_token_file``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from secagg.errors import ConfigurationError
+from secagg.server import StageTimeouts
+from secagg.service.serde import DEFAULT_CHUNK_BYTES
+from secagg.service.tls import ServerTls
+
+__all__ = ["ServerConfig", "load_config"]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``secagg serve`` needs.
+
+    Attributes
+    ----------
+    listen:
+        ``host:port`` (port 0 picks a free one).
+    store:
+        SQLite file (``":memory:"`` for tests).
+    admin_token:
+        Bearer token of the admin API; ``None`` disables it.
+    tls:
+        Server certificate (and client CA for mutual TLS); ``None`` serves plaintext
+        gRPC, for loopback and tests only.
+    deadlines:
+        Default stage deadlines of new rounds (a round may set its own).
+    max_chunk_bytes:
+        Largest chunk accepted or sent.
+    workers:
+        Threads running round work (message handling, unmasking).
+    retain_seconds:
+        How long a finished round stays in memory for clients fetching the result.
+    clock_skew:
+        Seconds a signed call's timestamp may differ from the server clock.
+    """
+
+    listen: str = "127.0.0.1:50051"
+    store: str = "secagg.db"
+    admin_token: str | None = None
+    tls: ServerTls | None = None
+    deadlines: StageTimeouts = field(default_factory=StageTimeouts)
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    workers: int = 4
+    retain_seconds: float = 600.0
+    clock_skew: float = 120.0
+    metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"
+    log_level: str = "info"
+    log_format: str = "json"
+    shutdown_grace: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 1024 <= self.max_chunk_bytes <= 64 << 20:
+            raise ConfigurationError("max_chunk_bytes must be in 1 KiB..64 MiB")
+        if self.workers < 1:
+            raise ConfigurationError("workers must be >= 1")
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> ServerConfig:
+    """Defaults, then the TOML file at ``path``, then ``SECAGG_*`` variables, then overrides.
+
+    The file holds the fields of :class:`ServerConfig` at top level, plus ``[tls]``
+    (``cert``, ``key``, ``client_ca``, ``bind_names``), ``[deadlines]`` (seconds per stage)
+    and ``admin_token_file``.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigurationError(f"cannot read config {path}: {exc}") from exc
+        known = {f.name for f in fields(ServerConfig)}
+        token_file = raw.pop("admin_token_file", None)
+        if token_file:
+            values["admin_token"] = Path(token_file).read_text().strip()
+        tls = raw.pop("tls", None)
+        if tls:
+            values["tls"] = ServerTls(**tls)
+        deadlines = raw.pop("deadlines", None)
+        if deadlines:
+            values["deadlines"] = replace(StageTimeouts(), **deadlines)
+        unknown = set(raw) - known
+        if unknown:
+            raise ConfigurationError(f"unknown config keys: {sorted(unknown)}")
+        values.update(raw)
+    env_token = os.environ.get("SECAGG_ADMIN_TOKEN")
+    if env_token:
+        values["admin_token"] = env_token
+    if "SECAGG_STORE" in os.environ:
+        values["store"] = os.environ["SECAGG_STORE"]
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return ServerConfig(**values)
+    except TypeError as exc:
+        raise ConfigurationError(f"bad configuration: {exc}") from exc

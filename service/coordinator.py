@@ -1,0 +1,289 @@
+"""All rounds of one server: creation, lookup, shutdown, and recovery after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from secagg import ckks
+from secagg.errors import ConfigurationError
+from secagg.he_round import CkksServer
+from secagg.params import PROTOCOL_VERSION, Mode, RoundParams, make_params
+from secagg.server import SecAggServer, StageTimeouts
+from secagg.service.errors import AlreadyExists, NotFound, PermissionDenied
+from secagg.service.logs import event
+from secagg.service.metrics import Metrics
+from secagg.service.plaintext import PlaintextServer
+from secagg.service.rounds import RoundCore, RoundRunner
+from secagg.service.serde import deadlines_dict
+from secagg.service.store import Member, Store
+
+__all__ = ["CRYPTO_SUITE", "Coordinator", "RoundSpec"]
+
+log = logging.getLogger("secagg.service.coordinator")
+
+CRYPTO_SUITE = {
+    "identity_signature": "Ed25519 (RFC 8032)",
+    "key_agreement": "X25519 (RFC 7748)",
+    "share_encryption": "AES-256-GCM",
+    "kdf": "HKDF-SHA256 (RFC 5869)",
+    "prg": "ChaCha20 (RFC 8439)",
+    "secret_sharing": "Shamir",
+}
+"""Primitives of the masked protocol, recorded in every round's audit entry."""
+
+RESTART_REASON = "the server restarted while the round was running"
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    """An operator's request for a round (``CreateRound``)."""
+
+    job: str
+    participants: Sequence[str]
+    dim: int
+    mode: str = "masked"
+    bits: int = 16
+    clip: float = 8.0
+    max_weight: int = 1
+    neighbors: str = "auto"
+    threshold: str = "auto"
+    deadlines: StageTimeouts = field(default_factory=StageTimeouts)
+    tolerate_dropout: float | None = None
+    tolerate_corrupt: float | None = None
+    he_context: bytes | None = field(default=None, repr=False)
+    """``ckks`` / ``hybrid``: the server's CKKS context (no key of any kind)."""
+    publish_after: int | None = None
+    """``ckks``: publish after this many uploads (FedBuff-style); ``None`` waits for all."""
+
+
+HE_SUITE = {
+    "homomorphic_encryption": "CKKS (Microsoft SEAL via TenSEAL), symmetric, seeded",
+}
+"""Added to the audit entry of ckks and hybrid rounds (with the chosen parameters)."""
+
+
+class Coordinator:
+    """Creates and finds rounds; at most one running round per job."""
+
+    def __init__(
+        self,
+        store: Store,
+        metrics: Metrics,
+        pool: Executor,
+        *,
+        retain_seconds: float = 600.0,
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self._pool = pool
+        self._retain = retain_seconds
+        self._rounds: dict[bytes, RoundRunner] = {}
+        self._create_lock = asyncio.Lock()
+
+    def recover(self) -> list[bytes]:
+        """Mark rounds the previous process left running as aborted (in the audit log)."""
+        ids = self.store.abort_interrupted(RESTART_REASON)
+        for rid in ids:
+            event(log, logging.WARNING, "round aborted by restart", round=rid.hex())
+            self.metrics.rounds.labels("aborted").inc()
+        return ids
+
+    def runner(self, round_id: bytes) -> RoundRunner:
+        r = self._rounds.get(round_id)
+        if r is None:
+            rec = self.store.round(round_id)
+            if rec is None:
+                raise NotFound(f"no round {round_id.hex()}")
+            raise NotFound(f"round {round_id.hex()} is {rec.status} and no longer served")
+        return r
+
+    def runners(self) -> list[RoundRunner]:
+        return list(self._rounds.values())
+
+    async def create(self, spec: RoundSpec) -> RoundRunner:
+        """Validate ``spec``, record the round and start it.
+
+        Raises
+        ------
+        NotFound, PermissionDenied
+            A participant that is not enrolled, or revoked.
+        AlreadyExists
+            The job already has a running round.
+        ConfigurationError, InfeasibleParameters
+            Parameters the core refuses.
+        """
+        mode = spec.mode.lower()
+        if mode != "plaintext":
+            Mode.parse(mode)  # a bad name raises ConfigurationError
+        if mode in ("ckks", "hybrid") and not spec.he_context:
+            raise ConfigurationError(f"a {mode} round needs the server's CKKS context")
+        if not spec.job:
+            raise ConfigurationError("a round needs a job name")
+        if len(set(spec.participants)) != len(spec.participants):
+            raise ConfigurationError("a participant is named twice")
+        loop = asyncio.get_running_loop()
+        async with self._create_lock:
+            self._evict()
+            members = await loop.run_in_executor(self._pool, self._members, spec.participants)
+            if await loop.run_in_executor(self._pool, self.store.running_job, spec.job):
+                raise AlreadyExists(f"job {spec.job!r} already has a running round")
+            params = await loop.run_in_executor(self._pool, self._params, spec, len(members))
+            directory = {m.client_id: m.public_key for m in members}
+            now = time.monotonic()
+            core: RoundCore
+            if mode == "plaintext":
+                core = PlaintextServer(params, directory, timeouts=spec.deadlines, now=now)
+            elif mode == "masked":
+                core = SecAggServer(params, directory, timeouts=spec.deadlines, now=now)
+            else:
+                core = await loop.run_in_executor(
+                    self._pool, self._he_core, spec, params, directory, now
+                )
+            body = self._audit_body(spec, params, members, mode == "plaintext")
+            await loop.run_in_executor(
+                self._pool,
+                lambda: self.store.create_round(
+                    params.round_id,
+                    spec.job,
+                    params.encode(),
+                    mode == "plaintext",
+                    deadlines_dict(spec.deadlines),
+                    members,
+                    body,
+                ),
+            )
+            runner = RoundRunner(
+                round_id=params.round_id,
+                job=spec.job,
+                params=params,
+                members=members,
+                core=core,
+                plaintext=mode == "plaintext",
+                deadlines=spec.deadlines,
+                store=self.store,
+                metrics=self.metrics,
+                loop=loop,
+                pool=self._pool,
+            )
+            self._rounds[params.round_id] = runner
+            runner.start()
+        event(
+            log,
+            logging.INFO,
+            "round created",
+            round=params.round_id.hex(),
+            job=spec.job,
+            clients=len(members),
+            dim=spec.dim,
+            mode=mode,
+        )
+        return runner
+
+    def _members(self, names: Sequence[str]) -> list[Member]:
+        members = []
+        for cid, name in enumerate(names, start=1):
+            p = self.store.participant(name)
+            if p is None:
+                raise NotFound(f"participant {name!r} is not enrolled")
+            if p.revoked:
+                raise PermissionDenied(f"participant {name!r} is revoked")
+            members.append(Member(cid, name, p.public_key))
+        return members
+
+    @staticmethod
+    def _he_core(
+        spec: RoundSpec, params: RoundParams, directory: dict[int, bytes], now: float
+    ) -> RoundCore:
+        """A ckks or hybrid core; the context is refused if it carries any key."""
+        assert spec.he_context is not None
+        ctx = ckks.load_server_context(spec.he_context, params.he)
+        if params.mode is Mode.CKKS:
+            return CkksServer(
+                params,
+                directory,
+                ctx,
+                timeout=spec.deadlines.encrypted_input,
+                now=now,
+                publish_after=spec.publish_after,
+            )
+        return SecAggServer(params, directory, timeouts=spec.deadlines, now=now, he_context=ctx)
+
+    @staticmethod
+    def _params(spec: RoundSpec, n: int) -> RoundParams:
+        mode = spec.mode.lower()
+        return make_params(
+            n,
+            spec.dim,
+            mode=Mode.MASKED if mode == "plaintext" else Mode.parse(mode),
+            clip=spec.clip,
+            bits=spec.bits,
+            max_weight=spec.max_weight,
+            neighbors=spec.neighbors,
+            threshold=spec.threshold,
+            dropout=spec.tolerate_dropout,
+            corrupt=spec.tolerate_corrupt,
+        )
+
+    @staticmethod
+    def _audit_body(
+        spec: RoundSpec, params: RoundParams, members: Sequence[Member], plaintext: bool
+    ) -> dict[str, object]:
+        q = params.quant
+        return {
+            "job": spec.job,
+            "protocol_version": PROTOCOL_VERSION,
+            "mode": "plaintext" if plaintext else params.mode.name.lower(),
+            "insecure_plaintext": plaintext,
+            "params": params.encode().hex(),
+            "params_sha256": params.digest().hex(),
+            "dim": params.dim,
+            "bits": q.bits,
+            "clip": q.clip,
+            "max_weight": q.max_weight,
+            "n_clients": params.n_clients,
+            "degree": params.degree,
+            "threshold": params.threshold,
+            "crypto": {} if plaintext else Coordinator._crypto(params),
+            "deadlines": deadlines_dict(spec.deadlines),
+            "participants": [
+                {"client_id": m.client_id, "name": m.name, "identity_key": m.public_key.hex()}
+                for m in members
+            ],
+            "warnings": list(params.warnings),
+        }
+
+    @staticmethod
+    def _crypto(params: RoundParams) -> dict[str, object]:
+        if params.mode is Mode.MASKED:
+            return dict(CRYPTO_SUITE)
+        he = params.he
+        suite: dict[str, object] = {} if params.mode is Mode.CKKS else dict(CRYPTO_SUITE)
+        suite.update(
+            HE_SUITE,
+            poly_modulus_degree=he.poly_modulus_degree,
+            coeff_mod_bit_sizes=list(he.coeff_mod_bit_sizes),
+            scale_bits=he.scale_bits,
+            lanes_per_slot=he.lanes_per_slot,
+            lane_bits=he.lane_bits,
+        )
+        return suite
+
+    def _evict(self) -> None:
+        """Forget rounds that ended more than ``retain_seconds`` ago."""
+        now = time.monotonic()
+        for rid, r in list(self._rounds.items()):
+            if r.ended_at is not None and now - r.ended_at > self._retain:
+                del self._rounds[rid]
+
+    async def abort_all(self, reason: str) -> None:
+        """Abort every running round (shutdown); each abort is recorded."""
+        for r in self.runners():
+            if not r.core.done:
+                await r.abort(reason)
+        for r in self.runners():
+            await r.close()

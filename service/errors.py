@@ -1,0 +1,159 @@
+"""Service-level errors and the one table that maps every error to a gRPC status.
+
+The service errors extend :class:`secagg.errors.SecAggError`, so the package keeps one
+hierarchy. :func:`status_for` is the only place an exception becomes a status code; the
+servicer calls it, the client SDK relies on the codes it produces.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from secagg.errors import (
+    ConfigurationError,
+    DuplicateMessage,
+    InputError,
+    InvalidSignature,
+    LateMessage,
+    MalformedMessage,
+    ProtocolViolation,
+    RoundAborted,
+    SecAggError,
+    StoreError,
+    UnexpectedMessage,
+    UnknownClient,
+    WrongSession,
+)
+
+__all__ = [
+    "AlreadyExists",
+    "Dropped",
+    "NotFound",
+    "PermissionDenied",
+    "PolicyRefused",
+    "Refused",
+    "RemoteError",
+    "ServiceError",
+    "TooLarge",
+    "Unauthenticated",
+    "Unimplemented",
+    "from_rpc_error",
+    "status_for",
+]
+
+
+class ServiceError(SecAggError):
+    """A request the service refuses before it reaches the protocol core."""
+
+
+class Unauthenticated(ServiceError):
+    """Missing, malformed, stale, replayed or invalid call credentials; unknown identity."""
+
+
+class PermissionDenied(ServiceError):
+    """An authenticated caller asks for something it may not do (revoked, not invited)."""
+
+
+class NotFound(ServiceError):
+    """No such round or participant."""
+
+
+class AlreadyExists(ServiceError):
+    """A participant name or key that is already enrolled; a job with a running round."""
+
+
+class TooLarge(ServiceError):
+    """A frame or message over its bound; refused before anything is allocated."""
+
+
+class Unimplemented(ServiceError):
+    """A mode the service does not run (yet)."""
+
+
+class Refused(ServiceError):
+    """A call or message the round's current state does not allow (FAILED_PRECONDITION)."""
+
+
+class Dropped(Refused):
+    """The caller was dropped from the round; the message says at which stage and why."""
+
+
+class PolicyRefused(ServiceError):
+    """The client refuses a round whose parameters or directory break its policy."""
+
+
+class RemoteError(ServiceError):
+    """A call failed with a status no more specific class covers; ``code`` is that status."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+
+_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    # Order matters: the first matching class wins, so subclasses come first.
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
+    (Refused, grpc.StatusCode.FAILED_PRECONDITION),
+    (DuplicateMessage, grpc.StatusCode.ALREADY_EXISTS),
+    (UnknownClient, grpc.StatusCode.PERMISSION_DENIED),
+    (WrongSession, grpc.StatusCode.FAILED_PRECONDITION),
+    (LateMessage, grpc.StatusCode.FAILED_PRECONDITION),
+    (UnexpectedMessage, grpc.StatusCode.FAILED_PRECONDITION),
+    (MalformedMessage, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidSignature, grpc.StatusCode.INVALID_ARGUMENT),
+    (ProtocolViolation, grpc.StatusCode.INVALID_ARGUMENT),
+    (RoundAborted, grpc.StatusCode.ABORTED),
+    (ConfigurationError, grpc.StatusCode.INVALID_ARGUMENT),
+    (InputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (StoreError, grpc.StatusCode.INTERNAL),
+    (SecAggError, grpc.StatusCode.INTERNAL),
+)
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status code and message for ``exc``.
+
+    Protocol violations name the stage and whether the sender was dropped, so a client can
+    tell "fix and retry" from "you are out of this round". Unknown exceptions become
+    ``INTERNAL`` with the class name only (no internals leak to the caller).
+    """
+    for cls, code in _TABLE:
+        if isinstance(exc, cls):
+            return code, _describe(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})"
+
+
+def _describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, ProtocolViolation):
+        where = f" in stage {exc.stage}" if exc.stage else ""
+        outcome = "the sender was dropped" if exc.drops_sender else "the sender stays in"
+        text = f"{text} (refused{where}; {outcome})"
+    return text
+
+
+_FROM_CODE: dict[grpc.StatusCode, type[ServiceError]] = {
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: TooLarge,
+    grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
+    grpc.StatusCode.FAILED_PRECONDITION: Refused,
+}
+
+
+def from_rpc_error(err: grpc.RpcError) -> SecAggError:
+    """The client-side exception for a failed call (the inverse of :func:`status_for`)."""
+    code = err.code()
+    details = err.details() or code.name
+    if code == grpc.StatusCode.ABORTED:
+        return RoundAborted("unknown", details)
+    cls = _FROM_CODE.get(code, RemoteError)
+    exc = cls(f"{code.name}: {details}")
+    if isinstance(exc, RemoteError):
+        exc.code = code
+    return exc

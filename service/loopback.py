@@ -1,0 +1,339 @@
+"""``secagg simulate --transport grpc``: a real server and N real clients over loopback.
+
+Same test data, weights and dropout plan as the in-process simulation for the same seed
+(:mod:`secagg.simulate`), and the same JSON report, plus ``stage_seconds`` measured by the
+server, per-client gRPC bytes and the transport used. Clients run as threads of this
+process or spread over worker processes (each hosting a group of client threads).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import random
+import secrets
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from secagg.errors import SecAggError
+from secagg.keys import IdentityKey
+from secagg.messages import Message
+from secagg.params import Mode, make_params
+from secagg.quantize import dequantize, encode, unpack
+from secagg.rounds.base import Stage
+from secagg.server import StageTimeouts
+from secagg.service.admin import AdminClient
+from secagg.service.client import Client, Policy
+from secagg.service.config import ServerConfig
+from secagg.service.coordinator import RoundSpec
+from secagg.service.server import BackgroundServer
+from secagg.service.store import Store
+from secagg.simulate import SimulationConfig, schedule
+
+__all__ = ["ClientJob", "default_deadlines", "simulate_grpc"]
+
+_SENDS = {
+    Stage.ADVERTISE_KEYS: 1,
+    Stage.SHARE_KEYS: 2,
+    Stage.MASKED_INPUT: 3,
+    Stage.CONSISTENCY: 4,
+    Stage.UNMASKING: 5,
+}
+"""Type of the message a client sends in each stage (secagg.messages)."""
+
+
+def default_deadlines(clients: int, dim: int) -> StageTimeouts:
+    """Stage deadlines for a loopback run: short, but long enough for the slowest stage."""
+    bulk = 10.0 + clients * dim / 2e6
+    return StageTimeouts(
+        advertise_keys=30.0, share_keys=10.0, masked_input=bulk, consistency=10.0, unmasking=bulk
+    )
+
+
+@dataclass(frozen=True)
+class ClientJob:
+    """Everything one simulated client needs (picklable, for worker processes)."""
+
+    target: str
+    seed: bytes
+    round_id: bytes
+    vector: npt.NDArray[np.float64]
+    weight: int
+    rounding_key: bytes
+    drop_at: int | None
+    plaintext: bool
+
+
+@dataclass(frozen=True)
+class ClientOutcome:
+    completed: bool
+    error: str | None
+    seconds: float
+    protocol_up: int
+    protocol_down: int
+    grpc_up: int
+    grpc_down: int
+    sums_sha256: str | None
+
+
+def run_client(job: ClientJob) -> ClientOutcome:
+    """Join, run and report one client (in a thread or a worker process)."""
+    t0 = time.perf_counter()
+
+    def on_send(msg: Message) -> bool:
+        return job.drop_at is None or job.drop_at > msg.TYPE
+
+    client = Client(
+        job.target,
+        IdentityKey(job.seed),
+        policy=Policy(allow_insecure_plaintext=job.plaintext, min_threshold=1),
+    )
+    error = None
+    completed = False
+    digest = None
+    try:
+        joined = client.join(job.round_id)
+        result = client.participate(
+            joined, job.vector, job.weight, rounding_key=job.rounding_key, on_send=on_send
+        )
+        if result is not None:
+            completed = True
+            digest = hashlib.sha256(result.sums.astype("<u8").tobytes()).hexdigest()
+    except SecAggError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        client.close()
+    s = client.stats
+    return ClientOutcome(
+        completed,
+        error,
+        time.perf_counter() - t0,
+        s.protocol_sent,
+        s.protocol_received,
+        s.grpc_sent,
+        s.grpc_received,
+        digest,
+    )
+
+
+def _run_group(jobs: list[ClientJob]) -> list[ClientOutcome]:
+    out: list[ClientOutcome | None] = [None] * len(jobs)
+
+    def one(i: int) -> None:
+        out[i] = run_client(jobs[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [o for o in out if o is not None]
+
+
+def _run_processes(jobs: list[ClientJob], processes: int) -> list[ClientOutcome]:
+    groups = [jobs[i::processes] for i in range(processes)]
+    ctx = multiprocessing.get_context("spawn")  # never fork a process running gRPC threads
+    with ProcessPoolExecutor(processes, mp_context=ctx) as pool:
+        results = list(pool.map(_run_group, groups))
+    order: dict[int, ClientOutcome] = {}
+    for g, res in zip(range(processes), results, strict=True):
+        for k, o in enumerate(res):
+            order[g + k * processes] = o
+    return [order[i] for i in range(len(jobs))]
+
+
+class _Progress:
+    """One self-rewriting status line on stderr (only on a terminal)."""
+
+    def __init__(self, admin: AdminClient, round_id: bytes, total: int) -> None:
+        self._admin, self._rid, self._total = admin, round_id, total
+        self._stop = threading.Event()
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        sys.stderr.write("\r\x1b[K")
+        sys.stderr.flush()
+
+    def _run(self) -> None:
+        stages = list(_SENDS)
+        while not self._stop.wait(0.2):
+            try:
+                st = self._admin.status(self._rid)
+            except SecAggError:
+                continue
+            names = [s.value for s in stages]
+            done = names.index(st.stage) if st.stage in names else len(stages)
+            bar = "#" * done + "." * (len(stages) - done)
+            sys.stderr.write(
+                f"\r[{bar}] {st.stage:<15} dropped {len(st.dropouts)}/{self._total}  "
+                f"{time.monotonic() - self._t0:6.1f}s"
+            )
+            sys.stderr.flush()
+
+
+def simulate_grpc(
+    cfg: SimulationConfig,
+    *,
+    workers: str = "threads",
+    processes: int | None = None,
+    deadlines: StageTimeouts | None = None,
+    plaintext: bool = False,
+    progress: bool = False,
+    client_runner: Callable[[list[ClientJob]], list[ClientOutcome]] | None = None,
+) -> dict[str, Any]:
+    """Run the configured round through a loopback gRPC server; return the report."""
+    wall0 = time.perf_counter()
+    if Mode.parse(cfg.mode) is not Mode.MASKED:
+        raise SecAggError("the gRPC transport runs masked rounds only")
+    params = make_params(
+        cfg.clients,
+        cfg.dim,
+        clip=cfg.clip,
+        bits=cfg.bits,
+        max_weight=cfg.max_weight,
+        neighbors=cfg.neighbors,
+        threshold=cfg.threshold,
+        dropout=cfg.tolerated_dropout,
+        corrupt=cfg.tolerated_corrupt,
+    )
+    rng = random.Random(cfg.seed)  # noqa: S311 -- test data and dropouts, no secrets
+    data_rng = np.random.default_rng(cfg.seed)  # test data only, never secrets
+    ids = list(range(1, cfg.clients + 1))
+    inputs = {
+        cid: np.clip(data_rng.normal(0.0, cfg.clip / 4, cfg.dim), -cfg.clip, cfg.clip)
+        for cid in ids
+    }
+    weights = {cid: rng.randint(1, cfg.max_weight) for cid in ids}
+    plan = schedule(cfg, ids, rng)
+    seeds = {cid: secrets.token_bytes(32) for cid in ids}
+    rounding = {cid: secrets.token_bytes(32) for cid in ids}
+    token = secrets.token_hex(16)
+    store = Store(":memory:")
+    server = BackgroundServer(
+        ServerConfig(listen="127.0.0.1:0", store=":memory:", admin_token=token), store=store
+    ).start()
+    try:
+        with AdminClient(server.target, token) as admin:
+            names = [f"client-{cid}" for cid in ids]
+            for cid, name in zip(ids, names, strict=True):
+                admin.enroll(name, IdentityKey(seeds[cid]).public)
+            spec = RoundSpec(
+                job="simulate",
+                participants=names,
+                dim=cfg.dim,
+                mode="plaintext" if plaintext else "masked",
+                bits=cfg.bits,
+                clip=cfg.clip,
+                max_weight=cfg.max_weight,
+                neighbors=cfg.neighbors,
+                threshold=cfg.threshold,
+                deadlines=deadlines or default_deadlines(cfg.clients, cfg.dim),
+                tolerate_dropout=cfg.tolerated_dropout,
+                tolerate_corrupt=cfg.tolerated_corrupt,
+            )
+            round_id = admin.create_round(spec).round_id
+            jobs = [
+                ClientJob(
+                    server.target,
+                    seeds[cid],
+                    round_id,
+                    inputs[cid],
+                    weights[cid],
+                    rounding[cid],
+                    _SENDS[plan[cid]] if cid in plan else None,
+                    plaintext,
+                )
+                for cid in ids
+            ]
+            t_round = time.perf_counter()
+            show = progress and sys.stderr.isatty()
+            runner = client_runner or (
+                _run_group
+                if workers == "threads"
+                else lambda js: _run_processes(js, processes or min(len(js), os.cpu_count() or 2))
+            )
+            if show:
+                with _Progress(admin, round_id, cfg.clients):
+                    outcomes = runner(jobs)
+            else:
+                outcomes = runner(jobs)
+            round_seconds = time.perf_counter() - t_round
+            status = admin.wait(round_id, timeout=60.0)
+    finally:
+        server.stop()
+        store.close()
+    wall = time.perf_counter() - wall0
+    report: dict[str, Any] = {
+        "mode": "plaintext (INSECURE)" if plaintext else params.mode.name.lower(),
+        "clients": cfg.clients,
+        "dim": cfg.dim,
+        "bits": cfg.bits,
+        "neighbors": params.degree,
+        "threshold": params.threshold,
+        "dropped": {str(c): s.value for c, s in sorted(plan.items())},
+        "warnings": list(params.warnings),
+    }
+    if status.status == "completed":
+        spec_q = params.quant
+        contributors = list(status.contributors)
+        expected = np.zeros(spec_q.values(cfg.dim), dtype=np.uint64)
+        float_sum = np.zeros(cfg.dim)
+        for cid in contributors:
+            words = encode(inputs[cid], weights[cid], spec_q, rounding[cid])
+            expected += unpack(words, spec_q, spec_q.values(cfg.dim))
+            float_sum += weights[cid] * inputs[cid]
+        digest = hashlib.sha256(expected.astype("<u8").tobytes()).hexdigest()
+        received = {o.sums_sha256 for o in outcomes if o.completed}
+        weighted, _total = dequantize(expected, spec_q, len(contributors), cfg.dim)
+        report.update(
+            status="completed",
+            survivors=len(contributors),
+            exact=digest == status.aggregate_sha256 and received == {digest},
+            max_abs_error=float(np.max(np.abs(weighted - float_sum))),
+            quantization_step=1.0 / spec_q.scale,
+        )
+    else:
+        report.update(
+            status="aborted",
+            abort={"stage": status.abort_stage, "reason": status.abort_reason},
+            survivors=0,
+            exact=False,
+            max_abs_error=None,
+        )
+    senders = [i for i, c in enumerate(ids) if c not in plan] or list(range(len(ids)))
+    report["seconds"] = {
+        "client_median": statistics.median(outcomes[i].seconds for i in senders),
+        "server": sum(status.stage_seconds.values()),
+        "round": round_seconds,
+        "wall": wall,
+    }
+    report["stage_seconds"] = dict(status.stage_seconds)
+    report["bytes"] = {
+        "upload_per_client": statistics.mean(outcomes[i].protocol_up for i in senders),
+        "download_per_client": statistics.mean(outcomes[i].protocol_down for i in senders),
+        "raw_float32_per_client": 4 * cfg.dim,
+        "grpc_upload_per_client": statistics.mean(outcomes[i].grpc_up for i in senders),
+        "grpc_download_per_client": statistics.mean(outcomes[i].grpc_down for i in senders),
+    }
+    report["transport"] = {"kind": "grpc", "workers": workers}
+    errors = sorted({o.error for o in outcomes if o.error})
+    if errors:
+        report["client_errors"] = errors
+    return report

@@ -1,0 +1,368 @@
+"""Conversion between the core's objects and protobuf frames; chunking with bounds.
+
+Protocol messages stay the core's own bytes (:mod:`secagg.messages`): here they are only
+cut into :class:`Chunk` frames and put back together. The assembler checks every size
+against the round's bounds *before* it allocates the message buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+from secagg.errors import MalformedMessage
+from secagg.keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES
+from secagg.messages import SESSION_ID_BYTES, SHARE_CIPHERTEXT_BYTES
+from secagg.params import ROUND_ID_BYTES, Mode, RoundParams
+from secagg.server import StageTimeouts
+from secagg.service._gen import admin_pb2, aggregation_pb2, common_pb2
+from secagg.service.errors import TooLarge
+from secagg.service.store import Member, ParticipantRecord
+from secagg.shamir import SHARE_BYTES
+
+if TYPE_CHECKING:
+    from secagg.service.coordinator import RoundSpec
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "Assembler",
+    "JoinedRound",
+    "ack_frame",
+    "chunk_message",
+    "deadlines_from_proto",
+    "deadlines_to_proto",
+    "max_client_message_bytes",
+    "max_server_message_bytes",
+    "round_info_from_proto",
+    "server_frames",
+]
+
+DEFAULT_CHUNK_BYTES = 1 << 20
+"""1 MiB chunks: well under gRPC's 4 MiB default, large enough to amortise framing."""
+
+HEADER_BYTES = 4 + 1 + 1 + ROUND_ID_BYTES + 4
+"""magic, version, type, round id, sender (secagg.messages)."""
+
+
+def max_client_message_bytes(params: RoundParams) -> int:
+    """Largest message an honest client of this round can send (bounds what we allocate)."""
+    n, deg = params.n_clients, params.degree
+    pair_list = 4 + (deg + 1) * (4 + SHARE_BYTES)
+    sizes = (
+        3 * PUBLIC_KEY_BYTES + SIGNATURE_BYTES,  # AdvertiseKeys
+        SESSION_ID_BYTES + 4 + min(deg, n - 1) * (4 + SHARE_CIPHERTEXT_BYTES),  # ShareKeys
+        SESSION_ID_BYTES + 8 + 8 * params.words,  # MaskedInput
+        SESSION_ID_BYTES + SIGNATURE_BYTES,  # ConsistencySignature
+        SESSION_ID_BYTES + 2 * pair_list,  # UnmaskShares
+        _encrypted_bytes(params, seeded=True) + SIGNATURE_BYTES,  # EncryptedInput
+    )
+    return HEADER_BYTES + max(sizes)
+
+
+def _encrypted_bytes(params: RoundParams, *, seeded: bool) -> int:
+    """Session id plus the ciphertext list of a ckks/hybrid vector (0 in masked rounds)."""
+    if params.mode is Mode.MASKED:
+        return 0
+    he = params.he
+    return (
+        SESSION_ID_BYTES + 4 + he.n_ciphertexts * (4 + he.ciphertext_bytes_range(seeded=seeded)[1])
+    )
+
+
+def max_server_message_bytes(params: RoundParams) -> int:
+    """Largest message the server of this round sends (bounds the client's buffer)."""
+    n = params.n_clients
+    ids = 4 + 4 * n
+    sizes = (
+        4 + n * (4 + 3 * PUBLIC_KEY_BYTES + SIGNATURE_BYTES),  # Roster
+        SESSION_ID_BYTES + 4 + n * (4 + SHARE_CIPHERTEXT_BYTES),  # ShareDelivery
+        SESSION_ID_BYTES + ids,  # ConsistencyRequest
+        SESSION_ID_BYTES + 2 * ids + 4 + n * (4 + SIGNATURE_BYTES),  # UnmaskRequest
+        SESSION_ID_BYTES + ids + 8 + 8 * params.words,  # AggregateResult (packed words)
+        ids + _encrypted_bytes(params, seeded=False),  # EncryptedResult
+        8 + 2 * 1024,  # Abort
+    )
+    return HEADER_BYTES + max(sizes)
+
+
+def chunk_message(seq: int, data: bytes, chunk_bytes: int) -> Iterator[common_pb2.Chunk]:
+    """Cut one encoded message into chunks of at most ``chunk_bytes``."""
+    total = len(data)
+    view = memoryview(data)
+    for offset in range(0, total, chunk_bytes):
+        piece = bytes(view[offset : offset + chunk_bytes])
+        yield common_pb2.Chunk(seq=seq, total=total, offset=offset, data=piece)
+
+
+def server_frames(seq: int, data: bytes, chunk_bytes: int) -> list[bytes]:
+    """Serialized ``ServerFrame`` chunks of one server message (built once, sent to many)."""
+    return [
+        aggregation_pb2.ServerFrame(chunk=c).SerializeToString()
+        for c in chunk_message(seq, data, chunk_bytes)
+    ]
+
+
+def ack_frame(seq: int, duplicate: bool) -> bytes:
+    """A serialized ``ServerFrame`` acknowledging client message ``seq``."""
+    ack = aggregation_pb2.Ack(seq=seq, duplicate=duplicate)
+    return aggregation_pb2.ServerFrame(ack=ack).SerializeToString()
+
+
+class Assembler:
+    """Puts chunks back into messages, refusing any size over its bound before allocating.
+
+    Parameters
+    ----------
+    max_chunk:
+        Largest ``Chunk.data`` accepted.
+    max_message:
+        Largest ``Chunk.total`` accepted.
+    """
+
+    def __init__(self, max_chunk: int, max_message: int) -> None:
+        self.max_chunk = max_chunk
+        self.max_message = max_message
+        self._buf: bytearray | None = None
+        self._seq = 0
+        self._filled = 0
+
+    @property
+    def busy(self) -> bool:
+        """Whether a message is partly received."""
+        return self._buf is not None
+
+    def add(self, chunk: common_pb2.Chunk) -> tuple[int, memoryview] | None:
+        """Take one chunk; return ``(seq, message)`` once a message is complete.
+
+        Raises
+        ------
+        TooLarge
+            A chunk or announced message over its bound.
+        MalformedMessage
+            Chunks out of order, overlapping, or inconsistent in their totals.
+        """
+        data = chunk.data
+        if len(data) > self.max_chunk:
+            raise TooLarge(f"chunk of {len(data)} bytes exceeds the limit of {self.max_chunk}")
+        if self._buf is None:
+            if chunk.offset != 0:
+                raise MalformedMessage("first chunk of a message must have offset 0")
+            if chunk.total > self.max_message:
+                raise TooLarge(
+                    f"message of {chunk.total} bytes exceeds this round's limit of "
+                    f"{self.max_message}"
+                )
+            if chunk.total == 0:
+                raise MalformedMessage("empty message")
+            self._buf = bytearray(chunk.total)
+            self._seq = chunk.seq
+            self._filled = 0
+        elif (
+            chunk.seq != self._seq or chunk.offset != self._filled or chunk.total != len(self._buf)
+        ):
+            raise MalformedMessage("chunk out of order or inconsistent with its message")
+        end = self._filled + len(data)
+        if end > len(self._buf) or not data:
+            raise MalformedMessage("chunk overruns its message or is empty")
+        self._buf[self._filled : end] = data
+        self._filled = end
+        if end < len(self._buf):
+            return None
+        done, self._buf = self._buf, None
+        return self._seq, memoryview(done)
+
+
+_STAGES = tuple(f.name for f in fields(StageTimeouts))
+
+
+def deadlines_to_proto(t: StageTimeouts) -> common_pb2.StageDeadlines:
+    return common_pb2.StageDeadlines(**{s: float(getattr(t, s)) for s in _STAGES})
+
+
+def deadlines_from_proto(
+    d: common_pb2.StageDeadlines | None, default: StageTimeouts
+) -> StageTimeouts:
+    """Stage deadlines with zero (unset) fields taken from ``default``."""
+    values = {}
+    for s in _STAGES:
+        v = float(getattr(d, s)) if d is not None else 0.0
+        if v < 0 or v != v:
+            raise MalformedMessage(f"deadline {s} must be positive")
+        values[s] = v if v > 0 else float(getattr(default, s))
+    return StageTimeouts(**values)
+
+
+def deadlines_dict(t: StageTimeouts) -> dict[str, float]:
+    return {s: float(getattr(t, s)) for s in _STAGES}
+
+
+@dataclass(frozen=True)
+class JoinedRound:
+    """What a participant learns from ``GetRound``."""
+
+    round_id: bytes
+    job: str
+    params: RoundParams
+    directory: Mapping[int, bytes]
+    names: Mapping[int, str]
+    client_id: int
+    deadlines: StageTimeouts
+    insecure_plaintext: bool
+    max_chunk_bytes: int
+    max_message_bytes: int
+    status: str
+
+
+def round_info_from_proto(info: aggregation_pb2.RoundInfo) -> JoinedRound:
+    """Decode and sanity-check a ``RoundInfo`` (raises ``MalformedMessage``)."""
+    params = RoundParams.decode(info.params)
+    if params.round_id != info.round_id:
+        raise MalformedMessage("round info names another round than its parameters")
+    directory: dict[int, bytes] = {}
+    names: dict[int, str] = {}
+    for e in info.directory:
+        if e.client_id in directory or len(e.identity_key) != PUBLIC_KEY_BYTES:
+            raise MalformedMessage("directory repeats a client or holds a malformed key")
+        directory[e.client_id] = bytes(e.identity_key)
+        names[e.client_id] = e.name
+    if info.client_id not in directory:
+        raise MalformedMessage("the directory does not list the caller")
+    return JoinedRound(
+        round_id=bytes(info.round_id),
+        job=info.job,
+        params=params,
+        directory=directory,
+        names=names,
+        client_id=info.client_id,
+        deadlines=deadlines_from_proto(info.deadlines, StageTimeouts()),
+        insecure_plaintext=info.insecure_plaintext,
+        max_chunk_bytes=info.max_chunk_bytes or DEFAULT_CHUNK_BYTES,
+        max_message_bytes=info.max_message_bytes,
+        status=info.status,
+    )
+
+
+def directory_to_proto(members: Sequence[Member]) -> list[common_pb2.DirectoryEntry]:
+    return [
+        common_pb2.DirectoryEntry(client_id=m.client_id, name=m.name, identity_key=m.public_key)
+        for m in members
+    ]
+
+
+def round_info_to_proto(
+    *,
+    round_id: bytes,
+    job: str,
+    params: RoundParams,
+    members: Sequence[Member],
+    client_id: int,
+    deadlines: StageTimeouts,
+    plaintext: bool,
+    max_chunk_bytes: int,
+    max_message_bytes: int,
+    status: str,
+) -> aggregation_pb2.RoundInfo:
+    return aggregation_pb2.RoundInfo(
+        round_id=round_id,
+        job=job,
+        params=params.encode(),
+        directory=directory_to_proto(members),
+        client_id=client_id,
+        deadlines=deadlines_to_proto(deadlines),
+        insecure_plaintext=plaintext,
+        max_chunk_bytes=max_chunk_bytes,
+        max_message_bytes=max_message_bytes,
+        status=status,
+    )
+
+
+def round_status_to_proto(
+    *,
+    round_id: bytes,
+    job: str,
+    stage: str,
+    members: Sequence[Member],
+    outcome: Mapping[str, Any],
+    params: bytes,
+    plaintext: bool,
+) -> admin_pb2.RoundStatus:
+    """``outcome`` is what the audit log records (:meth:`RoundRunner.outcome`)."""
+    dropouts = [
+        common_pb2.Dropout(
+            client_id=int(d["client_id"]), name=d["name"], stage=d["stage"], reason=d["reason"]
+        )
+        for d in outcome.get("dropouts", [])
+    ]
+    return admin_pb2.RoundStatus(
+        round_id=round_id,
+        job=job,
+        status=str(outcome.get("status", "running")),
+        stage=stage,
+        directory=directory_to_proto(members),
+        dropouts=dropouts,
+        contributors=[int(c) for c in outcome.get("contributors", [])],
+        abort_stage=str(outcome.get("stage", "")) if outcome.get("status") == "aborted" else "",
+        abort_reason=str(outcome.get("reason", "")),
+        aggregate_sha256=str(outcome.get("aggregate_sha256", "")),
+        stage_seconds={str(k): float(v) for k, v in outcome.get("stage_seconds", {}).items()},
+        params=params,
+        insecure_plaintext=plaintext,
+    )
+
+
+def participant_to_proto(p: ParticipantRecord) -> admin_pb2.Participant:
+    return admin_pb2.Participant(
+        name=p.name,
+        identity_key=p.public_key,
+        enrolled_at=p.enrolled_at,
+        revoked_at=p.revoked_at or 0.0,
+    )
+
+
+def _choice(value: str, default: str = "auto") -> str:
+    return value.strip() or default
+
+
+def round_spec_from_proto(
+    req: admin_pb2.CreateRoundRequest, default_deadlines: StageTimeouts
+) -> RoundSpec:
+    from secagg.service.coordinator import RoundSpec
+
+    return RoundSpec(
+        job=req.job,
+        participants=list(req.participants),
+        dim=req.dim,
+        mode=_choice(req.mode, "masked"),
+        bits=req.bits or 16,
+        clip=req.clip or 8.0,
+        max_weight=req.max_weight or 1,
+        neighbors=_choice(req.neighbors),
+        threshold=_choice(req.threshold),
+        deadlines=deadlines_from_proto(
+            req.deadlines if req.HasField("deadlines") else None, default_deadlines
+        ),
+        tolerate_dropout=req.tolerate_dropout if req.tolerate_dropout > 0 else None,
+        tolerate_corrupt=req.tolerate_corrupt if req.tolerate_corrupt > 0 else None,
+        he_context=bytes(req.he_context) or None,
+        publish_after=req.publish_after or None,
+    )
+
+
+def round_spec_to_proto(spec: RoundSpec) -> admin_pb2.CreateRoundRequest:
+    return admin_pb2.CreateRoundRequest(
+        job=spec.job,
+        participants=list(spec.participants),
+        dim=spec.dim,
+        mode=spec.mode,
+        bits=spec.bits,
+        clip=spec.clip,
+        max_weight=spec.max_weight,
+        neighbors=spec.neighbors,
+        threshold=spec.threshold,
+        deadlines=deadlines_to_proto(spec.deadlines),
+        tolerate_dropout=spec.tolerate_dropout or 0.0,
+        tolerate_corrupt=spec.tolerate_corrupt or 0.0,
+        he_context=spec.he_context or b"",
+        publish_after=spec.publish_after or 0,
+    )

@@ -1,0 +1,222 @@
+"""Thin gRPC servicers: authenticate, convert, delegate; errors become statuses in one place."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn
+
+import grpc
+
+from secagg.errors import SecAggError
+from secagg.service import serde
+from secagg.service._gen import admin_pb2, admin_pb2_grpc, aggregation_pb2
+from secagg.service.auth import Caller, CallVerifier, check_admin
+from secagg.service.config import ServerConfig
+from secagg.service.coordinator import Coordinator
+from secagg.service.errors import Unauthenticated, status_for
+from secagg.service.rounds import RoundRunner
+from secagg.service.session import StreamSession
+from secagg.service.store import RUNNING
+
+__all__ = ["GET_ROUND", "SESSION", "AdminServicer", "AggregationServicer"]
+
+log = logging.getLogger("secagg.service.servicer")
+
+SERVICE = aggregation_pb2.DESCRIPTOR.services_by_name["Aggregation"].full_name
+GET_ROUND = f"/{SERVICE}/GetRound"
+SESSION = f"/{SERVICE}/Session"
+
+
+async def _fail(context: Any, exc: Exception) -> NoReturn:
+    if not isinstance(exc, SecAggError):
+        log.exception("unexpected error in a handler", exc_info=exc)
+    code, details = status_for(exc)
+    await context.abort(code, details)
+    raise AssertionError("context.abort returned")  # pragma: no cover
+
+
+def _frame_bytes(frame: bytes) -> bytes:
+    return frame
+
+
+class AggregationServicer:
+    """The participant API.
+
+    ``Session`` yields pre-serialized ``ServerFrame`` bytes (the aggregate is cut and
+    serialized once per round, not once per client), so it is registered by :meth:`register`
+    with a pass-through serializer instead of the generated ``add_..._to_server``.
+    """
+
+    def __init__(self, coordinator: Coordinator, verifier: CallVerifier, config: ServerConfig):
+        self._coord = coordinator
+        self._verifier = verifier
+        self._config = config
+
+    def register(self, server: Any) -> None:
+        """Add this servicer's handlers to a ``grpc.aio`` server."""
+        handlers = {
+            "GetRound": grpc.unary_unary_rpc_method_handler(
+                self.GetRound,
+                request_deserializer=aggregation_pb2.GetRoundRequest.FromString,
+                response_serializer=aggregation_pb2.RoundInfo.SerializeToString,
+            ),
+            "Session": grpc.stream_stream_rpc_method_handler(
+                self.Session,
+                request_deserializer=aggregation_pb2.ClientFrame.FromString,
+                response_serializer=_frame_bytes,
+            ),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+    def _caller(self, context: Any, method: str) -> Caller:
+        tls = self._config.tls
+        bind = tls is not None and tls.mutual and tls.bind_names
+        cn = None
+        if bind:
+            names = context.auth_context().get("x509_common_name") or [b""]
+            cn = names[0].decode(errors="replace")
+        return self._verifier.verify(
+            context.invocation_metadata(), method, peer_common_name=cn, require_cert_binding=bind
+        )
+
+    def _seat(self, context: Any, method: str) -> tuple[RoundRunner, int]:
+        caller = self._caller(context, method)
+        runner = self._coord.runner(caller.round_id)
+        return runner, runner.member(caller.participant.name).client_id
+
+    async def GetRound(  # noqa: N802
+        self, request: aggregation_pb2.GetRoundRequest, context: Any
+    ) -> aggregation_pb2.RoundInfo:
+        try:
+            runner, cid = self._seat(context, GET_ROUND)
+            if request.round_id != runner.round_id:
+                raise Unauthenticated("the call is signed for another round")
+            return serde.round_info_to_proto(
+                round_id=runner.round_id,
+                job=runner.job,
+                params=runner.params,
+                members=runner.members,
+                client_id=cid,
+                deadlines=runner.deadlines,
+                plaintext=runner.plaintext,
+                max_chunk_bytes=self._config.max_chunk_bytes,
+                max_message_bytes=runner.max_message_bytes,
+                status=runner.status,
+            )
+        except Exception as exc:
+            await _fail(context, exc)
+
+    async def Session(  # noqa: N802
+        self, request_iterator: AsyncIterator[aggregation_pb2.ClientFrame], context: Any
+    ) -> AsyncIterator[bytes]:
+        try:
+            runner, cid = self._seat(context, SESSION)
+            stream = StreamSession(runner, cid, self._config.max_chunk_bytes)
+            async for frame in stream.frames(request_iterator):
+                yield frame
+        except Exception as exc:
+            await _fail(context, exc)
+
+
+class AdminServicer(admin_pb2_grpc.AdminServicer):
+    """The operator API (admin token)."""
+
+    def __init__(self, coordinator: Coordinator, config: ServerConfig):
+        self._coord = coordinator
+        self._store = coordinator.store
+        self._config = config
+
+    def _check(self, context: Any) -> None:
+        check_admin(context.invocation_metadata(), self._config.admin_token)
+
+    async def Enroll(self, request: admin_pb2.EnrollRequest, context: Any) -> admin_pb2.Participant:  # noqa: N802
+        try:
+            self._check(context)
+            rec = await asyncio.to_thread(self._store.enroll, request.name, request.identity_key)
+            return serde.participant_to_proto(rec)
+        except Exception as exc:
+            await _fail(context, exc)
+
+    async def Revoke(self, request: admin_pb2.RevokeRequest, context: Any) -> admin_pb2.Participant:  # noqa: N802
+        try:
+            self._check(context)
+            rec = await asyncio.to_thread(self._store.revoke, request.name)
+            return serde.participant_to_proto(rec)
+        except Exception as exc:
+            await _fail(context, exc)
+
+    async def ListParticipants(  # noqa: N802
+        self, request: admin_pb2.ListParticipantsRequest, context: Any
+    ) -> admin_pb2.ListParticipantsResponse:
+        try:
+            self._check(context)
+            recs = await asyncio.to_thread(self._store.participants)
+            return admin_pb2.ListParticipantsResponse(
+                participants=[serde.participant_to_proto(r) for r in recs]
+            )
+        except Exception as exc:
+            await _fail(context, exc)
+
+    async def CreateRound(  # noqa: N802
+        self, request: admin_pb2.CreateRoundRequest, context: Any
+    ) -> admin_pb2.RoundStatus:
+        try:
+            self._check(context)
+            spec = serde.round_spec_from_proto(request, self._config.deadlines)
+            runner = await self._coord.create(spec)
+            return await self._status(runner.round_id)
+        except Exception as exc:
+            await _fail(context, exc)
+
+    async def GetRoundStatus(  # noqa: N802
+        self, request: admin_pb2.RoundStatusRequest, context: Any
+    ) -> admin_pb2.RoundStatus:
+        try:
+            self._check(context)
+            return await self._status(request.round_id)
+        except Exception as exc:
+            await _fail(context, exc)
+
+    async def AbortRound(  # noqa: N802
+        self, request: admin_pb2.AbortRoundRequest, context: Any
+    ) -> admin_pb2.RoundStatus:
+        try:
+            self._check(context)
+            runner = self._coord.runner(request.round_id)
+            await runner.abort(request.reason or "aborted by the operator")
+            return await self._status(request.round_id)
+        except Exception as exc:
+            await _fail(context, exc)
+
+    async def _status(self, round_id: bytes) -> admin_pb2.RoundStatus:
+        try:
+            runner = self._coord.runner(round_id)
+        except SecAggError:
+            runner = None
+        if runner is not None:
+            stage, outcome = await asyncio.to_thread(runner.snapshot)
+            return serde.round_status_to_proto(
+                round_id=runner.round_id,
+                job=runner.job,
+                stage=stage,
+                members=runner.members,
+                outcome=outcome,
+                params=runner.params.encode(),
+                plaintext=runner.plaintext,
+            )
+        rec = await asyncio.to_thread(self._store.round, round_id)
+        if rec is None:
+            self._coord.runner(round_id)  # raises NotFound with the reason
+            raise AssertionError("unreachable")  # pragma: no cover
+        outcome = rec.outcome or {"status": rec.status}
+        return serde.round_status_to_proto(
+            round_id=rec.round_id,
+            job=rec.job,
+            stage=rec.status if rec.status != RUNNING else "unknown",
+            members=rec.members,
+            outcome=outcome,
+            params=rec.params,
+            plaintext=rec.plaintext,
+        )

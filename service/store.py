@@ -1,0 +1,341 @@
+"""The embedded store (SQLite): participants, rounds and the audit log.
+
+One connection guarded by a lock; every write that appends to the audit log runs in one
+``BEGIN IMMEDIATE`` transaction, so two processes sharing the file (``secagg enroll``
+beside a running server) cannot fork the chain. Triggers refuse ``UPDATE`` and ``DELETE``
+on the log; the hash chain (:mod:`secagg.service.audit`) catches whoever drops them.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from secagg.errors import ConfigurationError, InvalidSignature, StoreError
+from secagg.keys import PUBLIC_KEY_BYTES, check_identity_key
+from secagg.service.audit import GENESIS, AuditEntry, canonical_json, entry_hash, verify_chain
+from secagg.service.errors import AlreadyExists, NotFound
+
+__all__ = ["Member", "ParticipantRecord", "RoundRecord", "Store"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS participants (
+    name TEXT PRIMARY KEY,
+    public_key BLOB NOT NULL UNIQUE,
+    enrolled_at REAL NOT NULL,
+    revoked_at REAL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round_id BLOB PRIMARY KEY,
+    job TEXT NOT NULL,
+    status TEXT NOT NULL,
+    stage TEXT NOT NULL DEFAULT 'advertise_keys',
+    params BLOB NOT NULL,
+    plaintext INTEGER NOT NULL,
+    deadlines TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    ended_at REAL,
+    outcome TEXT
+);
+CREATE TABLE IF NOT EXISTS round_members (
+    round_id BLOB NOT NULL,
+    client_id INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    public_key BLOB NOT NULL,
+    PRIMARY KEY (round_id, client_id)
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    kind TEXT NOT NULL,
+    round_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"""
+
+RUNNING, COMPLETED, ABORTED = "running", "completed", "aborted"
+
+
+@dataclass(frozen=True)
+class ParticipantRecord:
+    """An enrolled identity."""
+
+    name: str
+    public_key: bytes
+    enrolled_at: float
+    revoked_at: float | None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+@dataclass(frozen=True)
+class Member:
+    """A participant's seat in one round."""
+
+    client_id: int
+    name: str
+    public_key: bytes
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """A round as stored: what was configured and, once over, how it ended."""
+
+    round_id: bytes
+    job: str
+    status: str
+    params: bytes
+    plaintext: bool
+    deadlines: dict[str, float]
+    created_at: float
+    ended_at: float | None
+    outcome: dict[str, Any]
+    members: tuple[Member, ...]
+
+
+class Store:
+    """SQLite-backed store; ``path`` may be ``":memory:"`` (tests)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        try:
+            self._db = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=30.0
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the store at {self.path}: {exc}") from exc
+        self._lock = threading.RLock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreError(f"store write failed: {exc}") from exc
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                return list(self._db.execute(sql, args).fetchall())
+            except sqlite3.Error as exc:
+                raise StoreError(f"store read failed: {exc}") from exc
+
+    # -- audit ------------------------------------------------------------------------------
+
+    def _append(
+        self, db: sqlite3.Connection, kind: str, round_id: str, body: Mapping[str, Any]
+    ) -> AuditEntry:
+        row = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS)
+        ts = time.time()
+        text = canonical_json(body)
+        digest = entry_hash(prev, seq, ts, kind, round_id, text)
+        db.execute(
+            "INSERT INTO audit (seq, ts, kind, round_id, body, prev_hash, hash) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (seq, ts, kind, round_id, text, prev, digest),
+        )
+        return AuditEntry(seq, ts, kind, round_id, text, prev, digest)
+
+    def append_audit(self, kind: str, round_id: str, body: Mapping[str, Any]) -> AuditEntry:
+        """Append one entry to the log."""
+        with self._tx() as db:
+            return self._append(db, kind, round_id, body)
+
+    def audit_entries(self, round_id: str | None = None) -> list[AuditEntry]:
+        sql = "SELECT seq, ts, kind, round_id, body, prev_hash, hash FROM audit"
+        args: tuple[Any, ...] = ()
+        if round_id is not None:
+            sql += " WHERE round_id = ?"
+            args = (round_id,)
+        return [AuditEntry(*row) for row in self._query(sql + " ORDER BY seq", args)]
+
+    def verify_audit(self, expect_head: str | None = None) -> str:
+        """Verify the whole chain; return the head hash (raises ``StoreError``)."""
+        return verify_chain(self.audit_entries(), expect_head)
+
+    # -- participants -------------------------------------------------------------------------
+
+    def enroll(self, name: str, public_key: bytes) -> ParticipantRecord:
+        """Enrol ``name`` with its Ed25519 public key."""
+        if not name or len(name) > 128 or not name.isprintable():
+            raise ConfigurationError("participant names are 1..128 printable characters")
+        if len(public_key) != PUBLIC_KEY_BYTES:
+            raise ConfigurationError("identity keys are 32-byte Ed25519 public keys")
+        try:
+            check_identity_key(public_key)
+        except InvalidSignature as exc:
+            raise ConfigurationError(f"unusable identity key: {exc}") from None
+        now = time.time()
+        with self._tx() as db:
+            clash = db.execute(
+                "SELECT name FROM participants WHERE name = ? OR public_key = ?",
+                (name, public_key),
+            ).fetchone()
+            if clash:
+                raise AlreadyExists(f"participant {clash[0]!r} already holds this name or key")
+            db.execute(
+                "INSERT INTO participants (name, public_key, enrolled_at) VALUES (?, ?, ?)",
+                (name, public_key, now),
+            )
+            self._append(
+                db, "participant_enrolled", "", {"name": name, "identity_key": public_key.hex()}
+            )
+        return ParticipantRecord(name, public_key, now, None)
+
+    def revoke(self, name: str) -> ParticipantRecord:
+        """Revoke ``name``: its identity is refused from now on (recorded in the log)."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT public_key, enrolled_at, revoked_at FROM participants WHERE name = ?",
+                (name,),
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no participant named {name!r}")
+            if row[2] is not None:
+                return ParticipantRecord(name, row[0], row[1], row[2])
+            db.execute("UPDATE participants SET revoked_at = ? WHERE name = ?", (now, name))
+            self._append(db, "participant_revoked", "", {"name": name})
+        return ParticipantRecord(name, row[0], row[1], now)
+
+    def participant(self, name: str) -> ParticipantRecord | None:
+        rows = self._query(
+            "SELECT name, public_key, enrolled_at, revoked_at FROM participants WHERE name = ?",
+            (name,),
+        )
+        return ParticipantRecord(*rows[0]) if rows else None
+
+    def participant_by_key(self, public_key: bytes) -> ParticipantRecord | None:
+        rows = self._query(
+            "SELECT name, public_key, enrolled_at, revoked_at FROM participants "
+            "WHERE public_key = ?",
+            (public_key,),
+        )
+        return ParticipantRecord(*rows[0]) if rows else None
+
+    def participants(self) -> list[ParticipantRecord]:
+        rows = self._query(
+            "SELECT name, public_key, enrolled_at, revoked_at FROM participants ORDER BY name"
+        )
+        return [ParticipantRecord(*r) for r in rows]
+
+    # -- rounds ---------------------------------------------------------------------------------
+
+    def create_round(
+        self,
+        round_id: bytes,
+        job: str,
+        params: bytes,
+        plaintext: bool,
+        deadlines: Mapping[str, float],
+        members: Sequence[Member],
+        audit_body: Mapping[str, Any],
+    ) -> None:
+        """Record a new running round and its ``round_created`` audit entry, atomically."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO rounds (round_id, job, status, params, plaintext, deadlines, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (round_id, job, RUNNING, params, int(plaintext), json.dumps(dict(deadlines)), now),
+            )
+            db.executemany(
+                "INSERT INTO round_members (round_id, client_id, name, public_key) "
+                "VALUES (?, ?, ?, ?)",
+                [(round_id, m.client_id, m.name, m.public_key) for m in members],
+            )
+            self._append(db, "round_created", round_id.hex(), audit_body)
+
+    def finish_round(self, round_id: bytes, status: str, outcome: Mapping[str, Any]) -> None:
+        """Mark a running round completed or aborted and log its outcome, atomically."""
+        with self._tx() as db:
+            row = db.execute("SELECT status FROM rounds WHERE round_id = ?", (round_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no round {round_id.hex()}")
+            if row[0] != RUNNING:
+                return
+            db.execute(
+                "UPDATE rounds SET status = ?, ended_at = ?, outcome = ? WHERE round_id = ?",
+                (status, time.time(), canonical_json(outcome), round_id),
+            )
+            self._append(db, f"round_{status}", round_id.hex(), outcome)
+
+    def set_stage(self, round_id: bytes, stage: str) -> None:
+        """Remember the stage a running round reached (reported if the server dies)."""
+        with self._tx() as db:
+            db.execute("UPDATE rounds SET stage = ? WHERE round_id = ?", (stage, round_id))
+
+    def abort_interrupted(self, reason: str) -> list[bytes]:
+        """Mark every round still ``running`` (the server stopped under it) as aborted."""
+        rows = self._query("SELECT round_id, stage FROM rounds WHERE status = ?", (RUNNING,))
+        for rid, stage in rows:
+            self.finish_round(
+                bytes(rid), ABORTED, {"status": ABORTED, "stage": stage, "reason": reason}
+            )
+        return [bytes(r[0]) for r in rows]
+
+    def running_job(self, job: str) -> bytes | None:
+        rows = self._query(
+            "SELECT round_id FROM rounds WHERE job = ? AND status = ?", (job, RUNNING)
+        )
+        return bytes(rows[0][0]) if rows else None
+
+    def round(self, round_id: bytes) -> RoundRecord | None:
+        rows = self._query(
+            "SELECT round_id, job, status, params, plaintext, deadlines, created_at, ended_at, "
+            "outcome FROM rounds WHERE round_id = ?",
+            (round_id,),
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        members = tuple(
+            Member(*m)
+            for m in self._query(
+                "SELECT client_id, name, public_key FROM round_members WHERE round_id = ? "
+                "ORDER BY client_id",
+                (round_id,),
+            )
+        )
+        return RoundRecord(
+            bytes(r[0]),
+            r[1],
+            r[2],
+            bytes(r[3]),
+            bool(r[4]),
+            json.loads(r[5]),
+            r[6],
+            r[7],
+            json.loads(r[8]) if r[8] else {},
+            members,
+        )
