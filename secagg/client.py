@@ -470,10 +470,12 @@ class SecAggClient:
         rounding_key: bytes | None = None,
         he_context: ckks.SecretContext | None = None,
     ) -> None:
-        if params.mode is Mode.CKKS:
-            raise InputError("ckks rounds run secagg.he_round.CkksClient")
-        if params.mode is Mode.HYBRID and he_context is None:
-            raise InputError("a hybrid round needs the key holders' CKKS context")
+        if params.mode not in self.modes:
+            raise InputError(
+                f"{type(self).__name__} does not run {params.mode.name.lower()} rounds"
+            )
+        if params.mode is not Mode.MASKED and he_context is None:
+            raise InputError("ckks and hybrid rounds need the key holders' CKKS context")
         if directory.get(client_id) != identity.public:
             raise InputError("the directory does not list this client's identity key")
         if any(len(pk) != PUBLIC_KEY_BYTES for pk in directory.values()):
@@ -490,8 +492,14 @@ class SecAggClient:
         self._ctx = _Ctx(
             client_id, identity, params, directory, arr, int(weight), rounding_key, he_context
         )
-        self._state: _State = AdvertiseState(self._ctx)
+        self._state: _State = self._first_state()
         self._started = False
+
+    modes: tuple[Mode, ...] = (Mode.MASKED, Mode.HYBRID)
+    """The modes this client runs."""
+
+    def _first_state(self) -> _State:
+        return AdvertiseState(self._ctx)
 
     @property
     def client_id(self) -> int:

@@ -21,15 +21,13 @@ import numpy as np
 import numpy.typing as npt
 
 from secagg import ckks
-from secagg.client import ClientResult, _Ctx, _Final, _State, decrypt_result, encrypted_input
-from secagg.errors import ConfigurationError, InputError, ProtocolViolation, SecAggError
+from secagg.client import SecAggClient, _State, decrypt_result, encrypted_input
+from secagg.errors import ConfigurationError, UnexpectedMessage
 from secagg.keys import IdentityKey, verify_signature
 from secagg.messages import (
-    Abort,
     EncryptedInput,
     EncryptedResult,
     Message,
-    decode_message,
     encrypted_input_payload,
 )
 from secagg.params import Mode, RoundParams
@@ -144,8 +142,10 @@ class _CkksWaiting(_State):
         return finish_result(c, decrypt_result(c, msg.ciphertexts), msg.contributors), []
 
 
-class CkksClient:
-    """One key holder's participation in a ``ckks`` round: encrypt, submit, decrypt."""
+class CkksClient(SecAggClient):
+    """One key holder's participation in a ``ckks`` round: encrypt, upload, decrypt."""
+
+    modes = (Mode.CKKS,)
 
     def __init__(
         self,
@@ -159,63 +159,30 @@ class CkksClient:
         *,
         rounding_key: bytes | None = None,
     ) -> None:
-        if params.mode is not Mode.CKKS:
-            raise InputError("CkksClient runs ckks rounds only")
-        if directory.get(client_id) != identity.public:
-            raise InputError("the directory does not list this client's identity key")
-        arr = np.asarray(x, dtype=np.float64).reshape(-1)
-        if arr.size != params.dim or np.isnan(arr).any():
-            raise InputError(f"update must hold {params.dim} values and no NaN")
-        self._ctx = _Ctx(
-            client_id, identity, params, directory, arr, int(weight), rounding_key, he_context
+        super().__init__(
+            client_id,
+            identity,
+            params,
+            directory,
+            x,
+            weight,
+            rounding_key=rounding_key,
+            he_context=he_context,
         )
-        self._ctx.session_id = ckks_session_id(params)
-        self._state: _State = _CkksWaiting(self._ctx)
 
-    @property
-    def stage(self) -> Stage:
-        return self._state.stage
-
-    @property
-    def done(self) -> bool:
-        return self.stage in (Stage.COMPLETED, Stage.ABORTED)
-
-    @property
-    def result(self) -> ClientResult | None:
-        return self._ctx.result
-
-    @property
-    def error(self) -> SecAggError | None:
-        return self._ctx.error
+    def _first_state(self) -> _State:
+        self._ctx.session_id = ckks_session_id(self._ctx.params)
+        return _CkksWaiting(self._ctx)
 
     def start(self, now: float = 0.0) -> list[Message]:
+        """The only message: the signed encrypted upload."""
         c = self._ctx
-        if c.x is None:
-            raise InputError("client already started")
+        if self._started:
+            raise UnexpectedMessage("client already started", client_id=c.cid)
+        self._started = True
         msg = encrypted_input(c, c.session_id, [])
-        c.x = None
+        c.x = None  # the plaintext update is no longer needed
         return [msg]
-
-    def receive(self, message: Message | bytes, now: float = 0.0) -> list[Message]:
-        c = self._ctx
-        msg = decode_message(message) if isinstance(message, bytes | bytearray) else message
-        if self.done or msg.round_id != c.rid:
-            raise ProtocolViolation("message not expected by this client", client_id=c.cid)
-        try:
-            if isinstance(msg, Abort):
-                from secagg.errors import RoundAborted
-
-                raise RoundAborted(msg.stage, msg.reason)
-            if not isinstance(msg, self._state.accepts):
-                raise ProtocolViolation(f"unexpected {msg.stage_name}", client_id=c.cid)
-            self._state, out = self._state.handle(msg)
-        except SecAggError as exc:
-            if isinstance(exc, ProtocolViolation) and not exc.drops_sender:
-                raise
-            c.error = exc
-            self._state = _Final(c, Stage.ABORTED)
-            raise
-        return out
 
 
 def simulate_he(cfg: Any, params: RoundParams) -> dict[str, Any]:
