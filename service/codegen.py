@@ -35,6 +35,17 @@ def _fix(name: str, text: str) -> str:
     return STUB_HEADER + text if name.endswith(".pyi") else text
 
 
+def _plugins() -> list[str]:
+    """mypy-protobuf's plugins by absolute path: the venv's bin/ need not be on PATH."""
+    bindir = Path(sys.executable).parent
+    out = []
+    for name in ("protoc-gen-mypy", "protoc-gen-mypy_grpc"):
+        exe = bindir / name
+        if exe.exists():
+            out.append(f"--plugin={name}={exe}")
+    return out
+
+
 def generate(out_dir: Path) -> list[Path]:
     """Write the generated modules (flat, imports fixed) into ``out_dir``; return them."""
     protoc = importlib.import_module("grpc_tools.protoc")  # dev: grpcio-tools, mypy-protobuf
@@ -42,6 +53,7 @@ def generate(out_dir: Path) -> list[Path]:
     with tempfile.TemporaryDirectory() as tmp:
         args = [
             "grpc_tools.protoc",
+            *_plugins(),
             f"-I{PROTO_DIR}",
             f"--python_out={tmp}",
             f"--grpc_python_out={tmp}",
