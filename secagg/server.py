@@ -8,6 +8,7 @@ or starts a thread: the service moves bytes and runs timers.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -155,8 +156,18 @@ class SecAggServer:
 
     # -- input -------------------------------------------------------------------------------
 
-    def receive(self, client_id: int, message: Message | bytes, now: float) -> list[Outgoing]:
+    def receive(
+        self,
+        client_id: int,
+        message: Message | bytes,
+        now: float,
+        *,
+        digest: bytes | None = None,
+    ) -> list[Outgoing]:
         """Accept one message from ``client_id`` (authenticated by the transport).
+
+        A caller that decoded ``message`` itself may pass ``digest``, the SHA-256 of the
+        bytes it came from, to spare re-encoding it (duplicate detection hashes messages).
 
         Raises
         ------
@@ -167,8 +178,12 @@ class SecAggServer:
         """
         stage = self.stage
         try:
-            msg = decode_message(message) if isinstance(message, bytes | bytearray) else message
-            self._state.handle(client_id, msg)
+            if isinstance(message, bytes | bytearray):
+                msg = decode_message(message)
+                digest = hashlib.sha256(message).digest()
+            else:
+                msg = message
+            self._state.handle(client_id, msg, digest)
         except ProtocolViolation as exc:
             exc.client_id = client_id
             exc.stage = stage.value

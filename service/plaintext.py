@@ -83,7 +83,9 @@ class PlaintextServer:
     def stage_times(self) -> dict[str, float]:
         return dict(self._stage_times)
 
-    def receive(self, client_id: int, message: Message | bytes, now: float) -> list[Outgoing]:
+    def receive(
+        self, client_id: int, message: Message | bytes, now: float, *, digest: bytes | None = None
+    ) -> list[Outgoing]:
         stage = self._stage
         try:
             msg = decode_message(message) if isinstance(message, bytes | bytearray) else message

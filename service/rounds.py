@@ -59,7 +59,9 @@ class RoundCore(Protocol):
     def records(self) -> Mapping[int, ClientRecord]: ...
     @property
     def stage_times(self) -> dict[str, float]: ...
-    def receive(self, client_id: int, message: Message | bytes, now: float) -> list[Outgoing]: ...
+    def receive(
+        self, client_id: int, message: Message | bytes, now: float, *, digest: bytes | None = None
+    ) -> list[Outgoing]: ...
     def tick(self, now: float) -> list[Outgoing]: ...
     def abort(self, stage: str, reason: str) -> list[Outgoing]: ...
 
@@ -203,8 +205,10 @@ class RoundRunner:
     def _receive(self, cid: int, data: memoryview) -> bool:
         self._metrics.bytes.labels("in").inc(len(data))
         msg: Message | bytes
+        digest: bytes | None = None
         try:
             msg = decode_message(data)
+            digest = hashlib.sha256(data).digest()  # outside the lock, spares re-encoding
         except MalformedMessage:
             msg = bytes(data)  # the core refuses it (and drops the sender) the usual way
         with self._lock:
@@ -214,7 +218,7 @@ class RoundRunner:
                 late.drops_sender = False
                 raise late
             try:
-                out = self.core.receive(cid, msg, now)
+                out = self.core.receive(cid, msg, now, digest=digest)
             except DuplicateMessage:
                 self._after(self.core.tick(now), now)
                 self._metrics.messages.labels("duplicate").inc()

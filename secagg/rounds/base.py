@@ -166,8 +166,12 @@ class ServerState:
 
     # -- message intake -------------------------------------------------------------------
 
-    def handle(self, cid: int, msg: Message) -> None:
+    def handle(self, cid: int, msg: Message, digest: bytes | None = None) -> None:
         """Validate and store one message from client ``cid``.
+
+        ``digest`` is the SHA-256 of the bytes ``msg`` was decoded from, when the caller has
+        them: the codec is canonical (one encoding per message), so it equals the digest of
+        ``msg.encode()`` without encoding a large vector again.
 
         Raises
         ------
@@ -190,7 +194,8 @@ class ServerState:
                 f"client {cid} was dropped in stage {rec.dropped_stage}; message discarded",
                 client_id=cid,
             )
-        digest = hashlib.sha256(msg.encode()).digest()
+        if digest is None:
+            digest = hashlib.sha256(msg.encode()).digest()
         key = (cid, msg.TYPE)
         previous = ctx.accepted.get(key)
         if previous is not None:

@@ -39,9 +39,9 @@ class MaskedInputState(ServerState):
         else:
             ctx.acc = np.zeros(ctx.params.words, dtype=np.uint64)
 
-    def handle(self, cid: int, msg: Message) -> None:
+    def handle(self, cid: int, msg: Message, digest: bytes | None = None) -> None:
         try:
-            super().handle(cid, msg)
+            super().handle(cid, msg, digest)
         except ProtocolViolation as exc:
             # An input already summed cannot be taken out again: its sender stays in.
             if cid in self.received:

@@ -13,7 +13,7 @@ class _Terminal(ServerState):
     def __init__(self, ctx: ServerContext) -> None:
         super().__init__(ctx, frozenset())
 
-    def handle(self, cid: int, msg: Message) -> None:
+    def handle(self, cid: int, msg: Message, digest: bytes | None = None) -> None:
         rec = self.ctx.records.get(cid)
         exc: UnexpectedMessage
         if rec is not None and not rec.active:
