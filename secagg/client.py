@@ -8,7 +8,7 @@ consistency signatures, and never revealing both shares of one peer.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,7 +61,7 @@ from secagg.rounds.advertise_keys import graph_seed, session_id_for
 from secagg.rounds.base import Stage
 from secagg.rounds.unmasking import pair_sign
 
-__all__ = ["ClientResult", "SecAggClient", "share_aad"]
+__all__ = ["ClientResult", "SecAggClient", "decrypt_lane_sums", "share_aad"]
 
 
 def share_aad(session_id: bytes, sender: int, recipient: int) -> bytes:
@@ -287,18 +287,32 @@ def encrypted_input(c: _Ctx, session_id: bytes, masks: list[StreamMask]) -> Encr
     return EncryptedInput(c.rid, c.cid, session_id, cts, sig)
 
 
-def decrypt_result(c: _Ctx, ciphertexts: tuple[bytes, ...]) -> npt.NDArray[np.uint64]:
+def decrypt_lane_sums(
+    secret: ckks.SecretContext, params: RoundParams, ciphertexts: Sequence[bytes]
+) -> npt.NDArray[np.uint64]:
     """Lane sums from an encrypted sum: decrypt, reduce modulo the mask modulus (hybrid),
-    unpack. Only integers leave :func:`secagg.ckks.decrypt` (IND-CPA-D, Li–Micciancio 2021)."""
-    assert c.he is not None
-    he = c.params.he
-    try:
-        slot_sums = ckks.decrypt(c.he, ciphertexts)
-    except SecAggError as exc:
-        raise c.misbehaviour(f"encrypted result does not decrypt: {exc}") from None
-    if c.params.mode is Mode.HYBRID:
+    unpack. Only integers leave :func:`secagg.ckks.decrypt` (IND-CPA-D, Li–Micciancio 2021).
+
+    Raises
+    ------
+    SecAggError
+        What :func:`secagg.ckks.decrypt` raises for a malformed or undecryptable sum.
+    """
+    he = params.he
+    slot_sums = ckks.decrypt(secret, ciphertexts)
+    if params.mode is Mode.HYBRID:
         slot_sums = ckks.unmask_sum(slot_sums, he)
     return ckks.unpack_lanes(slot_sums, he, he.n_values)
+
+
+def decrypt_result(c: _Ctx, ciphertexts: tuple[bytes, ...]) -> npt.NDArray[np.uint64]:
+    """:func:`decrypt_lane_sums` for this client; a sum that does not decrypt is the
+    server's misbehaviour."""
+    assert c.he is not None
+    try:
+        return decrypt_lane_sums(c.he, c.params, ciphertexts)
+    except SecAggError as exc:
+        raise c.misbehaviour(f"encrypted result does not decrypt: {exc}") from None
 
 
 class MaskedInputState(_State):

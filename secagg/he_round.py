@@ -1,4 +1,4 @@
-"""The ``ckks`` round (sans-I/O), and the in-process simulation of ``ckks`` and ``hybrid``.
+"""The ``ckks`` round (sans-I/O).
 
 A ``ckks`` round needs no key agreement and no unmasking: every client encrypts its packed
 update under the key holders' CKKS key, the server (holding a context with no key at all)
@@ -13,11 +13,8 @@ as ``K`` clients have submitted, or at the deadline if at least ``t`` have.
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Mapping
-from typing import Any
 
-import numpy as np
 import numpy.typing as npt
 
 from secagg import ckks
@@ -41,7 +38,7 @@ from secagg.rounds.base import (
 from secagg.rounds.terminal import CompletedState
 from secagg.server import SecAggServer, StageTimeouts
 
-__all__ = ["CkksClient", "CkksServer", "ckks_session_id", "simulate_he"]
+__all__ = ["CkksClient", "CkksServer", "ckks_session_id"]
 
 
 def ckks_session_id(params: RoundParams) -> bytes:
@@ -183,98 +180,3 @@ class CkksClient(SecAggClient):
         msg = encrypted_input(c, c.session_id, [])
         c.x = None  # the plaintext update is no longer needed
         return [msg]
-
-
-def simulate_he(cfg: Any, params: RoundParams) -> dict[str, Any]:
-    """``secagg simulate --mode ckks|hybrid``: the same report as the masked simulation."""
-    import random
-    import statistics
-
-    from secagg.quantize import lane_values
-    from secagg.simulate import run_round, schedule
-
-    he = params.he
-    t0 = time.perf_counter()
-    secret_bytes = ckks.make_secret_context(he)
-    secret = ckks.load_secret_context(secret_bytes, he)
-    server_ctx = ckks.load_server_context(ckks.make_public_context(secret_bytes), he)
-    keygen_seconds = time.perf_counter() - t0
-
-    rng = random.Random(cfg.seed)  # noqa: S311 -- test data and dropouts only
-    data_rng = np.random.default_rng(cfg.seed)
-    ids = list(range(1, cfg.clients + 1))
-    inputs = {
-        c: np.clip(data_rng.normal(0.0, cfg.clip / 4, cfg.dim), -cfg.clip, cfg.clip) for c in ids
-    }
-    weights = {c: rng.randint(1, cfg.max_weight) for c in ids}
-    plan = schedule(cfg, ids, rng)
-    if params.mode is Mode.CKKS:
-        # No stage but the submission: a dropped client simply never submits.
-        plan = {c: Stage.MASKED_INPUT for c in plan}
-    wall0 = time.perf_counter()
-    server, tally, rounding = run_round(
-        params, inputs, weights, plan, he_secret=secret, he_server=server_ctx
-    )
-    wall = time.perf_counter() - wall0
-
-    report: dict[str, Any] = {
-        "mode": params.mode.name.lower(),
-        "clients": cfg.clients,
-        "dim": cfg.dim,
-        "bits": cfg.bits,
-        "neighbors": params.degree if params.mode is Mode.HYBRID else 0,
-        "threshold": params.threshold,
-        "dropped": {str(c): s.value for c, s in sorted(plan.items())},
-        "warnings": list(params.warnings),
-        "he": {
-            "poly_modulus_degree": he.poly_modulus_degree,
-            "coeff_mod_bit_sizes": list(he.coeff_mod_bit_sizes),
-            "scale_bits": he.scale_bits,
-            "lanes_per_slot": he.lanes_per_slot,
-            "ciphertexts_per_client": he.n_ciphertexts,
-            "keygen_seconds": keygen_seconds,
-        },
-    }
-    result = server.result
-    if result is None or result.ciphertexts is None:
-        err = server.error
-        report.update(
-            status="aborted",
-            abort={"stage": getattr(err, "stage", "?"), "reason": getattr(err, "reason", "")},
-            survivors=0,
-            exact=False,
-            max_abs_error=None,
-        )
-    else:
-        spec = params.quant
-        expected = np.zeros(spec.values(cfg.dim), dtype=np.uint64)
-        float_sum = np.zeros(cfg.dim)
-        for c in result.contributors:
-            expected += lane_values(inputs[c], weights[c], spec, rounding[c])
-            float_sum += weights[c] * inputs[c]
-        slot_sums = ckks.decrypt(secret, result.ciphertexts)
-        if params.mode is Mode.HYBRID:
-            slot_sums = ckks.unmask_sum(slot_sums, he)
-        sums = ckks.unpack_lanes(slot_sums, he, he.n_values)
-        from secagg.quantize import dequantize
-
-        weighted_sum, _ = dequantize(sums, spec, len(result.contributors), cfg.dim)
-        report.update(
-            status="completed",
-            survivors=len(result.contributors),
-            exact=bool(np.array_equal(expected, sums)),
-            max_abs_error=float(np.max(np.abs(weighted_sum - float_sum))),
-            quantization_step=1.0 / spec.scale,
-        )
-    senders = [c for c in ids if c not in plan] or ids
-    report["seconds"] = {
-        "client_median": statistics.median(tally.client_seconds[c] for c in senders),
-        "server": tally.server_seconds,
-        "wall": wall,
-    }
-    report["bytes"] = {
-        "upload_per_client": statistics.mean(tally.up[c] for c in senders),
-        "download_per_client": statistics.mean(tally.down[c] for c in senders),
-        "raw_float32_per_client": 4 * cfg.dim,
-    }
-    return report

@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 
 from secagg import ckks
-from secagg.client import SecAggClient
+from secagg.client import SecAggClient, decrypt_lane_sums
 from secagg.errors import RoundAborted, SecAggError
 from secagg.he_round import CkksClient, CkksServer
 from secagg.keys import IdentityKey, random_seed
 from secagg.messages import Message
 from secagg.params import Mode, RoundParams, make_params
-from secagg.quantize import encode, unpack
+from secagg.quantize import dequantize, lane_values
 from secagg.rounds.base import Stage
 from secagg.server import SecAggServer, StageTimeouts
 
@@ -202,10 +202,23 @@ def simulate(cfg: SimulationConfig) -> dict[str, Any]:
         dropout=cfg.tolerated_dropout,
         corrupt=cfg.tolerated_corrupt,
     )
+    he_secret: ckks.SecretContext | None = None
+    he_server: ckks.ServerContext | None = None
+    he_report: dict[str, Any] = {}
     if params.mode is not Mode.MASKED:
-        from secagg.he_round import simulate_he
-
-        return simulate_he(cfg, params)
+        he = params.he
+        t0 = time.perf_counter()
+        secret_bytes = ckks.make_secret_context(he)
+        he_secret = ckks.load_secret_context(secret_bytes, he)
+        he_server = ckks.load_server_context(ckks.make_public_context(secret_bytes), he)
+        he_report = {
+            "poly_modulus_degree": he.poly_modulus_degree,
+            "coeff_mod_bit_sizes": list(he.coeff_mod_bit_sizes),
+            "scale_bits": he.scale_bits,
+            "lanes_per_slot": he.lanes_per_slot,
+            "ciphertexts_per_client": he.n_ciphertexts,
+            "keygen_seconds": time.perf_counter() - t0,
+        }
     rng = random.Random(cfg.seed)  # noqa: S311 -- picks test data and dropouts, no secrets
     data_rng = np.random.default_rng(cfg.seed)  # test data only, never secrets
     ids = list(range(1, cfg.clients + 1))
@@ -215,8 +228,13 @@ def simulate(cfg: SimulationConfig) -> dict[str, Any]:
     }
     weights = {cid: rng.randint(1, cfg.max_weight) for cid in ids}
     plan = schedule(cfg, ids, rng)
+    if params.mode is Mode.CKKS:
+        # No stage but the upload: a dropped client simply never uploads.
+        plan = {c: Stage.MASKED_INPUT for c in plan}
     wall0 = time.perf_counter()
-    server, tally, rounding = run_round(params, inputs, weights, plan)
+    server, tally, rounding = run_round(
+        params, inputs, weights, plan, he_secret=he_secret, he_server=he_server
+    )
     wall = time.perf_counter() - wall0  # the round only: not data generation or checking
 
     report: dict[str, Any] = {
@@ -224,13 +242,15 @@ def simulate(cfg: SimulationConfig) -> dict[str, Any]:
         "clients": cfg.clients,
         "dim": cfg.dim,
         "bits": cfg.bits,
-        "neighbors": params.degree,
+        "neighbors": 0 if params.mode is Mode.CKKS else params.degree,
         "threshold": params.threshold,
         "dropped": {str(c): s.value for c, s in sorted(plan.items())},
         "warnings": list(params.warnings) + server.ctx.warnings,
     }
+    if he_report:
+        report["he"] = he_report
     result = server.result
-    if result is None or result.sums is None or result.weighted_sum is None:
+    if result is None:
         err = server.error
         assert isinstance(err, RoundAborted)
         report.update(
@@ -245,14 +265,19 @@ def simulate(cfg: SimulationConfig) -> dict[str, Any]:
         expected = np.zeros(spec.values(cfg.dim), dtype=np.uint64)
         float_sum = np.zeros(cfg.dim)
         for cid in result.contributors:
-            words = encode(inputs[cid], weights[cid], spec, rounding[cid])
-            expected += unpack(words, spec, spec.values(cfg.dim))
+            expected += lane_values(inputs[cid], weights[cid], spec, rounding[cid])
             float_sum += weights[cid] * inputs[cid]
+        if result.sums is not None:
+            sums = result.sums
+        else:  # ckks, hybrid: a key holder decrypts what the server published
+            assert result.ciphertexts is not None and he_secret is not None
+            sums = decrypt_lane_sums(he_secret, params, result.ciphertexts)
+        weighted_sum, _ = dequantize(sums, spec, len(result.contributors), cfg.dim)
         report.update(
             status="completed",
             survivors=len(result.contributors),
-            exact=bool(np.array_equal(expected, result.sums)),
-            max_abs_error=float(np.max(np.abs(result.weighted_sum - float_sum))),
+            exact=bool(np.array_equal(expected, sums)),
+            max_abs_error=float(np.max(np.abs(weighted_sum - float_sum))),
             quantization_step=1.0 / spec.scale,
         )
     senders = [c for c in ids if c not in plan] or ids

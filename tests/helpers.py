@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from secagg import ckks
-from secagg.client import SecAggClient
+from secagg.client import SecAggClient, decrypt_lane_sums
 from secagg.errors import SecAggError
 from secagg.keys import IdentityKey
 from secagg.messages import Message
@@ -142,8 +142,4 @@ class Harness:
         if res.sums is not None:
             return res.sums
         assert res.ciphertexts is not None and self.he_secret is not None
-        he = self.params.he
-        slots = ckks.decrypt(self.he_secret, res.ciphertexts)
-        if self.params.mode.name == "HYBRID":
-            slots = ckks.unmask_sum(slots, he)
-        return ckks.unpack_lanes(slots, he, he.n_values)
+        return decrypt_lane_sums(self.he_secret, self.params, res.ciphertexts)
