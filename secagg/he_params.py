@@ -37,6 +37,7 @@ from functools import cached_property
 from typing import Final, Literal, get_args
 
 from secagg.errors import ConfigurationError, InfeasibleParameters
+from secagg.quantize import headroom_bits_for, lane_bits_for, weight_bits_for
 
 __all__ = [
     "ERROR_VARIANCE",
@@ -262,17 +263,17 @@ class HEParams:
     @property
     def weight_bits(self) -> int:
         """Bits taken by the weight factor in ``w * q`` (0 when unweighted)."""
-        return self.max_weight.bit_length() if self.weighted else 0
+        return weight_bits_for(self.max_weight)
 
     @property
     def headroom_bits(self) -> int:
         """``ceil(log2 n)``: the lane-wise sum of ``n`` values never leaves its lane."""
-        return _ceil_log2(self.n_clients)
+        return headroom_bits_for(self.n_clients)
 
     @property
     def lane_bits(self) -> int:
-        """Width ``L`` of one lane: value bits + weight bits + headroom (as ``QuantSpec``)."""
-        return self.bits + self.weight_bits + self.headroom_bits
+        """Width ``L`` of one lane, the same as ``QuantSpec.lane_bits``."""
+        return lane_bits_for(self.bits, self.n_clients, self.max_weight)
 
     @property
     def max_lane_value(self) -> int:
@@ -440,8 +441,7 @@ def _best_for_degree(
 
 
 def _layout_probe(mode: Mode, n_clients: int, bits: int, max_weight: int) -> tuple[int, int]:
-    weight_bits = max_weight.bit_length() if max_weight > 1 else 0
-    lane_bits = bits + weight_bits + _ceil_log2(n_clients)
+    lane_bits = lane_bits_for(bits, n_clients, max_weight)
     carry = _ceil_log2(n_clients + 1) if mode == "hybrid" else 0
     return lane_bits, carry
 

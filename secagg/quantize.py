@@ -40,6 +40,21 @@ MAX_BITS = 32
 _TWO_M32 = 2.0**-32
 
 
+def weight_bits_for(max_weight: int) -> int:
+    """Bits the weight factor takes in ``w * q``: 0 when unweighted (``max_weight == 1``)."""
+    return max_weight.bit_length() if max_weight > 1 else 0
+
+
+def headroom_bits_for(n_clients: int) -> int:
+    """``ceil(log2 n)``: the sum of ``n`` lanes never carries out of its lane."""
+    return (n_clients - 1).bit_length()
+
+
+def lane_bits_for(bits: int, n_clients: int, max_weight: int) -> int:
+    """Width of one lane; the masked words and the CKKS slots (``secagg.he_params``) share it."""
+    return bits + weight_bits_for(max_weight) + headroom_bits_for(n_clients)
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """Quantization and packing parameters of one round.
@@ -85,17 +100,17 @@ class QuantSpec:
     @property
     def weight_bits(self) -> int:
         """Bits taken by the weight factor in ``w * q`` (0 when unweighted)."""
-        return self.max_weight.bit_length() if self.weighted else 0
+        return weight_bits_for(self.max_weight)
 
     @property
     def headroom_bits(self) -> int:
         """``ceil(log2 n)``: the sum of ``n`` lanes never carries out of its lane."""
-        return (self.n_clients - 1).bit_length()
+        return headroom_bits_for(self.n_clients)
 
     @property
     def lane_bits(self) -> int:
         """Width ``L`` of one lane."""
-        return self.bits + self.weight_bits + self.headroom_bits
+        return lane_bits_for(self.bits, self.n_clients, self.max_weight)
 
     @property
     def lanes_per_word(self) -> int:

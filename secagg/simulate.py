@@ -28,7 +28,14 @@ from secagg.quantize import dequantize, lane_values
 from secagg.rounds.base import Stage
 from secagg.server import SecAggServer, StageTimeouts
 
-__all__ = ["DROP_STAGES", "SimulationConfig", "run_round", "schedule", "simulate"]
+__all__ = [
+    "DROP_STAGES",
+    "SimulationConfig",
+    "run_round",
+    "schedule",
+    "simulate",
+    "simulation_inputs",
+]
 
 DROP_STAGES: dict[str, Stage] = {
     "advertise": Stage.ADVERTISE_KEYS,
@@ -188,6 +195,21 @@ def _dropped_before(stage: Stage, msg: Message) -> bool:
     return _ANSWERED_IN.get(msg.TYPE, len(_ORDER)) > _ORDER[stage]
 
 
+def simulation_inputs(
+    cfg: SimulationConfig,
+) -> tuple[list[int], dict[int, np.ndarray[Any, Any]], dict[int, int], dict[int, Stage]]:
+    """Client ids, inputs, weights and the dropout plan of ``cfg`` (seeded test data)."""
+    rng = random.Random(cfg.seed)  # noqa: S311 -- picks test data and dropouts, no secrets
+    data_rng = np.random.default_rng(cfg.seed)  # test data only, never secrets
+    ids = list(range(1, cfg.clients + 1))
+    inputs = {
+        cid: np.clip(data_rng.normal(0.0, cfg.clip / 4, cfg.dim), -cfg.clip, cfg.clip)
+        for cid in ids
+    }
+    weights = {cid: rng.randint(1, cfg.max_weight) for cid in ids}
+    return ids, inputs, weights, schedule(cfg, ids, rng)
+
+
 def simulate(cfg: SimulationConfig) -> dict[str, Any]:
     """Run the configured round and return the report printed by ``secagg simulate``."""
     params = make_params(
@@ -219,15 +241,7 @@ def simulate(cfg: SimulationConfig) -> dict[str, Any]:
             "ciphertexts_per_client": he.n_ciphertexts,
             "keygen_seconds": time.perf_counter() - t0,
         }
-    rng = random.Random(cfg.seed)  # noqa: S311 -- picks test data and dropouts, no secrets
-    data_rng = np.random.default_rng(cfg.seed)  # test data only, never secrets
-    ids = list(range(1, cfg.clients + 1))
-    inputs = {
-        cid: np.clip(data_rng.normal(0.0, cfg.clip / 4, cfg.dim), -cfg.clip, cfg.clip)
-        for cid in ids
-    }
-    weights = {cid: rng.randint(1, cfg.max_weight) for cid in ids}
-    plan = schedule(cfg, ids, rng)
+    ids, inputs, weights, plan = simulation_inputs(cfg)
     if params.mode is Mode.CKKS:
         # No stage but the upload: a dropped client simply never uploads.
         plan = {c: Stage.MASKED_INPUT for c in plan}

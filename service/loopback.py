@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
-import random
 import secrets
 import statistics
 import sys
@@ -38,7 +37,7 @@ from secagg.service.config import ServerConfig
 from secagg.service.coordinator import RoundSpec
 from secagg.service.server import BackgroundServer
 from secagg.service.store import Store
-from secagg.simulate import SimulationConfig, schedule
+from secagg.simulate import SimulationConfig, simulation_inputs
 
 __all__ = ["ClientJob", "default_deadlines", "simulate_grpc"]
 
@@ -213,15 +212,7 @@ def simulate_grpc(
         dropout=cfg.tolerated_dropout,
         corrupt=cfg.tolerated_corrupt,
     )
-    rng = random.Random(cfg.seed)  # noqa: S311 -- test data and dropouts, no secrets
-    data_rng = np.random.default_rng(cfg.seed)  # test data only, never secrets
-    ids = list(range(1, cfg.clients + 1))
-    inputs = {
-        cid: np.clip(data_rng.normal(0.0, cfg.clip / 4, cfg.dim), -cfg.clip, cfg.clip)
-        for cid in ids
-    }
-    weights = {cid: rng.randint(1, cfg.max_weight) for cid in ids}
-    plan = schedule(cfg, ids, rng)
+    ids, inputs, weights, plan = simulation_inputs(cfg)
     seeds = {cid: secrets.token_bytes(32) for cid in ids}
     rounding = {cid: secrets.token_bytes(32) for cid in ids}
     token = secrets.token_hex(16)
