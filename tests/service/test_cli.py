@@ -129,3 +129,27 @@ def test_simulate_over_grpc_prints_the_in_process_report(
         "consistency",
         "unmasking",
     }
+
+
+def test_keygen_ckks_writes_a_secret_and_a_keyless_server_context(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from secagg import ckks
+    from secagg.errors import ConfigurationError
+    from secagg.params import make_params
+
+    out = tmp_path / "fed"
+    assert main(["keygen", "--ckks", "--out", str(out)]) == 2  # no --clients/--dim
+    assert "--clients and --dim" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    args = ["keygen", "--ckks", "--mode", "hybrid", "--clients", "6", "--dim", "300"]
+    assert main([*args, "--out", str(out)]) == 0
+    secret = tmp_path / "fed.ckks-secret"
+    server = tmp_path / "fed.ckks-server"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    he = make_params(6, 300, mode="hybrid").he
+    ckks.load_secret_context(secret.read_bytes(), he)
+    ckks.load_server_context(server.read_bytes(), he)
+    with pytest.raises(ConfigurationError, match="secret key"):
+        ckks.load_server_context(secret.read_bytes(), he)
+    assert main([*args, "--out", str(out)]) == 2  # never overwrites without --force
