@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install -q
+# The Flower environment: `secagg[flower,codegen]` as pip resolves it (protobuf 6,
+# pycryptodome 3, the floor of our ranges), beside dev's newest versions.
+FVENV  := .venv-flower
+FBIN   := $(FVENV)/bin
 TYPECHECK := build/typecheck
 # torch comes first and pinned: the CPU build 2.13.0 is on disk; an unpinned torch pulls
 # gigabytes of CUDA wheels.
@@ -26,17 +30,13 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	$(PIP) -e '.[dev]'
 	touch $@ $(VENV)/.demo
 
-# flwr 1.42 pins protobuf<7 / pycryptodome<4, which pip cannot resolve beside our stubs; it
-# runs fine on the newer versions, so it is installed without its pins (docs/integrations.md).
-$(VENV)/.flower: $(VENV)/.dev
-	$(PIP) --no-deps flwr==1.42.0
-	$(PIP) certifi 'cryptography>=50,<51' 'iterators>=0.0.2,<0.0.3' 'typer>=0.13,<0.21' \
-	  'tomli>=2.0.1,<3' 'tomli-w>=1,<2' 'prompt-toolkit>=3.0.52,<4' 'rich>=14,<15' \
-	  'pyyaml>=6.0.2,<7' 'requests>=2.33,<3' 'httpx>=0.28.1,<1' 'click>=8,<9' \
-	  'sqlalchemy[asyncio]>=2.0.45,<3' 'alembic>=1.18.1,<2'
+$(FVENV)/.flower: pyproject.toml
+	$(PYTHON) -m venv $(FVENV)
+	$(FBIN)/python -m pip install -q --upgrade pip
+	$(FBIN)/python -m pip install -q -e '.[flower,codegen]' 'pytest>=8' 'hypothesis>=6.100'
 	touch $@
 
-flower: $(VENV)/.flower
+flower: $(FVENV)/.flower
 
 demo: $(VENV)/.demo
 	$(BIN)/secagg demo --out demo-out
@@ -54,8 +54,14 @@ typecheck: $(VENV)/.dev
 	ln -s "$$PWD/service" $(TYPECHECK)/secagg/service
 	cd $(TYPECHECK) && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p secagg
 
-unit: $(VENV)/.flower
+# The Flower environment runs the Flower tests, the stub drift test and the primitives
+# (pycryptodome 3.x, protobuf 6 at run time).
+FLOWER_TESTS = tests/integrations/test_flower.py tests/service/test_codegen.py \
+	tests/test_primitives.py tests/test_protocol.py
+
+unit: $(VENV)/.dev $(FVENV)/.flower
 	$(BIN)/python -m pytest -q
+	$(FBIN)/python -m pytest -q -p no:cacheprovider $(FLOWER_TESTS)
 
 test: lint typecheck unit
 
@@ -72,8 +78,8 @@ bench-full: $(VENV)/.dev
 	@echo "make bench-full: several hours on the 2-core machine (1,000 clients, 10^7 parameters)"
 	SECAGG_BENCH_PROFILE=full $(BENCH_PYTEST) -q benchmarks
 
-proto: $(VENV)/.dev
-	$(BIN)/python -m secagg.service.codegen
+proto: $(FVENV)/.flower
+	$(FBIN)/python -m secagg.service.codegen
 
 clean:
-	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(FVENV) build .pytest_cache .mypy_cache .ruff_cache .hypothesis

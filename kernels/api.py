@@ -134,7 +134,7 @@ def _device_vector(x: Any) -> Any:
 
 def _check_stream(nbytes: int) -> None:
     if nbytes > MAX_STREAM_BYTES:
-        raise ConfigurationError("keystream request outside the 2^32-block counter space")
+        raise ConfigurationError("keystream request outside the 2^32 - 1 block counter space")
 
 
 # --- public API ---------------------------------------------------------------------------

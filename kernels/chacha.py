@@ -52,8 +52,8 @@ BLOCK_WORDS = 16
 NONCE_BYTES = 12
 """RFC 8439 section 2.3 nonce: 96 bits after a 32-bit block counter."""
 
-MAX_BLOCKS = 1 << 32
-"""The 32-bit block counter of RFC 8439 section 2.3 bounds a stream to 2^32 blocks."""
+MAX_BLOCKS = MAX_STREAM_BYTES // 64
+"""Blocks in one stream: counters 0 .. 2^32 - 2 (:data:`secagg.prg.MAX_STREAM_BYTES`)."""
 
 SIGMA = (0x61707865, 0x3320646E, 0x79622D32, 0x6B206574)
 """State words 0-3, ``"expand 32-byte k"`` little-endian (RFC 8439 section 2.3)."""
@@ -225,9 +225,9 @@ def nonce_words(nonce: bytes) -> npt.NDArray[np.uint32]:
 
 
 def check_range(offset: int, nbytes: int) -> None:
-    """Reject a request beyond the 2^32-block counter space, as :mod:`secagg.prg` does."""
+    """Reject a request beyond the stream's counter space, as :mod:`secagg.prg` does."""
     if nbytes < 0 or offset < 0 or offset + nbytes > MAX_STREAM_BYTES:
-        raise ConfigurationError("keystream request outside the 2^32-block counter space")
+        raise ConfigurationError("keystream request outside the 2^32 - 1 block counter space")
 
 
 def mask_params(

@@ -45,8 +45,11 @@ KEY_BYTES = 32
 BLOCK_BYTES = 64
 """ChaCha20 block size in bytes (RFC 8439 section 2.3)."""
 
-MAX_STREAM_BYTES = BLOCK_BYTES * (1 << 32)
-"""The 32-bit block counter of RFC 8439 bounds one stream to 256 GiB."""
+MAX_STREAM_BYTES = BLOCK_BYTES * ((1 << 32) - 1)
+"""One stream is block counters 0 .. 2^32 - 2 (just under 256 GiB).
+
+RFC 8439 section 2.3 gives a 32-bit counter; pycryptodome 3.x refuses its last value, so
+secagg never uses it and every stream can be checked against every pycryptodome release."""
 
 _LABEL = b"secagg/v1/"
 
@@ -107,7 +110,7 @@ def keystream_bytes(key: bytes, purpose: Purpose, nbytes: int, offset: int = 0) 
     if len(key) != KEY_BYTES:
         raise ConfigurationError("ChaCha20 keys are 32 bytes")
     if nbytes < 0 or offset < 0 or offset + nbytes > MAX_STREAM_BYTES:
-        raise ConfigurationError("keystream request outside the 2^32-block counter space")
+        raise ConfigurationError("keystream request outside the 2^32 - 1 block counter space")
     cipher = ChaCha20.new(key=key, nonce=nonce_for(purpose))
     if offset:
         cipher.seek(offset)

@@ -126,8 +126,8 @@ def test_keystream_large_and_last_block(use) -> None:  # type: ignore[no-untyped
     key, nonce = os.urandom(32), os.urandom(12)
     want = ChaCha20.new(key=key, nonce=nonce).encrypt(bytes(200_003))
     assert kernels.keystream(key, nonce, 200_003) == want
-    # the very last block of the 2^32-block counter space
-    last = 64 * ((1 << 32) - 1)
+    # the last block secagg uses (counter 2^32 - 2; see secagg.prg.MAX_STREAM_BYTES)
+    last = 64 * ((1 << 32) - 2)
     cipher = ChaCha20.new(key=key, nonce=nonce)
     cipher.seek(last)
     assert kernels.keystream(key, nonce, 64, last) == cipher.encrypt(bytes(64))

@@ -5,7 +5,7 @@ import warnings
 
 from secagg.service._gen import aggregation_pb2 as secagg_dot_v1_dot_aggregation__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.75.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in secagg/v1/aggregation_pb2_grpc.py depends on'
+        + f' but the generated code in secagg/v1/aggregation_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class AggregationStub:
+class AggregationStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -46,7 +46,7 @@ class AggregationStub:
                 _registered_method=True)
 
 
-class AggregationServicer:
+class AggregationServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def GetRound(self, request, context):
@@ -86,7 +86,7 @@ def add_AggregationServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Aggregation:
+class Aggregation(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
