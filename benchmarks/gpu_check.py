@@ -152,6 +152,11 @@ def run_checks(cuda: Any, K: Any, tiny: bool, rng: np.random.Generator) -> None:
         got = K.unpack(cuda.to_device(words), spec.lane_bits, count).copy_to_host()
         want = kcpu.unpack(words, spec.lanes_per_word, spec.lane_bits, count)
         check(f"unpack L={spec.lane_bits}", np.array_equal(got, want))
+        dim = count - 1 if spec.weighted else count
+        offset = 3.0 * spec.clip
+        got_f = K.dequantize(cuda.to_device(want), dim, spec.scale, offset).copy_to_host()
+        want_f = kcpu.dequantize(want, dim, spec.scale, offset)
+        check(f"dequantize L={spec.lane_bits}", got_f.tobytes() == want_f.tobytes())
 
     from secagg import kernels
 
@@ -352,6 +357,7 @@ def ptx_report() -> None:
         f" int64, {a32}, {a32}, {a32}, {a32}, int64[:], uint64[:], int32[:])",
         "_add_masks_kernel": f"void(uint64[:], {a32}, {a32}, int64[:])",
         "_unpack_kernel": f"void(uint64[:], int64, {u64}, uint64[:])",
+        "_dequantize_kernel": f"void(uint64[:], {a64}, {a64}, float64[:])",
     }
     bounds = (config.CUDA_THREADS, config.CUDA_BLOCKS_PER_SM)
     ptxas = os.environ.get("PTXAS", "ptxas")

@@ -9,6 +9,24 @@ bits. Importing this package does not import Numba; kernels compile on first use
 
 from __future__ import annotations
 
-from secagg.kernels.api import add_masks, is_device_array, keystream, mask_vector, unpack
+from secagg.kernels.api import (
+    add_masks,
+    check_device_vector,
+    dequantize,
+    is_device_array,
+    keystream,
+    mask_vector,
+    to_host,
+    unpack,
+)
 
-__all__ = ["add_masks", "is_device_array", "keystream", "mask_vector", "unpack"]
+__all__ = [
+    "add_masks",
+    "check_device_vector",
+    "dequantize",
+    "is_device_array",
+    "keystream",
+    "mask_vector",
+    "to_host",
+    "unpack",
+]

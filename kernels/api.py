@@ -34,9 +34,19 @@ from secagg.kernels import config
 from secagg.kernels import reference as _reference
 from secagg.prg import MAX_STREAM_BYTES, Purpose, StreamMask, nonce_for
 from secagg.quantize import QuantSpec
+from secagg.quantize import dequantize as _dequantize_reference
 from secagg.quantize import unpack as _unpack_reference
 
-__all__ = ["add_masks", "is_device_array", "keystream", "mask_vector", "unpack"]
+__all__ = [
+    "add_masks",
+    "check_device_vector",
+    "dequantize",
+    "is_device_array",
+    "keystream",
+    "mask_vector",
+    "to_host",
+    "unpack",
+]
 
 _BLOCK = 64  # bytes per ChaCha20 block (RFC 8439 section 2.3)
 
@@ -130,6 +140,34 @@ def _device_vector(x: Any) -> Any:
     if dtype not in (np.float32, np.float64):
         raise KernelError(f"device vectors must be float32 or float64, got {dtype}")
     return _as_device(x)
+
+
+def to_host(x: Any) -> npt.NDArray[Any]:
+    """``x`` as a numpy array: device arrays are copied to the host once, host data is not."""
+    return _to_host(x) if is_device_array(x) else np.asarray(x)
+
+
+def check_device_vector(x: Any) -> int:
+    """Check a device update as :func:`mask_vector` would, before a round starts; its length.
+
+    The NaN scan runs where the data is (a CUDA kernel; one flag word comes back).
+
+    Raises
+    ------
+    InputError
+        ``x`` is not flat, or holds NaN.
+    KernelError
+        ``x`` is not a float32/float64 device array, or ``SECAGG_KERNELS`` is invalid.
+    """
+    dev = _device_vector(x)
+    n = int(dev.shape[0])
+    if _choose(True, n) == "cuda":
+        nan = _cuda().has_nan(dev)
+    else:
+        nan = bool(np.isnan(_to_host(dev)).any())
+    if nan:
+        raise InputError("input holds NaN")
+    return n
 
 
 def _check_stream(nbytes: int) -> None:
@@ -348,3 +386,36 @@ def unpack(words: Any, spec: QuantSpec, count: int) -> Any:
     dwords = _as_device(words) if device else _to_device(np.asarray(words, dtype=np.uint64))
     dout = cuda.unpack(dwords, spec.lane_bits, count)
     return dout if device else dout.copy_to_host()
+
+
+def dequantize(sums: Any, spec: QuantSpec, contributors: int, dim: int) -> tuple[Any, int]:
+    """Lane sums to the weighted sum of the inputs, and the total weight.
+
+    Same values, bit for bit, as :func:`secagg.quantize.dequantize`
+    (``sums[:dim] / scale - total * clip``); a device array in gives a device array out.
+
+    Raises
+    ------
+    ConfigurationError
+        ``sums`` holds fewer than ``spec.values(dim)`` lane sums.
+    """
+    device = is_device_array(sums)
+    n = int(sums.shape[0]) if device else int(np.asarray(sums).size)
+    need = spec.values(dim) if dim >= 0 else -1
+    if need < 0 or n < need:
+        raise ConfigurationError(f"{n} lane sums; dequantizing {dim} values needs {need}")
+    backend = _choose(device, -(-dim // spec.lanes_per_word))
+    if backend == "reference":
+        host = _to_host(sums) if device else np.asarray(sums, dtype=np.uint64)
+        out, total = _dequantize_reference(host, spec, contributors, dim)
+        return (_to_device(out) if device else out), total
+    total = int(sums[dim]) if spec.weighted else contributors
+    offset = float(total) * spec.clip
+    if backend == "cpu":
+        host = _to_host(sums) if device else np.asarray(sums, dtype=np.uint64)
+        out = _cpu().dequantize(host, dim, spec.scale, offset)
+        return (_to_device(out) if device else out), total
+    cuda = _cuda()
+    dsums = _as_device(sums) if device else _to_device(np.asarray(sums, dtype=np.uint64))
+    dout = cuda.dequantize(dsums, dim, spec.scale, offset)
+    return (dout if device else dout.copy_to_host()), total

@@ -25,7 +25,7 @@ from numba import float64, njit, prange, uint32, uint64
 from secagg.kernels.chacha import BLOCK_WORDS, chacha20_block_inline
 from secagg.kernels.config import CPU_CHUNK_WORDS, CPU_LANES
 
-__all__ = ["add_masks", "keystream_words", "mask_vector", "unpack"]
+__all__ = ["add_masks", "dequantize", "keystream_words", "mask_vector", "unpack"]
 
 _LANES = CPU_LANES
 _CHUNK = CPU_CHUNK_WORDS
@@ -185,6 +185,13 @@ def _unpack_kernel(words: Any, lanes: Any, lane_bits: Any, lane_mask: Any, out: 
                 out[base + i] = (words[i] >> shift) & lane_mask
 
 
+@njit(parallel=True, cache=True)
+def _dequantize_kernel(sums: Any, scale: Any, offset: Any, out: Any) -> None:
+    """``out[i] = float64(sums[i]) / scale - offset``: :func:`secagg.quantize.dequantize`."""
+    for i in prange(out.size):
+        out[i] = np.float64(sums[i]) / scale - offset
+
+
 # --- typed wrappers -------------------------------------------------------------------------
 
 
@@ -251,4 +258,15 @@ def unpack(
         mask = (1 << lane_bits) - 1 if lane_bits < 64 else (1 << 64) - 1
         with _LAUNCH:
             _unpack_kernel(words, np.int64(lanes), np.int64(lane_bits), np.uint64(mask), out)
+    return out
+
+
+def dequantize(
+    sums: npt.NDArray[np.uint64], dim: int, scale: float, offset: float
+) -> npt.NDArray[np.float64]:
+    """``sums[:dim] / scale - offset`` in float64, element by element as numpy does it."""
+    out = np.empty(dim, dtype=np.float64)
+    if dim:
+        with _LAUNCH:
+            _dequantize_kernel(sums, np.float64(scale), np.float64(offset), out)
     return out

@@ -41,7 +41,15 @@ from secagg.kernels.config import (
     simulator,
 )
 
-__all__ = ["add_masks", "keystream_words", "mask_vector", "max_grid", "unpack"]
+__all__ = [
+    "add_masks",
+    "dequantize",
+    "has_nan",
+    "keystream_words",
+    "mask_vector",
+    "max_grid",
+    "unpack",
+]
 
 cuda: Any = _numba_cuda  # numba-cuda's kernel-side API is dynamic; mypy sees it as Any
 
@@ -285,6 +293,23 @@ def _unpack_kernel(words: Any, lane_bits: Any, lane_mask: Any, out: Any) -> None
         out[k] = (words[k - lane * n_words] >> uint64(lane * lane_bits)) & lane_mask
 
 
+@_kernel
+def _nan_kernel(x: Any, flag: Any) -> None:
+    """``flag[0] = 1`` if any value of ``x`` is NaN."""
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    for i in range(start, x.shape[0], stride):
+        if x[i] != x[i]:
+            flag[0] = 1
+
+
+@_kernel
+def _dequantize_kernel(sums: Any, scale: Any, neg_offset: Any, out: Any) -> None:
+    """``out[i] = float64(sums[i]) / scale - offset`` (IEEE division, no contraction)."""
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    for i in range(start, out.shape[0], stride):
+        out[i] = _add_rn(float64(sums[i]) / scale, neg_offset)
+
+
 # --- typed wrappers -------------------------------------------------------------------------
 
 
@@ -376,3 +401,22 @@ def unpack(words: Any, lane_bits: int, count: int) -> Any:
         grid = _grid(-(-count // _TPB))
         _unpack_kernel[grid, _TPB](words, np.int64(lane_bits), np.uint64(mask), out)
     return out
+
+
+def dequantize(sums: Any, dim: int, scale: float, offset: float) -> Any:
+    """``sums[:dim] / scale - offset`` of the device array ``sums`` as a float64 device array."""
+    out = cuda.device_array(dim, dtype=np.float64)
+    if dim:
+        grid = _grid(-(-dim // _TPB))
+        _dequantize_kernel[grid, _TPB](sums, np.float64(scale), np.float64(-offset), out)
+    return out
+
+
+def has_nan(x: Any) -> bool:
+    """Whether the 1-D float device array ``x`` holds a NaN (one flag word comes back)."""
+    n = x.shape[0]
+    if n == 0:
+        return False
+    flag = cuda.to_device(np.zeros(1, dtype=np.int32))
+    _nan_kernel[_grid(-(-n // _TPB)), _TPB](x, flag)
+    return bool(flag.copy_to_host()[0])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -56,7 +57,7 @@ from secagg.messages import (
 )
 from secagg.params import Mode, RoundParams
 from secagg.prg import Purpose, StreamMask, derive_key
-from secagg.quantize import dequantize, lane_values, unpack
+from secagg.quantize import lane_values
 from secagg.rounds.advertise_keys import graph_seed, session_id_for
 from secagg.rounds.base import Stage
 from secagg.rounds.unmasking import pair_sign
@@ -105,7 +106,7 @@ class _Ctx:
         identity: IdentityKey,
         params: RoundParams,
         directory: Mapping[int, bytes],
-        x: npt.NDArray[np.float64],
+        x: Any,
         weight: int,
         rounding_key: bytes | None,
         he: ckks.SecretContext | None = None,
@@ -116,7 +117,7 @@ class _Ctx:
         self.params = params
         self.digest = params.digest()
         self.directory = directory
-        self.x: npt.NDArray[np.float64] | None = x
+        self.x: Any = x  # float64 numpy vector, or a float device vector (None once used)
         self.weight = weight
         self.secrets = _Secrets()
         if rounding_key is not None:
@@ -266,7 +267,8 @@ class ShareKeysState(_State):
         else:
             q = c.params.quant
             words = kernels.mask_vector(c.x, c.weight, q, c.secrets.rounding_key, masks)
-            out = MaskedInput(c.rid, c.cid, c.session_id, words)
+            # A device update gives device words: only the masked words cross to the host.
+            out = MaskedInput(c.rid, c.cid, c.session_id, kernels.to_host(words))
         c.x = None  # the plaintext update is no longer needed
         return MaskedInputState(c), [out]
 
@@ -276,7 +278,8 @@ def encrypted_input(c: _Ctx, session_id: bytes, masks: list[StreamMask]) -> Encr
     ``hybrid`` mode (``masks`` empty in ``ckks`` mode), signed with the identity key."""
     assert c.he is not None and c.x is not None
     he = c.params.he
-    values = lane_values(c.x, c.weight, c.params.quant, c.secrets.rounding_key)
+    # TenSEAL encrypts on the CPU, so a device update is copied to the host here.
+    values = lane_values(kernels.to_host(c.x), c.weight, c.params.quant, c.secrets.rounding_key)
     slots = ckks.pack_lanes(values, he)
     if masks:
         stream = np.zeros(he.n_slots, dtype=np.uint64)
@@ -420,7 +423,7 @@ class UnmaskingState(_State):
             p = c.params
             if msg.words.size != p.words:
                 raise c.misbehaviour("result has the wrong length")
-            sums = unpack(msg.words, p.quant, p.quant.values(p.dim))
+            sums = kernels.unpack(msg.words, p.quant, p.quant.values(p.dim))
         else:
             sums = decrypt_result(c, msg.ciphertexts)
         return finish_result(c, sums, msg.contributors), []
@@ -431,7 +434,7 @@ def finish_result(c: _Ctx, sums: npt.NDArray[np.uint64], contributors: tuple[int
     p = c.params
     if sums.size != p.quant.values(p.dim):
         raise c.misbehaviour("result has the wrong length")
-    weighted_sum, total = dequantize(sums, p.quant, len(contributors), p.dim)
+    weighted_sum, total = kernels.dequantize(sums, p.quant, len(contributors), p.dim)
     c.result = ClientResult(sums, contributors, total, weighted_sum)
     return _Final(c, Stage.COMPLETED)
 
@@ -462,7 +465,11 @@ class SecAggClient:
         Client id -> Ed25519 public key of every invited client, from a source the client
         trusts (enrolment), not from the server alone.
     x:
-        The update to aggregate: ``params.dim`` real values.
+        The update to aggregate: ``params.dim`` real values. A flat float32/float64 CUDA
+        array (``__cuda_array_interface__``: a torch CUDA tensor, a Numba device array)
+        stays on the device: ``masked`` rounds quantize, pack and mask it with the CUDA
+        kernels and only the masked words come to the host; ``hybrid`` and ``ckks`` copy
+        it to the host once for TenSEAL.
     weight:
         Integer weight (sample count), ``1..params.quant.max_weight``.
     rounding_key:
@@ -478,7 +485,7 @@ class SecAggClient:
         identity: IdentityKey,
         params: RoundParams,
         directory: Mapping[int, bytes],
-        x: npt.ArrayLike,
+        x: npt.ArrayLike | Any,
         weight: int = 1,
         *,
         rounding_key: bytes | None = None,
@@ -494,11 +501,21 @@ class SecAggClient:
             raise InputError("the directory does not list this client's identity key")
         if any(len(pk) != PUBLIC_KEY_BYTES for pk in directory.values()):
             raise InputError("directory keys must be 32-byte Ed25519 public keys")
-        arr = np.asarray(x, dtype=np.float64).reshape(-1)
-        if arr.size != params.dim:
-            raise InputError(f"update has {arr.size} values, the round aggregates {params.dim}")
-        if np.isnan(arr).any():
-            raise InputError("update holds NaN")
+        arr: Any
+        if kernels.is_device_array(x):
+            # A CUDA update stays on its device: the fused mask kernel reads it there.
+            dev: Any = x
+            if len(dev.shape) != 1:
+                raise InputError(f"device updates must be flat, got shape {tuple(dev.shape)}")
+            size = kernels.check_device_vector(dev)  # dtype and NaN, checked on the device
+            arr = dev
+        else:
+            arr = np.asarray(x, dtype=np.float64).reshape(-1)
+            size = arr.size
+            if np.isnan(arr).any():
+                raise InputError("update holds NaN")
+        if size != params.dim:
+            raise InputError(f"update has {size} values, the round aggregates {params.dim}")
         if isinstance(weight, bool) or not 1 <= int(weight) <= params.quant.max_weight:
             raise InputError(f"weight must be an integer in 1..{params.quant.max_weight}")
         if rounding_key is not None and len(rounding_key) != 32:

@@ -185,7 +185,8 @@ class PlaintextClient:
     ) -> None:
         self.client_id = client_id
         self.params = params
-        self._x: npt.NDArray[np.float64] | None = np.asarray(x, dtype=np.float64).reshape(-1)
+        host = kernels.to_host(x)  # the insecure baseline runs on the host
+        self._x: npt.NDArray[np.float64] | None = np.asarray(host, dtype=np.float64).reshape(-1)
         self._weight = weight
         self._rounding_key = rounding_key or random_seed()
         self._stage = Stage.MASKED_INPUT

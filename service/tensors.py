@@ -1,8 +1,17 @@
-"""Flatten updates (numpy arrays, torch tensors, dicts of them) into one vector and back.
+"""Flatten updates (numpy arrays, torch tensors, device arrays, dicts of them) into one
+vector and back.
 
 A dict is laid out in its own key order (a model's ``state_dict`` order), so every client
 of a round must send the same keys in the same order with the same shapes. Torch is
-imported only when a tensor is seen; CUDA tensors come back on their device.
+imported only when a tensor is seen.
+
+**CUDA updates stay on the device.** When every leaf is a torch tensor on one CUDA device,
+the flat vector is built there (a view of a lone float32/float64 tensor, else one
+``torch.cat`` on the device) and handed to the protocol core, whose CUDA kernels read it
+through ``__cuda_array_interface__``: no host copy of the update is made. A lone Numba
+device array (or any other ``__cuda_array_interface__`` object) passes through the same
+way. Anything else (host data, or leaves on different devices) is flattened into one
+float64 host vector. Leaves come back from :func:`unflatten` on the device they came from.
 """
 
 from __future__ import annotations
@@ -14,58 +23,136 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from secagg import kernels
 from secagg.errors import InputError
 
 __all__ = ["Layout", "flatten", "unflatten"]
+
+_NUMPY = "numpy"
+_CUDA_ARRAY = "cuda-array"  # a non-torch device array (Numba, CuPy, ...)
 
 
 @dataclass(frozen=True)
 class _Leaf:
     shape: tuple[int, ...]
     dtype: Any
-    torch_device: str | None  # None for numpy
+    device: str  # _NUMPY, _CUDA_ARRAY, or a torch device ("cpu", "cuda:0")
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Where each leaf sits in the flat vector; ``tree`` mirrors the update's structure."""
+    """Where each leaf sits in the flat vector; ``tree`` mirrors the update's structure.
+
+    ``on_device`` says whether the flat vector was left on a CUDA device.
+    """
 
     tree: Any
     size: int
+    on_device: bool = False
 
 
 def _is_torch(x: object) -> bool:
     return type(x).__module__.split(".")[0] == "torch" and hasattr(x, "detach")
 
 
-def _leaf_array(x: Any) -> tuple[npt.NDArray[np.float64], _Leaf]:
+def _leaves(node: Any, out: list[Any]) -> Any:
+    """The tree of ``node`` with each leaf replaced by its index in ``out``."""
+    if isinstance(node, Mapping):
+        return {k: _leaves(v, out) for k, v in node.items()}
+    out.append(node.detach() if _is_torch(node) else node)
+    return len(out) - 1
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _device_vector(leaves: list[Any]) -> Any | None:
+    """The flat device vector of ``leaves``, or ``None`` when they are not all on one device."""
+    if not leaves:
+        return None
+    if all(_is_torch(t) and t.is_cuda for t in leaves):
+        if len({t.device for t in leaves}) != 1:
+            return None
+        flat = [t.reshape(-1) for t in leaves]
+        if len(flat) == 1 and _dtype_name(flat[0].dtype) in ("float32", "float64"):
+            return flat[0]  # a view: not even a device copy
+        if all(_dtype_name(t.dtype) == "float32" for t in flat):
+            return _torch().cat(flat)
+        # float64 is exact for every float16/bfloat16/float32 value (and rounds int64 as
+        # numpy's host path does), so both paths quantize the same numbers.
+        return _torch().cat([t.double() for t in flat])
+    x = leaves[0]
+    if len(leaves) == 1 and not _is_torch(x) and kernels.is_device_array(x):
+        if _dtype_name(x.dtype) not in ("float32", "float64"):
+            return None  # the kernels read float32/float64 only
+        if len(x.shape) == 1:
+            return x
+        try:
+            return x.reshape(-1)
+        except Exception:  # a strided device array that cannot be viewed flat
+            return None
+    return None
+
+
+def _torch() -> Any:
+    import torch  # only reached when the update held tensors
+
+    return torch
+
+
+def _host_leaf(x: Any) -> tuple[npt.NDArray[np.float64], _Leaf]:
     if _is_torch(x):
-        t = x.detach()
-        arr = t.to("cpu").double().numpy() if t.is_floating_point() else t.to("cpu").numpy()
-        return np.asarray(arr, dtype=np.float64).reshape(-1), _Leaf(
-            tuple(t.shape), t.dtype, str(t.device)
+        arr = x.to("cpu").double().numpy() if x.is_floating_point() else x.to("cpu").numpy()
+        leaf = _Leaf(tuple(x.shape), x.dtype, str(x.device))
+        return np.asarray(arr, dtype=np.float64).reshape(-1), leaf
+    if kernels.is_device_array(x):
+        host = kernels.to_host(x)
+        return np.asarray(host, dtype=np.float64).reshape(-1), _Leaf(
+            host.shape, host.dtype, _CUDA_ARRAY
         )
     arr = np.asarray(x)
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise InputError(f"cannot aggregate values of dtype {arr.dtype}")
     flat = np.asarray(arr, dtype=np.float64).reshape(-1)  # no copy for float64 input
-    return flat, _Leaf(arr.shape, arr.dtype, None)
+    return flat, _Leaf(arr.shape, arr.dtype, _NUMPY)
 
 
-def flatten(update: Any) -> tuple[npt.NDArray[np.float64], Layout]:
-    """One float64 vector holding every value of ``update``, and how to undo it."""
-    parts: list[npt.NDArray[np.float64]] = []
+def _leaf_of(x: Any) -> _Leaf:
+    if _is_torch(x):
+        return _Leaf(tuple(x.shape), x.dtype, str(x.device))
+    return _Leaf(tuple(x.shape), np.dtype(_dtype_name(x.dtype)), _CUDA_ARRAY)
 
-    def walk(node: Any) -> Any:
-        if isinstance(node, Mapping):
-            return {k: walk(v) for k, v in node.items()}
-        flat, leaf = _leaf_array(node)
-        parts.append(flat)
-        return (leaf, flat.size)
 
-    tree = walk(update)
-    vec = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros(0)
+def flatten(update: Any) -> tuple[Any, Layout]:
+    """One vector holding every value of ``update``, and how to undo it.
+
+    The vector is a float64 numpy array, or a float32/float64 CUDA vector when ``update``
+    lives on one CUDA device (see the module docstring).
+
+    Raises
+    ------
+    InputError
+        A leaf whose values are not real numbers.
+    """
+    leaves: list[Any] = []
+    index = _leaves(update, leaves)
+    on_device = _device_vector(leaves)
+    if on_device is not None:
+        specs = [(_leaf_of(x), int(np.prod(x.shape, dtype=np.int64))) for x in leaves]
+        tree = _fill(index, specs)
+        return on_device, Layout(tree, int(on_device.shape[0]), on_device=True)
+    parts = [_host_leaf(x) for x in leaves]
+    tree = _fill(index, [(leaf, flat.size) for flat, leaf in parts])
+    flats = [flat for flat, _ in parts]
+    vec = flats[0] if len(flats) == 1 else np.concatenate(flats) if flats else np.zeros(0)
     return vec, Layout(tree, int(vec.size))
+
+
+def _fill(index: Any, specs: list[tuple[_Leaf, int]]) -> Any:
+    if isinstance(index, dict):
+        return {k: _fill(v, specs) for k, v in index.items()}
+    return specs[index]
 
 
 def unflatten(vec: npt.NDArray[np.float64], layout: Layout) -> Any:
@@ -81,12 +168,16 @@ def unflatten(vec: npt.NDArray[np.float64], layout: Layout) -> Any:
         leaf, n = node
         piece = vec[pos : pos + n].reshape(leaf.shape)
         pos += n
-        if leaf.torch_device is None:
+        if leaf.device == _NUMPY:
             return piece.astype(leaf.dtype)
-        import torch  # only reached when the update held tensors
+        if leaf.device == _CUDA_ARRAY:
+            from numba import cuda
 
-        return torch.from_numpy(np.ascontiguousarray(piece)).to(
-            dtype=leaf.dtype, device=leaf.torch_device
+            return cuda.to_device(np.ascontiguousarray(piece.astype(leaf.dtype)))
+        return (
+            _torch()
+            .from_numpy(np.ascontiguousarray(piece))
+            .to(dtype=leaf.dtype, device=leaf.device)
         )
 
     return walk(layout.tree)

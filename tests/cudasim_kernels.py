@@ -32,6 +32,7 @@ from secagg.kernels import cuda as cuda_kernels
 from secagg.kernels import reference as ref
 from secagg.prg import Purpose, StreamMask, keystream_bytes, nonce_for
 from secagg.quantize import QuantSpec
+from secagg.quantize import dequantize as np_dequantize
 from secagg.quantize import unpack as np_unpack
 
 # numpy scalars warn on the wrap-around that ChaCha20 and mod-2^64 sums rely on
@@ -142,6 +143,16 @@ def test_unpack_device(rng) -> None:  # type: ignore[no-untyped-def]
         assert np.array_equal(got.copy_to_host(), np_unpack(w, spec, count))
 
 
+def test_dequantize_device(rng) -> None:  # type: ignore[no-untyped-def]
+    for spec in SPECS:
+        for dim in (0, 1, 29):
+            sums = rng.integers(0, 1 << spec.lane_bits, size=spec.values(dim), dtype=np.uint64)
+            got, total = kernels.dequantize(cuda.to_device(sums), spec, 5, dim)
+            want, want_total = np_dequantize(sums, spec, 5, dim)
+            assert total == want_total
+            assert got.copy_to_host().tobytes() == want.tobytes()
+
+
 def test_dispatch_rules(rng, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     spec, rkey = SPECS[0], os.urandom(32)
     x = _vector(9, spec.clip, rng, "float64")
@@ -168,3 +179,97 @@ def test_dispatch_rules(rng, monkeypatch: pytest.MonkeyPatch) -> None:  # type: 
     assert kernels.keystream(rkey, nonce_for(Purpose.GRAPH), 100, 3) == keystream_bytes(
         rkey, Purpose.GRAPH, 100, 3
     )
+
+
+# --- the protocol core and the SDK keep device updates on the device ----------------------
+
+
+def _watch_host_copies(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Record every simulated device array copied to the host, by any route."""
+    fake = type(cuda.to_device(np.zeros(1)))  # wraps a numpy array as ``_ary``
+    seen: list[object] = []
+    real_copy = fake.copy_to_host
+
+    def copy_to_host(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(self)
+        return real_copy(self, *args, **kwargs)
+
+    def as_array(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(self)
+        return self._ary.__array__(*args, **kwargs)
+
+    def interface(name: str) -> property:
+        def get(self):  # type: ignore[no-untyped-def]
+            seen.append(self)
+            return getattr(self._ary, name)
+
+        return property(get)
+
+    monkeypatch.setattr(fake, "copy_to_host", copy_to_host)
+    # np.asarray(x) would reach the wrapped array through any of these
+    monkeypatch.setattr(fake, "__array__", as_array, raising=False)
+    for name in ("__array_interface__", "__array_struct__"):
+        monkeypatch.setattr(fake, name, interface(name), raising=False)
+    return seen
+
+
+def test_masked_round_with_device_updates(rng, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from secagg.params import make_params
+    from secagg.quantize import lane_values
+    from secagg.simulate import run_round
+
+    monkeypatch.delenv(config.ENV_VAR, raising=False)
+    params = make_params(4, 37, clip=2.0, bits=12, max_weight=3, neighbors="all")
+    host = {c: np.clip(rng.normal(size=37), -2, 2) for c in range(1, 5)}
+    inputs: dict[int, object] = {
+        1: cuda.to_device(host[1]),  # float64 on the device
+        2: cuda.to_device(host[2].astype(np.float32)),  # float32 on the device
+        3: host[3],
+        4: host[4],
+    }
+    host[2] = host[2].astype(np.float32).astype(np.float64)
+    weights = {1: 1, 2: 3, 3: 2, 4: 1}
+    seen = _watch_host_copies(monkeypatch)
+    server, _, rounding = run_round(params, inputs, weights, {})  # type: ignore[arg-type]
+    assert not any(x is inputs[1] or x is inputs[2] for x in seen), "an update left the device"
+    result = server.result
+    assert result is not None and result.sums is not None
+    expected = sum(lane_values(host[c], weights[c], params.quant, rounding[c]) for c in host)
+    assert np.array_equal(result.sums, expected)
+
+
+def test_client_refuses_bad_device_updates() -> None:
+    from secagg.client import SecAggClient
+    from secagg.errors import KernelError
+    from secagg.keys import IdentityKey
+    from secagg.params import make_params
+
+    params = make_params(3, 4, neighbors="all")
+    me = IdentityKey()
+    directory = {1: me.public, 2: IdentityKey().public, 3: IdentityKey().public}
+    bad = {
+        "NaN": (cuda.to_device(np.array([0.0, np.nan, 1.0, 2.0])), InputError),
+        "2-D": (cuda.to_device(np.zeros((2, 2))), InputError),
+        "length": (cuda.to_device(np.zeros(5)), InputError),
+        "dtype": (cuda.to_device(np.zeros(4, dtype=np.int32)), KernelError),
+    }
+    for name, (x, err) in bad.items():
+        with pytest.raises(err):
+            SecAggClient(1, me, params, directory, x)
+            pytest.fail(name)
+
+
+def test_sdk_flatten_keeps_a_device_update_on_the_device(rng) -> None:  # type: ignore[no-untyped-def]
+    from secagg.service.tensors import flatten, unflatten
+
+    x = cuda.to_device(rng.normal(size=(3, 5)).astype(np.float32))
+    vec, layout = flatten({"w": x})
+    assert layout.on_device and kernels.is_device_array(vec) and tuple(vec.shape) == (15,)
+    back = unflatten(np.arange(15, dtype=np.float64), layout)["w"]
+    assert kernels.is_device_array(back) and back.shape == (3, 5)
+    assert np.array_equal(back.copy_to_host(), np.arange(15, dtype=np.float32).reshape(3, 5))
+    # two device leaves, or integer ones, take the host path
+    vec2, layout2 = flatten({"a": x, "b": cuda.to_device(np.ones(2))})
+    assert not layout2.on_device and isinstance(vec2, np.ndarray) and vec2.size == 17
+    vec3, layout3 = flatten(cuda.to_device(np.arange(3, dtype=np.int64)))
+    assert not layout3.on_device and np.array_equal(vec3, [0.0, 1.0, 2.0])

@@ -23,6 +23,7 @@ from secagg.kernels import api, config
 from secagg.kernels import reference as ref
 from secagg.prg import Purpose, StreamMask, keystream_bytes, nonce_for
 from secagg.quantize import QuantSpec
+from secagg.quantize import dequantize as np_dequantize
 from secagg.quantize import unpack as np_unpack
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "chacha20_rfc8439.json").read_text())
@@ -394,3 +395,27 @@ def test_device_vector_dtype_is_checked(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(api, "_as_device", lambda x: x)
     with pytest.raises(KernelError, match="float32 or float64"):
         kernels.mask_vector(IntDeviceArray(), 1, SPECS[0], bytes(32), [])
+
+
+# --- dequantize ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "auto"])
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
+def test_dequantize_matches_numpy(spec: QuantSpec, backend: str, use, rng) -> None:  # type: ignore[no-untyped-def]
+    use(backend)
+    for dim in (0, 1, 7, 2033, 70_001):
+        n = spec.values(dim)
+        sums = rng.integers(0, 1 << spec.lane_bits, size=n + 3, dtype=np.uint64)
+        if spec.weighted:
+            sums[dim] = rng.integers(1, 1 << 20)
+        for contributors in (1, 97):
+            got, total = kernels.dequantize(sums, spec, contributors, dim)
+            want, want_total = np_dequantize(sums, spec, contributors, dim)
+            assert total == want_total
+            assert got.dtype == np.float64 and got.shape == (dim,)
+            assert got.tobytes() == want.tobytes(), (dim, contributors)
+    with pytest.raises(ConfigurationError):
+        kernels.dequantize(np.zeros(2, np.uint64), spec, 1, spec.values(2) + 1)
+    with pytest.raises(ConfigurationError):
+        kernels.dequantize(np.zeros(2, np.uint64), spec, 1, -1)

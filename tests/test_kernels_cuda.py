@@ -24,6 +24,7 @@ from secagg.kernels import config
 from secagg.kernels import reference as ref
 from secagg.prg import Purpose, StreamMask, keystream_bytes, nonce_for
 from secagg.quantize import QuantSpec
+from secagg.quantize import dequantize as np_dequantize
 from secagg.quantize import unpack as np_unpack
 
 _HAS_NUMBA_CUDA = importlib.util.find_spec("numba.cuda") is not None
@@ -129,6 +130,9 @@ def test_gpu_add_masks_and_unpack(cuda, rng) -> None:  # type: ignore[no-untyped
         assert np.array_equal(dacc.copy_to_host(), acc)
         got = kernels.unpack(cuda.to_device(acc), spec, count).copy_to_host()
         assert np.array_equal(got, want)
+        dsum, total = kernels.dequantize(cuda.to_device(want), spec, 7, count)
+        hsum, htotal = np_dequantize(want, spec, 7, count)
+        assert total == htotal and dsum.copy_to_host().tobytes() == hsum.tobytes()
         if words < 5000:
             assert np.array_equal(want, np_unpack(acc, spec, count))
 

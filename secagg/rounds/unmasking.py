@@ -26,7 +26,6 @@ from secagg.messages import (
     seed_commitment,
 )
 from secagg.prg import Purpose, StreamMask, derive_key
-from secagg.quantize import dequantize, unpack
 from secagg.rounds.base import Outgoing, RoundResult, ServerContext, ServerState, Stage
 from secagg.rounds.terminal import CompletedState
 
@@ -166,6 +165,6 @@ def unmask(ctx: ServerContext, responders: frozenset[int]) -> RoundResult:
         return RoundResult(tuple(alive), ciphertexts=tuple(cts))
     acc = ctx.acc
     kernels.add_masks(acc, masks)
-    sums = unpack(acc, params.quant, params.quant.values(params.dim))
-    weighted_sum, total = dequantize(sums, params.quant, len(alive), params.dim)
+    sums = kernels.unpack(acc, params.quant, params.quant.values(params.dim))
+    weighted_sum, total = kernels.dequantize(sums, params.quant, len(alive), params.dim)
     return RoundResult(tuple(alive), sums, total, weighted_sum)

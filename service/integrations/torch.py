@@ -17,11 +17,12 @@ delta per floating-point tensor of the ``state_dict``) weighted by its sample co
 own dtype (float32, float16, bfloat16) and device. Every site that completes a round ends it
 with bit-identical weights; the server and the other sites see only the weighted sum.
 
-CUDA models work, with a host copy: the client SDK flattens every tensor into one float64
-host vector (``secagg.service.tensors.flatten`` calls ``.to("cpu")``) and the protocol core
-takes a host array (``secagg.client.SecAggClient`` calls ``np.asarray``), so each step copies
-the update to the host once and the result back once, and masking runs on the Numba CPU
-kernels, not the CUDA ones (see :data:`CUDA_ZERO_COPY`).
+CUDA models stay on the GPU: the deltas are computed on the device, the client SDK
+concatenates them there (``secagg.service.tensors.flatten``), and in ``masked`` rounds the
+fused CUDA kernel quantizes, packs and masks that vector in place of the host path; only the
+masked words (what goes on the wire) come to the host, and the averaged result goes back to
+the device once (see :data:`CUDA_ZERO_COPY`). ``hybrid`` and ``ckks`` rounds copy the update
+to the host once, because TenSEAL encrypts on the CPU.
 
 PyTorch is imported on first use; it is not needed to import this module.
 """
@@ -38,11 +39,11 @@ from secagg.service.client import Client
 
 __all__ = ["CUDA_ZERO_COPY", "SecureFedAvg", "StepResult", "floating_state"]
 
-CUDA_ZERO_COPY = False
-"""Whether a CUDA update reaches the CUDA masking kernels without a host copy.
+CUDA_ZERO_COPY = True
+"""Whether a CUDA update reaches the CUDA masking kernels without a host copy (``masked``).
 
-False today: the SDK and the protocol core convert updates to host numpy arrays before the
-kernels see them, although :func:`secagg.kernels.mask_vector` itself accepts device arrays.
+The SDK flattens a CUDA ``state_dict`` on its device and the protocol core hands the device
+vector to :func:`secagg.kernels.mask_vector` (``__cuda_array_interface__``, zero copy).
 """
 
 Send = Literal["delta", "weights"]

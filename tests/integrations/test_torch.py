@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from secagg.messages import EncryptedInput, MaskedInput, Message
-from secagg.service.integrations.torch import SecureFedAvg, floating_state
+from secagg.service.integrations.torch import CUDA_ZERO_COPY, SecureFedAvg, floating_state
+from secagg.service.tensors import flatten
 
 from .conftest import Federation, run_all
 
@@ -208,6 +209,9 @@ def test_cuda_model_round_trip(federation: Federation) -> None:
         fill(m, v)
         models.append(m)
     clients = [federation.client(n) for n in names]
+    # the flat update stays on the GPU, ready for the CUDA kernels
+    vec, layout = flatten(SecureFedAvg(clients[0], send="weights").update(models[0]))
+    assert CUDA_ZERO_COPY and layout.on_device and vec.is_cuda and vec.numel() == DIM
     results = run_all(
         [
             lambda i=i: SecureFedAvg(clients[i], send="weights").step(models[i], i + 1, rid)  # type: ignore[misc]
