@@ -504,11 +504,8 @@ class SecAggClient:
         arr: Any
         if kernels.is_device_array(x):
             # A CUDA update stays on its device: the fused mask kernel reads it there.
-            dev: Any = x
-            if len(dev.shape) != 1:
-                raise InputError(f"device updates must be flat, got shape {tuple(dev.shape)}")
-            size = kernels.check_device_vector(dev)  # dtype and NaN, checked on the device
-            arr = dev
+            size = kernels.check_device_vector(x)  # shape, dtype and NaN, on the device
+            arr = x
         else:
             arr = np.asarray(x, dtype=np.float64).reshape(-1)
             size = arr.size

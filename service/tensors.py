@@ -104,8 +104,7 @@ def _torch() -> Any:
 def _host_leaf(x: Any) -> tuple[npt.NDArray[np.float64], _Leaf]:
     if _is_torch(x):
         arr = x.to("cpu").double().numpy() if x.is_floating_point() else x.to("cpu").numpy()
-        leaf = _Leaf(tuple(x.shape), x.dtype, str(x.device))
-        return np.asarray(arr, dtype=np.float64).reshape(-1), leaf
+        return np.asarray(arr, dtype=np.float64).reshape(-1), _leaf_of(x)
     if kernels.is_device_array(x):
         host = kernels.to_host(x)
         return np.asarray(host, dtype=np.float64).reshape(-1), _Leaf(
