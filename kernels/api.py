@@ -102,6 +102,16 @@ def _to_device(a: npt.NDArray[Any]) -> Any:
     return _numba_cuda().to_device(np.ascontiguousarray(a))
 
 
+def _host_u64(x: Any, device: bool) -> npt.NDArray[np.uint64]:
+    """Packed words or lane sums on the host (one copy from a device)."""
+    return _to_host(x) if device else np.asarray(x, dtype=np.uint64)
+
+
+def _device_u64(x: Any, device: bool) -> Any:
+    """Packed words or lane sums as a Numba device array (one copy from the host)."""
+    return _as_device(x) if device else _to_device(np.asarray(x, dtype=np.uint64))
+
+
 def _choose(device: bool, n_words: int) -> config.Backend:
     """The backend for one call: ``cpu``, ``cuda`` or ``reference``."""
     forced = config.backend()
@@ -375,16 +385,12 @@ def unpack(words: Any, spec: QuantSpec, count: int) -> Any:
         raise ConfigurationError(f"{w} words hold at most {w * per} values, asked for {count}")
     backend = _choose(device, w)
     if backend == "reference":
-        host = _to_host(words) if device else np.asarray(words, dtype=np.uint64)
-        out = _unpack_reference(host, spec, count)
+        out = _unpack_reference(_host_u64(words, device), spec, count)
         return _to_device(out) if device else out
     if backend == "cpu":
-        host = _to_host(words) if device else np.asarray(words, dtype=np.uint64)
-        out = _cpu().unpack(host, per, spec.lane_bits, count)
+        out = _cpu().unpack(_host_u64(words, device), per, spec.lane_bits, count)
         return _to_device(out) if device else out
-    cuda = _cuda()
-    dwords = _as_device(words) if device else _to_device(np.asarray(words, dtype=np.uint64))
-    dout = cuda.unpack(dwords, spec.lane_bits, count)
+    dout = _cuda().unpack(_device_u64(words, device), spec.lane_bits, count)
     return dout if device else dout.copy_to_host()
 
 
@@ -406,16 +412,12 @@ def dequantize(sums: Any, spec: QuantSpec, contributors: int, dim: int) -> tuple
         raise ConfigurationError(f"{n} lane sums; dequantizing {dim} values needs {need}")
     backend = _choose(device, -(-dim // spec.lanes_per_word))
     if backend == "reference":
-        host = _to_host(sums) if device else np.asarray(sums, dtype=np.uint64)
-        out, total = _dequantize_reference(host, spec, contributors, dim)
+        out, total = _dequantize_reference(_host_u64(sums, device), spec, contributors, dim)
         return (_to_device(out) if device else out), total
     total = int(sums[dim]) if spec.weighted else contributors
     offset = float(total) * spec.clip
     if backend == "cpu":
-        host = _to_host(sums) if device else np.asarray(sums, dtype=np.uint64)
-        out = _cpu().dequantize(host, dim, spec.scale, offset)
+        out = _cpu().dequantize(_host_u64(sums, device), dim, spec.scale, offset)
         return (_to_device(out) if device else out), total
-    cuda = _cuda()
-    dsums = _as_device(sums) if device else _to_device(np.asarray(sums, dtype=np.uint64))
-    dout = cuda.dequantize(dsums, dim, spec.scale, offset)
+    dout = _cuda().dequantize(_device_u64(sums, device), dim, spec.scale, offset)
     return (dout if device else dout.copy_to_host()), total
