@@ -205,19 +205,25 @@ class AdvertiseState(_State):
         ids = sorted(entries)
         degree = min(c.params.degree, len(ids) - 1)
         c.neighbours = graph.neighbours_of(ids, degree, graph_seed(c.session_id), c.cid)
-        holders = sorted(c.neighbours | {c.cid})
-        seed_sh, key_sh = shamir.split_many(
-            [c.secrets.seed, c.secrets.mask.private_bytes], t, holders
-        )
-        c.own_shares = (seed_sh[c.cid], key_sh[c.cid])
-        bundles = []
-        for v in sorted(c.neighbours):
-            key = c.share_key(v, sender=c.cid, recipient=v)
-            pt = seed_sh[v] + key_sh[v]
-            bundles.append((v, aead_encrypt(key, pt, share_aad(c.session_id, c.cid, v))))
-        return ShareKeysState(c), [ShareKeys(c.rid, c.cid, c.session_id, tuple(bundles))]
+        return ShareKeysState(c), [deal_shares(c)]
 
     first_message_cached: AdvertiseKeys
+
+
+def deal_shares(c: _Ctx) -> ShareKeys:
+    """Round 1's message: Shamir shares of the self-mask seed and the mask key for every
+    holder ``N(u) ∪ {u}``, each neighbour's bundle under its pairwise AEAD key."""
+    holders = sorted(c.neighbours | {c.cid})
+    seed_sh, key_sh = shamir.split_many(
+        [c.secrets.seed, c.secrets.mask.private_bytes], c.params.threshold, holders
+    )
+    c.own_shares = (seed_sh[c.cid], key_sh[c.cid])
+    bundles = []
+    for v in sorted(c.neighbours):
+        key = c.share_key(v, sender=c.cid, recipient=v)
+        pt = seed_sh[v] + key_sh[v]
+        bundles.append((v, aead_encrypt(key, pt, share_aad(c.session_id, c.cid, v))))
+    return ShareKeys(c.rid, c.cid, c.session_id, tuple(bundles))
 
 
 class ShareKeysState(_State):
