@@ -43,19 +43,27 @@ __all__ = ["ClientJob", "default_deadlines", "simulate_grpc"]
 
 _SENDS = {
     Stage.ADVERTISE_KEYS: 1,
+    Stage.REVEAL_NONCES: 7,
     Stage.SHARE_KEYS: 2,
     Stage.MASKED_INPUT: 3,
     Stage.CONSISTENCY: 4,
     Stage.UNMASKING: 5,
 }
-"""Type of the message a client sends in each stage (secagg.messages)."""
+"""Type of the message a client sends in each stage (secagg.messages), in stage order."""
+_SEND_ORDER = {t: i for i, t in enumerate(_SENDS.values())}
+_SEND_ORDER[6] = _SEND_ORDER[3]  # EncryptedInput is sent in the input stage
 
 
 def default_deadlines(clients: int, dim: int) -> StageTimeouts:
     """Stage deadlines for a loopback run: short, but long enough for the slowest stage."""
     bulk = 10.0 + clients * dim / 2e6
     return StageTimeouts(
-        advertise_keys=30.0, share_keys=10.0, masked_input=bulk, consistency=10.0, unmasking=bulk
+        advertise_keys=30.0,
+        share_keys=10.0,
+        masked_input=bulk,
+        consistency=10.0,
+        unmasking=bulk,
+        reveal_nonces=10.0,
     )
 
 
@@ -90,7 +98,7 @@ def run_client(job: ClientJob) -> ClientOutcome:
     t0 = time.perf_counter()
 
     def on_send(msg: Message) -> bool:
-        return job.drop_at is None or job.drop_at > msg.TYPE
+        return job.drop_at is None or _SEND_ORDER[job.drop_at] > _SEND_ORDER[msg.TYPE]
 
     client = Client(
         job.target,

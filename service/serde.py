@@ -8,12 +8,12 @@ against the round's bounds *before* it allocates the message buffer.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from secagg.errors import MalformedMessage
 from secagg.keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES
-from secagg.messages import SESSION_ID_BYTES, SHARE_CIPHERTEXT_BYTES
+from secagg.messages import NONCE_BYTES, SESSION_ID_BYTES, SHARE_CIPHERTEXT_BYTES
 from secagg.params import ROUND_ID_BYTES, Mode, RoundParams
 from secagg.server import StageTimeouts
 from secagg.service._gen import admin_pb2, aggregation_pb2, common_pb2
@@ -50,7 +50,8 @@ def max_client_message_bytes(params: RoundParams) -> int:
     n, deg = params.n_clients, params.degree
     pair_list = 4 + (deg + 1) * (4 + SHARE_BYTES)
     sizes = (
-        3 * PUBLIC_KEY_BYTES + SIGNATURE_BYTES,  # AdvertiseKeys
+        4 * PUBLIC_KEY_BYTES + SIGNATURE_BYTES,  # AdvertiseKeys (keys, two commitments)
+        SESSION_ID_BYTES + NONCE_BYTES,  # NonceReveal
         SESSION_ID_BYTES + 4 + min(deg, n - 1) * (4 + SHARE_CIPHERTEXT_BYTES),  # ShareKeys
         SESSION_ID_BYTES + 8 + 8 * params.words,  # MaskedInput
         SESSION_ID_BYTES + SIGNATURE_BYTES,  # ConsistencySignature
@@ -75,7 +76,8 @@ def max_server_message_bytes(params: RoundParams) -> int:
     n = params.n_clients
     ids = 4 + 4 * n
     sizes = (
-        4 + n * (4 + 3 * PUBLIC_KEY_BYTES + SIGNATURE_BYTES),  # Roster
+        4 + n * (4 + 4 * PUBLIC_KEY_BYTES + SIGNATURE_BYTES),  # Roster
+        SESSION_ID_BYTES + 4 + n * (4 + NONCE_BYTES),  # NonceReveals
         SESSION_ID_BYTES + 4 + n * (4 + SHARE_CIPHERTEXT_BYTES),  # ShareDelivery
         SESSION_ID_BYTES + ids,  # ConsistencyRequest
         SESSION_ID_BYTES + 2 * ids + 4 + n * (4 + SIGNATURE_BYTES),  # UnmaskRequest
@@ -173,7 +175,9 @@ class Assembler:
         return self._seq, memoryview(done)
 
 
-_STAGES = tuple(f.name for f in fields(StageTimeouts))
+_PROTO_STAGES = common_pb2.StageDeadlines.DESCRIPTOR.fields_by_name
+_STAGES = tuple(f.name for f in fields(StageTimeouts) if f.name in _PROTO_STAGES)
+"""Deadlines carried by ``StageDeadlines``; one the proto lacks keeps its server default."""
 
 
 def deadlines_to_proto(t: StageTimeouts) -> common_pb2.StageDeadlines:
@@ -190,11 +194,11 @@ def deadlines_from_proto(
         if v < 0 or v != v:
             raise MalformedMessage(f"deadline {s} must be positive")
         values[s] = v if v > 0 else float(getattr(default, s))
-    return StageTimeouts(**values)
+    return replace(default, **values)
 
 
 def deadlines_dict(t: StageTimeouts) -> dict[str, float]:
-    return {s: float(getattr(t, s)) for s in _STAGES}
+    return {f.name: float(getattr(t, f.name)) for f in fields(StageTimeouts)}
 
 
 @dataclass(frozen=True)
