@@ -26,6 +26,7 @@ from secagg.wire import Reader, Writer
 
 __all__ = [
     "MAGIC",
+    "SEND_ORDER",
     "SESSION_ID_BYTES",
     "SHARE_CIPHERTEXT_BYTES",
     "Abort",
@@ -526,6 +527,10 @@ _TYPES: dict[int, type[Message]] = {
     )
 }
 CLIENT_TYPES = frozenset({1, 2, 3, 4, 5, 6, 7})
+SEND_ORDER: dict[int, int] = {1: 0, 7: 1, 2: 2, 3: 3, 6: 3, 4: 4, 5: 5}
+"""Client message type -> position of the stage it is sent in (advertise_keys,
+reveal_nonces, share_keys, masked/encrypted input, consistency, unmasking): type numbers
+are not in stage order."""
 
 
 def decode_message(data: bytes | memoryview) -> Message:

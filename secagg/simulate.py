@@ -22,7 +22,7 @@ from secagg.client import SecAggClient, decrypt_lane_sums
 from secagg.errors import RoundAborted, SecAggError
 from secagg.he_round import CkksClient, CkksServer
 from secagg.keys import IdentityKey, random_seed
-from secagg.messages import Message
+from secagg.messages import SEND_ORDER, Message
 from secagg.params import Mode, RoundParams, make_params
 from secagg.quantize import dequantize, lane_values
 from secagg.rounds.base import Stage
@@ -52,7 +52,7 @@ RANDOM_DROP_STAGES = ("share", "masked", "consistency", "unmask")
 """What ``--drop-stage random`` picks from: the stages whose dropouts the round tolerates."""
 
 _ORDER = {s: i for i, s in enumerate(DROP_STAGES.values())}
-_SENT_IN = {1: 0, 7: 1, 2: 2, 3: 3, 6: 3, 4: 4, 5: 5}
+_SENT_IN = SEND_ORDER
 """Client message type -> index of the stage it is sent in."""
 _ANSWERED_IN = {16: 1, 23: 2, 17: 3, 18: 4, 19: 5}
 """Server message type -> index of the stage whose client message answers it (else: final)."""

@@ -26,7 +26,7 @@ import numpy.typing as npt
 
 from secagg.errors import SecAggError
 from secagg.keys import IdentityKey
-from secagg.messages import Message
+from secagg.messages import SEND_ORDER, Message
 from secagg.params import Mode, make_params
 from secagg.quantize import dequantize, encode, unpack
 from secagg.rounds.base import Stage
@@ -49,9 +49,7 @@ _SENDS = {
     Stage.CONSISTENCY: 4,
     Stage.UNMASKING: 5,
 }
-"""Type of the message a client sends in each stage (secagg.messages), in stage order."""
-_SEND_ORDER = {t: i for i, t in enumerate(_SENDS.values())}
-_SEND_ORDER[6] = _SEND_ORDER[3]  # EncryptedInput is sent in the input stage
+"""Type of the message a client sends in each stage (secagg.messages)."""
 
 
 def default_deadlines(clients: int, dim: int) -> StageTimeouts:
@@ -98,7 +96,7 @@ def run_client(job: ClientJob) -> ClientOutcome:
     t0 = time.perf_counter()
 
     def on_send(msg: Message) -> bool:
-        return job.drop_at is None or _SEND_ORDER[job.drop_at] > _SEND_ORDER[msg.TYPE]
+        return job.drop_at is None or SEND_ORDER[job.drop_at] > SEND_ORDER[msg.TYPE]
 
     client = Client(
         job.target,

@@ -203,7 +203,8 @@ def test_advertisement_signature_covers_the_nonce_commitment() -> None:
     replies = h.start()
     adv = replies[2][0]
     assert isinstance(adv, AdvertiseKeys)
-    forged = dataclasses.replace(adv, nonce_commit=nonce_commitment(h.params.digest(), 2, bytes(32)))
+    mine = nonce_commitment(h.params.digest(), 2, bytes(32))
+    forged = dataclasses.replace(adv, nonce_commit=mine)
     with pytest.raises(ProtocolViolation):
         h.server.receive(2, forged.encode(), 0.0)
 
