@@ -8,7 +8,7 @@ against the round's bounds *before* it allocates the message buffer.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from secagg.errors import MalformedMessage
@@ -175,9 +175,7 @@ class Assembler:
         return self._seq, memoryview(done)
 
 
-_PROTO_STAGES = common_pb2.StageDeadlines.DESCRIPTOR.fields_by_name
-_STAGES = tuple(f.name for f in fields(StageTimeouts) if f.name in _PROTO_STAGES)
-"""Deadlines carried by ``StageDeadlines``; one the proto lacks keeps its server default."""
+_STAGES = tuple(f.name for f in fields(StageTimeouts))
 
 
 def deadlines_to_proto(t: StageTimeouts) -> common_pb2.StageDeadlines:
@@ -194,11 +192,11 @@ def deadlines_from_proto(
         if v < 0 or v != v:
             raise MalformedMessage(f"deadline {s} must be positive")
         values[s] = v if v > 0 else float(getattr(default, s))
-    return replace(default, **values)
+    return StageTimeouts(**values)
 
 
 def deadlines_dict(t: StageTimeouts) -> dict[str, float]:
-    return {f.name: float(getattr(t, f.name)) for f in fields(StageTimeouts)}
+    return {s: float(getattr(t, s)) for s in _STAGES}
 
 
 @dataclass(frozen=True)
