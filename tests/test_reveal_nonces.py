@@ -218,3 +218,20 @@ def test_simulate_drop_in_reveal_aborts_and_random_never_picks_it() -> None:
     report = simulate(cfg)
     assert "reveal_nonces" not in report["dropped"].values()
     assert report["status"] == "completed" and report["exact"]
+
+
+def test_service_size_bounds_cover_the_reveal_stage() -> None:
+    """The gRPC layer allocates at most ``max_*_message_bytes``: the larger AdvertiseKeys
+    and Roster and the new messages must fit (the roster bound was 32 bytes an entry short)."""
+    from secagg.service.serde import max_client_message_bytes, max_server_message_bytes
+
+    h = Harness(9, 4, neighbors="all", auto_reveal=False)
+    replies = h.start()
+    up = [m for msgs in replies.values() for m in msgs]
+    roster = h.stage(replies)
+    replies = h.to_clients(roster)
+    up += [m for msgs in replies.values() for m in msgs]
+    down = [m for _, m in roster + h.stage(replies)]
+    assert {type(m) for m in down} == {Roster, NonceReveals}
+    assert max(len(m.encode()) for m in up) <= max_client_message_bytes(h.params)
+    assert max(len(m.encode()) for m in down) <= max_server_message_bytes(h.params)
