@@ -63,9 +63,9 @@ committed to before the roster is fixed and revealed after it (``reveal_nonces``
 :func:`secagg.rounds.reveal_nonces.graph_seed`), so neither re-drawing advertised keys
 offline nor choosing which advertised clients to keep re-draws it. What is left is aborting
 whole rounds after seeing the graph: an adversary that starts ``R`` rounds succeeds with
-probability up to ``R · 2^-security_bits`` (docs/threat-model.md, "Neighbour graph"). The separation bound assumes dropouts are not
-chosen with knowledge of the graph; a malicious server that declares chosen clients dropped
-is not covered by event 1, only by event 2.
+probability up to ``R · 2^-security_bits`` (docs/threat-model.md, "Neighbour graph"). The
+separation bound assumes dropouts are not chosen with knowledge of the graph; a malicious
+server that declares chosen clients dropped is not covered by event 1, only by event 2.
 """
 
 from __future__ import annotations
