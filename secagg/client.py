@@ -32,6 +32,7 @@ from secagg.keys import (
     IdentityKey,
     aead_decrypt,
     aead_encrypt,
+    constant_time_equal,
     random_seed,
     verify_signature,
 )
@@ -45,6 +46,8 @@ from secagg.messages import (
     EncryptedResult,
     MaskedInput,
     Message,
+    NonceReveal,
+    NonceReveals,
     Roster,
     ShareDelivery,
     ShareKeys,
@@ -53,13 +56,15 @@ from secagg.messages import (
     consistency_payload,
     decode_message,
     encrypted_input_payload,
+    nonce_commitment,
     seed_commitment,
 )
 from secagg.params import Mode, RoundParams
 from secagg.prg import Purpose, StreamMask, derive_key
 from secagg.quantize import lane_values
-from secagg.rounds.advertise_keys import graph_seed, session_id_for
+from secagg.rounds.advertise_keys import session_id_for
 from secagg.rounds.base import Stage
+from secagg.rounds.reveal_nonces import graph_seed
 from secagg.rounds.unmasking import pair_sign
 
 __all__ = ["ClientResult", "SecAggClient", "decrypt_lane_sums", "share_aad"]
@@ -92,6 +97,7 @@ class _Secrets:
         self.mask = AgreementKey()
         self.seed = random_seed()
         self.rounding_key = random_seed()
+        self.graph_nonce = random_seed()  # opened only after the roster is checked
 
     def __repr__(self) -> str:
         return "_Secrets(<redacted>)"
@@ -161,7 +167,7 @@ class _State:
 
 
 class AdvertiseState(_State):
-    """Round 0: keys advertised, waiting for the roster."""
+    """Round 0: keys and commitments advertised, waiting for the roster."""
 
     stage = Stage.ADVERTISE_KEYS
     accepts = Roster
@@ -169,11 +175,11 @@ class AdvertiseState(_State):
     def first_message(self) -> AdvertiseKeys:
         c = self.ctx
         commit = seed_commitment(c.digest, c.cid, c.secrets.seed)
-        unsigned = AdvertiseKeys(
-            c.rid, c.cid, c.secrets.enc.public, c.secrets.mask.public, commit, bytes(64)
-        )
+        nonce_commit = nonce_commitment(c.digest, c.cid, c.secrets.graph_nonce)
+        keys = (c.secrets.enc.public, c.secrets.mask.public, commit)
+        unsigned = AdvertiseKeys(c.rid, c.cid, *keys, bytes(64), nonce_commit)
         sig = c.identity.sign(unsigned.signed_payload(c.digest))
-        return AdvertiseKeys(c.rid, c.cid, unsigned.enc_pk, unsigned.mask_pk, commit, sig)
+        return AdvertiseKeys(c.rid, c.cid, *keys, sig, nonce_commit)
 
     def handle(self, msg: Message) -> tuple[_State, list[Message]]:
         assert isinstance(msg, Roster)
@@ -202,12 +208,40 @@ class AdvertiseState(_State):
             raise c.misbehaviour(f"roster has {len(entries)} clients, fewer than t={t}")
         c.roster = entries
         c.session_id = session_id_for(c.digest, list(entries.values()))
-        ids = sorted(entries)
-        degree = min(c.params.degree, len(ids) - 1)
-        c.neighbours = graph.neighbours_of(ids, degree, graph_seed(c.session_id), c.cid)
-        return ShareKeysState(c), [deal_shares(c)]
+        # The roster, hence every nonce commitment, is fixed: only now open ours.
+        reveal = NonceReveal(c.rid, c.cid, c.session_id, c.secrets.graph_nonce)
+        return RevealState(c), [reveal]
 
     first_message_cached: AdvertiseKeys
+
+
+class RevealState(_State):
+    """Round 0b: nonce revealed, waiting for every roster member's nonce."""
+
+    stage = Stage.REVEAL_NONCES
+    accepts = NonceReveals
+
+    def handle(self, msg: Message) -> tuple[_State, list[Message]]:
+        assert isinstance(msg, NonceReveals)
+        c = self.ctx
+        if msg.session_id != c.session_id:
+            raise c.misbehaviour("nonce reveals bound to another session")
+        ids = [u for u, _ in msg.nonces]
+        # Exactly the roster: a server free to leave reveals out could pick among subsets,
+        # one graph draw per subset.
+        if ids != sorted(c.roster):
+            raise c.misbehaviour("nonce reveals do not name exactly the roster, in id order")
+        nonces = dict(msg.nonces)
+        if nonces[c.cid] != c.secrets.graph_nonce:
+            raise c.misbehaviour("nonce reveals carry another nonce for this client")
+        for u, nonce in msg.nonces:
+            commit = nonce_commitment(c.digest, u, nonce)
+            if not constant_time_equal(commit, c.roster[u].nonce_commit):
+                raise c.misbehaviour(f"graph nonce of client {u} does not open its commitment")
+        degree = min(c.params.degree, len(ids) - 1)
+        seed = graph_seed(c.session_id, nonces)
+        c.neighbours = graph.neighbours_of(ids, degree, seed, c.cid)
+        return ShareKeysState(c), [deal_shares(c)]
 
 
 def deal_shares(c: _Ctx) -> ShareKeys:

@@ -58,11 +58,14 @@ deterministic (bits are ``inf`` or ``0``): ``t`` is the middle of ``((n + c)/2, 
 (active) or ``(c, n - d]`` (semi-honest). The search is exact but skips degrees that a
 coupling argument proves infeasible (:meth:`_Model.skip`): about 10 ms for ``n = 10^4``.
 
-Caveats: the bounds are per graph draw. If an adversary can re-draw the graph seed ``G``
-times (for example a server choosing which advertised clients to keep), its success
-probability is up to ``G · 2^-security_bits``. The separation bound assumes dropouts are not
-chosen with knowledge of the graph; a malicious server that declares chosen clients dropped
-is not covered by event 1, only by event 2.
+Caveats: the bounds are per graph draw. The seed hashes every roster member's graph nonce,
+committed to before the roster is fixed and revealed after it (``reveal_nonces``,
+:func:`secagg.rounds.reveal_nonces.graph_seed`), so neither re-drawing advertised keys
+offline nor choosing which advertised clients to keep re-draws it. What is left is aborting
+whole rounds after seeing the graph: an adversary that starts ``R`` rounds succeeds with
+probability up to ``R · 2^-security_bits`` (docs/threat-model.md, "Neighbour graph"). The
+separation bound assumes dropouts are not chosen with knowledge of the graph; a malicious
+server that declares chosen clients dropped is not covered by event 1, only by event 2.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from secagg.wire import Reader, Writer
 
 __all__ = [
     "MAGIC",
+    "SEND_ORDER",
     "SESSION_ID_BYTES",
     "SHARE_CIPHERTEXT_BYTES",
     "Abort",
@@ -37,6 +38,8 @@ __all__ = [
     "EncryptedResult",
     "MaskedInput",
     "Message",
+    "NonceReveal",
+    "NonceReveals",
     "Roster",
     "ShareDelivery",
     "ShareKeys",
@@ -46,6 +49,7 @@ __all__ = [
     "consistency_payload",
     "decode_message",
     "encrypted_input_payload",
+    "nonce_commitment",
     "seed_commitment",
 ]
 
@@ -57,12 +61,20 @@ SHARE_CIPHERTEXT_BYTES = SHARE_PLAINTEXT_BYTES + 16
 """Plaintext plus the 16-byte AES-GCM tag."""
 MAX_TEXT = 1024
 SERVER = 0
+NONCE_BYTES = 32
+"""Graph nonce: 256 bits from :mod:`secrets`, so one honest nonce makes the seed uniform."""
 
 
 def advertise_payload(
-    params_digest: bytes, sender: int, enc_pk: bytes, mask_pk: bytes, commit: bytes
+    params_digest: bytes,
+    sender: int,
+    enc_pk: bytes,
+    mask_pk: bytes,
+    commit: bytes,
+    nonce_commit: bytes = bytes(32),
 ) -> bytes:
-    """Bytes an AdvertiseKeys signature covers: binds the keys to the round's parameters."""
+    """Bytes an AdvertiseKeys signature covers: binds the keys and both commitments to the
+    round's parameters."""
     return (
         b"secagg/v1/advertise"
         + params_digest
@@ -70,6 +82,7 @@ def advertise_payload(
         + enc_pk
         + mask_pk
         + commit
+        + nonce_commit
     )
 
 
@@ -82,6 +95,14 @@ def seed_commitment(params_digest: bytes, sender: int, seed: bytes) -> bytes:
     """SHA-256 commitment to a self-mask seed; lets the server check a reconstructed seed."""
     return hashlib.sha256(
         b"secagg/v1/self-seed" + params_digest + sender.to_bytes(4, "big") + seed
+    ).digest()
+
+
+def nonce_commitment(params_digest: bytes, sender: int, nonce: bytes) -> bytes:
+    """SHA-256 commitment to a graph nonce (hiding: the nonce has 256 random bits; binding:
+    collision resistance). Opened in the reveal_nonces stage, after the roster is fixed."""
+    return hashlib.sha256(
+        b"secagg/v1/graph-nonce" + params_digest + sender.to_bytes(4, "big") + nonce
     ).digest()
 
 
@@ -116,33 +137,56 @@ class Message:
 
 @dataclass(frozen=True)
 class AdvertiseKeys(Message):
-    """Round 0: the client's two X25519 public keys, signed with its identity key."""
+    """Round 0: the client's two X25519 public keys, the commitment to its self-mask seed
+    and the commitment to its graph nonce (:func:`nonce_commitment`), signed with its
+    identity key. On the wire ``nonce_commit`` comes before ``signature``."""
 
     TYPE: ClassVar[int] = 1
     enc_pk: bytes
     mask_pk: bytes
     seed_commit: bytes
     signature: bytes
+    nonce_commit: bytes = bytes(32)
 
     def _body(self, w: Writer) -> None:
         w.fixed(self.enc_pk, PUBLIC_KEY_BYTES).fixed(self.mask_pk, PUBLIC_KEY_BYTES)
-        w.fixed(self.seed_commit, 32).fixed(self.signature, SIGNATURE_BYTES)
+        w.fixed(self.seed_commit, 32).fixed(self.nonce_commit, 32)
+        w.fixed(self.signature, SIGNATURE_BYTES)
 
     @classmethod
     def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> AdvertiseKeys:
+        enc_pk, mask_pk = r.fixed(PUBLIC_KEY_BYTES), r.fixed(PUBLIC_KEY_BYTES)
+        seed_commit, nonce_commit = r.fixed(32), r.fixed(32)
         return cls(
-            round_id,
-            sender,
-            r.fixed(PUBLIC_KEY_BYTES),
-            r.fixed(PUBLIC_KEY_BYTES),
-            r.fixed(32),
-            r.fixed(SIGNATURE_BYTES),
+            round_id, sender, enc_pk, mask_pk, seed_commit, r.fixed(SIGNATURE_BYTES), nonce_commit
         )
 
     def signed_payload(self, params_digest: bytes) -> bytes:
         return advertise_payload(
-            params_digest, self.sender, self.enc_pk, self.mask_pk, self.seed_commit
+            params_digest,
+            self.sender,
+            self.enc_pk,
+            self.mask_pk,
+            self.seed_commit,
+            self.nonce_commit,
         )
+
+
+@dataclass(frozen=True)
+class NonceReveal(Message):
+    """Round 0b (reveal_nonces): the client opens its graph-nonce commitment, after it has
+    checked the roster; bound to the session id (which covers every commitment)."""
+
+    TYPE: ClassVar[int] = 7
+    session_id: bytes
+    nonce: bytes
+
+    def _body(self, w: Writer) -> None:
+        w.fixed(self.session_id, SESSION_ID_BYTES).fixed(self.nonce, NONCE_BYTES)
+
+    @classmethod
+    def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> NonceReveal:
+        return cls(round_id, sender, r.fixed(SESSION_ID_BYTES), r.fixed(NONCE_BYTES))
 
 
 def _pairs(w: Writer, pairs: tuple[tuple[int, bytes], ...], size: int) -> None:
@@ -310,7 +354,7 @@ class Roster(Message):
     @classmethod
     def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> Roster:
         n = r.u32()
-        entry = 4 + 3 * 32 + SIGNATURE_BYTES
+        entry = 4 + 4 * 32 + SIGNATURE_BYTES
         if n > MAX_CLIENTS or n * entry > r.remaining:
             raise MalformedMessage(f"roster of {n} entries does not fit the message")
         entries = []
@@ -318,6 +362,24 @@ class Roster(Message):
             cid = r.u32()
             entries.append(AdvertiseKeys._decode_body(r, round_id, cid))
         return cls(round_id, sender, tuple(entries))
+
+
+@dataclass(frozen=True)
+class NonceReveals(Message):
+    """End of round 0b: every roster member's graph nonce, ``(client, nonce)`` in id order.
+    Clients accept it only if it names exactly the roster."""
+
+    TYPE: ClassVar[int] = 23
+    session_id: bytes
+    nonces: tuple[tuple[int, bytes], ...]
+
+    def _body(self, w: Writer) -> None:
+        w.fixed(self.session_id, SESSION_ID_BYTES)
+        _pairs(w, self.nonces, NONCE_BYTES)
+
+    @classmethod
+    def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> NonceReveals:
+        return cls(round_id, sender, r.fixed(SESSION_ID_BYTES), _read_pairs(r, NONCE_BYTES))
 
 
 @dataclass(frozen=True)
@@ -460,9 +522,15 @@ _TYPES: dict[int, type[Message]] = {
         Abort,
         EncryptedInput,
         EncryptedResult,
+        NonceReveal,
+        NonceReveals,
     )
 }
-CLIENT_TYPES = frozenset({1, 2, 3, 4, 5, 6})
+CLIENT_TYPES = frozenset({1, 2, 3, 4, 5, 6, 7})
+SEND_ORDER: dict[int, int] = {1: 0, 7: 1, 2: 2, 3: 3, 6: 3, 4: 4, 5: 5}
+"""Client message type -> position of the stage it is sent in (advertise_keys,
+reveal_nonces, share_keys, masked/encrypted input, consistency, unmasking): type numbers
+are not in stage order."""
 
 
 def decode_message(data: bytes | memoryview) -> Message:

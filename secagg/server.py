@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from secagg import ckks
 from secagg.errors import (
@@ -47,10 +47,11 @@ class StageTimeouts:
     consistency: float = 30.0
     unmasking: float = 60.0
     encrypted_input: float = 120.0
+    reveal_nonces: float = 30.0
 
     @classmethod
     def uniform(cls, seconds: float) -> StageTimeouts:
-        return cls(seconds, seconds, seconds, seconds, seconds, seconds)
+        return cls(*(seconds for _ in fields(cls)))
 
     def for_stage(self, stage: Stage) -> float:
         value = getattr(self, stage.value, None)

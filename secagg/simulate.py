@@ -22,7 +22,7 @@ from secagg.client import SecAggClient, decrypt_lane_sums
 from secagg.errors import RoundAborted, SecAggError
 from secagg.he_round import CkksClient, CkksServer
 from secagg.keys import IdentityKey, random_seed
-from secagg.messages import Message
+from secagg.messages import SEND_ORDER, Message
 from secagg.params import Mode, RoundParams, make_params
 from secagg.quantize import dequantize, lane_values
 from secagg.rounds.base import Stage
@@ -30,6 +30,7 @@ from secagg.server import SecAggServer, StageTimeouts
 
 __all__ = [
     "DROP_STAGES",
+    "RANDOM_DROP_STAGES",
     "SimulationConfig",
     "run_round",
     "schedule",
@@ -39,17 +40,21 @@ __all__ = [
 
 DROP_STAGES: dict[str, Stage] = {
     "advertise": Stage.ADVERTISE_KEYS,
+    "reveal": Stage.REVEAL_NONCES,
     "share": Stage.SHARE_KEYS,
     "masked": Stage.MASKED_INPUT,
     "consistency": Stage.CONSISTENCY,
     "unmask": Stage.UNMASKING,
 }
-"""``--drop-stage`` names: the stage whose message a dropped client never sends."""
+"""``--drop-stage`` names: the stage whose message a dropped client never sends. A client
+that drops in ``reveal`` aborts the round (the reveal set must be the whole roster)."""
+RANDOM_DROP_STAGES = ("share", "masked", "consistency", "unmask")
+"""What ``--drop-stage random`` picks from: the stages whose dropouts the round tolerates."""
 
 _ORDER = {s: i for i, s in enumerate(DROP_STAGES.values())}
-_SENT_IN = {1: 0, 2: 1, 3: 2, 6: 2, 4: 3, 5: 4}
+_SENT_IN = SEND_ORDER
 """Client message type -> index of the stage it is sent in."""
-_ANSWERED_IN = {16: 1, 17: 2, 18: 3, 19: 4}
+_ANSWERED_IN = {16: 1, 23: 2, 17: 3, 18: 4, 19: 5}
 """Server message type -> index of the stage whose client message answers it (else: final)."""
 
 
@@ -86,7 +91,7 @@ def schedule(cfg: SimulationConfig, ids: list[int], rng: random.Random) -> dict[
     if not 0 <= n_drop <= len(ids):
         raise SecAggError(f"dropout must be in [0, 1], got {cfg.dropout}")
     dropped = rng.sample(ids, n_drop)
-    names = list(DROP_STAGES)[1:]
+    names = list(RANDOM_DROP_STAGES)
     plan: dict[int, Stage] = {}
     for cid in dropped:
         name = rng.choice(names) if cfg.drop_stage == "random" else cfg.drop_stage

@@ -26,7 +26,7 @@ import numpy.typing as npt
 
 from secagg.errors import SecAggError
 from secagg.keys import IdentityKey
-from secagg.messages import Message
+from secagg.messages import SEND_ORDER, Message
 from secagg.params import Mode, make_params
 from secagg.quantize import dequantize, encode, unpack
 from secagg.rounds.base import Stage
@@ -43,6 +43,7 @@ __all__ = ["ClientJob", "default_deadlines", "simulate_grpc"]
 
 _SENDS = {
     Stage.ADVERTISE_KEYS: 1,
+    Stage.REVEAL_NONCES: 7,
     Stage.SHARE_KEYS: 2,
     Stage.MASKED_INPUT: 3,
     Stage.CONSISTENCY: 4,
@@ -55,7 +56,12 @@ def default_deadlines(clients: int, dim: int) -> StageTimeouts:
     """Stage deadlines for a loopback run: short, but long enough for the slowest stage."""
     bulk = 10.0 + clients * dim / 2e6
     return StageTimeouts(
-        advertise_keys=30.0, share_keys=10.0, masked_input=bulk, consistency=10.0, unmasking=bulk
+        advertise_keys=30.0,
+        share_keys=10.0,
+        masked_input=bulk,
+        consistency=10.0,
+        unmasking=bulk,
+        reveal_nonces=10.0,
     )
 
 
@@ -90,7 +96,7 @@ def run_client(job: ClientJob) -> ClientOutcome:
     t0 = time.perf_counter()
 
     def on_send(msg: Message) -> bool:
-        return job.drop_at is None or job.drop_at > msg.TYPE
+        return job.drop_at is None or SEND_ORDER[job.drop_at] > SEND_ORDER[msg.TYPE]
 
     client = Client(
         job.target,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from secagg.errors import MalformedMessage
 from secagg.keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES
-from secagg.messages import SESSION_ID_BYTES, SHARE_CIPHERTEXT_BYTES
+from secagg.messages import NONCE_BYTES, SESSION_ID_BYTES, SHARE_CIPHERTEXT_BYTES
 from secagg.params import ROUND_ID_BYTES, Mode, RoundParams
 from secagg.server import StageTimeouts
 from secagg.service._gen import admin_pb2, aggregation_pb2, common_pb2
@@ -50,7 +50,8 @@ def max_client_message_bytes(params: RoundParams) -> int:
     n, deg = params.n_clients, params.degree
     pair_list = 4 + (deg + 1) * (4 + SHARE_BYTES)
     sizes = (
-        3 * PUBLIC_KEY_BYTES + SIGNATURE_BYTES,  # AdvertiseKeys
+        4 * PUBLIC_KEY_BYTES + SIGNATURE_BYTES,  # AdvertiseKeys (keys, two commitments)
+        SESSION_ID_BYTES + NONCE_BYTES,  # NonceReveal
         SESSION_ID_BYTES + 4 + min(deg, n - 1) * (4 + SHARE_CIPHERTEXT_BYTES),  # ShareKeys
         SESSION_ID_BYTES + 8 + 8 * params.words,  # MaskedInput
         SESSION_ID_BYTES + SIGNATURE_BYTES,  # ConsistencySignature
@@ -75,7 +76,8 @@ def max_server_message_bytes(params: RoundParams) -> int:
     n = params.n_clients
     ids = 4 + 4 * n
     sizes = (
-        4 + n * (4 + 3 * PUBLIC_KEY_BYTES + SIGNATURE_BYTES),  # Roster
+        4 + n * (4 + 4 * PUBLIC_KEY_BYTES + SIGNATURE_BYTES),  # Roster
+        SESSION_ID_BYTES + 4 + n * (4 + NONCE_BYTES),  # NonceReveals
         SESSION_ID_BYTES + 4 + n * (4 + SHARE_CIPHERTEXT_BYTES),  # ShareDelivery
         SESSION_ID_BYTES + ids,  # ConsistencyRequest
         SESSION_ID_BYTES + 2 * ids + 4 + n * (4 + SIGNATURE_BYTES),  # UnmaskRequest

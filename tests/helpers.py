@@ -12,7 +12,7 @@ from secagg import ckks
 from secagg.client import SecAggClient, decrypt_lane_sums
 from secagg.errors import SecAggError
 from secagg.keys import IdentityKey
-from secagg.messages import Message
+from secagg.messages import Message, NonceReveal
 from secagg.params import make_params
 from secagg.quantize import lane_values
 from secagg.server import SecAggServer, StageTimeouts
@@ -21,11 +21,25 @@ Outgoing = list[tuple[int, Message]]
 
 
 class Harness:
-    """N clients and a server; the test decides who answers at each stage."""
+    """N clients and a server; the test decides who answers at each stage.
+
+    ``auto_reveal`` (default) folds the reveal_nonces stage into the delivery of the roster:
+    :meth:`to_clients` then returns the ShareKeys replies, so a test that steps stage by
+    stage sees advertise -> share -> masked -> ... as before the stage existed. Tests of the
+    reveal stage itself pass ``auto_reveal=False``.
+    """
 
     def __init__(
-        self, n: int, dim: int = 16, *, weights: bool = False, mode: str = "masked", **kw: Any
+        self,
+        n: int,
+        dim: int = 16,
+        *,
+        weights: bool = False,
+        mode: str = "masked",
+        auto_reveal: bool = True,
+        **kw: Any,
     ) -> None:
+        self.auto_reveal = auto_reveal
         self.params = make_params(n, dim, max_weight=1000 if weights else 1, mode=mode, **kw)
         self.he_secret: ckks.SecretContext | None = None
         he_server: ckks.ServerContext | None = None
@@ -106,6 +120,10 @@ class Harness:
                 replies.setdefault(cid, []).extend(self.clients[cid].receive(m.encode(), self.now))
             except SecAggError as exc:
                 self.errors.append(exc)
+        if self.auto_reveal and any(
+            isinstance(m, NonceReveal) for msgs in replies.values() for m in msgs
+        ):
+            return self.to_clients(self.stage(replies), skip=skipped, tamper=tamper)
         return replies
 
     def stage(self, replies: dict[int, list[Message]], silent: Iterable[int] = ()) -> Outgoing:

@@ -20,6 +20,8 @@ from secagg.messages import (
     ConsistencySignature,
     MaskedInput,
     Message,
+    NonceReveal,
+    NonceReveals,
     Roster,
     ShareDelivery,
     ShareKeys,
@@ -41,6 +43,7 @@ def _adv(cid: int) -> AdvertiseKeys:
         secrets.token_bytes(32),
         secrets.token_bytes(32),
         secrets.token_bytes(64),
+        secrets.token_bytes(32),
     )
 
 
@@ -52,7 +55,9 @@ def samples() -> list[Message]:
         MaskedInput(RID, 7, SID, np.arange(5, dtype=np.uint64) * np.uint64(2**61)),
         ConsistencySignature(RID, 7, SID, secrets.token_bytes(64)),
         UnmaskShares(RID, 7, SID, ((1, secrets.token_bytes(33)),), ((3, bytes(33)),)),
+        NonceReveal(RID, 7, SID, secrets.token_bytes(32)),
         Roster(RID, 0, (_adv(1), _adv(2))),
+        NonceReveals(RID, 0, SID, ((1, secrets.token_bytes(32)), (2, bytes(32)))),
         ShareDelivery(RID, 0, SID, ((4, ct),)),
         ConsistencyRequest(RID, 0, SID, (1, 2, 3)),
         UnmaskRequest(RID, 0, SID, (1, 2), (3,), ((1, secrets.token_bytes(64)),)),
@@ -96,6 +101,25 @@ def test_header_checks() -> None:
         decode_message(_adv(0).encode())
     with pytest.raises(MalformedMessage, match="direction"):
         decode_message(Roster(RID, 5, ()).encode())
+
+
+def test_reveal_nonces_wire_layout() -> None:
+    """Byte layout of the reveal_nonces messages and of the commitment in AdvertiseKeys
+    (docs/protocol.md): written out by hand, not produced by the codec under test."""
+    nonce = bytes(range(32))
+    header = b"SAGG\x01" + b"\x07" + RID + (7).to_bytes(4, "big")
+    assert NonceReveal(RID, 7, SID, nonce).encode() == header + SID + nonce
+    header = b"SAGG\x01" + b"\x17" + RID + bytes(4)
+    pairs = (2).to_bytes(4, "big") + (1).to_bytes(4, "big") + nonce + (9).to_bytes(4, "big")
+    reveals = NonceReveals(RID, 0, SID, ((1, nonce), (9, bytes(32))))
+    assert reveals.encode() == header + SID + pairs + bytes(32)
+    adv = AdvertiseKeys(RID, 3, b"e" * 32, b"m" * 32, b"s" * 32, b"g" * 64, b"n" * 32)
+    assert adv.encode()[26:] == b"e" * 32 + b"m" * 32 + b"s" * 32 + b"n" * 32 + b"g" * 64
+    assert adv.signed_payload(b"d" * 32).endswith(b"s" * 32 + b"n" * 32)
+    # A reveal list longer than the message is refused before anything is allocated.
+    forged = reveals.encode()[: len(header) + 32] + b"\xff\xff\xff\xff"
+    with pytest.raises(MalformedMessage, match="does not fit"):
+        decode_message(forged)
 
 
 def test_length_prefix_bound_checked_before_allocation() -> None:

@@ -348,7 +348,7 @@ def _one_of_each(h: Harness) -> list[Message]:
     msgs += replies[1]
     out = h.stage(replies)
     msgs += [m for _, m in out[:1]]
-    for _ in range(4):
+    for _ in range(5):
         replies = h.to_clients(out)
         msgs += replies[1]
         out = h.stage(replies)
@@ -357,11 +357,12 @@ def _one_of_each(h: Harness) -> list[Message]:
 
 
 def test_every_state_message_pair_is_handled() -> None:
-    catalogue = _one_of_each(Harness(5, 4, neighbors="all"))
-    assert len({type(m) for m in catalogue}) >= 10
-    for stop in range(6):
+    # Stepped without auto_reveal, so the reveal_nonces messages are in the catalogue.
+    catalogue = _one_of_each(Harness(5, 4, neighbors="all", auto_reveal=False))
+    assert len({type(m) for m in catalogue}) >= 12
+    for stop in range(7):
         for msg in catalogue:
-            h = Harness(5, 4, neighbors="all")
+            h = Harness(5, 4, neighbors="all", auto_reveal=False)
             replies = h.start()
             out: list[tuple[int, Message]] = []
             for _ in range(stop):

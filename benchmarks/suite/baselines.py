@@ -224,7 +224,7 @@ def masked_client_bytes(n: int, k: int, dim: int, bits: int = 16) -> dict[str, i
     share = bytes(SHARE_BYTES)
 
     def adv(cid: int) -> AdvertiseKeys:
-        return AdvertiseKeys(rid, cid, bytes(32), bytes(32), bytes(32), bytes(64))
+        return AdvertiseKeys(rid, cid, bytes(32), bytes(32), bytes(32), bytes(64), bytes(32))
 
     sent = {
         "advertise": adv(1),

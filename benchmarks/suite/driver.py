@@ -27,15 +27,17 @@ import numpy as np
 
 STAGES = ("advertise", "share", "input", "consistency", "unmask", "result")
 
-UP_STAGE = {1: "advertise", 2: "share", 3: "input", 6: "input", 4: "consistency", 5: "unmask"}
-"""Client message type -> stage it belongs to."""
-DOWN_STAGE = {16: "advertise", 17: "share", 18: "input", 19: "consistency", 20: "result",
-              22: "result", 21: "result"}  # fmt: skip
+UP_STAGE = {1: "advertise", 7: "advertise", 2: "share", 3: "input", 6: "input", 4: "consistency",
+            5: "unmask"}  # fmt: skip
+"""Client message type -> stage it belongs to (reveal_nonces counts as part of advertise)."""
+DOWN_STAGE = {16: "advertise", 23: "advertise", 17: "share", 18: "input", 19: "consistency",
+              20: "result", 22: "result", 21: "result"}  # fmt: skip
 """Server message type -> stage that produced it (the roster ends the advertise stage...)."""
-WORK_STAGE = {16: "share", 17: "input", 18: "consistency", 19: "unmask", 20: "result",
-              22: "result", 21: "result"}  # fmt: skip
+WORK_STAGE = {16: "advertise", 23: "share", 17: "input", 18: "consistency", 19: "unmask",
+              20: "result", 22: "result", 21: "result"}  # fmt: skip
 """Server message type -> stage of the work a client does on receiving it."""
-SERVER_STAGE = {"advertise_keys": "advertise", "share_keys": "share", "masked_input": "input",
+SERVER_STAGE = {"advertise_keys": "advertise", "reveal_nonces": "advertise", "share_keys": "share",
+                "masked_input": "input",
                 "encrypted_input": "input", "consistency": "consistency",
                 "unmasking": "unmask"}  # fmt: skip
 

@@ -1,4 +1,5 @@
-"""Round 0, AdvertiseKeys (Bonawitz et al. 2017, figure 4): collect signed public keys."""
+"""Round 0, AdvertiseKeys (Bonawitz et al. 2017, figure 4): collect signed public keys and
+graph-nonce commitments; publish the roster (the graph waits for reveal_nonces)."""
 
 from __future__ import annotations
 
@@ -6,27 +7,24 @@ import hashlib
 
 from secagg.keys import verify_signature
 from secagg.messages import AdvertiseKeys, Message, Roster
-from secagg.prg import Purpose, derive_key
 from secagg.rounds.base import Outgoing, ServerState, Stage
 
 __all__ = ["AdvertiseKeysState", "session_id_for"]
 
 
 def session_id_for(params_digest: bytes, entries: list[AdvertiseKeys]) -> bytes:
-    """Session id: SHA-256 over the parameters and every advertised key, in id order.
+    """Session id: SHA-256 over the parameters and every advertised key and commitment, in
+    id order.
 
     As in fcp/secagg, binding every derived key and AEAD to it ties all masks and shares to
     exactly this round and this roster.
     """
     h = hashlib.sha256(b"secagg/v1/session" + params_digest)
     for e in sorted(entries, key=lambda e: e.sender):
-        h.update(e.sender.to_bytes(4, "big") + e.enc_pk + e.mask_pk + e.seed_commit)
+        h.update(
+            e.sender.to_bytes(4, "big") + e.enc_pk + e.mask_pk + e.seed_commit + e.nonce_commit
+        )
     return h.digest()
-
-
-def graph_seed(session_id: bytes) -> bytes:
-    """Public seed of the neighbour graph, fixed by the session (no server choice)."""
-    return derive_key(session_id, session_id, Purpose.GRAPH)
 
 
 class AdvertiseKeysState(ServerState):
@@ -47,16 +45,13 @@ class AdvertiseKeysState(ServerState):
         self.ctx.advertised[cid] = msg
 
     def finish(self, now: float) -> tuple[ServerState, list[Outgoing]]:
-        from secagg import graph
-        from secagg.rounds.share_keys import ShareKeysState
+        from secagg.rounds.reveal_nonces import RevealNoncesState
 
         ctx = self.ctx
         u0 = self.survivors()
         self.require(u0, "advertised keys")
         entries = [ctx.advertised[c] for c in sorted(u0)]
         ctx.session_id = session_id_for(ctx.params_digest, entries)
-        degree = min(ctx.params.degree, len(u0) - 1)
-        ctx.graph = dict(graph.neighbours(sorted(u0), degree, graph_seed(ctx.session_id)))
         roster = Roster(ctx.params.round_id, 0, tuple(entries))
         out: list[Outgoing] = [(cid, roster) for cid in sorted(u0)]
-        return ShareKeysState(ctx, u0), out
+        return RevealNoncesState(ctx, u0), out

@@ -48,6 +48,7 @@ class Stage(StrEnum):
     """Names of the protocol stages, used in errors, logs and the audit trail."""
 
     ADVERTISE_KEYS = "advertise_keys"
+    REVEAL_NONCES = "reveal_nonces"
     SHARE_KEYS = "share_keys"
     MASKED_INPUT = "masked_input"
     CONSISTENCY = "consistency"
@@ -114,6 +115,7 @@ class ServerContext:
     accepted: dict[tuple[int, int], bytes] = field(default_factory=dict)
     advertised: dict[int, AdvertiseKeys] = field(default_factory=dict)
     session_id: bytes = b""
+    nonces: dict[int, bytes] = field(default_factory=dict)
     graph: dict[int, frozenset[int]] = field(default_factory=dict)
     shares: dict[int, dict[int, bytes]] = field(default_factory=dict)
     u1: frozenset[int] = frozenset()

@@ -31,6 +31,7 @@ class StageDeadlines(_message.Message):
     CONSISTENCY_FIELD_NUMBER: _builtins.int
     UNMASKING_FIELD_NUMBER: _builtins.int
     ENCRYPTED_INPUT_FIELD_NUMBER: _builtins.int
+    REVEAL_NONCES_FIELD_NUMBER: _builtins.int
     advertise_keys: _builtins.float
     share_keys: _builtins.float
     masked_input: _builtins.float
@@ -38,6 +39,8 @@ class StageDeadlines(_message.Message):
     unmasking: _builtins.float
     encrypted_input: _builtins.float
     """ckks rounds: the one upload stage."""
+    reveal_nonces: _builtins.float
+    """masked and hybrid rounds: the graph-nonce reveals, between advertise_keys and share_keys."""
     def __init__(
         self,
         *,
@@ -47,10 +50,11 @@ class StageDeadlines(_message.Message):
         consistency: _builtins.float = ...,
         unmasking: _builtins.float = ...,
         encrypted_input: _builtins.float = ...,
+        reveal_nonces: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["advertise_keys", b"advertise_keys", "consistency", b"consistency", "encrypted_input", b"encrypted_input", "masked_input", b"masked_input", "share_keys", b"share_keys", "unmasking", b"unmasking"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advertise_keys", b"advertise_keys", "consistency", b"consistency", "encrypted_input", b"encrypted_input", "masked_input", b"masked_input", "reveal_nonces", b"reveal_nonces", "share_keys", b"share_keys", "unmasking", b"unmasking"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

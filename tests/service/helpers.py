@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from secagg.keys import IdentityKey
-from secagg.messages import Message
+from secagg.messages import SEND_ORDER, Message
 from secagg.quantize import encode, unpack
 from secagg.server import StageTimeouts
 from secagg.service.admin import AdminClient
@@ -139,7 +139,7 @@ def participate(
 
 def silent_from(msg_type: int) -> Callable[[Message], bool]:
     """An ``on_send`` hook: go silent instead of sending message type ``msg_type`` or later."""
-    return lambda m: msg_type > m.TYPE
+    return lambda m: SEND_ORDER[msg_type] > SEND_ORDER[m.TYPE]
 
 
 def expected_sums(

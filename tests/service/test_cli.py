@@ -124,6 +124,7 @@ def test_simulate_over_grpc_prints_the_in_process_report(
     assert remote["exact"] is True
     assert set(remote["stage_seconds"]) == {
         "advertise_keys",
+        "reveal_nonces",
         "share_keys",
         "masked_input",
         "consistency",
