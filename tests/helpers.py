@@ -14,17 +14,30 @@ from secagg.errors import SecAggError
 from secagg.keys import IdentityKey
 from secagg.messages import Message
 from secagg.params import make_params
+from secagg.policy import ClientPolicy
 from secagg.quantize import lane_values
 from secagg.server import SecAggServer, StageTimeouts
 
 Outgoing = list[tuple[int, Message]]
+
+TEST_POLICY = ClientPolicy(dropout=0.0, corrupt=0.0)
+"""A deliberately weaker client policy for tests about something other than parameter
+choice (explicit small graphs): it assumes no corrupt client and no dropout when checking
+``(n, k, t)``; ``2t > k + 1`` and ``min_contributors = 3`` still hold."""
 
 
 class Harness:
     """N clients and a server; the test decides who answers at each stage."""
 
     def __init__(
-        self, n: int, dim: int = 16, *, weights: bool = False, mode: str = "masked", **kw: Any
+        self,
+        n: int,
+        dim: int = 16,
+        *,
+        weights: bool = False,
+        mode: str = "masked",
+        policy: ClientPolicy | None = None,
+        **kw: Any,
     ) -> None:
         self.params = make_params(n, dim, max_weight=1000 if weights else 1, mode=mode, **kw)
         self.he_secret: ckks.SecretContext | None = None
@@ -59,6 +72,7 @@ class Harness:
                 self.ws[c],
                 rounding_key=self.rounding[c],
                 he_context=self.he_secret,
+                policy=policy,
             )
             for c in self.ids
         }
