@@ -113,8 +113,9 @@ class ClientPolicy:
             self.adversary,
         )
 
-    def check_params(self, params: RoundParams) -> graph.GraphParams:
-        """Refuse ``params`` unless they meet this policy; return the bound's evaluation.
+    def check_params(self, params: RoundParams) -> graph.GraphParams | None:
+        """Refuse ``params`` unless they meet this policy; return the bound's evaluation
+        (``None`` for a ``ckks`` round, which has no graph or Shamir threshold to check).
 
         Raises
         ------
@@ -144,6 +145,10 @@ class ClientPolicy:
             raise PolicyViolation(
                 f"max_weight={q.max_weight} exceeds the policy's {self.max_weight}"
             )
+        if params.mode is Mode.CKKS:
+            # No Shamir sharing and no graph: t only bounds the contributors of the
+            # published sum, which check_set enforces before decrypting.
+            return None
         return _graph_check(
             n,
             k,

@@ -277,3 +277,31 @@ def test_check_is_cached() -> None:
         ClientPolicy().check_params(p)
     info = _graph_check.cache_info()
     assert info.misses == 1 and info.hits == 2
+
+
+def test_ckks_key_holder_refuses_to_decrypt_a_sum_of_two() -> None:
+    """Sum of two in ``ckks``: with t=2 and ``publish_after=2`` the server publishes the
+    encrypted sum of two uploads. Before the fix a key holder decrypted it (the check was
+    ``>= t``) and learnt the other contributor's input; now it refuses before decrypting."""
+    from secagg import ckks
+    from secagg.he_round import CkksClient, CkksServer
+    from secagg.messages import EncryptedResult
+
+    params = make_params(3, 8, mode="ckks", threshold=2, dropout=0.0, corrupt=0.0)
+    he = params.he
+    secret_bytes = ckks.make_secret_context(he)
+    secret = ckks.load_secret_context(secret_bytes, he)
+    server_ctx = ckks.load_server_context(ckks.make_public_context(secret_bytes), he)
+    ids = {c: IdentityKey() for c in (1, 2, 3)}
+    directory = {c: k.public for c, k in ids.items()}
+    server = CkksServer(params, directory, server_ctx, publish_after=2)
+    clients = {c: CkksClient(c, ids[c], params, directory, np.ones(8), 1, secret) for c in ids}
+    out = []
+    for c in (1, 2):
+        out += server.receive(c, clients[c].start()[0].encode(), 0.0)
+    assert server.done
+    for c, msg in out:
+        assert isinstance(msg, EncryptedResult) and msg.contributors == (1, 2)
+        with pytest.raises(PolicyViolation, match="contributor set has 2"):
+            clients[c].receive(msg.encode())
+        assert clients[c].result is None
