@@ -94,7 +94,7 @@ class Policy:
     expected_dim: int | None = None
     expected_job: str | None = None
     min_clients: int = MIN_CONTRIBUTORS
-    min_threshold: int = MIN_CONTRIBUTORS
+    min_threshold: int = 2
     min_threshold_fraction: float = 0.0
     pinned_directory: Mapping[str, bytes] | None = None
     allow_insecure_plaintext: bool = False
@@ -114,11 +114,6 @@ class Policy:
     def check(self, joined: JoinedRound, own_key: bytes) -> None:
         """Raise :class:`PolicyRefused` if the round breaks this policy."""
         p = joined.params
-        if not joined.insecure_plaintext:
-            try:
-                self.core().check_params(p)
-            except (PolicyViolation, ConfigurationError) as exc:
-                raise PolicyRefused(f"the round breaks this client's policy: {exc}") from None
         if not joined.insecure_plaintext and p.mode.name.lower() not in self.allowed_modes:
             raise PolicyRefused(f"round mode {p.mode.name.lower()} is not allowed by the policy")
         if joined.insecure_plaintext and not self.allow_insecure_plaintext:
@@ -136,6 +131,11 @@ class Policy:
         need = max(self.min_threshold, math.ceil(self.min_threshold_fraction * p.n_clients))
         if p.threshold < need and not joined.insecure_plaintext:
             raise PolicyRefused(f"the round's threshold t={p.threshold} is below {need}")
+        if not joined.insecure_plaintext:
+            try:
+                self.core().check_params(p)
+            except (PolicyViolation, ConfigurationError) as exc:
+                raise PolicyRefused(f"the round breaks this client's policy: {exc}") from None
         if joined.directory.get(joined.client_id) != own_key:
             raise PolicyRefused("the directory does not list this client's identity key")
         if self.pinned_directory is not None:
