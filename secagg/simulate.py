@@ -71,6 +71,9 @@ class SimulationConfig:
     max_weight: int = 1
     tolerated_dropout: float | None = None
     tolerated_corrupt: float | None = None
+    policy: ClientPolicy | None = None
+    """The simulated clients' policy; by default the secure one with the tolerated
+    fractions above (explicit ``neighbors``/``threshold`` that miss it are refused)."""
 
 
 @dataclass
@@ -250,7 +253,7 @@ def simulate(cfg: SimulationConfig) -> dict[str, Any]:
         plan = {c: Stage.MASKED_INPUT for c in plan}
     wall0 = time.perf_counter()
     # The simulated clients assume what the operator told the finder to tolerate.
-    policy = ClientPolicy(
+    policy = cfg.policy or ClientPolicy(
         dropout=graph.DEFAULT_DROPOUT if cfg.tolerated_dropout is None else cfg.tolerated_dropout,
         corrupt=graph.DEFAULT_CORRUPT if cfg.tolerated_corrupt is None else cfg.tolerated_corrupt,
     )
