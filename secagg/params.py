@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from secagg.he_params import HEParams
 
 __all__ = [
-    "MAX_CLIENTS",
     "LAYOUT_BYTES",
+    "MAX_CLIENTS",
     "MAX_DIM",
     "PROTOCOL_VERSION",
     "ROUND_ID_BYTES",

@@ -82,9 +82,7 @@ class ClientPolicy:
     max_weight: int = 1 << 32
     max_dim: int = MAX_DIM
     expected_dim: int | None = None
-    allowed_modes: frozenset[Mode] = field(
-        default=frozenset({Mode.MASKED, Mode.HYBRID, Mode.CKKS})
-    )
+    allowed_modes: frozenset[Mode] = field(default=frozenset({Mode.MASKED, Mode.HYBRID, Mode.CKKS}))
 
     def __post_init__(self) -> None:
         if isinstance(self.min_contributors, bool) or self.min_contributors < MIN_CONTRIBUTORS:
@@ -94,8 +92,7 @@ class ClientPolicy:
             )
         if self.min_clients < self.min_contributors:
             raise ConfigurationError(
-                f"min_clients={self.min_clients} is below min_contributors="
-                f"{self.min_contributors}"
+                f"min_clients={self.min_clients} is below min_contributors={self.min_contributors}"
             )
         if not 1 <= self.min_bits <= self.max_bits <= MAX_BITS:
             raise ConfigurationError(

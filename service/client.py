@@ -24,9 +24,8 @@ from typing import Any
 import grpc
 import numpy.typing as npt
 
-from secagg import ckks
+from secagg import ckks, graph
 from secagg.client import ClientResult, SecAggClient
-from secagg import graph
 from secagg.errors import (
     ConfigurationError,
     LayoutMismatch,

@@ -93,7 +93,10 @@ def _is_torch(x: object) -> bool:
 
 
 def _leaves(
-    node: Any, out: list[Any], path: tuple[str, ...] = (), paths: list[tuple[str, ...]] | None = None
+    node: Any,
+    out: list[Any],
+    path: tuple[str, ...] = (),
+    paths: list[tuple[str, ...]] | None = None,
 ) -> Any:
     """The tree of ``node`` with each leaf replaced by its index in ``out``; leaves are
     appended in canonical order (sorted keys), the tree keeps ``node``'s own key order."""

@@ -243,7 +243,12 @@ def test_client_accepts_exactly_when_finder_targets_met(
     n, k, t, dropout, corrupt = r
     policy = ClientPolicy(dropout=dropout, corrupt=corrupt, adversary=adversary)  # type: ignore[arg-type]
     gp = graph.choose_parameters(
-        n, dropout=dropout, corrupt=corrupt, degree=k, threshold=t, adversary=adversary  # type: ignore[arg-type]
+        n,
+        dropout=dropout,
+        corrupt=corrupt,
+        degree=k,
+        threshold=t,
+        adversary=adversary,  # type: ignore[arg-type]
     )
     expect = gp.meets_target and 2 * t > k + 1
     if adversary == "active":

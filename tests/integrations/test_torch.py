@@ -96,9 +96,7 @@ def test_delta_fedavg_weighted_by_samples(federation: Federation) -> None:
     torch.manual_seed(0)
     start = Mixed()
     layout = SecureFedAvg(federation.client(names[0])).fingerprint(start)  # in the round
-    rid = federation.round(
-        names, DIM, job="torch-delta", clip=1.0, max_weight=100, layout=layout
-    )
+    rid = federation.round(names, DIM, job="torch-delta", clip=1.0, max_weight=100, layout=layout)
     with torch.no_grad():
         for p in start.parameters():
             p.copy_(torch.randn(p.shape).to(p.dtype))
