@@ -310,3 +310,15 @@ def test_ckks_key_holder_refuses_to_decrypt_a_sum_of_two() -> None:
         with pytest.raises(PolicyViolation, match="contributor set has 2"):
             clients[c].receive(msg.encode())
         assert clients[c].result is None
+
+
+def test_sdk_policy_delegates_and_keeps_the_floor() -> None:
+    """The SDK ``Policy`` builds the core policy from its fields; it cannot lower the floor."""
+    from secagg.service.client import Policy
+    from secagg.service.errors import PolicyRefused
+
+    core = Policy(dropout=0.1, corrupt=0.05, allowed_modes=frozenset({"masked"})).core()
+    assert (core.dropout, core.corrupt, core.allowed_modes) == (0.1, 0.05, frozenset({Mode.MASKED}))
+    assert core.min_contributors == 3 and core.min_clients == 3
+    with pytest.raises(PolicyRefused, match="min_contributors=2"):
+        Policy(min_contributors=2).core()
