@@ -137,6 +137,8 @@ class _CkksWaiting(_State):
             raise c.misbehaviour("result bound to another session")
         if c.cid not in msg.contributors:
             raise c.misbehaviour("result's contributor set omits this client")
+        if not set(msg.contributors) <= set(c.directory):
+            raise c.misbehaviour("result's contributor set names clients outside the directory")
         check_contributors(msg.contributors, c.params, c.policy)  # before decrypting
         return finish_result(c, decrypt_result(c, msg.ciphertexts), msg.contributors), []
 
