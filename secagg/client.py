@@ -60,6 +60,7 @@ from secagg.messages import (
     seed_commitment,
 )
 from secagg.params import Mode, RoundParams
+from secagg.policy import ClientPolicy, check_contributors, check_layout
 from secagg.prg import Purpose, StreamMask, derive_key
 from secagg.quantize import lane_values
 from secagg.rounds.advertise_keys import session_id_for
@@ -116,9 +117,11 @@ class _Ctx:
         weight: int,
         rounding_key: bytes | None,
         he: ckks.SecretContext | None = None,
+        policy: ClientPolicy | None = None,
     ) -> None:
         self.cid = cid
         self.he = he
+        self.policy = policy if policy is not None else ClientPolicy()
         self.identity = identity
         self.params = params
         self.digest = params.digest()
@@ -203,9 +206,7 @@ class AdvertiseState(_State):
         own = entries.get(c.cid)
         if own is None or own.encode() != self.first_message_cached.encode():
             raise c.misbehaviour("roster does not carry this client's keys as sent")
-        t = c.params.threshold
-        if len(entries) < t:
-            raise c.misbehaviour(f"roster has {len(entries)} clients, fewer than t={t}")
+        c.policy.check_set("the roster", len(entries), c.params)
         c.roster = entries
         c.session_id = session_id_for(c.digest, list(entries.values()))
         # The roster, hence every nonce commitment, is fixed: only now open ours.
@@ -378,8 +379,7 @@ class MaskedInputState(_State):
             raise c.misbehaviour("survivor list names clients outside the roster")
         if not (set(u2) & c.neighbours) <= c.u1_peers:
             raise c.misbehaviour("survivor list names neighbours that never shared keys")
-        if len(u2) < c.params.threshold:
-            raise c.misbehaviour(f"survivor list has {len(u2)} < t={c.params.threshold} clients")
+        c.policy.check_set("the survivor list", len(u2), c.params)
         c.u2 = u2
         sig = c.identity.sign(consistency_payload(c.session_id, u2))
         return ConsistencyState(c), [ConsistencySignature(c.rid, c.cid, c.session_id, sig)]
@@ -459,6 +459,7 @@ class UnmaskingState(_State):
             raise c.misbehaviour("result bound to another session")
         if msg.contributors != c.u2:
             raise c.misbehaviour("result's contributor set differs from the signed one")
+        check_contributors(msg.contributors, c.params, c.policy)
         if isinstance(msg, AggregateResult):
             p = c.params
             if msg.words.size != p.words:
@@ -517,6 +518,22 @@ class SecAggClient:
         Fixing it makes the quantized input reproducible (tests, audits).
     he_context:
         ``hybrid`` mode: the key holders' CKKS context (with the secret key).
+    policy:
+        This client's own requirements of the round (:class:`secagg.policy.ClientPolicy`,
+        secure by default). ``params`` are checked against it here, before any message,
+        and every roster, survivor and contributor set the server sends later.
+    layout:
+        The fingerprint of the update's layout, when the caller knows it; it must equal
+        ``params.layout`` when the round carries one.
+
+    Raises
+    ------
+    PolicyViolation
+        ``params`` break the policy (the message names the numbers).
+    LayoutMismatch
+        ``layout`` differs from the round's fingerprint.
+    InputError
+        The update, weight or keys cannot be used.
     """
 
     def __init__(
@@ -530,7 +547,12 @@ class SecAggClient:
         *,
         rounding_key: bytes | None = None,
         he_context: ckks.SecretContext | None = None,
+        policy: ClientPolicy | None = None,
+        layout: bytes | None = None,
     ) -> None:
+        policy = policy if policy is not None else ClientPolicy()
+        policy.check_params(params)  # before anything else: the server chose these
+        check_layout(params, layout)
         if params.mode not in self.modes:
             raise InputError(
                 f"{type(self).__name__} does not run {params.mode.name.lower()} rounds"
@@ -558,7 +580,15 @@ class SecAggClient:
         if rounding_key is not None and len(rounding_key) != 32:
             raise InputError("rounding_key must be 32 bytes")
         self._ctx = _Ctx(
-            client_id, identity, params, directory, arr, int(weight), rounding_key, he_context
+            client_id,
+            identity,
+            params,
+            directory,
+            arr,
+            int(weight),
+            rounding_key,
+            he_context,
+            policy,
         )
         self._state: _State = self._first_state()
         self._started = False

@@ -19,7 +19,9 @@ __all__ = [
     "InvalidSignature",
     "KernelError",
     "LateMessage",
+    "LayoutMismatch",
     "MalformedMessage",
+    "PolicyViolation",
     "ProtocolViolation",
     "ReconstructionError",
     "RoundAborted",
@@ -49,6 +51,11 @@ class InfeasibleParameters(ConfigurationError):
 
 class InputError(SecAggError):
     """A local input (the vector to aggregate, a weight) cannot be encoded."""
+
+
+class LayoutMismatch(InputError):
+    """The local update's layout (names, shapes, dtypes, order) differs from the round's
+    fingerprint: summing it would silently add unrelated parameters. Nothing is sent."""
 
 
 # --- messages from one participant -------------------------------------------------------
@@ -121,6 +128,13 @@ class InvalidSignature(ProtocolViolation):
 
 class ServerMisbehaviour(ProtocolViolation):
     """The server sent something an honest server never sends; the client aborts."""
+
+
+class PolicyViolation(ServerMisbehaviour, ConfigurationError):
+    """The round the server proposes, or a set it hands back, breaks the client's own
+    :class:`secagg.policy.ClientPolicy`: weak ``(n, k, t)``, too few contributors, a mode,
+    size or layout the client does not accept. The client refuses before revealing anything;
+    the message names the numbers that missed."""
 
 
 # --- cryptography -------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from secagg.messages import (
     encrypted_input_payload,
 )
 from secagg.params import Mode, RoundParams
+from secagg.policy import ClientPolicy, check_contributors
 from secagg.rounds.base import (
     Outgoing,
     RoundResult,
@@ -134,8 +135,11 @@ class _CkksWaiting(_State):
         c = self.ctx
         if msg.session_id != c.session_id:
             raise c.misbehaviour("result bound to another session")
-        if c.cid not in msg.contributors or len(msg.contributors) < c.params.threshold:
-            raise c.misbehaviour("result's contributor set omits this client or is below t")
+        if c.cid not in msg.contributors:
+            raise c.misbehaviour("result's contributor set omits this client")
+        if not set(msg.contributors) <= set(c.directory):
+            raise c.misbehaviour("result's contributor set names clients outside the directory")
+        check_contributors(msg.contributors, c.params, c.policy)  # before decrypting
         return finish_result(c, decrypt_result(c, msg.ciphertexts), msg.contributors), []
 
 
@@ -155,6 +159,8 @@ class CkksClient(SecAggClient):
         he_context: ckks.SecretContext,
         *,
         rounding_key: bytes | None = None,
+        policy: ClientPolicy | None = None,
+        layout: bytes | None = None,
     ) -> None:
         super().__init__(
             client_id,
@@ -165,6 +171,8 @@ class CkksClient(SecAggClient):
             weight,
             rounding_key=rounding_key,
             he_context=he_context,
+            policy=policy,
+            layout=layout,
         )
 
     def _first_state(self) -> _State:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from secagg.he_params import HEParams
 
 __all__ = [
+    "LAYOUT_BYTES",
     "MAX_CLIENTS",
     "MAX_DIM",
     "PROTOCOL_VERSION",
@@ -37,6 +38,8 @@ MAX_CLIENTS = 1 << 16
 """Largest roster a round accepts (bounds every list decoded from the wire)."""
 MAX_DIM = 1 << 31
 """Largest vector a round accepts."""
+LAYOUT_BYTES = 32
+"""A layout fingerprint is one SHA-256 digest."""
 
 
 class Mode(IntEnum):
@@ -75,6 +78,11 @@ class RoundParams:
     threshold:
         Shamir threshold ``t``: shares held by a client's neighbours and itself needed to
         reconstruct its secrets; also the minimum number of survivors at every stage.
+    layout:
+        ``b""`` or the 32-byte :data:`LAYOUT_BYTES` fingerprint of the model layout (SHA-256
+        over leaf names, shapes, dtypes and order, :func:`secagg.service.tensors.fingerprint`);
+        a client whose update has another layout refuses before sending anything
+        (:func:`secagg.policy.check_layout`). Encoded as a length byte and the digest.
     """
 
     round_id: bytes
@@ -83,6 +91,7 @@ class RoundParams:
     quant: QuantSpec
     degree: int
     threshold: int
+    layout: bytes = b""
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -98,6 +107,10 @@ class RoundParams:
         if not 1 <= self.threshold <= self.degree + 1:
             raise ConfigurationError(
                 f"threshold must be in 1..degree+1={self.degree + 1}, got {self.threshold}"
+            )
+        if len(self.layout) not in (0, LAYOUT_BYTES):
+            raise ConfigurationError(
+                f"layout fingerprint must be empty or {LAYOUT_BYTES} bytes, got {len(self.layout)}"
             )
 
     @property
@@ -139,6 +152,8 @@ class RoundParams:
             .u64(q.max_weight)
             .u32(self.degree)
             .u32(self.threshold)
+            .u8(len(self.layout))
+            .raw(self.layout)
             .getvalue()
         )
 
@@ -155,9 +170,11 @@ class RoundParams:
         dim = r.u64()
         clip, bits, n, max_weight = r.f64(), r.u8(), r.u32(), r.u64()
         degree, threshold = r.u32(), r.u32()
+        layout = r.fixed(r.u8())
         r.end()
         try:
-            return cls(round_id, mode, dim, QuantSpec(clip, bits, n, max_weight), degree, threshold)
+            quant = QuantSpec(clip, bits, n, max_weight)
+            return cls(round_id, mode, dim, quant, degree, threshold, layout)
         except ConfigurationError as exc:
             raise MalformedMessage(f"invalid round parameters: {exc}") from exc
 
@@ -186,12 +203,14 @@ def make_params(
     neighbors: int | str | None = "auto",
     threshold: int | str | None = "auto",
     round_id: bytes | None = None,
+    layout: bytes = b"",
 ) -> RoundParams:
     """Build round parameters, choosing degree and threshold (see :mod:`secagg.graph`).
 
     ``neighbors`` is ``"auto"``, ``"all"`` (the full graph of classic SecAgg) or a number;
     ``threshold`` is ``"auto"`` or a number. Explicit choices that miss the security target
-    are accepted and reported in ``warnings``.
+    are accepted and reported in ``warnings`` (every client's :class:`~secagg.policy.ClientPolicy`
+    refuses those that miss its targets). ``layout`` is the model-layout fingerprint.
 
     Raises
     ------
@@ -224,6 +243,7 @@ def make_params(
         quant=quant,
         degree=gp.degree,
         threshold=gp.threshold,
+        layout=layout,
         warnings=gp.warnings,
     )
     if m is not Mode.MASKED:

@@ -17,13 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from secagg import ckks
+from secagg import ckks, graph
 from secagg.client import SecAggClient, decrypt_lane_sums
 from secagg.errors import RoundAborted, SecAggError
 from secagg.he_round import CkksClient, CkksServer
 from secagg.keys import IdentityKey, random_seed
 from secagg.messages import SEND_ORDER, Message
 from secagg.params import Mode, RoundParams, make_params
+from secagg.policy import ClientPolicy
 from secagg.quantize import dequantize, lane_values
 from secagg.rounds.base import Stage
 from secagg.server import SecAggServer, StageTimeouts
@@ -75,6 +76,9 @@ class SimulationConfig:
     max_weight: int = 1
     tolerated_dropout: float | None = None
     tolerated_corrupt: float | None = None
+    policy: ClientPolicy | None = None
+    """The simulated clients' policy; by default the secure one with the tolerated
+    fractions above (explicit ``neighbors``/``threshold`` that miss it are refused)."""
 
 
 @dataclass
@@ -110,10 +114,12 @@ def run_round(
     timeout: float = 10.0,
     he_secret: ckks.SecretContext | None = None,
     he_server: ckks.ServerContext | None = None,
+    policy: ClientPolicy | None = None,
 ) -> tuple[SecAggServer | CkksServer, _Tally, dict[int, bytes]]:
     """Run one round in memory; returns the server, byte/time tallies and rounding keys.
 
-    ``drop_plan`` maps a client to the stage whose message it never sends.
+    ``drop_plan`` maps a client to the stage whose message it never sends; every client
+    checks the round against ``policy`` (the secure default when ``None``).
     """
     tally = _Tally()
     errors: list[SecAggError] = []
@@ -129,7 +135,7 @@ def run_round(
         clients = {
             c: CkksClient(
                 c, identities[c], params, directory, inputs[c], weights[c], he_secret,
-                rounding_key=rounding[c],
+                rounding_key=rounding[c], policy=policy,
             )
             for c in inputs
         }  # fmt: skip
@@ -139,7 +145,7 @@ def run_round(
         clients = {
             c: SecAggClient(
                 c, identities[c], params, directory, inputs[c], weights[c],
-                rounding_key=rounding[c], he_context=he_secret,
+                rounding_key=rounding[c], he_context=he_secret, policy=policy,
             )
             for c in inputs
         }  # fmt: skip
@@ -251,8 +257,13 @@ def simulate(cfg: SimulationConfig) -> dict[str, Any]:
         # No stage but the upload: a dropped client simply never uploads.
         plan = {c: Stage.MASKED_INPUT for c in plan}
     wall0 = time.perf_counter()
+    # The simulated clients assume what the operator told the finder to tolerate.
+    policy = cfg.policy or ClientPolicy(
+        dropout=graph.DEFAULT_DROPOUT if cfg.tolerated_dropout is None else cfg.tolerated_dropout,
+        corrupt=graph.DEFAULT_CORRUPT if cfg.tolerated_corrupt is None else cfg.tolerated_corrupt,
+    )
     server, tally, rounding = run_round(
-        params, inputs, weights, plan, he_secret=he_secret, he_server=he_server
+        params, inputs, weights, plan, he_secret=he_secret, he_server=he_server, policy=policy
     )
     wall = time.perf_counter() - wall0  # the round only: not data generation or checking
 

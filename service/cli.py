@@ -348,6 +348,12 @@ def _add_round(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--max-weight", type=int, default=1)
     p.add_argument("--neighbors", default="auto")
     p.add_argument("--threshold", default="auto")
+    p.add_argument(
+        "--layout",
+        default="",
+        help="hex SHA-256 model-layout fingerprint (secagg.service.tensors.fingerprint);"
+        " clients whose update has another layout refuse the round",
+    )
     p.add_argument("--stage-timeout", type=float, help="seconds per stage (server default)")
     p.add_argument("--reason", default="", help="abort reason")
     p.add_argument("--wait", action="store_true", help="wait until the round ends")
@@ -375,6 +381,7 @@ def _run_round(args: argparse.Namespace) -> int:
                 else StageTimeouts(0, 0, 0, 0, 0),
                 he_context=Path(args.he_context).read_bytes() if args.he_context else None,
                 publish_after=args.publish_after,
+                layout=_layout_arg(args.layout),
             )
             st = admin.create_round(spec)
         else:
@@ -384,6 +391,16 @@ def _run_round(args: argparse.Namespace) -> int:
             st = admin.wait(st.round_id)
     print(json.dumps(_status_dict(st)))
     return 0 if st.status != "aborted" else EXIT_ABORTED
+
+
+def _layout_arg(value: str) -> bytes:
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        raw = b"?"
+    if len(raw) not in (0, 32):
+        raise ConfigurationError(f"--layout must be 64 hex digits, got {value!r}")
+    return raw
 
 
 def _status_dict(st: RoundStatus) -> dict[str, object]:

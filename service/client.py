@@ -24,13 +24,19 @@ from typing import Any
 import grpc
 import numpy.typing as npt
 
-from secagg import ckks
+from secagg import ckks, graph
 from secagg.client import ClientResult, SecAggClient
-from secagg.errors import ServerMisbehaviour
+from secagg.errors import (
+    ConfigurationError,
+    LayoutMismatch,
+    PolicyViolation,
+    ServerMisbehaviour,
+)
 from secagg.he_round import CkksClient
 from secagg.keys import IdentityKey
 from secagg.messages import Message
 from secagg.params import Mode
+from secagg.policy import MIN_CONTRIBUTORS, ClientPolicy, check_layout
 from secagg.service._gen import aggregation_pb2, aggregation_pb2_grpc
 from secagg.service.auth import call_metadata
 from secagg.service.errors import PolicyRefused, from_rpc_error
@@ -66,7 +72,13 @@ class Policy:
     min_clients, min_threshold, min_threshold_fraction:
         Refuse rounds with fewer invited clients, or a Shamir threshold below
         ``max(min_threshold, ceil(min_threshold_fraction * n))``: a low threshold lets few
-        colluders unmask an input.
+        colluders unmask an input. These are floors on top of the core check below, which
+        always requires ``2t > k + 1`` and the finder's targets.
+    security_bits, failure_bits, dropout, corrupt, adversary, min_contributors, max_weight:
+        The core :class:`secagg.policy.ClientPolicy` this policy delegates to (see
+        :meth:`core`): the round's ``(n, k, t)`` must meet the same parameter finder the
+        server uses, under *these* targets and assumptions, and no roster, survivor set or
+        result may hold fewer than ``max(t, min_contributors)`` clients (3 at least).
     pinned_directory:
         Participant name -> Ed25519 key the client trusts independently of the server.
         When set, every directory entry must be pinned and match; otherwise the directory
@@ -80,12 +92,23 @@ class Policy:
 
     expected_dim: int | None = None
     expected_job: str | None = None
-    min_clients: int = 2
+    min_clients: int = MIN_CONTRIBUTORS
     min_threshold: int = 2
     min_threshold_fraction: float = 0.0
     pinned_directory: Mapping[str, bytes] | None = None
     allow_insecure_plaintext: bool = False
     allowed_modes: frozenset[str] = frozenset({"masked", "hybrid"})
+    security_bits: float = graph.SECURITY_BITS
+    failure_bits: float = graph.FAILURE_BITS
+    dropout: float = graph.DEFAULT_DROPOUT
+    corrupt: float = graph.DEFAULT_CORRUPT
+    adversary: graph.Adversary = "active"
+    min_contributors: int = MIN_CONTRIBUTORS
+    max_weight: int = 1 << 32
+
+    def core(self) -> ClientPolicy:
+        """The protocol core's policy with this policy's targets."""
+        return _core_policy(self)
 
     def check(self, joined: JoinedRound, own_key: bytes) -> None:
         """Raise :class:`PolicyRefused` if the round breaks this policy."""
@@ -107,6 +130,11 @@ class Policy:
         need = max(self.min_threshold, math.ceil(self.min_threshold_fraction * p.n_clients))
         if p.threshold < need and not joined.insecure_plaintext:
             raise PolicyRefused(f"the round's threshold t={p.threshold} is below {need}")
+        if not joined.insecure_plaintext:
+            try:
+                self.core().check_params(p)
+            except (PolicyViolation, ConfigurationError) as exc:
+                raise PolicyRefused(f"the round breaks this client's policy: {exc}") from None
         if joined.directory.get(joined.client_id) != own_key:
             raise PolicyRefused("the directory does not list this client's identity key")
         if self.pinned_directory is not None:
@@ -114,6 +142,24 @@ class Policy:
                 name = joined.names.get(cid, "")
                 if self.pinned_directory.get(name) != key:
                     raise PolicyRefused(f"directory entry {name!r} does not match the pinned key")
+
+
+def _core_policy(policy: Policy) -> ClientPolicy:
+    try:
+        return ClientPolicy(
+            security_bits=policy.security_bits,
+            failure_bits=policy.failure_bits,
+            dropout=policy.dropout,
+            corrupt=policy.corrupt,
+            adversary=policy.adversary,
+            min_contributors=policy.min_contributors,
+            min_clients=max(policy.min_clients, policy.min_contributors),
+            max_weight=policy.max_weight,
+            expected_dim=policy.expected_dim,
+            allowed_modes=frozenset(Mode.parse(m) for m in policy.allowed_modes),
+        )
+    except ConfigurationError as exc:
+        raise PolicyRefused(f"invalid client policy: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -277,7 +323,8 @@ class Client:
         Raises
         ------
         PolicyRefused
-            The round breaks this client's policy (nothing was sent).
+            The round breaks this client's policy, or ``update``'s layout (names, shapes,
+            dtypes, order) differs from the round's fingerprint (nothing was sent).
         RoundAborted
             The round ended without a result.
         ServerMisbehaviour
@@ -287,6 +334,10 @@ class Client:
         """
         joined = self.join(round_id)
         vector, layout = flatten(update)
+        try:
+            check_layout(joined.params, layout.fingerprint)  # before anything is sent
+        except LayoutMismatch as exc:
+            raise PolicyRefused(str(exc)) from None
         result = self.participate(
             joined, vector, weight, rounding_key=rounding_key, he_context=he_context
         )
@@ -335,6 +386,7 @@ class Client:
                 weight,
                 secret,
                 rounding_key=rounding_key,
+                policy=self.policy.core(),
             )
         else:
             core = SecAggClient(
@@ -346,6 +398,7 @@ class Client:
                 weight,
                 rounding_key=rounding_key,
                 he_context=secret,
+                policy=self.policy.core(),
             )
         return _Session(self, joined, core, on_send).run()
 

@@ -59,6 +59,8 @@ class RoundSpec:
     """``ckks`` / ``hybrid``: the server's CKKS context (no key of any kind)."""
     publish_after: int | None = None
     """``ckks``: publish after this many uploads (FedBuff-style); ``None`` waits for all."""
+    layout: bytes = b""
+    """Model-layout fingerprint (:func:`secagg.service.tensors.fingerprint`), or ``b""``."""
 
 
 HE_SUITE = {
@@ -227,6 +229,7 @@ class Coordinator:
             threshold=spec.threshold,
             dropout=spec.tolerate_dropout,
             corrupt=spec.tolerate_corrupt,
+            layout=spec.layout,
         )
 
     @staticmethod

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from secagg import graph
 from secagg.errors import SecAggError
 from secagg.keys import IdentityKey
 from secagg.messages import SEND_ORDER, Message
@@ -77,6 +78,10 @@ class ClientJob:
     rounding_key: bytes
     drop_at: int | None
     plaintext: bool
+    dropout: float | None = None
+    """Tolerated fractions the client's policy checks the round with (library defaults
+    when ``None``): the same the operator gave the server's parameter finder."""
+    corrupt: float | None = None
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,12 @@ def run_client(job: ClientJob) -> ClientOutcome:
     client = Client(
         job.target,
         IdentityKey(job.seed),
-        policy=Policy(allow_insecure_plaintext=job.plaintext, min_threshold=1),
+        policy=Policy(
+            allow_insecure_plaintext=job.plaintext,
+            min_threshold=1,
+            dropout=graph.DEFAULT_DROPOUT if job.dropout is None else job.dropout,
+            corrupt=graph.DEFAULT_CORRUPT if job.corrupt is None else job.corrupt,
+        ),
     )
     error = None
     completed = False
@@ -256,6 +266,8 @@ def simulate_grpc(
                     rounding[cid],
                     _SENDS[plan[cid]] if cid in plan else None,
                     plaintext,
+                    cfg.tolerated_dropout,
+                    cfg.tolerated_corrupt,
                 )
                 for cid in ids
             ]

@@ -348,6 +348,7 @@ def round_spec_from_proto(
         tolerate_corrupt=req.tolerate_corrupt if req.tolerate_corrupt > 0 else None,
         he_context=bytes(req.he_context) or None,
         publish_after=req.publish_after or None,
+        layout=bytes(req.layout),
     )
 
 
@@ -367,4 +368,5 @@ def round_spec_to_proto(spec: RoundSpec) -> admin_pb2.CreateRoundRequest:
         tolerate_corrupt=spec.tolerate_corrupt or 0.0,
         he_context=spec.he_context or b"",
         publish_after=spec.publish_after or 0,
+        layout=spec.layout,
     )

@@ -1,9 +1,13 @@
 """Flatten updates (numpy arrays, torch tensors, device arrays, dicts of them) into one
 vector and back.
 
-A dict is laid out in its own key order (a model's ``state_dict`` order), so every client
-of a round must send the same keys in the same order with the same shapes. Torch is
-imported only when a tensor is seen.
+**Canonical order.** A dict's leaves are laid out in sorted key order at every level
+(whatever order the dict was built in), so two sites holding the same model flatten it the
+same way. :attr:`Layout.fingerprint` is the SHA-256 over every leaf's path, shape and dtype
+in that order; a round that carries a fingerprint (``RoundParams.layout``) refuses an update
+whose layout differs (:func:`secagg.policy.check_layout`) instead of silently adding
+unrelated parameters of the same total length. :func:`unflatten` returns dicts in the
+update's own key order. Torch is imported only when a tensor is seen.
 
 **CUDA updates stay on the device.** When every leaf is a torch tensor on one CUDA device,
 the flat vector is built there (a view of a lone float32/float64 tensor, else one
@@ -16,6 +20,8 @@ float64 host vector. Leaves come back from :func:`unflatten` on the device they 
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +32,7 @@ import numpy.typing as npt
 from secagg import kernels
 from secagg.errors import InputError
 
-__all__ = ["Layout", "flatten", "unflatten"]
+__all__ = ["Layout", "fingerprint", "flatten", "unflatten"]
 
 _NUMPY = "numpy"
 _CUDA_ARRAY = "cuda-array"  # a non-torch device array (Numba, CuPy, ...)
@@ -43,23 +49,67 @@ class _Leaf:
 class Layout:
     """Where each leaf sits in the flat vector; ``tree`` mirrors the update's structure.
 
-    ``on_device`` says whether the flat vector was left on a CUDA device.
+    ``on_device`` says whether the flat vector was left on a CUDA device; ``fingerprint``
+    is the layout's SHA-256 (:func:`fingerprint`), what ``RoundParams.layout`` carries.
     """
 
     tree: Any
     size: int
     on_device: bool = False
+    fingerprint: bytes = b""
+
+
+_FINGERPRINT_DOMAIN = b"secagg/v1/layout"
+
+
+def fingerprint(update: Any) -> bytes:
+    """SHA-256 of ``update``'s layout: for every leaf in canonical (sorted-key) order, its
+    key path, shape and dtype name, each length-prefixed. Device and values do not count.
+
+    >>> fingerprint({"w": np.zeros((2, 3), np.float32)}).hex()[:8]  # doctest: +SKIP
+    """
+    leaves: list[Any] = []
+    paths: list[tuple[str, ...]] = []
+    _leaves(update, leaves, (), paths)
+    return _digest(paths, [(tuple(int(d) for d in x.shape), _dtype_name(x.dtype)) for x in leaves])
+
+
+def _digest(paths: list[tuple[str, ...]], specs: list[tuple[tuple[int, ...], str]]) -> bytes:
+    h = hashlib.sha256(_FINGERPRINT_DOMAIN)
+    h.update(struct.pack(">I", len(paths)))
+    for path, (shape, dtype) in zip(paths, specs, strict=True):
+        h.update(struct.pack(">I", len(path)))
+        for name in path:
+            raw = name.encode()
+            h.update(struct.pack(">I", len(raw)) + raw)
+        h.update(struct.pack(">I", len(shape)) + struct.pack(f">{len(shape)}Q", *shape))
+        raw = dtype.encode()
+        h.update(struct.pack(">I", len(raw)) + raw)
+    return h.digest()
 
 
 def _is_torch(x: object) -> bool:
     return type(x).__module__.split(".")[0] == "torch" and hasattr(x, "detach")
 
 
-def _leaves(node: Any, out: list[Any]) -> Any:
-    """The tree of ``node`` with each leaf replaced by its index in ``out``."""
+def _leaves(
+    node: Any,
+    out: list[Any],
+    path: tuple[str, ...] = (),
+    paths: list[tuple[str, ...]] | None = None,
+) -> Any:
+    """The tree of ``node`` with each leaf replaced by its index in ``out``; leaves are
+    appended in canonical order (sorted keys), the tree keeps ``node``'s own key order."""
     if isinstance(node, Mapping):
-        return {k: _leaves(v, out) for k, v in node.items()}
+        names = {str(k): k for k in node}
+        if len(names) != len(node):
+            raise InputError("two keys of the update have the same name")
+        index = {names[name]: _leaves(node[names[name]], out, (*path, name), paths)
+                 for name in sorted(names)}  # fmt: skip
+        return {k: index[k] for k in node}
     out.append(node.detach() if _is_torch(node) else node)
+    if paths is not None:
+        paths.append(path)
     return len(out) - 1
 
 
@@ -135,20 +185,30 @@ def flatten(update: Any) -> tuple[Any, Layout]:
         A leaf whose values are not real numbers.
     """
     leaves: list[Any] = []
-    index = _leaves(update, leaves)
+    paths: list[tuple[str, ...]] = []
+    index = _leaves(update, leaves, (), paths)
+    fp = _digest(paths, [(tuple(int(d) for d in x.shape), _dtype_name(x.dtype)) for x in leaves])
     on_device = _device_vector(leaves)
     if on_device is not None:
         specs = [(_leaf_of(x), int(np.prod(x.shape, dtype=np.int64))) for x in leaves]
-        tree = _fill(index, specs)
-        return on_device, Layout(tree, int(on_device.shape[0]), on_device=True)
+        tree = _fill(index, _offsets(specs))
+        return on_device, Layout(tree, int(on_device.shape[0]), on_device=True, fingerprint=fp)
     parts = [_host_leaf(x) for x in leaves]
-    tree = _fill(index, [(leaf, flat.size) for flat, leaf in parts])
+    tree = _fill(index, _offsets([(leaf, flat.size) for flat, leaf in parts]))
     flats = [flat for flat, _ in parts]
     vec = flats[0] if len(flats) == 1 else np.concatenate(flats) if flats else np.zeros(0)
-    return vec, Layout(tree, int(vec.size))
+    return vec, Layout(tree, int(vec.size), fingerprint=fp)
 
 
-def _fill(index: Any, specs: list[tuple[_Leaf, int]]) -> Any:
+def _offsets(specs: list[tuple[_Leaf, int]]) -> list[tuple[_Leaf, int, int]]:
+    out, pos = [], 0
+    for leaf, n in specs:
+        out.append((leaf, n, pos))
+        pos += n
+    return out
+
+
+def _fill(index: Any, specs: list[tuple[_Leaf, int, int]]) -> Any:
     if isinstance(index, dict):
         return {k: _fill(v, specs) for k, v in index.items()}
     return specs[index]
@@ -158,15 +218,12 @@ def unflatten(vec: npt.NDArray[np.float64], layout: Layout) -> Any:
     """Rebuild the update's structure from ``vec``, with each leaf's shape, dtype and device."""
     if vec.size != layout.size:
         raise InputError(f"vector has {vec.size} values, the layout {layout.size}")
-    pos = 0
 
     def walk(node: Any) -> Any:
-        nonlocal pos
         if isinstance(node, dict):
             return {k: walk(v) for k, v in node.items()}
-        leaf, n = node
+        leaf, n, pos = node
         piece = vec[pos : pos + n].reshape(leaf.shape)
-        pos += n
         if leaf.device == _NUMPY:
             return piece.astype(leaf.dtype)
         if leaf.device == _CUDA_ARRAY:

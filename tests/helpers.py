@@ -14,10 +14,16 @@ from secagg.errors import SecAggError
 from secagg.keys import IdentityKey
 from secagg.messages import Message, NonceReveal
 from secagg.params import make_params
+from secagg.policy import ClientPolicy
 from secagg.quantize import lane_values
 from secagg.server import SecAggServer, StageTimeouts
 
 Outgoing = list[tuple[int, Message]]
+
+TEST_POLICY = ClientPolicy(dropout=0.0, corrupt=0.0)
+"""A deliberately weaker client policy for tests about something other than parameter
+choice (explicit small graphs): it assumes no corrupt client and no dropout when checking
+``(n, k, t)``; ``2t > k + 1`` and ``min_contributors = 3`` still hold."""
 
 
 class Harness:
@@ -37,6 +43,7 @@ class Harness:
         weights: bool = False,
         mode: str = "masked",
         auto_reveal: bool = True,
+        policy: ClientPolicy | None = None,
         **kw: Any,
     ) -> None:
         self.auto_reveal = auto_reveal
@@ -73,6 +80,7 @@ class Harness:
                 self.ws[c],
                 rounding_key=self.rounding[c],
                 he_context=self.he_secret,
+                policy=policy,
             )
             for c in self.ids
         }

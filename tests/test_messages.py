@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import secrets
 
 import numpy as np
@@ -156,3 +157,10 @@ def test_params_roundtrip_and_digest() -> None:
     assert changed.digest() != p.digest()
     with pytest.raises(MalformedMessage):
         RoundParams.decode(p.encode()[:-1])
+    fp = bytes(range(32))
+    laid = dataclasses.replace(p, layout=fp)
+    assert RoundParams.decode(laid.encode()) == laid and laid.digest() != p.digest()
+    with pytest.raises(MalformedMessage):
+        RoundParams.decode(laid.encode()[:-1])
+    with pytest.raises(MalformedMessage):  # a layout length other than 0 or 32
+        RoundParams.decode(p.encode()[:-1] + b"\x05" + bytes(5))

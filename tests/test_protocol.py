@@ -34,7 +34,7 @@ from secagg.messages import (
     UnmaskShares,
 )
 from secagg.rounds.base import Stage
-from tests.helpers import Harness
+from tests.helpers import TEST_POLICY, Harness
 
 STAGES = ("advertise", "share", "masked", "consistency", "unmask")
 
@@ -68,7 +68,8 @@ def test_honest_round_is_exact(neighbors: str, weights: bool) -> None:
 
 
 def test_secagg_plus_graph_is_sparse() -> None:
-    h = Harness(60, 8, neighbors=10, threshold=6, dropout=0.1, corrupt=0.05)
+    # A sparse graph this small misses the default 2^-40 target: a test policy (no corrupt).
+    h = Harness(60, 8, neighbors=10, threshold=6, dropout=0.1, corrupt=0.05, policy=TEST_POLICY)
     h.run(drops={"masked": {3, 17}})
     assert h.params.degree == 10
     assert_exact(h, set(h.ids) - {3, 17})
@@ -133,7 +134,7 @@ def test_random_dropout_schedules(data: st.DataObject) -> None:
 @settings(max_examples=8)
 @given(st.data())
 def test_random_dropouts_sparse_graph(data: st.DataObject) -> None:
-    h = Harness(30, 4, neighbors=8, threshold=5, dropout=0.1, corrupt=0.05)
+    h = Harness(30, 4, neighbors=8, threshold=5, dropout=0.1, corrupt=0.05, policy=TEST_POLICY)
     plan = data.draw(st.dictionaries(st.sampled_from(h.ids), st.sampled_from(STAGES), max_size=6))
     drops = {s: {c for c, x in plan.items() if x == s} for s in STAGES}
     h.run(drops=drops)

@@ -30,7 +30,7 @@ from secagg.rounds.advertise_keys import session_id_for
 from secagg.rounds.base import Stage
 from secagg.rounds.reveal_nonces import graph_seed
 from secagg.simulate import SimulationConfig, simulate
-from tests.helpers import Harness
+from tests.helpers import TEST_POLICY, Harness
 
 GRIND_TRIES = 600
 """Tries per grinding attempt. The goal below has probability 1/36 per draw, so 600 tries
@@ -53,12 +53,14 @@ def _grind_once(target: int, goal: frozenset[int]) -> bool:
     honest AdvertiseKeys before it publishes the roster), re-draws its keys until the
     predicted graph gives ``target`` exactly the neighbours ``goal``. Returns whether the
     honest target really ends up with those neighbours."""
-    h = Harness(10, 4, neighbors=2, threshold=2)
+    h = Harness(10, 4, neighbors=2, threshold=2, policy=TEST_POLICY)
     replies = h.start()
     honest = [replies[c][0] for c in h.ids if c != 10]
     assert all(isinstance(m, AdvertiseKeys) for m in honest)
     for _ in range(GRIND_TRIES):
-        corrupt = SecAggClient(10, h.identities[10], h.params, h.directory, h.xs[10])
+        corrupt = SecAggClient(
+            10, h.identities[10], h.params, h.directory, h.xs[10], policy=TEST_POLICY
+        )
         adv = corrupt.start()[0]
         assert isinstance(adv, AdvertiseKeys)
         entries = [m for m in honest if isinstance(m, AdvertiseKeys)] + [adv]
@@ -173,7 +175,7 @@ def test_client_refuses_a_forged_reveal() -> None:
 def test_client_and_server_agree_on_the_graph() -> None:
     """The server's graph is the clients': each honest client's ShareKeys goes to exactly
     the neighbours the server expects (the server accepted them all)."""
-    h = Harness(12, 4, neighbors=4, threshold=3)
+    h = Harness(12, 4, neighbors=4, threshold=3, policy=TEST_POLICY)
     out = h.stage(h.start())
     replies = h.to_clients(out)
     for cid, (msg,) in replies.items():

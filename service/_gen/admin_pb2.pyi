@@ -145,6 +145,7 @@ class CreateRoundRequest(_message.Message):
     TOLERATE_CORRUPT_FIELD_NUMBER: _builtins.int
     HE_CONTEXT_FIELD_NUMBER: _builtins.int
     PUBLISH_AFTER_FIELD_NUMBER: _builtins.int
+    LAYOUT_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     """Federation or job the round belongs to; at most one running round per job."""
     dim: _builtins.int
@@ -172,6 +173,11 @@ class CreateRoundRequest(_message.Message):
     """ckks: publish the encrypted sum once this many clients uploaded (FedBuff-style
     asynchronous aggregation), or at the input deadline; 0 = wait for every client.
     """
+    layout: _builtins.bytes
+    """Empty, or the 32-byte SHA-256 fingerprint of the model layout (leaf names, shapes,
+    dtypes, canonical order; secagg.service.tensors.fingerprint). It becomes part of the
+    round parameters; a client whose update has another layout refuses before sending.
+    """
     @_builtins.property
     def participants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Enrolled participant names; the server assigns client ids 1..n in this order."""
@@ -195,10 +201,11 @@ class CreateRoundRequest(_message.Message):
         tolerate_corrupt: _builtins.float = ...,
         he_context: _builtins.bytes = ...,
         publish_after: _builtins.int = ...,
+        layout: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadlines", b"deadlines"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "clip", b"clip", "deadlines", b"deadlines", "dim", b"dim", "he_context", b"he_context", "job", b"job", "max_weight", b"max_weight", "mode", b"mode", "neighbors", b"neighbors", "participants", b"participants", "publish_after", b"publish_after", "threshold", b"threshold", "tolerate_corrupt", b"tolerate_corrupt", "tolerate_dropout", b"tolerate_dropout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "clip", b"clip", "deadlines", b"deadlines", "dim", b"dim", "he_context", b"he_context", "job", b"job", "layout", b"layout", "max_weight", b"max_weight", "mode", b"mode", "neighbors", b"neighbors", "participants", b"participants", "publish_after", b"publish_after", "threshold", b"threshold", "tolerate_corrupt", b"tolerate_corrupt", "tolerate_dropout", b"tolerate_dropout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

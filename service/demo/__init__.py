@@ -123,8 +123,9 @@ def _config(args: argparse.Namespace) -> DemoConfig:
     unknown = [m for m in modes if m not in KNOWN_MODES]
     if unknown or not modes:
         raise SystemExit(f"secagg demo: unknown modes {unknown}; choose from {KNOWN_MODES}")
-    if not 2 <= args.sites <= 64:
-        raise SystemExit("secagg demo: --sites must be in 2..64")
+    if not 3 <= args.sites <= 64:
+        # Clients refuse any sum of fewer than three inputs (secagg.policy.MIN_CONTRIBUTORS).
+        raise SystemExit("secagg demo: --sites must be in 3..64 (a sum of two reveals each input)")
     if args.rounds < 1:
         raise SystemExit("secagg demo: --rounds must be at least 1")
     return DemoConfig(

@@ -3,6 +3,7 @@
 A few lines in an existing training loop::
 
     from secagg.service.client import Client
+from secagg.service.tensors import fingerprint
     from secagg.service.integrations.torch import SecureFedAvg
 
     client = Client("server:443", identity, tls=ClientTls(ca="ca.pem"))
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from secagg.service.client import Client
+from secagg.service.tensors import fingerprint
 
 __all__ = ["CUDA_ZERO_COPY", "SecureFedAvg", "StepResult", "floating_state"]
 
@@ -157,6 +159,23 @@ class SecureFedAvg:
             return state
         ref = self._require_reference(state)
         return {k: v.float() - ref[k].float() for k, v in state.items()}
+
+    def fingerprint(self, model: Any) -> bytes:
+        """The layout fingerprint of what :meth:`step` sends for ``model`` (names, shapes,
+        dtypes, canonical order): pass it to ``secagg round create --layout`` (or
+        ``RoundSpec.layout``) so that a site with another architecture or key set is refused
+        before it sends anything. Needs no reference and allocates no tensor memory."""
+        torch = _torch()
+        state = floating_state(model, self.keys)
+        return fingerprint(
+            {
+                k: torch.empty(
+                    v.shape, dtype=v.dtype if self.send == "weights" else torch.float32,
+                    device="meta",
+                )
+                for k, v in state.items()
+            }
+        )  # fmt: skip
 
     def step(
         self,

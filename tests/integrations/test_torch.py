@@ -93,9 +93,10 @@ def test_state_dict_weights_mixed_dtypes_exact_mean(federation: Federation) -> N
 
 def test_delta_fedavg_weighted_by_samples(federation: Federation) -> None:
     names = federation.enroll(3)
-    rid = federation.round(names, DIM, job="torch-delta", clip=1.0, max_weight=100)
     torch.manual_seed(0)
     start = Mixed()
+    layout = SecureFedAvg(federation.client(names[0])).fingerprint(start)  # in the round
+    rid = federation.round(names, DIM, job="torch-delta", clip=1.0, max_weight=100, layout=layout)
     with torch.no_grad():
         for p in start.parameters():
             p.copy_(torch.randn(p.shape).to(p.dtype))
@@ -226,3 +227,31 @@ def test_cuda_model_round_trip(federation: Federation) -> None:
             assert got.is_cuda
             want = torch.as_tensor(exact, dtype=torch.float64).to(got.dtype).cuda()
             assert torch.equal(got, want)
+
+
+class Transposed(torch.nn.Module):  # type: ignore[misc]
+    """:class:`Mixed` with ``w32`` stored as 4 x 3: the same length, another layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w32 = torch.nn.Parameter(torch.zeros(4, 3, dtype=torch.float32))
+        self.w16 = torch.nn.Parameter(torch.zeros(5, dtype=torch.float16))
+        self.wbf = torch.nn.Parameter(torch.zeros(2, 3, dtype=torch.bfloat16))
+
+
+def test_site_with_another_layout_is_refused_before_sending(federation: Federation) -> None:
+    """Layout attack (issue 11, item 7): a site whose model has the same number of values
+    but another layout joins a round that carries the model's fingerprint; it is refused
+    before anything is sent. Failed before the fix: its values were summed position by
+    position with the other sites' (a silent wrong aggregate)."""
+    from secagg.service.errors import PolicyRefused
+
+    names = federation.enroll(3, prefix="lay")
+    client = federation.client(names[0])
+    fa = SecureFedAvg(client, Mixed(), send="weights")
+    assert fa.fingerprint(Mixed()) != fa.fingerprint(Transposed())
+    rid = federation.round(names, DIM, job="torch-layout", layout=fa.fingerprint(Mixed()))
+    other = SecureFedAvg(client, Transposed(), send="weights")
+    with pytest.raises(PolicyRefused, match="layout"):
+        other.step(Transposed(), 1, rid)
+    client.close()

@@ -154,3 +154,15 @@ def test_keygen_ckks_writes_a_secret_and_a_keyless_server_context(
     with pytest.raises(ConfigurationError, match="secret key"):
         ckks.load_server_context(secret.read_bytes(), he)
     assert main([*args, "--out", str(out)]) == 2  # never overwrites without --force
+
+
+def test_round_create_layout_argument() -> None:
+    """``round create --layout`` takes 64 hex digits (or nothing); anything else is refused."""
+    from secagg.errors import ConfigurationError
+    from secagg.service.cli import _layout_arg
+
+    assert _layout_arg("") == b""
+    assert _layout_arg("ab" * 32) == bytes([0xAB]) * 32
+    for bad in ("ab" * 31, "zz" * 32):
+        with pytest.raises(ConfigurationError, match="--layout"):
+            _layout_arg(bad)

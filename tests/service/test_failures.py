@@ -50,7 +50,8 @@ def _status(d: Deployment, rid: bytes, timeout: float = 30.0) -> Any:
 
 def test_client_that_never_answers_is_dropped(deployment: Deployment) -> None:
     names = deployment.enroll(4)
-    rid = deployment.create(names, 1000, FAST, neighbors="all", threshold="2")
+    # t=3 of 4: clients refuse t=2 on the complete graph (2t <= k+1, split survivor views).
+    rid = deployment.create(names, 1000, FAST, neighbors="all", threshold="3")
     out = run_threads(
         {n: (lambda n=n: participate(deployment, n, rid, np.ones(1000))) for n in names[:3]}
     )
@@ -88,7 +89,7 @@ def test_client_process_killed_mid_round(deployment: Deployment) -> None:
         1000,
         StageTimeouts(30.0, 5.0, 3.0, 3.0, 3.0),
         neighbors="all",
-        threshold="2",
+        threshold="3",
     )
     seed = deployment.identities[names[3]].private_bytes.hex()
     child = subprocess.Popen(
@@ -275,15 +276,16 @@ def test_client_retries_after_the_connection_breaks(deployment: Deployment) -> N
 
 
 def test_late_message_after_drop_is_refused(deployment: Deployment) -> None:
-    names = deployment.enroll(3)
-    rid = deployment.create(names, 10, StageTimeouts.uniform(1.0), neighbors="all", threshold="2")
-    msg, _ = _advertise(deployment, names[2], rid)
+    # Four clients, t=3: a sum needs three contributors (min_contributors) and 2t > k+1.
+    names = deployment.enroll(4)
+    rid = deployment.create(names, 10, StageTimeouts.uniform(1.0), neighbors="all", threshold="3")
+    msg, _ = _advertise(deployment, names[3], rid)
     out = run_threads(
-        {n: (lambda n=n: participate(deployment, n, rid, np.ones(10))) for n in names[:2]}
+        {n: (lambda n=n: participate(deployment, n, rid, np.ones(10))) for n in names[:3]}
     )
     assert all(o.error is None for o in out.values())
     time.sleep(0.2)
-    raw = RawSession(deployment, names[2], rid)
+    raw = RawSession(deployment, names[3], rid)
     raw.send_message(0, msg.encode())
     with pytest.raises(grpc.RpcError) as err:
         raw.next_frame()

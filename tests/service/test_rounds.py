@@ -224,3 +224,33 @@ def test_concurrent_rounds_one_per_job(deployment: Deployment) -> None:
     assert deployment.admin is not None
     for rid in rids.values():
         assert deployment.admin.status(rid).status == "completed"
+
+
+def test_sdk_refuses_split_view_parameters(deployment: Deployment) -> None:
+    """Split-view attack (issue 11): the server picks n=6, k=5, t=3. The SDK's default
+    policy, and the documented ``min_threshold_fraction=0.5``, accepted these parameters
+    before the fix; now every client refuses at join, before sending anything."""
+    names = deployment.enroll(6)
+    rid = deployment.create(names, 10, neighbors="all", threshold="3")
+    for policy in (Policy(), Policy(min_threshold_fraction=0.5)):
+        for name in names:
+            with pytest.raises(PolicyRefused, match=r"n=6, k=5, t=3: 2t=6 <= k\+1=6"):
+                deployment.client(name, policy=policy).join(rid)
+
+
+def test_sdk_refuses_an_update_with_another_layout(deployment: Deployment) -> None:
+    """Layout attack (issue 11, item 7): the round carries the fingerprint of the model's
+    layout; a site whose update has the same length but another layout is refused before
+    anything is sent. Failed before the fix: the aggregate silently mixed parameters."""
+    from secagg.service.tensors import fingerprint
+
+    model = {"w": np.zeros((2, 3)), "b": np.zeros(4)}
+    names = deployment.enroll(3)
+    rid = deployment.create(names, 10, layout=fingerprint(model))
+    client = deployment.client(names[0])
+    assert client.join(rid).params.layout == fingerprint(model)
+    with pytest.raises(PolicyRefused, match="layout"):
+        client.aggregate(rid, {"w": np.zeros((3, 2)), "b": np.zeros(4)})
+    assert deployment.admin is not None
+    st = deployment.admin.status(rid)
+    assert st.stage == Stage.ADVERTISE_KEYS.value  # nothing was sent
