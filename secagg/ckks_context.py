@@ -1,0 +1,274 @@
+"""CKKS contexts: the key holders' (secret key) and the server's (no key), their key epoch.
+
+Contexts are TenSEAL's format (``tenseal.Context``, symmetric encryption type,
+``n_threads=1``); the key epoch (:class:`KeyEpoch`) travels in the same protobuf under a field
+number TenSEAL does not use, so the files stay loadable by ``tenseal.Context.load``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import tenseal as ts
+from tenseal import sealapi as sa
+
+from secagg.ckks_seal import (
+    _CTX_ENC_TYPE,
+    _CTX_PARMS,
+    _CTX_PRIVATE,
+    _CTX_PUBLIC,
+    _PRIV_GALOIS_FLAG,
+    _PRIV_RELIN_FLAG,
+    _PRIV_SECRET_KEY,
+    _PUB_GALOIS,
+    _PUB_PUBLIC_KEY,
+    _PUB_RELIN,
+    _PUB_SCALE,
+    _SEAL_ERRORS,
+    _SYMMETRIC,
+    N_THREADS,
+    SEAL_COMPR_MODES,
+    SEAL_HEADER,
+    SEAL_MAGIC,
+    _memfile,
+    _pb_bytes,
+    _pb_double,
+    _pb_fields,
+    _pb_int,
+    _pb_message,
+)
+from secagg.errors import ConfigurationError, MalformedMessage
+from secagg.he_params import HEParams
+
+__all__ = [
+    "SecretContext",
+    "ServerContext",
+    "load_secret_context",
+    "load_server_context",
+    "make_public_context",
+    "make_secret_context",
+]
+
+
+def _seal_parameters(params: HEParams) -> Any:
+    parms = sa.EncryptionParameters(sa.SCHEME_TYPE.CKKS)
+    parms.set_poly_modulus_degree(params.poly_modulus_degree)
+    parms.set_coeff_modulus(
+        sa.CoeffModulus.Create(params.poly_modulus_degree, list(params.coeff_mod_bit_sizes))
+    )
+    return parms
+
+
+class _HEContext:
+    """What every holder of a context needs: the SEAL context, an encoder and an evaluator."""
+
+    def __init__(self, params: HEParams, context: Any) -> None:
+        self.params = params
+        self._ts = context
+        self._seal = context.data.seal_context()
+        self._encoder = sa.CKKSEncoder(self._seal)
+        self._evaluator = sa.Evaluator(self._seal)
+        self._first_parms_id = list(self._seal.first_parms_id())
+        _check_context_matches(self._seal, float(context.global_scale), params)
+
+    def _encode(self, values: npt.NDArray[np.float64]) -> Any:
+        """Plaintext of ``N`` slot values: the first half in the real parts, the rest imaginary."""
+        half = self.params.poly_modulus_degree // 2
+        z = values[:half] + 1j * values[half:]
+        plain = sa.Plaintext()
+        self._encoder.encode(z.tolist(), self.params.scale, plain)
+        return plain
+
+    def _load_ciphertext(
+        self, data: bytes, *, seeded: bool | None, client_id: int | None, index: int
+    ) -> Any:
+        """Parse one ciphertext after checking its length and header.
+
+        ``seeded=None`` accepts both a client upload and a sum.
+        """
+        p = self.params
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise MalformedMessage(
+                f"ciphertext {index}: expected bytes, got {type(data).__name__}",
+                client_id=client_id,
+            )
+        data = bytes(data)
+        kinds = (True, False) if seeded is None else (seeded,)
+        ranges = [p.ciphertext_bytes_range(seeded=k) for k in kinds]
+        if not any(lo <= len(data) <= hi for lo, hi in ranges):
+            shown = " or ".join(f"[{lo}, {hi}]" for lo, hi in ranges)
+            raise MalformedMessage(
+                f"ciphertext {index}: {len(data)} bytes, expected {shown} for N="
+                f"{p.poly_modulus_degree}, q={list(p.coeff_mod_bit_sizes)}",
+                client_id=client_id,
+            )
+        magic, hsize, _major, _minor, compr, _res, size = SEAL_HEADER.unpack_from(data)
+        if magic != SEAL_MAGIC or hsize != SEAL_HEADER.size or compr not in SEAL_COMPR_MODES:
+            raise MalformedMessage(f"ciphertext {index}: not a SEAL object", client_id=client_id)
+        if size != len(data):
+            raise MalformedMessage(
+                f"ciphertext {index}: header says {size} bytes, got {len(data)} (truncated?)",
+                client_id=client_id,
+            )
+        ct = sa.Ciphertext()
+        try:
+            _memfile().load(ct, self._seal, data)
+        except _SEAL_ERRORS as exc:
+            raise MalformedMessage(
+                f"ciphertext {index}: SEAL refused it ({exc}); wrong parameters or corrupted",
+                client_id=client_id,
+            ) from None
+        if (
+            ct.size() != 2
+            or not ct.is_ntt_form()
+            or ct.poly_modulus_degree() != p.poly_modulus_degree
+            or ct.coeff_modulus_size() != p.data_primes
+            or list(ct.parms_id()) != self._first_parms_id
+            or ct.scale != p.scale
+        ):
+            raise MalformedMessage(
+                f"ciphertext {index}: not a fresh-level ciphertext of scale 2^{p.scale_bits} "
+                "under these parameters",
+                client_id=client_id,
+            )
+        return ct
+
+    def _dump(self, obj: Any) -> bytes:
+        return _memfile().dump(obj)
+
+
+class ServerContext(_HEContext):
+    """The server's context: parameters only, no key of any kind. Sums ciphertexts."""
+
+
+class SecretContext(_HEContext):
+    """A key holder's context: encrypts (symmetric) and decrypts."""
+
+    def __init__(self, params: HEParams, context: Any) -> None:
+        super().__init__(params, context)
+        key = context.data.secret_key()
+        self._encryptor = sa.Encryptor(self._seal, key)
+        self._decryptor = sa.Decryptor(self._seal, key)
+
+
+def _check_context_matches(seal: Any, scale: float, params: HEParams) -> None:
+    key_parms = seal.key_context_data().parms()
+    n = int(key_parms.poly_modulus_degree())
+    sizes = tuple(int(m.bit_count()) for m in key_parms.coeff_modulus())
+    if n != params.poly_modulus_degree or sizes != params.coeff_mod_bit_sizes:
+        raise ConfigurationError(
+            f"context has N={n}, q={list(sizes)}; parameters want N="
+            f"{params.poly_modulus_degree}, q={list(params.coeff_mod_bit_sizes)}"
+        )
+    if scale != params.scale:
+        raise ConfigurationError(f"context scale {scale} differs from 2^{params.scale_bits}")
+
+
+def make_secret_context(params: HEParams) -> bytes:
+    """Generate a fresh secret key and return the key holders' context (TenSEAL format).
+
+    The context is of TenSEAL's symmetric encryption type and holds the secret key only: no
+    public, relinearisation or Galois key is ever generated (sums need none). Treat the bytes
+    as the secret key.
+    """
+    parms = _seal_parameters(params)
+    seal = sa.SEALContext(parms, True, sa.SEC_LEVEL_TYPE.TC128)
+    if not seal.parameters_set():
+        raise ConfigurationError(f"SEAL refused the parameters: {seal.parameters_error_message()}")
+    io = _memfile()
+    secret_key = sa.KeyGenerator(seal).secret_key()
+    public = _pb_double(_PUB_SCALE, params.scale)
+    try:
+        data = (
+            _pb_bytes(_CTX_PARMS, io.dump(parms))
+            + _pb_bytes(_CTX_PUBLIC, public)
+            + _pb_bytes(_CTX_PRIVATE, _pb_bytes(_PRIV_SECRET_KEY, io.dump(secret_key)))
+            + _pb_int(_CTX_ENC_TYPE, _SYMMETRIC)
+        )
+    finally:
+        io.wipe()
+    load_secret_context(data, params)  # round-trip check
+    return data
+
+
+def make_public_context(secret_context: bytes) -> bytes:
+    """The server's context derived from the key holders' one: parameters and scale only.
+
+    Serialized with ``save_public_key=False, save_secret_key=False, save_galois_keys=False,
+    save_relin_keys=False``; :func:`load_server_context` re-checks that nothing secret is in.
+    """
+    _inspect_context(secret_context)
+    ctx = _ts_load(secret_context)
+    data = ctx.serialize(
+        save_public_key=False, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
+    )
+    return bytes(data)
+
+
+def _ts_load(data: bytes) -> Any:
+    if not isinstance(data, bytes | bytearray):
+        raise ConfigurationError(f"context must be bytes, got {type(data).__name__}")
+    try:
+        return ts.Context.load(bytes(data), n_threads=N_THREADS)
+    except _SEAL_ERRORS as exc:
+        raise ConfigurationError(f"not a TenSEAL context: {exc}") from None
+
+
+def _inspect_context(
+    data: bytes,
+) -> tuple[dict[int, list[bytes | int]], dict[int, list[bytes | int]]]:
+    """Check the context's shape from its bytes; return its private and public sub-messages."""
+    top = _pb_fields(bytes(data))
+    enc_type = top.get(_CTX_ENC_TYPE, [0])[-1]
+    if enc_type != _SYMMETRIC:
+        raise ConfigurationError("context must use TenSEAL's symmetric encryption type")
+    public = _pb_message(top, _CTX_PUBLIC)
+    for field, name in (
+        (_PUB_PUBLIC_KEY, "a public key"),
+        (_PUB_RELIN, "relinearisation keys"),
+        (_PUB_GALOIS, "Galois keys"),
+    ):
+        if public.get(field):
+            raise ConfigurationError(f"context carries {name}; aggregation needs none")
+    private = _pb_message(top, _CTX_PRIVATE)
+    for field in (_PRIV_RELIN_FLAG, _PRIV_GALOIS_FLAG):
+        if private.get(field, [0])[-1]:
+            raise ConfigurationError("context asks for key-switching keys; aggregation needs none")
+    return private, public
+
+
+def load_secret_context(data: bytes, params: HEParams) -> SecretContext:
+    """Load the key holders' context (``n_threads=1``) and check it matches ``params``.
+
+    Raises
+    ------
+    ConfigurationError
+        If the bytes are not a symmetric TenSEAL context with a secret key for ``params``.
+    """
+    private, _ = _inspect_context(data)
+    if not private.get(_PRIV_SECRET_KEY):
+        raise ConfigurationError("context holds no secret key")
+    ctx = _ts_load(data)
+    if not ctx.is_private():
+        raise ConfigurationError("context holds no secret key")
+    return SecretContext(params, ctx)
+
+
+def load_server_context(data: bytes, params: HEParams) -> ServerContext:
+    """Load the server's context (``n_threads=1``); refuse one that carries any key.
+
+    Raises
+    ------
+    ConfigurationError
+        If the context carries a secret key (or public, relinearisation, Galois keys), or does
+        not match ``params``.
+    """
+    private, _ = _inspect_context(data)
+    if private:
+        raise ConfigurationError("server context carries a secret key; refuse to load it")
+    ctx = _ts_load(data)
+    if ctx.is_private():  # cannot happen without a private sub-message; checked twice
+        raise ConfigurationError("server context carries a secret key; refuse to load it")
+    return ServerContext(params, ctx)
