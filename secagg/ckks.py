@@ -27,6 +27,15 @@ decrypt) and :mod:`secagg.ckks_worker` (worker processes).
 
 from __future__ import annotations
 
+from secagg.ckks_budget import (
+    DEFAULT_DECRYPTION_BUDGET,
+    MAX_DECRYPTION_BUDGET,
+    FileLedger,
+    KeyEpoch,
+    Ledger,
+    MemoryLedger,
+    ledger_path_for,
+)
 from secagg.ckks_context import (
     SecretContext,
     ServerContext,
@@ -34,6 +43,7 @@ from secagg.ckks_context import (
     load_server_context,
     make_public_context,
     make_secret_context,
+    open_secret_context,
 )
 from secagg.ckks_lanes import (
     U64Array,
@@ -57,14 +67,21 @@ from secagg.ckks_seal import (
 from secagg.ckks_worker import HEWorker, HEWorkerPool
 
 __all__ = [
+    "DEFAULT_DECRYPTION_BUDGET",
+    "MAX_DECRYPTION_BUDGET",
     "CiphertextSum",
+    "FileLedger",
     "HEWorker",
     "HEWorkerPool",
+    "KeyEpoch",
+    "Ledger",
+    "MemoryLedger",
     "SecretContext",
     "ServerContext",
     "add_masks",
     "decrypt",
     "encrypt",
+    "ledger_path_for",
     "load_secret_context",
     "load_server_context",
     "make_public_context",
@@ -72,6 +89,7 @@ __all__ = [
     "mask_modulus_bits",
     "masks_from_words",
     "negate_masks",
+    "open_secret_context",
     "pack_lanes",
     "sum_ciphertexts",
     "unmask_sum",

@@ -7,13 +7,26 @@ number TenSEAL does not use, so the files stay loadable by ``tenseal.Context.loa
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+import os
+from pathlib import Path
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 import tenseal as ts
 from tenseal import sealapi as sa
 
+from secagg.ckks_budget import (
+    DEFAULT_DECRYPTION_BUDGET,
+    KEY_ID_BYTES,
+    LEGACY_EPOCH,
+    FileLedger,
+    KeyEpoch,
+    Ledger,
+    MemoryLedger,
+    ledger_path_for,
+)
 from secagg.ckks_seal import (
     _CTX_ENC_TYPE,
     _CTX_PARMS,
@@ -39,7 +52,7 @@ from secagg.ckks_seal import (
     _pb_int,
     _pb_message,
 )
-from secagg.errors import ConfigurationError, MalformedMessage
+from secagg.errors import ConfigurationError, DecryptionBudgetExhausted, MalformedMessage
 from secagg.he_params import HEParams
 
 __all__ = [
@@ -49,7 +62,42 @@ __all__ = [
     "load_server_context",
     "make_public_context",
     "make_secret_context",
+    "open_secret_context",
 ]
+
+_CTX_SECAGG_EPOCH: Final = 100
+"""Field of ``TenSEALContextProto`` carrying the :class:`KeyEpoch` (TenSEAL uses 1..4 and keeps
+unknown fields when it parses; it drops them when it re-serializes, so they are re-appended)."""
+
+_EPOCH_VERSION, _EPOCH_NUMBER, _EPOCH_KEY_ID, _EPOCH_BUDGET = 1, 2, 3, 4
+
+
+def _epoch_field(epoch: KeyEpoch) -> bytes:
+    record = (
+        _pb_int(_EPOCH_VERSION, 1)
+        + _pb_int(_EPOCH_NUMBER, epoch.epoch)
+        + _pb_bytes(_EPOCH_KEY_ID, epoch.key_id)
+        + _pb_int(_EPOCH_BUDGET, epoch.budget)
+    )
+    return _pb_bytes(_CTX_SECAGG_EPOCH, record)
+
+
+def _read_epoch(top: dict[int, list[bytes | int]]) -> KeyEpoch:
+    """The context's key epoch; :data:`~secagg.ckks_budget.LEGACY_EPOCH` when it has none."""
+    if not top.get(_CTX_SECAGG_EPOCH):
+        return LEGACY_EPOCH
+    if len(top[_CTX_SECAGG_EPOCH]) != 1:
+        raise ConfigurationError("context carries more than one key epoch")
+    rec = _pb_message(top, _CTX_SECAGG_EPOCH)
+    version = rec.get(_EPOCH_VERSION, [0])[-1]
+    number = rec.get(_EPOCH_NUMBER, [0])[-1]
+    key_id = rec.get(_EPOCH_KEY_ID, [b""])[-1]
+    budget = rec.get(_EPOCH_BUDGET, [0])[-1]
+    if version != 1 or not isinstance(number, int) or not isinstance(budget, int):
+        raise ConfigurationError(f"context's key epoch record has unknown version {version!r}")
+    if not isinstance(key_id, bytes) or len(key_id) != KEY_ID_BYTES:
+        raise ConfigurationError("context's key epoch record has no valid key id")
+    return KeyEpoch(number, key_id, budget)
 
 
 def _seal_parameters(params: HEParams) -> Any:
@@ -64,8 +112,9 @@ def _seal_parameters(params: HEParams) -> Any:
 class _HEContext:
     """What every holder of a context needs: the SEAL context, an encoder and an evaluator."""
 
-    def __init__(self, params: HEParams, context: Any) -> None:
+    def __init__(self, params: HEParams, context: Any, epoch: KeyEpoch = LEGACY_EPOCH) -> None:
         self.params = params
+        self.epoch = epoch
         self._ts = context
         self._seal = context.data.seal_context()
         self._encoder = sa.CKKSEncoder(self._seal)
@@ -140,17 +189,59 @@ class _HEContext:
 
 
 class ServerContext(_HEContext):
-    """The server's context: parameters only, no key of any kind. Sums ciphertexts."""
+    """The server's context: parameters and key epoch only, no key of any kind. Sums
+    ciphertexts."""
 
 
 class SecretContext(_HEContext):
-    """A key holder's context: encrypts (symmetric) and decrypts."""
+    """A key holder's context: encrypts (symmetric) and decrypts, each decryption charged to
+    :attr:`ledger` first (at most ``epoch.budget`` of them)."""
 
-    def __init__(self, params: HEParams, context: Any) -> None:
-        super().__init__(params, context)
+    def __init__(
+        self,
+        params: HEParams,
+        context: Any,
+        epoch: KeyEpoch = LEGACY_EPOCH,
+        ledger: Ledger | None = None,
+    ) -> None:
+        super().__init__(params, context, epoch)
+        self.ledger: Ledger = MemoryLedger() if ledger is None else ledger
         key = context.data.secret_key()
         self._encryptor = sa.Encryptor(self._seal, key)
         self._decryptor = sa.Decryptor(self._seal, key)
+
+    def key_holder(self) -> SecretContext:
+        """Another key holder of the same key in this process (simulations): it shares the
+        SEAL objects and counts its own decryptions in a fresh
+        :class:`~secagg.ckks_budget.MemoryLedger`."""
+        other = copy.copy(self)
+        other.ledger = MemoryLedger()
+        return other
+
+    @property
+    def decryptions_left(self) -> int:
+        """Decryptions this key holder may still make in its key epoch."""
+        return max(0, self.epoch.budget - self.ledger.spent(self.epoch))
+
+    def require_budget(self, needed: int = 1) -> None:
+        """Refuse up front when fewer than ``needed`` decryptions are left.
+
+        Raises
+        ------
+        DecryptionBudgetExhausted
+            If the ledger has fewer than ``needed`` decryptions left.
+        """
+        left = self.decryptions_left
+        if left < needed:
+            raise DecryptionBudgetExhausted(
+                f"CKKS key epoch {self.epoch.epoch} has {left} of {self.epoch.budget} "
+                f"decryptions left, {needed} needed: rotate the key "
+                f"(secagg keygen --ckks --epoch {self.epoch.epoch + 1})"
+            )
+
+    def charge_decryption(self) -> int:
+        """Charge one decryption to the ledger (before decrypting); return how many are left."""
+        return self.ledger.spend(self.epoch)
 
 
 def _check_context_matches(seal: Any, scale: float, params: HEParams) -> None:
@@ -166,13 +257,17 @@ def _check_context_matches(seal: Any, scale: float, params: HEParams) -> None:
         raise ConfigurationError(f"context scale {scale} differs from 2^{params.scale_bits}")
 
 
-def make_secret_context(params: HEParams) -> bytes:
+def make_secret_context(
+    params: HEParams, *, epoch: int = 0, decryption_budget: int = DEFAULT_DECRYPTION_BUDGET
+) -> bytes:
     """Generate a fresh secret key and return the key holders' context (TenSEAL format).
 
     The context is of TenSEAL's symmetric encryption type and holds the secret key only: no
-    public, relinearisation or Galois key is ever generated (sums need none). Treat the bytes
-    as the secret key.
+    public, relinearisation or Galois key is ever generated (sums need none). It carries a new
+    :class:`~secagg.ckks_budget.KeyEpoch` (``epoch``, a random key id, ``decryption_budget``
+    decryptions per key holder). Treat the bytes as the secret key.
     """
+    key_epoch = KeyEpoch.fresh(epoch, decryption_budget)
     parms = _seal_parameters(params)
     seal = sa.SEALContext(parms, True, sa.SEC_LEVEL_TYPE.TC128)
     if not seal.parameters_set():
@@ -186,6 +281,7 @@ def make_secret_context(params: HEParams) -> bytes:
             + _pb_bytes(_CTX_PUBLIC, public)
             + _pb_bytes(_CTX_PRIVATE, _pb_bytes(_PRIV_SECRET_KEY, io.dump(secret_key)))
             + _pb_int(_CTX_ENC_TYPE, _SYMMETRIC)
+            + _epoch_field(key_epoch)
         )
     finally:
         io.wipe()
@@ -194,17 +290,17 @@ def make_secret_context(params: HEParams) -> bytes:
 
 
 def make_public_context(secret_context: bytes) -> bytes:
-    """The server's context derived from the key holders' one: parameters and scale only.
+    """The server's context derived from the key holders' one: parameters, scale, key epoch.
 
     Serialized with ``save_public_key=False, save_secret_key=False, save_galois_keys=False,
     save_relin_keys=False``; :func:`load_server_context` re-checks that nothing secret is in.
     """
-    _inspect_context(secret_context)
+    _, _, epoch = _inspect_context(secret_context)
     ctx = _ts_load(secret_context)
     data = ctx.serialize(
         save_public_key=False, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
     )
-    return bytes(data)
+    return bytes(data) + (b"" if epoch is LEGACY_EPOCH else _epoch_field(epoch))
 
 
 def _ts_load(data: bytes) -> Any:
@@ -218,8 +314,11 @@ def _ts_load(data: bytes) -> Any:
 
 def _inspect_context(
     data: bytes,
-) -> tuple[dict[int, list[bytes | int]], dict[int, list[bytes | int]]]:
-    """Check the context's shape from its bytes; return its private and public sub-messages."""
+) -> tuple[dict[int, list[bytes | int]], dict[int, list[bytes | int]], KeyEpoch]:
+    """Check the context's shape from its bytes; return its private and public sub-messages
+    and its key epoch."""
+    if not isinstance(data, bytes | bytearray):
+        raise ConfigurationError(f"context must be bytes, got {type(data).__name__}")
     top = _pb_fields(bytes(data))
     enc_type = top.get(_CTX_ENC_TYPE, [0])[-1]
     if enc_type != _SYMMETRIC:
@@ -236,24 +335,49 @@ def _inspect_context(
     for field in (_PRIV_RELIN_FLAG, _PRIV_GALOIS_FLAG):
         if private.get(field, [0])[-1]:
             raise ConfigurationError("context asks for key-switching keys; aggregation needs none")
-    return private, public
+    return private, public, _read_epoch(top)
 
 
-def load_secret_context(data: bytes, params: HEParams) -> SecretContext:
+def load_secret_context(
+    data: bytes, params: HEParams, *, ledger: Ledger | None = None
+) -> SecretContext:
     """Load the key holders' context (``n_threads=1``) and check it matches ``params``.
+
+    Decryptions are counted in ``ledger`` (default: a fresh
+    :class:`~secagg.ckks_budget.MemoryLedger`, which forgets when the object goes;
+    :func:`open_secret_context` counts in a file that survives the process).
 
     Raises
     ------
     ConfigurationError
         If the bytes are not a symmetric TenSEAL context with a secret key for ``params``.
     """
-    private, _ = _inspect_context(data)
+    private, _, epoch = _inspect_context(data)
     if not private.get(_PRIV_SECRET_KEY):
         raise ConfigurationError("context holds no secret key")
     ctx = _ts_load(data)
     if not ctx.is_private():
         raise ConfigurationError("context holds no secret key")
-    return SecretContext(params, ctx)
+    return SecretContext(params, ctx, epoch, ledger)
+
+
+def open_secret_context(path: str | Path, params: HEParams) -> SecretContext:
+    """Load a secret context file whose decryptions count in the ledger file beside it
+    (``PATH.ledger``, :class:`~secagg.ckks_budget.FileLedger`), shared across processes.
+
+    Raises
+    ------
+    ConfigurationError
+        If the file is not a secret context for ``params``, or is readable by other users.
+    KeyEpochMismatch
+        If the ledger beside it counts for another key.
+    """
+    p = Path(path)
+    if os.name == "posix" and p.stat().st_mode & 0o077:
+        raise ConfigurationError(f"{p} is readable by other users; chmod 600 it")
+    ctx = load_secret_context(p.read_bytes(), params, ledger=FileLedger(ledger_path_for(p)))
+    ctx.ledger.spent(ctx.epoch)  # a ledger of another key is refused now, not at decryption
+    return ctx
 
 
 def load_server_context(data: bytes, params: HEParams) -> ServerContext:
@@ -265,10 +389,10 @@ def load_server_context(data: bytes, params: HEParams) -> ServerContext:
         If the context carries a secret key (or public, relinearisation, Galois keys), or does
         not match ``params``.
     """
-    private, _ = _inspect_context(data)
+    private, _, epoch = _inspect_context(data)
     if private:
         raise ConfigurationError("server context carries a secret key; refuse to load it")
     ctx = _ts_load(data)
     if ctx.is_private():  # cannot happen without a private sub-message; checked twice
         raise ConfigurationError("server context carries a secret key; refuse to load it")
-    return ServerContext(params, ctx)
+    return ServerContext(params, ctx, epoch)

@@ -177,17 +177,29 @@ def sum_ciphertexts(
     return acc.finish(plain_addend)
 
 
-def decrypt(ctx: SecretContext, ciphertexts: Sequence[bytes], count: int | None = None) -> U64Array:
+def decrypt(
+    ctx: SecretContext,
+    ciphertexts: Sequence[bytes],
+    count: int | None = None,
+    *,
+    bound_bits: int | None = None,
+) -> U64Array:
     """Decrypt a sum (or one upload) to integers: the first ``count`` slot values.
 
     Every decoded value, padding included, must lie within
     :data:`~secagg.he_params.ROUNDING_TOLERANCE` of an integer in ``[0, 2^slot_sum_bits)``,
-    and padding must be zero; only the rounded integers are returned.
+    and padding must be zero; only the rounded integers are returned. ``bound_bits`` lowers the
+    range to ``[0, 2^bound_bits)`` (one hybrid upload: ``mask_bits``).
+
+    Each call that gets past the ciphertext checks is charged to ``ctx``'s decryption budget
+    before it decrypts, whether it then accepts or aborts: the accept/abort is what leaks.
 
     Raises
     ------
     MalformedMessage
-        If a ciphertext is malformed or there are not ``n_ciphertexts`` of them.
+        If a ciphertext is malformed or there are not ``n_ciphertexts`` of them (no charge).
+    DecryptionBudgetExhausted
+        If the context's key epoch has no decryption left (nothing is decrypted).
     DecryptionError
         If a value is off an integer (noise budget exceeded, another key, tampering) or out
         of range (an overflowing input).
@@ -198,10 +210,17 @@ def decrypt(ctx: SecretContext, ciphertexts: Sequence[bytes], count: int | None 
         raise ConfigurationError(f"count must be in 0..{p.n_slots}, got {count}")
     if isinstance(ciphertexts, bytes | bytearray) or len(ciphertexts) != p.n_ciphertexts:
         raise MalformedMessage(f"expected {p.n_ciphertexts} ciphertexts")
+    top_bits = p.slot_sum_bits if bound_bits is None else bound_bits
+    if not 0 < top_bits <= p.slot_sum_bits:
+        raise ConfigurationError(f"bound_bits must be in 1..{p.slot_sum_bits}, got {top_bits}")
+    cts = [
+        ctx._load_ciphertext(c, seeded=None, client_id=None, index=i)
+        for i, c in enumerate(ciphertexts)
+    ]
+    ctx.charge_decryption()  # count first, then decrypt: a crash never saves a charge
     parts = []
     plain = sa.Plaintext()
-    for i, data in enumerate(ciphertexts):
-        ct = ctx._load_ciphertext(data, seeded=None, client_id=None, index=i)
+    for ct in cts:
         ctx._decryptor.decrypt(ct, plain)
         z = np.asarray(ctx._encoder.decode_complex(plain), dtype=np.complex128)
         parts += [z.real, z.imag]
@@ -212,10 +231,10 @@ def decrypt(ctx: SecretContext, ciphertexts: Sequence[bytes], count: int | None 
             f"decrypted values are not within {ROUNDING_TOLERANCE} of integers: noise budget "
             "exceeded, wrong key, or tampered ciphertext"
         )
-    top = float(2**p.slot_sum_bits)
+    top = float(2**top_bits)
     if not (np.all(rounded >= 0) and np.all(rounded < top)):
         raise DecryptionError(
-            f"decrypted values outside [0, 2^{p.slot_sum_bits}): an input overflowed its range"
+            f"decrypted values outside [0, 2^{top_bits}): an input overflowed its range"
         )
     if np.any(rounded[p.n_slots :]):
         raise DecryptionError("padding slots decrypted to non-zero values")
