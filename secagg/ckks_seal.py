@@ -3,9 +3,10 @@
 The SEAL bindings that ship with TenSEAL 0.3.18 (``tenseal.sealapi``) serialize through file
 paths only, so objects pass through an anonymous in-memory file (``memfd``, one per thread and
 process). TenSEAL's context format is the protobuf ``TenSEALContextProto``
-(``tenseal/proto/tensealcontext.proto``); the few fields used here are read and written by hand.
-TenSEAL ships that file only in its source tree, not in the wheel, so no reader is generated
-from it; the field numbers below are copied from it.
+(``tenseal/proto/tensealcontext.proto``, shipped in TenSEAL's wheel); the few fields used
+here are read and written by hand, with the field numbers copied from that file. (A reader
+generated from it, like ``service/_gen``, is still to do: the generator, grpcio-tools, lives
+in the Flower environment.)
 """
 
 from __future__ import annotations

@@ -11,12 +11,14 @@ import multiprocessing
 import struct
 from collections.abc import Iterable, Sequence
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Final, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from secagg import errors
+from secagg.ckks_budget import FileLedger
 from secagg.ckks_context import (
     SecretContext,
     ServerContext,
@@ -51,6 +53,8 @@ _ERROR_TYPES: Final[dict[str, type[SecAggError]]] = {
         errors.InputError,
         errors.MalformedMessage,
         errors.DecryptionError,
+        errors.DecryptionBudgetExhausted,
+        errors.KeyEpochMismatch,
         errors.CryptoError,
     )
 }
@@ -78,9 +82,11 @@ def _u64_from(data: bytes) -> U64Array:
 
 
 class _WorkerState:
-    def __init__(self, role: Role, params: HEParams, context: bytes) -> None:
+    def __init__(
+        self, role: Role, params: HEParams, context: bytes, ledger: str | None = None
+    ) -> None:
         self.ctx: SecretContext | ServerContext = (
-            load_secret_context(context, params)
+            load_secret_context(context, params, ledger=FileLedger(ledger) if ledger else None)
             if role == "secret"
             else load_server_context(context, params)
         )
@@ -134,7 +140,8 @@ def _worker_main(conn: Connection) -> None:
                 return
             if op == _OP_INIT:
                 role = cast(Role, frames[1].decode())
-                state = _WorkerState(role, HEParams.from_json(frames[2]), frames[3])
+                ledger = frames[4].decode() if len(frames) > 4 and frames[4] else None
+                state = _WorkerState(role, HEParams.from_json(frames[2]), frames[3], ledger)
                 reply: list[bytes] = []
             elif state is None:
                 raise ConfigurationError("worker not initialised")
@@ -167,16 +174,28 @@ class HEWorker:
         Which context ``context`` is; a server worker cannot encrypt or decrypt.
     timeout:
         Seconds to wait for any answer before the worker is declared dead.
+    ledger_path:
+        ``role="secret"``: count decryptions in this :class:`~secagg.ckks_budget.FileLedger`
+        (e.g. :func:`~secagg.ckks_budget.ledger_path_for` of the secret file) rather than in
+        the worker's memory, so a restarted worker does not start the count again.
 
     Errors raised in the worker come back as the same :mod:`secagg.errors` class. Not
     thread-safe: one caller at a time.
     """
 
     def __init__(
-        self, params: HEParams, context: bytes, *, role: Role, timeout: float = 300.0
+        self,
+        params: HEParams,
+        context: bytes,
+        *,
+        role: Role,
+        timeout: float = 300.0,
+        ledger_path: str | Path | None = None,
     ) -> None:
         if role not in ("secret", "server"):
             raise ConfigurationError(f"role must be 'secret' or 'server', got {role!r}")
+        if ledger_path is not None and role != "secret":
+            raise ConfigurationError("only a secret worker decrypts: no ledger for the server")
         self.params = params
         self._timeout = timeout
         mp = multiprocessing.get_context("spawn")
@@ -185,7 +204,8 @@ class HEWorker:
         self._proc.start()
         child.close()
         try:
-            self._call(_OP_INIT, [role.encode(), params.to_json(), bytes(context)])
+            ledger = b"" if ledger_path is None else str(Path(ledger_path).resolve()).encode()
+            self._call(_OP_INIT, [role.encode(), params.to_json(), bytes(context), ledger])
         except BaseException:
             self.close()
             raise

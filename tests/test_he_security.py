@@ -124,6 +124,23 @@ print(int(ckks.decrypt(sk, cts)[0]))
     assert not list(tmp_path.glob("*.tmp*"))  # atomic replace left no temporary file
 
 
+def test_secret_worker_counts_in_the_file_ledger(tmp_path: Path, params: HEParams) -> None:
+    """Attack: restart the key holder's HE worker process to start its count again. With a
+    ledger path the worker charges the shared file, so a new worker sees the spent budget
+    and the refusal comes back typed (before: no budget at all)."""
+    from secagg.service.keyfile import write_ckks_contexts
+
+    secret_path, _ = write_ckks_contexts(tmp_path / "fed", params, decryption_budget=1)
+    ledger = ckks.ledger_path_for(secret_path)
+    secret = secret_path.read_bytes()
+    with ckks.HEWorker(params, secret, role="secret", ledger_path=ledger) as w:
+        ct = w.encrypt(np.full(params.n_slots, 3, np.uint64))
+        assert w.decrypt(ct)[0] == 3
+    with ckks.HEWorker(params, secret, role="secret", ledger_path=ledger) as w:
+        with pytest.raises(DecryptionBudgetExhausted):
+            w.decrypt(ct)
+
+
 def test_ledger_of_another_key_refused(tmp_path: Path, params: HEParams) -> None:
     """A ledger that counts for another key (a rotated key copied over an old file) must not
     be reused silently: opening refuses with KeyEpochMismatch."""
