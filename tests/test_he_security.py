@@ -136,9 +136,11 @@ def test_secret_worker_counts_in_the_file_ledger(tmp_path: Path, params: HEParam
     with ckks.HEWorker(params, secret, role="secret", ledger_path=ledger) as w:
         ct = w.encrypt(np.full(params.n_slots, 3, np.uint64))
         assert w.decrypt(ct)[0] == 3
-    with ckks.HEWorker(params, secret, role="secret", ledger_path=ledger) as w:
-        with pytest.raises(DecryptionBudgetExhausted):
-            w.decrypt(ct)
+    with (
+        ckks.HEWorker(params, secret, role="secret", ledger_path=ledger) as w,
+        pytest.raises(DecryptionBudgetExhausted),
+    ):
+        w.decrypt(ct)
 
 
 def test_ledger_of_another_key_refused(tmp_path: Path, params: HEParams) -> None:
