@@ -19,8 +19,9 @@ before SEAL parses them; nothing is pickled. :class:`HEWorker` runs all of this 
 process (``spawn``) speaking bytes only.
 
 The implementation is split by concept; this module re-exports the public names:
-:mod:`secagg.ckks_lanes` (lane encoding and hybrid masks), :mod:`secagg.ckks_seal` (SEAL and
-TenSEAL serialization), :mod:`secagg.ckks_context` (contexts and key epochs),
+:mod:`secagg.ckks_lanes` (lane encoding and hybrid masks), :mod:`secagg.ckks_seal` (SEAL
+serialization), :mod:`secagg.ckks_context` (contexts and key epochs, read with the protobuf
+code generated into :mod:`secagg._gen` from TenSEAL's ``tensealcontext.proto``),
 :mod:`secagg.ckks_budget` (decryption budgets), :mod:`secagg.ckks_ops` (encrypt, sum,
 decrypt) and :mod:`secagg.ckks_worker` (worker processes).
 """
@@ -56,14 +57,7 @@ from secagg.ckks_lanes import (
     unpack_lanes,
 )
 from secagg.ckks_ops import CiphertextSum, decrypt, encrypt, sum_ciphertexts
-from secagg.ckks_seal import (
-    _CTX_PRIVATE,
-    N_THREADS,
-    SEAL_COMPR_MODES,
-    SEAL_HEADER,
-    SEAL_MAGIC,
-    _pb_fields,
-)
+from secagg.ckks_seal import N_THREADS, SEAL_COMPR_MODES, SEAL_HEADER, SEAL_MAGIC
 from secagg.ckks_worker import HEWorker, HEWorkerPool
 
 __all__ = [
@@ -97,4 +91,4 @@ __all__ = [
 ]
 
 
-_ = (U64Array, N_THREADS, SEAL_COMPR_MODES, SEAL_HEADER, SEAL_MAGIC, _CTX_PRIVATE, _pb_fields)
+_ = (U64Array, N_THREADS, SEAL_COMPR_MODES, SEAL_HEADER, SEAL_MAGIC)

@@ -2,7 +2,9 @@
 
 Contexts are TenSEAL's format (``tenseal.Context``, symmetric encryption type,
 ``n_threads=1``); the key epoch (:class:`KeyEpoch`) travels in the same protobuf under a field
-number TenSEAL does not use, so the files stay loadable by ``tenseal.Context.load``.
+number TenSEAL does not use, so the files stay loadable by ``tenseal.Context.load``. Files are
+read and written with the messages generated into :mod:`secagg._gen` from TenSEAL's
+``tensealcontext.proto`` and ``secagg/proto/ckks_context.proto``.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 import tenseal as ts
+from google.protobuf.message import DecodeError
 from tenseal import sealapi as sa
 
+from secagg._gen import ckks_context_pb2 as pb
+from secagg._gen import tensealcontext_pb2 as tenseal_pb
 from secagg.ckks_budget import (
     DEFAULT_DECRYPTION_BUDGET,
     KEY_ID_BYTES,
@@ -28,17 +33,6 @@ from secagg.ckks_budget import (
     ledger_path_for,
 )
 from secagg.ckks_seal import (
-    _CTX_ENC_TYPE,
-    _CTX_PARMS,
-    _CTX_PRIVATE,
-    _CTX_PUBLIC,
-    _PRIV_GALOIS_FLAG,
-    _PRIV_RELIN_FLAG,
-    _PRIV_SECRET_KEY,
-    _PUB_GALOIS,
-    _PUB_PUBLIC_KEY,
-    _PUB_RELIN,
-    _PUB_SCALE,
     _SEAL_ERRORS,
     _SYMMETRIC,
     N_THREADS,
@@ -46,11 +40,6 @@ from secagg.ckks_seal import (
     SEAL_HEADER,
     SEAL_MAGIC,
     _memfile,
-    _pb_bytes,
-    _pb_double,
-    _pb_fields,
-    _pb_int,
-    _pb_message,
 )
 from secagg.errors import ConfigurationError, DecryptionBudgetExhausted, MalformedMessage
 from secagg.he_params import HEParams
@@ -65,39 +54,35 @@ __all__ = [
     "open_secret_context",
 ]
 
-_CTX_SECAGG_EPOCH: Final = 100
-"""Field of ``TenSEALContextProto`` carrying the :class:`KeyEpoch` (TenSEAL uses 1..4 and keeps
-unknown fields when it parses; it drops them when it re-serializes, so they are re-appended)."""
-
-_EPOCH_VERSION, _EPOCH_NUMBER, _EPOCH_KEY_ID, _EPOCH_BUDGET = 1, 2, 3, 4
+EPOCH_RECORD_VERSION: Final = 1
+"""Version of the ``KeyEpoch`` record (``secagg/proto/ckks_context.proto``)."""
 
 
-def _epoch_field(epoch: KeyEpoch) -> bytes:
-    record = (
-        _pb_int(_EPOCH_VERSION, 1)
-        + _pb_int(_EPOCH_NUMBER, epoch.epoch)
-        + _pb_bytes(_EPOCH_KEY_ID, epoch.key_id)
-        + _pb_int(_EPOCH_BUDGET, epoch.budget)
+def _epoch_message(epoch: KeyEpoch) -> pb.KeyEpoch:
+    return pb.KeyEpoch(
+        version=EPOCH_RECORD_VERSION, epoch=epoch.epoch, key_id=epoch.key_id, budget=epoch.budget
     )
-    return _pb_bytes(_CTX_SECAGG_EPOCH, record)
 
 
-def _read_epoch(top: dict[int, list[bytes | int]]) -> KeyEpoch:
+def _parse(data: bytes) -> pb.ContextFile:
+    if not isinstance(data, bytes | bytearray):
+        raise ConfigurationError(f"context must be bytes, got {type(data).__name__}")
+    try:
+        return pb.ContextFile.FromString(bytes(data))
+    except DecodeError as exc:
+        raise ConfigurationError(f"context bytes: not a context protobuf ({exc})") from None
+
+
+def _read_epoch(msg: pb.ContextFile) -> KeyEpoch:
     """The context's key epoch; :data:`~secagg.ckks_budget.LEGACY_EPOCH` when it has none."""
-    if not top.get(_CTX_SECAGG_EPOCH):
+    if not msg.HasField("key_epoch"):
         return LEGACY_EPOCH
-    if len(top[_CTX_SECAGG_EPOCH]) != 1:
-        raise ConfigurationError("context carries more than one key epoch")
-    rec = _pb_message(top, _CTX_SECAGG_EPOCH)
-    version = rec.get(_EPOCH_VERSION, [0])[-1]
-    number = rec.get(_EPOCH_NUMBER, [0])[-1]
-    key_id = rec.get(_EPOCH_KEY_ID, [b""])[-1]
-    budget = rec.get(_EPOCH_BUDGET, [0])[-1]
-    if version != 1 or not isinstance(number, int) or not isinstance(budget, int):
-        raise ConfigurationError(f"context's key epoch record has unknown version {version!r}")
-    if not isinstance(key_id, bytes) or len(key_id) != KEY_ID_BYTES:
+    rec = msg.key_epoch
+    if rec.version != EPOCH_RECORD_VERSION:
+        raise ConfigurationError(f"context's key epoch record has unknown version {rec.version}")
+    if len(rec.key_id) != KEY_ID_BYTES:
         raise ConfigurationError("context's key epoch record has no valid key id")
-    return KeyEpoch(number, key_id, budget)
+    return KeyEpoch(rec.epoch, rec.key_id, rec.budget)
 
 
 def _seal_parameters(params: HEParams) -> Any:
@@ -274,15 +259,16 @@ def make_secret_context(
         raise ConfigurationError(f"SEAL refused the parameters: {seal.parameters_error_message()}")
     io = _memfile()
     secret_key = sa.KeyGenerator(seal).secret_key()
-    public = _pb_double(_PUB_SCALE, params.scale)
     try:
-        data = (
-            _pb_bytes(_CTX_PARMS, io.dump(parms))
-            + _pb_bytes(_CTX_PUBLIC, public)
-            + _pb_bytes(_CTX_PRIVATE, _pb_bytes(_PRIV_SECRET_KEY, io.dump(secret_key)))
-            + _pb_int(_CTX_ENC_TYPE, _SYMMETRIC)
-            + _epoch_field(key_epoch)
+        msg = pb.ContextFile(
+            encryption_parameters=io.dump(parms),
+            public_context=tenseal_pb.TenSEALPublicProto(scale=params.scale),
+            private_context=tenseal_pb.TenSEALPrivateProto(secret_key=io.dump(secret_key)),
+            encryption_type=_SYMMETRIC,
+            key_epoch=_epoch_message(key_epoch),
         )
+        data = msg.SerializeToString()
+        del msg
     finally:
         io.wipe()
     load_secret_context(data, params)  # round-trip check
@@ -295,12 +281,16 @@ def make_public_context(secret_context: bytes) -> bytes:
     Serialized with ``save_public_key=False, save_secret_key=False, save_galois_keys=False,
     save_relin_keys=False``; :func:`load_server_context` re-checks that nothing secret is in.
     """
-    _, _, epoch = _inspect_context(secret_context)
+    _, epoch = _inspect_context(secret_context)
     ctx = _ts_load(secret_context)
     data = ctx.serialize(
         save_public_key=False, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
     )
-    return bytes(data) + (b"" if epoch is LEGACY_EPOCH else _epoch_field(epoch))
+    if epoch is LEGACY_EPOCH:
+        return bytes(data)
+    out = _parse(bytes(data))
+    out.key_epoch.CopyFrom(_epoch_message(epoch))
+    return out.SerializeToString()
 
 
 def _ts_load(data: bytes) -> Any:
@@ -312,30 +302,24 @@ def _ts_load(data: bytes) -> Any:
         raise ConfigurationError(f"not a TenSEAL context: {exc}") from None
 
 
-def _inspect_context(
-    data: bytes,
-) -> tuple[dict[int, list[bytes | int]], dict[int, list[bytes | int]], KeyEpoch]:
-    """Check the context's shape from its bytes; return its private and public sub-messages
-    and its key epoch."""
-    if not isinstance(data, bytes | bytearray):
-        raise ConfigurationError(f"context must be bytes, got {type(data).__name__}")
-    top = _pb_fields(bytes(data))
-    enc_type = top.get(_CTX_ENC_TYPE, [0])[-1]
-    if enc_type != _SYMMETRIC:
+def _inspect_context(data: bytes) -> tuple[pb.ContextFile, KeyEpoch]:
+    """Check the context's shape from its bytes (the reader generated from TenSEAL's
+    ``tensealcontext.proto``); return the parsed message and its key epoch."""
+    msg = _parse(data)
+    if msg.encryption_type != _SYMMETRIC:
         raise ConfigurationError("context must use TenSEAL's symmetric encryption type")
-    public = _pb_message(top, _CTX_PUBLIC)
-    for field, name in (
-        (_PUB_PUBLIC_KEY, "a public key"),
-        (_PUB_RELIN, "relinearisation keys"),
-        (_PUB_GALOIS, "Galois keys"),
+    public = msg.public_context
+    for present, name in (
+        (public.public_key, "a public key"),
+        (public.relin_keys, "relinearisation keys"),
+        (public.galois_keys, "Galois keys"),
     ):
-        if public.get(field):
+        if present:
             raise ConfigurationError(f"context carries {name}; aggregation needs none")
-    private = _pb_message(top, _CTX_PRIVATE)
-    for field in (_PRIV_RELIN_FLAG, _PRIV_GALOIS_FLAG):
-        if private.get(field, [0])[-1]:
-            raise ConfigurationError("context asks for key-switching keys; aggregation needs none")
-    return private, public, _read_epoch(top)
+    private = msg.private_context
+    if private.relin_keys_generated or private.galois_keys_generated:
+        raise ConfigurationError("context asks for key-switching keys; aggregation needs none")
+    return msg, _read_epoch(msg)
 
 
 def load_secret_context(
@@ -352,9 +336,10 @@ def load_secret_context(
     ConfigurationError
         If the bytes are not a symmetric TenSEAL context with a secret key for ``params``.
     """
-    private, _, epoch = _inspect_context(data)
-    if not private.get(_PRIV_SECRET_KEY):
+    msg, epoch = _inspect_context(data)
+    if not msg.private_context.secret_key:
         raise ConfigurationError("context holds no secret key")
+    del msg
     ctx = _ts_load(data)
     if not ctx.is_private():
         raise ConfigurationError("context holds no secret key")
@@ -389,8 +374,8 @@ def load_server_context(data: bytes, params: HEParams) -> ServerContext:
         If the context carries a secret key (or public, relinearisation, Galois keys), or does
         not match ``params``.
     """
-    private, _, epoch = _inspect_context(data)
-    if private:
+    msg, epoch = _inspect_context(data)
+    if msg.HasField("private_context"):
         raise ConfigurationError("server context carries a secret key; refuse to load it")
     ctx = _ts_load(data)
     if ctx.is_private():  # cannot happen without a private sub-message; checked twice
