@@ -143,6 +143,32 @@ def test_secret_worker_counts_in_the_file_ledger(tmp_path: Path, params: HEParam
         w.decrypt(ct)
 
 
+def _spend_many(path: str, key_id: bytes, tries: int) -> int:
+    epoch = KeyEpoch(0, key_id, 16)
+    ok = 0
+    for _ in range(tries):
+        try:
+            FileLedger(path).spend(epoch)
+            ok += 1
+        except DecryptionBudgetExhausted:
+            pass
+    return ok
+
+
+def test_file_ledger_never_overspends_under_concurrent_processes(tmp_path: Path) -> None:
+    """Attack: several processes on one key race their decryptions so that each reads the
+    count before the others write it. The exclusive lock serialises read-check-write: four
+    processes trying 10 decryptions each on a budget of 16 get exactly 16 between them."""
+    import multiprocessing
+
+    key_id = bytes(range(16))
+    path = str(tmp_path / "k.ledger")
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        granted = pool.starmap(_spend_many, [(path, key_id, 10)] * 4)
+    assert sum(granted) == 16
+    assert json.loads(Path(path).read_text())["spent"] == 16
+
+
 def test_ledger_of_another_key_refused(tmp_path: Path, params: HEParams) -> None:
     """A ledger that counts for another key (a rotated key copied over an old file) must not
     be reused silently: opening refuses with KeyEpochMismatch."""
