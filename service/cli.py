@@ -218,7 +218,13 @@ def _add_keygen(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "CKKS (--ckks): OUT.ckks-secret for the key holders, OUT.ckks-server for the server"
     )
     ck.add_argument("--ckks", action="store_true", help="write CKKS contexts, not an identity")
-    ck.add_argument("--mode", choices=["ckks", "hybrid"], default="hybrid")
+    ck.add_argument(
+        "--mode",
+        choices=["ckks", "hybrid"],
+        default="hybrid",
+        help="hybrid: key holders see only sums; ckks: the server is trusted not to pass one "
+        "upload off as the sum and not to collude with any key holder (docs/threat-model.md)",
+    )
     ck.add_argument("--clients", type=int, help="participants per round")
     ck.add_argument("--dim", type=int, help="parameters per round")
     ck.add_argument("--bits", type=int, default=16)
