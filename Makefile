@@ -56,7 +56,7 @@ typecheck: $(VENV)/.dev
 
 # The Flower environment runs the Flower tests, the stub drift test and the primitives
 # (pycryptodome 3.x, protobuf 6 at run time).
-FLOWER_TESTS = tests/integrations/test_flower.py tests/service/test_codegen.py \
+FLOWER_TESTS = tests/integrations/test_flower.py tests/service/test_codegen.py tests/test_ckks_codegen.py \
 	tests/test_primitives.py tests/test_protocol.py
 
 unit: $(VENV)/.dev $(FVENV)/.flower
@@ -80,6 +80,7 @@ bench-full: $(VENV)/.dev
 
 proto: $(FVENV)/.flower
 	$(FBIN)/python -m secagg.service.codegen
+	$(FBIN)/python -m secagg.ckks_codegen
 
 clean:
 	rm -rf $(VENV) $(FVENV) build .pytest_cache .mypy_cache .ruff_cache .hypothesis

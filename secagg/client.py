@@ -17,6 +17,7 @@ import numpy.typing as npt
 
 from secagg import ckks, graph, kernels, shamir
 from secagg.errors import (
+    DecryptionBudgetExhausted,
     DecryptionError,
     InputError,
     InvalidSignature,
@@ -355,6 +356,8 @@ def decrypt_result(c: _Ctx, ciphertexts: tuple[bytes, ...]) -> npt.NDArray[np.ui
     assert c.he is not None
     try:
         return decrypt_lane_sums(c.he, c.params, ciphertexts)
+    except DecryptionBudgetExhausted:
+        raise  # this key holder's own limit, not the server's fault
     except SecAggError as exc:
         raise c.misbehaviour(f"encrypted result does not decrypt: {exc}") from None
 
@@ -627,6 +630,8 @@ class SecAggClient:
         """The first message (AdvertiseKeys)."""
         if self._started:
             raise UnexpectedMessage("client already started", client_id=self._ctx.cid)
+        if self._ctx.he is not None:
+            self._ctx.he.require_budget(1)  # hybrid: the result needs one decryption
         self._started = True
         state = self._state
         assert isinstance(state, AdvertiseState)

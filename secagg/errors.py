@@ -12,12 +12,14 @@ from __future__ import annotations
 __all__ = [
     "ConfigurationError",
     "CryptoError",
+    "DecryptionBudgetExhausted",
     "DecryptionError",
     "DuplicateMessage",
     "InfeasibleParameters",
     "InputError",
     "InvalidSignature",
     "KernelError",
+    "KeyEpochMismatch",
     "LateMessage",
     "LayoutMismatch",
     "MalformedMessage",
@@ -146,6 +148,19 @@ class CryptoError(SecAggError):
 
 class DecryptionError(CryptoError, ProtocolViolation):
     """An authenticated ciphertext failed to decrypt (wrong key, tampered, truncated)."""
+
+
+class DecryptionBudgetExhausted(CryptoError):
+    """A key holder's CKKS context has spent its decryption budget for its key epoch.
+
+    Every accept/abort of a CKKS decryption leaks up to one bit about the secret key's noise
+    (``docs/ckks.md``, "Decryption budget"); past the budget the key must be rotated
+    (``secagg keygen --ckks --epoch E+1``).
+    """
+
+
+class KeyEpochMismatch(ConfigurationError):
+    """A round, ciphertext sum or budget ledger belongs to another CKKS key epoch."""
 
 
 class ReconstructionError(CryptoError):

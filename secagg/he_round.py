@@ -5,6 +5,16 @@ update under the key holders' CKKS key, the server (holding a context with no ke
 adds the ciphertexts as they arrive and publishes the encrypted sum. The trust model is
 NVIDIA FLARE's: the server must not collude with any key holder (``docs/threat-model.md``).
 
+What a ``ckks`` client cannot check: that the "sum" it is handed is a sum. The server can
+present one client's upload (or any subset's) as the aggregate and every key holder decrypts
+it: in this mode the server is trusted not to do that. Nor can a failed sum be traced to
+its sender, since decrypting an upload alone would reveal a plain update (hybrid rounds
+can, :mod:`secagg.he_blame`).
+
+The session id binds the key epoch (:attr:`~secagg.ckks_budget.KeyEpoch.fingerprint` of the
+contexts), and every decryption is charged to the key holder's budget first; a client whose
+budget is spent refuses the round before it uploads.
+
 Because there is no unmasking, the round can also be asynchronous, FedBuff-style
 (Nguyen et al., AISTATS 2022): with ``publish_after=K`` the server publishes the sum as soon
 as ``K`` clients have submitted, or at the deadline if at least ``t`` have.
@@ -19,7 +29,7 @@ import numpy.typing as npt
 
 from secagg import ckks
 from secagg.client import SecAggClient, _State, decrypt_result, encrypted_input
-from secagg.errors import ConfigurationError, UnexpectedMessage
+from secagg.errors import ConfigurationError, KeyEpochMismatch, UnexpectedMessage
 from secagg.keys import IdentityKey, verify_signature
 from secagg.messages import (
     EncryptedInput,
@@ -42,9 +52,14 @@ from secagg.server import SecAggServer, StageTimeouts
 __all__ = ["CkksClient", "CkksServer", "ckks_session_id"]
 
 
-def ckks_session_id(params: RoundParams) -> bytes:
-    """A ``ckks`` round has no advertised keys: its session id binds the parameters only."""
-    return hashlib.sha256(b"secagg/v1/ckks-session" + params.digest()).digest()
+def ckks_session_id(params: RoundParams, key_epoch: bytes = b"") -> bytes:
+    """A ``ckks`` round has no advertised keys: its session id binds the parameters and the
+    key epoch's fingerprint (``key_epoch``, 16 bytes; empty for none), so a client of another
+    epoch fails the session check before anything is decrypted."""
+    data = b"secagg/v1/ckks-session" + params.digest()
+    if key_epoch:
+        data += b"epoch" + key_epoch
+    return hashlib.sha256(data).digest()
 
 
 class CollectState(ServerState):
@@ -120,7 +135,8 @@ class CkksServer(SecAggServer):
         super().__init__(params, directory, timeouts=timeouts, now=now, he_context=he_context)
 
     def _first_state(self) -> ServerState:
-        self.ctx.session_id = ckks_session_id(self.ctx.params)
+        assert self.ctx.he is not None
+        self.ctx.session_id = ckks_session_id(self.ctx.params, self.ctx.he.epoch.fingerprint)
         return CollectState(self.ctx, frozenset(self.ctx.directory), self.publish_after)
 
 
@@ -144,7 +160,14 @@ class _CkksWaiting(_State):
 
 
 class CkksClient(SecAggClient):
-    """One key holder's participation in a ``ckks`` round: encrypt, upload, decrypt."""
+    """One key holder's participation in a ``ckks`` round: encrypt, upload, decrypt.
+
+    ``key_epoch``: the round's key-epoch fingerprint as announced to this client (e.g. with
+    the round's description); a context of another epoch is refused here with
+    :class:`~secagg.errors.KeyEpochMismatch`. Either way the session id binds the client's
+    own epoch. :meth:`start` refuses (:class:`~secagg.errors.DecryptionBudgetExhausted`)
+    when the context has no decryption left, before anything is sent.
+    """
 
     modes = (Mode.CKKS,)
 
@@ -161,7 +184,13 @@ class CkksClient(SecAggClient):
         rounding_key: bytes | None = None,
         policy: ClientPolicy | None = None,
         layout: bytes | None = None,
+        key_epoch: bytes | None = None,
     ) -> None:
+        if key_epoch is not None and key_epoch != he_context.epoch.fingerprint:
+            raise KeyEpochMismatch(
+                f"the round is bound to CKKS key {key_epoch.hex()}, this context is key "
+                f"{he_context.epoch.fingerprint.hex()} (epoch {he_context.epoch.epoch})"
+            )
         super().__init__(
             client_id,
             identity,
@@ -176,7 +205,9 @@ class CkksClient(SecAggClient):
         )
 
     def _first_state(self) -> _State:
-        self._ctx.session_id = ckks_session_id(self._ctx.params)
+        he = self._ctx.he
+        assert he is not None
+        self._ctx.session_id = ckks_session_id(self._ctx.params, he.epoch.fingerprint)
         return _CkksWaiting(self._ctx)
 
     def start(self, now: float = 0.0) -> list[Message]:
@@ -184,6 +215,8 @@ class CkksClient(SecAggClient):
         c = self._ctx
         if self._started:
             raise UnexpectedMessage("client already started", client_id=c.cid)
+        assert c.he is not None
+        c.he.require_budget(1)  # the result will need one decryption: refuse before sending
         self._started = True
         msg = encrypted_input(c, c.session_id, [])
         c.x = None  # the plaintext update is no longer needed

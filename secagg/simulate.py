@@ -134,7 +134,7 @@ def run_round(
         server = CkksServer(params, directory, he_server, timeout=timeout, now=now)
         clients = {
             c: CkksClient(
-                c, identities[c], params, directory, inputs[c], weights[c], he_secret,
+                c, identities[c], params, directory, inputs[c], weights[c], he_secret.key_holder(),
                 rounding_key=rounding[c], policy=policy,
             )
             for c in inputs
@@ -145,7 +145,9 @@ def run_round(
         clients = {
             c: SecAggClient(
                 c, identities[c], params, directory, inputs[c], weights[c],
-                rounding_key=rounding[c], he_context=he_secret, policy=policy,
+                rounding_key=rounding[c],
+                he_context=None if he_secret is None else he_secret.key_holder(),
+                policy=policy,
             )
             for c in inputs
         }  # fmt: skip

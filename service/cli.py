@@ -218,11 +218,26 @@ def _add_keygen(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "CKKS (--ckks): OUT.ckks-secret for the key holders, OUT.ckks-server for the server"
     )
     ck.add_argument("--ckks", action="store_true", help="write CKKS contexts, not an identity")
-    ck.add_argument("--mode", choices=["ckks", "hybrid"], default="hybrid")
+    ck.add_argument(
+        "--mode",
+        choices=["ckks", "hybrid"],
+        default="hybrid",
+        help="hybrid: key holders see only sums; ckks: the server is trusted not to pass one "
+        "upload off as the sum and not to collude with any key holder (docs/threat-model.md)",
+    )
     ck.add_argument("--clients", type=int, help="participants per round")
     ck.add_argument("--dim", type=int, help="parameters per round")
     ck.add_argument("--bits", type=int, default=16)
     ck.add_argument("--max-weight", type=int, default=1)
+    ck.add_argument(
+        "--epoch", type=int, default=0, help="key epoch number (bump it when rotating the key)"
+    )
+    ck.add_argument(
+        "--decryption-budget",
+        type=int,
+        default=32,
+        help="decryptions each key holder may make under this key (1..64; docs/ckks.md)",
+    )
 
 
 def _run_keygen(args: argparse.Namespace) -> int:
@@ -234,8 +249,26 @@ def _run_keygen(args: argparse.Namespace) -> int:
         if not args.clients or not args.dim:
             raise ConfigurationError("keygen --ckks needs --clients and --dim")
         he = select_params(args.clients, args.bits, args.dim, args.mode, args.max_weight)
-        secret, server = write_ckks_contexts(args.out, he, force=args.force)
-        print(json.dumps({"he_params": he.describe(), "files": [str(secret), str(server)]}))
+        from secagg import ckks
+
+        budget = args.decryption_budget
+        if not 1 <= budget <= ckks.MAX_DECRYPTION_BUDGET:
+            raise ConfigurationError(
+                f"--decryption-budget must be in 1..{ckks.MAX_DECRYPTION_BUDGET}, got {budget}"
+            )
+        secret, server = write_ckks_contexts(
+            args.out, he, force=args.force, epoch=args.epoch, decryption_budget=budget
+        )
+        epoch = ckks.load_server_context(server.read_bytes(), he).epoch
+        print(
+            json.dumps(
+                {
+                    "he_params": he.describe(),
+                    "key_epoch": {**epoch.describe(), "fingerprint": epoch.fingerprint.hex()},
+                    "files": [str(secret), str(server), str(ckks.ledger_path_for(secret))],
+                }
+            )
+        )
         return 0
     key = write_identity(args.out, force=args.force)
     print(json.dumps({"public_key": key.public.hex(), "files": [args.out, f"{args.out}.pub"]}))

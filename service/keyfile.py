@@ -88,12 +88,23 @@ def read_public_key(text_or_path: str) -> bytes:
 
 
 def write_ckks_contexts(
-    prefix: str | Path, params: HEParams, *, force: bool = False
+    prefix: str | Path,
+    params: HEParams,
+    *,
+    force: bool = False,
+    epoch: int = 0,
+    decryption_budget: int = ckks.DEFAULT_DECRYPTION_BUDGET,
 ) -> tuple[Path, Path]:
     """Write ``PREFIX.ckks-secret`` (mode 0600: the key holders' secret key, give it to every
     participant out of band) and ``PREFIX.ckks-server`` (no key of any kind: the operator
-    passes it when creating ckks or hybrid rounds)."""
-    secret = ckks.make_secret_context(params)
+    passes it when creating ckks or hybrid rounds).
+
+    Both carry the key epoch (``epoch``, a fresh key id, ``decryption_budget`` decryptions per
+    key holder); a fresh ledger ``PREFIX.ckks-secret.ledger`` (0600) starts the count at zero.
+    Key holders load the secret with :func:`secagg.ckks.open_secret_context`, which counts in
+    the ledger beside their copy.
+    """
+    secret = ckks.make_secret_context(params, epoch=epoch, decryption_budget=decryption_budget)
     public = ckks.make_public_context(secret)
     base = Path(prefix)
     secret_path = base.with_name(base.name + ".ckks-secret")
@@ -107,4 +118,6 @@ def write_ckks_contexts(
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), mode)
             f.write(data)
+    key_epoch = ckks.load_server_context(public, params).epoch
+    ckks.FileLedger(ckks.ledger_path_for(secret_path)).reset(key_epoch)
     return secret_path, server_path

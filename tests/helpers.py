@@ -79,7 +79,7 @@ class Harness:
                 self.xs[c],
                 self.ws[c],
                 rounding_key=self.rounding[c],
-                he_context=self.he_secret,
+                he_context=None if self.he_secret is None else self.he_secret.key_holder(),
                 policy=policy,
             )
             for c in self.ids

@@ -162,12 +162,20 @@ class Host:
             if p.mode is Mode.CKKS:
                 assert secret is not None
                 self.clients[c] = CkksClient(
-                    c, ident, p, directory, x, 1, secret, rounding_key=spec.rounding_key(c)
+                    c,
+                    ident,
+                    p,
+                    directory,
+                    x,
+                    1,
+                    secret.key_holder(),
+                    rounding_key=spec.rounding_key(c),
                 )
             else:
                 self.clients[c] = SecAggClient(
                     c, ident, p, directory, x, 1,
-                    rounding_key=spec.rounding_key(c), he_context=secret,
+                    rounding_key=spec.rounding_key(c),
+                    he_context=None if secret is None else secret.key_holder(),
                 )  # fmt: skip
 
     # --- clients -------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Generated protobuf modules of the CKKS context files (do not edit; see secagg/ckks_codegen.py)."""
