@@ -46,6 +46,13 @@ class ServerConfig:
         How long a finished round stays in memory for clients fetching the result.
     clock_skew:
         Seconds a signed call's timestamp may differ from the server clock.
+    hello_timeout:
+        Seconds a ``Session`` stream may stay open without its first frame (``Hello``)
+        before the server closes it (``DEADLINE_EXCEEDED``).
+    max_streams_per_participant:
+        Open ``Session`` streams one participant may hold in one round; more are refused
+        (``RESOURCE_EXHAUSTED``). Two leave room for a reconnect while the server has not yet
+        noticed that the old connection died.
     """
 
     listen: str = "127.0.0.1:50051"
@@ -57,6 +64,8 @@ class ServerConfig:
     workers: int = 4
     retain_seconds: float = 600.0
     clock_skew: float = 120.0
+    hello_timeout: float = 10.0
+    max_streams_per_participant: int = 2
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
     log_level: str = "info"
@@ -68,6 +77,10 @@ class ServerConfig:
             raise ConfigurationError("max_chunk_bytes must be in 1 KiB..64 MiB")
         if self.workers < 1:
             raise ConfigurationError("workers must be >= 1")
+        if not self.hello_timeout > 0:
+            raise ConfigurationError("hello_timeout must be > 0 seconds")
+        if self.max_streams_per_participant < 1:
+            raise ConfigurationError("max_streams_per_participant must be >= 1")
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> ServerConfig:

@@ -125,6 +125,7 @@ class Assembler:
         self.max_message = max_message
         self._buf: bytearray | None = None
         self._seq = 0
+        self._total = 0
         self._filled = 0
 
     @property
@@ -155,19 +156,20 @@ class Assembler:
                 )
             if chunk.total == 0:
                 raise MalformedMessage("empty message")
-            self._buf = bytearray(chunk.total)
+            # Grown as chunks arrive, never sized from the announced total: a client that
+            # announces a large message and stalls holds only what it actually sent.
+            self._buf = bytearray()
             self._seq = chunk.seq
+            self._total = chunk.total
             self._filled = 0
-        elif (
-            chunk.seq != self._seq or chunk.offset != self._filled or chunk.total != len(self._buf)
-        ):
+        elif chunk.seq != self._seq or chunk.offset != self._filled or chunk.total != self._total:
             raise MalformedMessage("chunk out of order or inconsistent with its message")
         end = self._filled + len(data)
-        if end > len(self._buf) or not data:
+        if end > self._total or not data:
             raise MalformedMessage("chunk overruns its message or is empty")
-        self._buf[self._filled : end] = data
+        self._buf += data
         self._filled = end
-        if end < len(self._buf):
+        if end < self._total:
             return None
         done, self._buf = self._buf, None
         return self._seq, memoryview(done)

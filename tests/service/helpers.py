@@ -42,6 +42,7 @@ class Deployment:
     tls: ServerTls | None = None
     client_tls: ClientTls | None = None
     max_chunk_bytes: int = 1 << 20
+    config: dict[str, Any] = field(default_factory=dict)
     identities: dict[str, IdentityKey] = field(default_factory=dict)
     server: BackgroundServer | None = None
     admin: AdminClient | None = None
@@ -53,6 +54,7 @@ class Deployment:
             admin_token=TOKEN,
             tls=self.tls,
             max_chunk_bytes=self.max_chunk_bytes,
+            **self.config,
         )
         self.server = BackgroundServer(cfg).start()
         self.admin = AdminClient(self.target, TOKEN, tls=self.client_tls)
