@@ -45,8 +45,12 @@ class AdminClient:
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
-    def enroll(self, name: str, identity_key: bytes) -> admin_pb2.Participant:
-        req = admin_pb2.EnrollRequest(name=name, identity_key=identity_key)
+    def enroll(
+        self, name: str, identity_key: bytes, signed_entry: bytes = b""
+    ) -> admin_pb2.Participant:
+        req = admin_pb2.EnrollRequest(
+            name=name, identity_key=identity_key, signed_entry=signed_entry
+        )
         result: admin_pb2.Participant = self._call(self._stub.Enroll, req)
         return result
 

@@ -7,6 +7,7 @@ defaults. The admin token is never read from a flag (it would show in ``ps``): s
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -18,7 +19,18 @@ from secagg.server import StageTimeouts
 from secagg.service.serde import DEFAULT_CHUNK_BYTES
 from secagg.service.tls import ServerTls
 
-__all__ = ["ServerConfig", "load_config"]
+__all__ = ["ServerConfig", "is_loopback", "load_config"]
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether ``host:port`` binds a loopback address only (127.0.0.0/8, ::1, localhost)."""
+    host = listen.rsplit(":", 1)[0].strip("[]").lower() if ":" in listen else listen.lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -34,8 +46,11 @@ class ServerConfig:
     admin_token:
         Bearer token of the admin API; ``None`` disables it.
     tls:
-        Server certificate (and client CA for mutual TLS); ``None`` serves plaintext
-        gRPC, for loopback and tests only.
+        Server certificate (and client CA for mutual TLS). ``None`` serves plaintext gRPC,
+        allowed on a loopback address only, unless ``insecure_no_tls``.
+    insecure_no_tls:
+        INSECURE opt-in (``--insecure-no-tls``): serve plaintext gRPC on a non-loopback
+        address (behind a TLS-terminating proxy on the same host, say).
     deadlines:
         Default stage deadlines of new rounds (a round may set its own).
     max_chunk_bytes:
@@ -59,6 +74,7 @@ class ServerConfig:
     store: str = "secagg.db"
     admin_token: str | None = None
     tls: ServerTls | None = None
+    insecure_no_tls: bool = False
     deadlines: StageTimeouts = field(default_factory=StageTimeouts)
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
     workers: int = 4
@@ -77,6 +93,11 @@ class ServerConfig:
             raise ConfigurationError("max_chunk_bytes must be in 1 KiB..64 MiB")
         if self.workers < 1:
             raise ConfigurationError("workers must be >= 1")
+        if self.tls is None and not self.insecure_no_tls and not is_loopback(self.listen):
+            raise ConfigurationError(
+                f"listening on {self.listen} without TLS: give --tls-cert/--tls-key "
+                "(or [tls] in the config), or --insecure-no-tls to serve plaintext anyway"
+            )
         if not self.hello_timeout > 0:
             raise ConfigurationError("hello_timeout must be > 0 seconds")
         if self.max_streams_per_participant < 1:

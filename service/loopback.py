@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from secagg.directory import Authority, sign_entry
 from secagg.errors import SecAggError
 from secagg.keys import IdentityKey
 from secagg.messages import Message
@@ -41,6 +42,8 @@ from secagg.simulate import SimulationConfig, simulation_inputs
 
 __all__ = ["ClientJob", "default_deadlines", "simulate_grpc"]
 
+FEDERATION = "simulate"
+"""Federation name the simulated authority signs directory entries for."""
 _SENDS = {
     Stage.ADVERTISE_KEYS: 1,
     Stage.SHARE_KEYS: 2,
@@ -71,6 +74,8 @@ class ClientJob:
     rounding_key: bytes
     drop_at: int | None
     plaintext: bool
+    authority_key: bytes = b""
+    """The simulated federation authority's public key: clients verify the directory."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,12 @@ def run_client(job: ClientJob) -> ClientOutcome:
     client = Client(
         job.target,
         IdentityKey(job.seed),
-        policy=Policy(allow_insecure_plaintext=job.plaintext, min_threshold=1),
+        policy=Policy(
+            allow_insecure_plaintext=job.plaintext,
+            min_threshold=1,
+            authority=Authority(FEDERATION, job.authority_key),
+        ),
+        insecure_no_tls=True,  # an in-process loopback simulation
     )
     error = None
     completed = False
@@ -216,6 +226,7 @@ def simulate_grpc(
     seeds = {cid: secrets.token_bytes(32) for cid in ids}
     rounding = {cid: secrets.token_bytes(32) for cid in ids}
     token = secrets.token_hex(16)
+    authority = IdentityKey()  # the simulated federation authority signs the directory
     store = Store(":memory:")
     server = BackgroundServer(
         ServerConfig(listen="127.0.0.1:0", store=":memory:", admin_token=token), store=store
@@ -224,7 +235,8 @@ def simulate_grpc(
         with AdminClient(server.target, token) as admin:
             names = [f"client-{cid}" for cid in ids]
             for cid, name in zip(ids, names, strict=True):
-                admin.enroll(name, IdentityKey(seeds[cid]).public)
+                key = IdentityKey(seeds[cid]).public
+                admin.enroll(name, key, sign_entry(authority, FEDERATION, name, key).encode())
             spec = RoundSpec(
                 job="simulate",
                 participants=names,
@@ -250,6 +262,7 @@ def simulate_grpc(
                     rounding[cid],
                     _SENDS[plan[cid]] if cid in plan else None,
                     plaintext,
+                    authority.public,
                 )
                 for cid in ids
             ]

@@ -8,7 +8,7 @@ against the round's bounds *before* it allocates the message buffer.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from secagg.errors import MalformedMessage
@@ -214,6 +214,8 @@ class JoinedRound:
     max_chunk_bytes: int
     max_message_bytes: int
     status: str
+    signed_entries: Mapping[int, bytes] = field(default_factory=dict)
+    """Client id -> the authority-signed entry the server served (empty if none)."""
 
 
 def round_info_from_proto(info: aggregation_pb2.RoundInfo) -> JoinedRound:
@@ -223,11 +225,14 @@ def round_info_from_proto(info: aggregation_pb2.RoundInfo) -> JoinedRound:
         raise MalformedMessage("round info names another round than its parameters")
     directory: dict[int, bytes] = {}
     names: dict[int, str] = {}
+    entries: dict[int, bytes] = {}
     for e in info.directory:
         if e.client_id in directory or len(e.identity_key) != PUBLIC_KEY_BYTES:
             raise MalformedMessage("directory repeats a client or holds a malformed key")
         directory[e.client_id] = bytes(e.identity_key)
         names[e.client_id] = e.name
+        if e.signed_entry:
+            entries[e.client_id] = bytes(e.signed_entry)
     if info.client_id not in directory:
         raise MalformedMessage("the directory does not list the caller")
     return JoinedRound(
@@ -242,12 +247,18 @@ def round_info_from_proto(info: aggregation_pb2.RoundInfo) -> JoinedRound:
         max_chunk_bytes=info.max_chunk_bytes or DEFAULT_CHUNK_BYTES,
         max_message_bytes=info.max_message_bytes,
         status=info.status,
+        signed_entries=entries,
     )
 
 
 def directory_to_proto(members: Sequence[Member]) -> list[common_pb2.DirectoryEntry]:
     return [
-        common_pb2.DirectoryEntry(client_id=m.client_id, name=m.name, identity_key=m.public_key)
+        common_pb2.DirectoryEntry(
+            client_id=m.client_id,
+            name=m.name,
+            identity_key=m.public_key,
+            signed_entry=m.signed_entry,
+        )
         for m in members
     ]
 

@@ -151,8 +151,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def Enroll(self, request: admin_pb2.EnrollRequest, context: Any) -> admin_pb2.Participant:  # noqa: N802
         try:
             self._check(context)
-            rec = await asyncio.to_thread(self._store.enroll, request.name, request.identity_key)
-            return serde.participant_to_proto(rec)
+            rec = await asyncio.to_thread(
+                self._store.enroll, request.name, request.identity_key, request.signed_entry
+            )
+            out = serde.participant_to_proto(rec)
+            out.signed_entry = request.signed_entry
+            return out
         except Exception as exc:
             await _fail(context, exc)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from secagg.errors import ConfigurationError
-from secagg.service.config import load_config
+from secagg.service.config import ServerConfig, load_config
 
 
 def test_file_env_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -36,6 +36,18 @@ masked_input = 300
     monkeypatch.setenv("SECAGG_ADMIN_TOKEN", "from-env")
     cfg = load_config(cfg_file, listen="127.0.0.1:1", workers=None)
     assert cfg.admin_token == "from-env" and cfg.listen == "127.0.0.1:1" and cfg.workers == 2
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:9000", "[::]:9000", "10.0.0.5:1", "example.org:1"])
+def test_plaintext_on_a_non_loopback_address_needs_the_opt_in(listen: str) -> None:
+    """Attack: a server started without certificates on a public address serves every
+    participant's traffic readable and unauthenticated. Before the fix it started silently;
+    now it refuses unless ``insecure_no_tls`` (``--insecure-no-tls``) is given."""
+    with pytest.raises(ConfigurationError, match="without TLS"):
+        ServerConfig(listen=listen)
+    assert ServerConfig(listen=listen, insecure_no_tls=True).tls is None
+    for loopback in ("127.0.0.1:0", "localhost:1", "[::1]:2"):
+        assert ServerConfig(listen=loopback).tls is None
 
 
 def test_bad_config(tmp_path: Path) -> None:
