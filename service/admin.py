@@ -8,8 +8,10 @@ from typing import Any
 
 import grpc
 
+from secagg.errors import ConfigurationError
 from secagg.service._gen import admin_pb2, admin_pb2_grpc
 from secagg.service.auth import admin_metadata
+from secagg.service.config import is_loopback
 from secagg.service.coordinator import RoundSpec
 from secagg.service.errors import from_rpc_error
 from secagg.service.serde import round_spec_to_proto
@@ -19,9 +21,26 @@ __all__ = ["AdminClient"]
 
 
 class AdminClient:
-    """Calls the ``Admin`` service with the admin token."""
+    """Calls the ``Admin`` service with the admin token.
 
-    def __init__(self, target: str, token: str, *, tls: ClientTls | None = None) -> None:
+    ``tls`` is required: the admin token would travel readable without it. A loopback
+    target may go without (tests, simulations on one host); any other needs the INSECURE
+    ``insecure_no_tls=True``.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        token: str,
+        *,
+        tls: ClientTls | None = None,
+        insecure_no_tls: bool = False,
+    ) -> None:
+        if tls is None and not insecure_no_tls and not is_loopback(target):
+            raise ConfigurationError(
+                f"AdminClient({target!r}) needs tls=ClientTls(ca=...) (--ca): the admin token "
+                "would travel in the clear; insecure_no_tls=True (--insecure-no-tls) forces it"
+            )
         opts = tls.options() if tls else []
         if tls is not None:
             self._channel = grpc.secure_channel(target, tls.credentials(), options=opts)

@@ -135,6 +135,11 @@ def _add_remote(p: argparse.ArgumentParser) -> None:
     g.add_argument("--key", help="client private key for mutual TLS (PEM)")
     g.add_argument("--server-name", help="name to check in the server certificate")
     g.add_argument("--admin-token-file", help="read the admin token from this file")
+    g.add_argument(
+        "--insecure-no-tls",
+        action="store_true",
+        help="INSECURE: talk to a non-loopback server without TLS (token sent in the clear)",
+    )
 
 
 def _admin(args: argparse.Namespace) -> AdminClient:
@@ -149,7 +154,7 @@ def _admin(args: argparse.Namespace) -> AdminClient:
     tls = None
     if args.ca or args.cert:
         tls = ClientTls(ca=args.ca, cert=args.cert, key=args.key, server_name=args.server_name)
-    return AdminClient(args.server, token, tls=tls)
+    return AdminClient(args.server, token, tls=tls, insecure_no_tls=args.insecure_no_tls)
 
 
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

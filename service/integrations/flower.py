@@ -493,12 +493,15 @@ def strategy_from_run_config(run_config: Mapping[str, Any], **fedavg: Any) -> An
     if not token:
         raise SecAggError("set SECAGG_ADMIN_TOKEN or secagg-admin-token-file")
     ca = str(run_config.get("secagg-ca", "") or "")
-    if not ca and not _flag(str(run_config.get("secagg-insecure-no-tls", "") or "")):
+    insecure = _flag(str(run_config.get("secagg-insecure-no-tls", "") or ""))
+    if not ca and not insecure:
         raise ConfigurationError(
             "run config needs secagg-ca (the server's CA); set secagg-insecure-no-tls=true "
             "only for loopback tests"
         )
-    admin = AdminClient(target, token, tls=ClientTls(ca=ca) if ca else None)
+    admin = AdminClient(
+        target, token, tls=ClientTls(ca=ca) if ca else None, insecure_no_tls=insecure
+    )
     return SecAggFedAvg(
         admin,
         job=str(run_config.get("secagg-job", "flower")),

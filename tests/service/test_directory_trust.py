@@ -93,6 +93,16 @@ def test_client_refuses_plaintext_without_the_opt_in() -> None:
         Client("127.0.0.1:1", IdentityKey())
 
 
+def test_admin_client_refuses_plaintext_to_a_remote_server() -> None:
+    """TLS by default: before the fix the admin token went to any host in the clear."""
+    from secagg.service.admin import AdminClient
+
+    with pytest.raises(ConfigurationError, match="admin token"):
+        AdminClient("agg.example.org:8443", "token")
+    AdminClient("agg.example.org:8443", "token", insecure_no_tls=True).close()
+    AdminClient("127.0.0.1:1", "token").close()  # loopback: tests, simulations
+
+
 def test_authority_cli_init_sign_enroll(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``secagg authority init`` / ``sign`` and ``secagg enroll --entry``: the private key
     is 0600 and stays out of the store; the entry verifies under the kit's authority.pub."""
