@@ -73,6 +73,11 @@ class AdminClient:
         result: admin_pb2.Participant = self._call(self._stub.Enroll, req)
         return result
 
+    def set_signed_entry(self, name: str, signed_entry: bytes) -> admin_pb2.Participant:
+        req = admin_pb2.SetSignedEntryRequest(name=name, signed_entry=signed_entry)
+        result: admin_pb2.Participant = self._call(self._stub.SetSignedEntry, req)
+        return result
+
     def revoke(self, name: str) -> admin_pb2.Participant:
         result: admin_pb2.Participant = self._call(
             self._stub.Revoke, admin_pb2.RevokeRequest(name=name)

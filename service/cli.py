@@ -259,7 +259,9 @@ def _add_enroll(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("name", nargs="?", help="participant name")
     p.add_argument("--public-key", help="hex Ed25519 public key, or a .pub / identity file")
     p.add_argument(
-        "--entry", help="the site's signed directory entry (file from `secagg authority sign`)"
+        "--entry",
+        help="the site's signed directory entry (file from `secagg authority sign`); "
+        "without --public-key it replaces the entry of an enrolled participant",
     )
     p.add_argument("--revoke", action="store_true", help="revoke the participant instead")
     p.add_argument("--list", action="store_true", help="list participants")
@@ -277,6 +279,8 @@ def _run_enroll(args: argparse.Namespace) -> int:
                 recs = admin.participants()
             elif args.revoke:
                 recs = [admin.revoke(_need(args.name, "name"))]
+            elif args.entry and not args.public_key:
+                recs = [admin.set_signed_entry(_need(args.name, "name"), _entry(args))]
             else:
                 key = read_public_key(_need(args.public_key, "--public-key"))
                 recs = [admin.enroll(_need(args.name, "name"), key, _entry(args))]
@@ -293,6 +297,8 @@ def _run_enroll(args: argparse.Namespace) -> int:
                 local = store.participants()
             elif args.revoke:
                 local = [store.revoke(_need(args.name, "name"))]
+            elif args.entry and not args.public_key:
+                local = [store.set_signed_entry(_need(args.name, "name"), _entry(args))]
             else:
                 key = read_public_key(_need(args.public_key, "--public-key"))
                 local = [store.enroll(_need(args.name, "name"), key, _entry(args))]

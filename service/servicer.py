@@ -160,6 +160,20 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         except Exception as exc:
             await _fail(context, exc)
 
+    async def SetSignedEntry(  # noqa: N802
+        self, request: admin_pb2.SetSignedEntryRequest, context: Any
+    ) -> admin_pb2.Participant:
+        try:
+            self._check(context)
+            rec = await asyncio.to_thread(
+                self._store.set_signed_entry, request.name, request.signed_entry
+            )
+            out = serde.participant_to_proto(rec)
+            out.signed_entry = request.signed_entry
+            return out
+        except Exception as exc:
+            await _fail(context, exc)
+
     async def Revoke(self, request: admin_pb2.RevokeRequest, context: Any) -> admin_pb2.Participant:  # noqa: N802
         try:
             self._check(context)

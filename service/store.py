@@ -8,6 +8,7 @@ on the log; the hash chain (:mod:`secagg.service.audit`) catches whoever drops t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -230,6 +231,29 @@ class Store:
                 db, "participant_enrolled", "", {"name": name, "identity_key": public_key.hex()}
             )
         return ParticipantRecord(name, public_key, now, None)
+
+    def set_signed_entry(self, name: str, signed_entry: bytes) -> ParticipantRecord:
+        """Replace ``name``'s signed directory entry (recorded in the log by its SHA-256)."""
+        entry = SignedEntry.decode(signed_entry)
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT public_key, enrolled_at, revoked_at FROM participants WHERE name = ?",
+                (name,),
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no participant named {name!r}")
+            if entry.name != name or entry.identity_key != bytes(row[0]):
+                raise ConfigurationError(
+                    f"the signed entry vouches for {entry.name!r}, not for {name!r} with its key"
+                )
+            db.execute(
+                "INSERT OR REPLACE INTO directory_entries (name, entry) VALUES (?, ?)",
+                (name, bytes(signed_entry)),
+            )
+            body = {"name": name, "epoch": entry.epoch, "not_after": entry.not_after}
+            digest = hashlib.sha256(bytes(signed_entry)).hexdigest()
+            self._append(db, "participant_entry_set", "", {**body, "entry_sha256": digest})
+        return ParticipantRecord(name, row[0], row[1], row[2])
 
     def signed_entry(self, name: str) -> bytes:
         """The authority-signed directory entry enrolled for ``name`` (empty if none)."""

@@ -103,6 +103,28 @@ class RevokeRequest(_message.Message):
 Global___RevokeRequest: _TypeAlias = RevokeRequest  # noqa: Y015
 
 @_typing.final
+class SetSignedEntryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SIGNED_ENTRY_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    signed_entry: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        signed_entry: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "signed_entry", b"signed_entry"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetSignedEntryRequest: _TypeAlias = SetSignedEntryRequest  # noqa: Y015
+
+@_typing.final
 class ListParticipantsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

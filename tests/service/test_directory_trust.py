@@ -135,3 +135,14 @@ def test_authority_cli_init_sign_enroll(tmp_path: Path, capsys: pytest.CaptureFi
     capsys.readouterr()
     assert main([*other, "--entry", str(entry_file)]) == 2
     assert "vouches for 'site-1'" in capsys.readouterr().err
+    # Re-signing (new epoch) replaces the entry of an enrolled site, recorded in the log.
+    args[args.index("--not-after") : args.index("--not-after") + 2] = ["--epoch", "2"]
+    assert main(args) == 0
+    set_entry = ["enroll", "site-1", "--entry", str(entry_file), "--store", str(store)]
+    assert main(set_entry) == 0
+    s = Store(store)
+    try:
+        assert SignedEntry.decode(s.signed_entry("site-1")).epoch == 2
+        assert [e.kind for e in s.audit_entries()][-1] == "participant_entry_set"
+    finally:
+        s.close()
