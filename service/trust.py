@@ -40,6 +40,10 @@ def check_directory(
     Pinned keys and authority signatures both apply when both are given; without either,
     only ``trust_server_directory=True`` lets the round through.
     """
+    keys = [bytes(k) for k in joined.directory.values()]
+    names = [joined.names.get(cid, "") for cid in joined.directory]
+    if len(set(keys)) != len(keys) or len(set(names)) != len(names):
+        raise PolicyRefused("the directory lists one name or identity key more than once")
     if pinned is not None:
         for cid, key in joined.directory.items():
             name = joined.names.get(cid, "")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,24 @@ def test_entry_signed_by_another_authority_is_refused(deployment: Deployment) ->
     rid = deployment.create([*names, "sybil"], 10, FAST)
     with pytest.raises(PolicyRefused, match="not signed by the federation authority"):
         deployment.client(names[0]).join(rid)
+
+
+def test_directory_listing_a_real_site_twice_is_refused(deployment: Deployment) -> None:
+    """Attack: the server serves one genuine, signed site under two client ids (inflating
+    n with a seat nobody will fill). Before the fix: joined."""
+    names = deployment.enroll(3)
+    rid = deployment.create(names, 10, FAST)
+    c = deployment.client(names[0])
+    joined = c.join(rid)
+    doubled = replace(
+        joined,
+        directory={**joined.directory, 4: joined.directory[3]},
+        names={**joined.names, 4: joined.names[3]},
+        signed_entries={**joined.signed_entries, 4: joined.signed_entries[3]},
+    )
+    with pytest.raises(PolicyRefused, match="more than once"):
+        c.policy.check(doubled, c.identity.public)
+    c.close()
 
 
 def test_client_without_a_trust_anchor_refuses(deployment: Deployment) -> None:
