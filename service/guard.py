@@ -11,6 +11,7 @@ which the servicer maps like any other malformed input. One warning line per bad
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -61,17 +62,16 @@ async def guard_requests(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
 
 
 class FrameGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Server interceptor: guarded deserializers for the methods under ``prefix``."""
-
-    def __init__(self, prefix: str = "/secagg.v1.") -> None:
-        self._prefix = prefix
+    """Server interceptor: guarded deserializers for every unary method and every stream
+    method whose handler is an async generator (ours, reflection). Health's ``Watch``
+    (unary-stream, written with ``context.write``) is left as grpc serves it."""
 
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], details: Any
     ) -> Any:
         handler = await continuation(details)
         method: str = details.method
-        if handler is None or not method.startswith(self._prefix):
+        if handler is None:
             return handler
         deserialize = _safe(method, handler.request_deserializer)
         if handler.unary_unary:
@@ -88,7 +88,7 @@ class FrameGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return grpc.unary_unary_rpc_method_handler(
                 guarded_unary, deserialize, handler.response_serializer
             )
-        if handler.stream_stream:
+        if handler.stream_stream and inspect.isasyncgenfunction(handler.stream_stream):
             stream = handler.stream_stream
 
             async def guarded_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
@@ -98,4 +98,4 @@ class FrameGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return grpc.stream_stream_rpc_method_handler(
                 guarded_stream, deserialize, handler.response_serializer
             )
-        return handler  # pragma: no cover - our services have no other kinds
+        return handler

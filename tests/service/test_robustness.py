@@ -76,6 +76,8 @@ def test_invalid_protobuf_is_invalid_argument_without_traceback(
     admin_md = (("authorization", f"Bearer {TOKEN}"),)
     err = _raw_unary(deployment, "/secagg.v1.Admin/Enroll", GARBAGE, admin_md)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    err = _raw_unary(deployment, "/grpc.health.v1.Health/Check", GARBAGE, ())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
 
     with grpc.insecure_channel(deployment.target) as ch:
         call = ch.stream_stream(SESSION)(
@@ -88,7 +90,7 @@ def test_invalid_protobuf_is_invalid_argument_without_traceback(
     errors = [r for r in records.records if r.levelno >= logging.ERROR]
     assert errors == []
     warnings = [r for r in records.records if r.getMessage() == "invalid frame"]
-    assert len(warnings) == 3
+    assert len(warnings) == 4
     assert all(r.levelno == logging.WARNING and r.exc_info is None for r in warnings)
 
 
