@@ -57,3 +57,14 @@ def test_bad_config(tmp_path: Path) -> None:
         load_config(bad)
     with pytest.raises(ConfigurationError, match="max_chunk_bytes"):
         load_config(None, max_chunk_bytes=10)
+
+
+def test_serve_refuses_plaintext_on_a_public_address(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``secagg serve --listen 0.0.0.0:...`` without certificates: before the fix it served
+    plaintext gRPC to the network; now it exits with the configuration error (code 2)."""
+    from secagg.service.cli import main
+
+    assert main(["serve", "--listen", "0.0.0.0:0", "--store", str(tmp_path / "s.db")]) == 2
+    assert "--insecure-no-tls" in capsys.readouterr().err
