@@ -59,6 +59,8 @@ from secagg.simulate import run_round
 
 TOKEN = secrets.token_hex(16)
 DEADLINES = StageTimeouts.uniform(120.0)
+BENCH_POLICY = Policy(allow_insecure_plaintext=True, trust_server_directory=True)
+"""Loopback benchmark clients: the figures measure the transport, not directory checks."""
 
 
 class CountingRelay:
@@ -132,7 +134,7 @@ def service_round(
     relays = [CountingRelay(svc.server.port) for _ in svc.names] if relay else []
     targets = [f"127.0.0.1:{r.port}" for r in relays] or [svc.server.target] * len(svc.names)
     clients = [
-        Client(t, svc.identities[n], policy=Policy(allow_insecure_plaintext=True))
+        Client(t, svc.identities[n], policy=BENCH_POLICY, insecure_no_tls=True)
         for t, n in zip(targets, svc.names, strict=True)
     ]
     errors: list[BaseException] = []
@@ -172,7 +174,7 @@ def _worker(
     configure("warning")
     inprocess_round([np.zeros(1000), np.zeros(1000)])  # load the Numba kernels first
     clients = [
-        Client(target, IdentityKey(s), policy=Policy(allow_insecure_plaintext=True)) for s in seeds
+        Client(target, IdentityKey(s), policy=BENCH_POLICY, insecure_no_tls=True) for s in seeds
     ]
     while (rid := conn.recv()) is not None:
         errors: list[str] = []

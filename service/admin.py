@@ -8,8 +8,10 @@ from typing import Any
 
 import grpc
 
+from secagg.errors import ConfigurationError
 from secagg.service._gen import admin_pb2, admin_pb2_grpc
 from secagg.service.auth import admin_metadata
+from secagg.service.config import is_loopback
 from secagg.service.coordinator import RoundSpec
 from secagg.service.errors import from_rpc_error
 from secagg.service.serde import round_spec_to_proto
@@ -19,9 +21,26 @@ __all__ = ["AdminClient"]
 
 
 class AdminClient:
-    """Calls the ``Admin`` service with the admin token."""
+    """Calls the ``Admin`` service with the admin token.
 
-    def __init__(self, target: str, token: str, *, tls: ClientTls | None = None) -> None:
+    ``tls`` is required: the admin token would travel readable without it. A loopback
+    target may go without (tests, simulations on one host); any other needs the INSECURE
+    ``insecure_no_tls=True``.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        token: str,
+        *,
+        tls: ClientTls | None = None,
+        insecure_no_tls: bool = False,
+    ) -> None:
+        if tls is None and not insecure_no_tls and not is_loopback(target):
+            raise ConfigurationError(
+                f"AdminClient({target!r}) needs tls=ClientTls(ca=...) (--ca): the admin token "
+                "would travel in the clear; insecure_no_tls=True (--insecure-no-tls) forces it"
+            )
         opts = tls.options() if tls else []
         if tls is not None:
             self._channel = grpc.secure_channel(target, tls.credentials(), options=opts)
@@ -45,9 +64,18 @@ class AdminClient:
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
-    def enroll(self, name: str, identity_key: bytes) -> admin_pb2.Participant:
-        req = admin_pb2.EnrollRequest(name=name, identity_key=identity_key)
+    def enroll(
+        self, name: str, identity_key: bytes, signed_entry: bytes = b""
+    ) -> admin_pb2.Participant:
+        req = admin_pb2.EnrollRequest(
+            name=name, identity_key=identity_key, signed_entry=signed_entry
+        )
         result: admin_pb2.Participant = self._call(self._stub.Enroll, req)
+        return result
+
+    def set_signed_entry(self, name: str, signed_entry: bytes) -> admin_pb2.Participant:
+        req = admin_pb2.SetSignedEntryRequest(name=name, signed_entry=signed_entry)
+        result: admin_pb2.Participant = self._call(self._stub.SetSignedEntry, req)
         return result
 
     def revoke(self, name: str) -> admin_pb2.Participant:

@@ -1,4 +1,4 @@
-"""The ``secagg`` command line: serve, enroll, keygen, audit, round, simulate."""
+"""The ``secagg`` command line: serve, enroll, keygen, authority, audit, round, simulate."""
 
 from __future__ import annotations
 
@@ -135,6 +135,11 @@ def _add_remote(p: argparse.ArgumentParser) -> None:
     g.add_argument("--key", help="client private key for mutual TLS (PEM)")
     g.add_argument("--server-name", help="name to check in the server certificate")
     g.add_argument("--admin-token-file", help="read the admin token from this file")
+    g.add_argument(
+        "--insecure-no-tls",
+        action="store_true",
+        help="INSECURE: talk to a non-loopback server without TLS (token sent in the clear)",
+    )
 
 
 def _admin(args: argparse.Namespace) -> AdminClient:
@@ -149,7 +154,7 @@ def _admin(args: argparse.Namespace) -> AdminClient:
     tls = None
     if args.ca or args.cert:
         tls = ClientTls(ca=args.ca, cert=args.cert, key=args.key, server_name=args.server_name)
-    return AdminClient(args.server, token, tls=tls)
+    return AdminClient(args.server, token, tls=tls, insecure_no_tls=args.insecure_no_tls)
 
 
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -160,6 +165,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--tls-cert", help="server certificate (PEM)")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--client-ca", help="CA of client certificates: turns on mutual TLS")
+    p.add_argument(
+        "--insecure-no-tls",
+        action="store_true",
+        default=None,
+        help="INSECURE: serve plaintext gRPC on a non-loopback address (refused otherwise)",
+    )
     p.add_argument(
         "--no-cert-binding",
         action="store_true",
@@ -195,6 +206,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         listen=args.listen,
         store=args.store,
         tls=tls,
+        insecure_no_tls=args.insecure_no_tls,
         deadlines=StageTimeouts.uniform(args.stage_timeout) if args.stage_timeout else None,
         workers=args.workers,
         max_chunk_bytes=args.max_chunk_bytes,
@@ -279,6 +291,11 @@ def _add_enroll(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p = sub.add_parser("enroll", help="enrol, revoke or list participants")
     p.add_argument("name", nargs="?", help="participant name")
     p.add_argument("--public-key", help="hex Ed25519 public key, or a .pub / identity file")
+    p.add_argument(
+        "--entry",
+        help="the site's signed directory entry (file from `secagg authority sign`); "
+        "without --public-key it replaces the entry of an enrolled participant",
+    )
     p.add_argument("--revoke", action="store_true", help="revoke the participant instead")
     p.add_argument("--list", action="store_true", help="list participants")
     p.add_argument("--store", help="SQLite file to edit directly (default: secagg.db)")
@@ -295,9 +312,11 @@ def _run_enroll(args: argparse.Namespace) -> int:
                 recs = admin.participants()
             elif args.revoke:
                 recs = [admin.revoke(_need(args.name, "name"))]
+            elif args.entry and not args.public_key:
+                recs = [admin.set_signed_entry(_need(args.name, "name"), _entry(args))]
             else:
                 key = read_public_key(_need(args.public_key, "--public-key"))
-                recs = [admin.enroll(_need(args.name, "name"), key)]
+                recs = [admin.enroll(_need(args.name, "name"), key, _entry(args))]
             rows = [
                 {"name": r.name, "public_key": r.identity_key.hex(), "revoked": r.revoked_at > 0}
                 for r in recs
@@ -311,9 +330,11 @@ def _run_enroll(args: argparse.Namespace) -> int:
                 local = store.participants()
             elif args.revoke:
                 local = [store.revoke(_need(args.name, "name"))]
+            elif args.entry and not args.public_key:
+                local = [store.set_signed_entry(_need(args.name, "name"), _entry(args))]
             else:
                 key = read_public_key(_need(args.public_key, "--public-key"))
-                local = [store.enroll(_need(args.name, "name"), key)]
+                local = [store.enroll(_need(args.name, "name"), key, _entry(args))]
         finally:
             store.close()
         rows = [
@@ -321,6 +342,56 @@ def _run_enroll(args: argparse.Namespace) -> int:
         ]
     for row in rows:
         print(json.dumps(row))
+    return 0
+
+
+def _entry(args: argparse.Namespace) -> bytes:
+    from secagg.service.authority import read_entry
+
+    return read_entry(args.entry) if args.entry else b""
+
+
+def _add_authority(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "authority",
+        help="the federation authority (offline, never on the server): init, sign entries",
+    )
+    cmds = p.add_subparsers(dest="authority_command", required=True)
+    init = cmds.add_parser(
+        "init", help="write DIR/authority.key (0600, keep offline) and DIR/authority.pub (kits)"
+    )
+    init.add_argument("--out", required=True, help="directory to write the two files into")
+    init.add_argument("--federation", required=True, help="federation name the entries bind")
+    init.add_argument("--force", action="store_true", help="overwrite an existing key")
+    sign = cmds.add_parser("sign", help="sign one site's directory entry (hex, to --out)")
+    sign.add_argument("name", help="the site's participant name")
+    sign.add_argument(
+        "--key", required=True, help="authority.key (authority.pub must sit beside it)"
+    )
+    sign.add_argument(
+        "--public-key", required=True, help="the site's identity: hex, .pub or identity file"
+    )
+    sign.add_argument("--out", required=True, help="entry file to write")
+    sign.add_argument("--epoch", type=int, default=0, help="enrolment epoch (default 0)")
+    sign.add_argument(
+        "--not-after", type=int, default=0, help="expiry, Unix seconds (default: none)"
+    )
+
+
+def _run_authority(args: argparse.Namespace) -> int:
+    from secagg.service.authority import init_authority, sign_site
+    from secagg.service.keyfile import read_public_key
+
+    if args.authority_command == "init":
+        pub = init_authority(args.out, args.federation, force=args.force)
+        files = [str(Path(args.out) / "authority.key"), str(pub)]
+        print(json.dumps({"federation": args.federation, "files": files}))
+        return 0
+    key = read_public_key(args.public_key)
+    entry = sign_site(args.key, args.name, key, epoch=args.epoch, not_after=args.not_after)
+    Path(args.out).write_text(entry.encode().hex() + "\n")
+    row = {"federation": entry.federation, "name": entry.name, "public_key": key.hex()}
+    print(json.dumps({**row, "epoch": entry.epoch, "not_after": entry.not_after, "file": args.out}))
     return 0
 
 
@@ -478,6 +549,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "enroll": _run_enroll,
     "audit": _run_audit,
     "round": _run_round,
+    "authority": _run_authority,
 }
 
 
@@ -490,6 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_keygen(sub)
     _add_audit(sub)
     _add_round(sub)
+    _add_authority(sub)
     _add_demo(sub)
     args = parser.parse_args(argv)
     run = _COMMANDS.get(args.command)

@@ -19,6 +19,7 @@ import queue
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,6 +27,7 @@ import numpy.typing as npt
 
 from secagg import ckks, graph
 from secagg.client import ClientResult, SecAggClient
+from secagg.directory import Authority
 from secagg.errors import (
     ConfigurationError,
     LayoutMismatch,
@@ -52,6 +54,7 @@ from secagg.service.serde import (
 from secagg.service.servicer import GET_ROUND, SESSION
 from secagg.service.tensors import Layout, flatten, unflatten
 from secagg.service.tls import ClientTls
+from secagg.service.trust import check_directory
 
 __all__ = ["Aggregate", "Client", "Policy", "RetryPolicy", "TransferStats"]
 
@@ -81,8 +84,15 @@ class Policy:
         result may hold fewer than ``max(t, min_contributors)`` clients (3 at least).
     pinned_directory:
         Participant name -> Ed25519 key the client trusts independently of the server.
-        When set, every directory entry must be pinned and match; otherwise the directory
-        is trusted as served (a malicious server could then add clients it controls).
+        When set, every directory entry must be pinned and match.
+    authority:
+        The federation authority's public key (``authority.pub`` from the enrolment kit, a
+        path or a :class:`secagg.directory.Authority`). When set, every directory entry must
+        carry the authority's signature over (federation, name, key) (:mod:`secagg.directory`).
+    trust_server_directory:
+        INSECURE opt-in: without ``authority`` or ``pinned_directory`` the client refuses
+        every round unless this is set, since a server serving its own directory can add
+        participants it controls and so reach the threshold (docs/threat-model.md).
     allow_insecure_plaintext:
         Join INSECURE plaintext benchmark rounds (never for real data).
     allowed_modes:
@@ -96,6 +106,8 @@ class Policy:
     min_threshold: int = 2
     min_threshold_fraction: float = 0.0
     pinned_directory: Mapping[str, bytes] | None = None
+    authority: Authority | str | Path | None = None
+    trust_server_directory: bool = False
     allow_insecure_plaintext: bool = False
     allowed_modes: frozenset[str] = frozenset({"masked", "hybrid"})
     security_bits: float = graph.SECURITY_BITS
@@ -137,11 +149,13 @@ class Policy:
                 raise PolicyRefused(f"the round breaks this client's policy: {exc}") from None
         if joined.directory.get(joined.client_id) != own_key:
             raise PolicyRefused("the directory does not list this client's identity key")
-        if self.pinned_directory is not None:
-            for cid, key in joined.directory.items():
-                name = joined.names.get(cid, "")
-                if self.pinned_directory.get(name) != key:
-                    raise PolicyRefused(f"directory entry {name!r} does not match the pinned key")
+        check_directory(
+            joined,
+            pinned=self.pinned_directory,
+            authority=self.authority,
+            trust_server_directory=self.trust_server_directory,
+            now=time.time(),
+        )
 
 
 def _core_policy(policy: Policy) -> ClientPolicy:
@@ -242,8 +256,12 @@ class Client:
     identity:
         This participant's enrolled Ed25519 identity key.
     tls:
-        Server trust anchor (and client certificate for mutual TLS); ``None`` connects
-        without TLS (loopback and tests only).
+        Server trust anchor (and client certificate for mutual TLS). Required unless
+        ``insecure_no_tls=True``.
+    insecure_no_tls:
+        INSECURE opt-in: connect without TLS (loopback tests and simulations only; the
+        call signatures still authenticate, but everything travels readable and the
+        server is not authenticated).
     policy:
         Checks applied to every round before joining it.
     retry:
@@ -262,7 +280,13 @@ class Client:
         retry: RetryPolicy | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         options: Sequence[tuple[str, Any]] = (),
+        insecure_no_tls: bool = False,
     ) -> None:
+        if tls is None and not insecure_no_tls:
+            raise ConfigurationError(
+                f"Client({target!r}) needs tls=ClientTls(ca=...) (the server's trust anchor); "
+                "pass insecure_no_tls=True only for loopback tests"
+            )
         self.identity = identity
         self.policy = policy or Policy()
         self.retry = retry or RetryPolicy()

@@ -7,6 +7,7 @@ defaults. The admin token is never read from a flag (it would show in ``ps``): s
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -18,7 +19,18 @@ from secagg.server import StageTimeouts
 from secagg.service.serde import DEFAULT_CHUNK_BYTES
 from secagg.service.tls import ServerTls
 
-__all__ = ["ServerConfig", "load_config"]
+__all__ = ["ServerConfig", "is_loopback", "load_config"]
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether ``host:port`` binds a loopback address only (127.0.0.0/8, ::1, localhost)."""
+    host = listen.rsplit(":", 1)[0].strip("[]").lower() if ":" in listen else listen.lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -34,8 +46,11 @@ class ServerConfig:
     admin_token:
         Bearer token of the admin API; ``None`` disables it.
     tls:
-        Server certificate (and client CA for mutual TLS); ``None`` serves plaintext
-        gRPC, for loopback and tests only.
+        Server certificate (and client CA for mutual TLS). ``None`` serves plaintext gRPC,
+        allowed on a loopback address only, unless ``insecure_no_tls``.
+    insecure_no_tls:
+        INSECURE opt-in (``--insecure-no-tls``): serve plaintext gRPC on a non-loopback
+        address (behind a TLS-terminating proxy on the same host, say).
     deadlines:
         Default stage deadlines of new rounds (a round may set its own).
     max_chunk_bytes:
@@ -46,17 +61,27 @@ class ServerConfig:
         How long a finished round stays in memory for clients fetching the result.
     clock_skew:
         Seconds a signed call's timestamp may differ from the server clock.
+    hello_timeout:
+        Seconds a ``Session`` stream may stay open without its first frame (``Hello``)
+        before the server closes it (``DEADLINE_EXCEEDED``).
+    max_streams_per_participant:
+        Open ``Session`` streams one participant may hold in one round; more are refused
+        (``RESOURCE_EXHAUSTED``). Two leave room for a reconnect while the server has not yet
+        noticed that the old connection died.
     """
 
     listen: str = "127.0.0.1:50051"
     store: str = "secagg.db"
     admin_token: str | None = None
     tls: ServerTls | None = None
+    insecure_no_tls: bool = False
     deadlines: StageTimeouts = field(default_factory=StageTimeouts)
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
     workers: int = 4
     retain_seconds: float = 600.0
     clock_skew: float = 120.0
+    hello_timeout: float = 10.0
+    max_streams_per_participant: int = 2
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
     log_level: str = "info"
@@ -68,6 +93,15 @@ class ServerConfig:
             raise ConfigurationError("max_chunk_bytes must be in 1 KiB..64 MiB")
         if self.workers < 1:
             raise ConfigurationError("workers must be >= 1")
+        if self.tls is None and not self.insecure_no_tls and not is_loopback(self.listen):
+            raise ConfigurationError(
+                f"listening on {self.listen} without TLS: give --tls-cert/--tls-key "
+                "(or [tls] in the config), or --insecure-no-tls to serve plaintext anyway"
+            )
+        if not self.hello_timeout > 0:
+            raise ConfigurationError("hello_timeout must be > 0 seconds")
+        if self.max_streams_per_participant < 1:
+            raise ConfigurationError("max_streams_per_participant must be >= 1")
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> ServerConfig:

@@ -194,7 +194,7 @@ class Coordinator:
                 raise NotFound(f"participant {name!r} is not enrolled")
             if p.revoked:
                 raise PermissionDenied(f"participant {name!r} is revoked")
-            members.append(Member(cid, name, p.public_key))
+            members.append(Member(cid, name, p.public_key, self.store.signed_entry(name)))
         return members
 
     @staticmethod

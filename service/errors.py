@@ -28,6 +28,7 @@ from secagg.errors import (
 __all__ = [
     "AlreadyExists",
     "Dropped",
+    "HelloTimeout",
     "NotFound",
     "PermissionDenied",
     "PolicyRefused",
@@ -35,6 +36,7 @@ __all__ = [
     "RemoteError",
     "ServiceError",
     "TooLarge",
+    "TooManyStreams",
     "Unauthenticated",
     "Unimplemented",
     "from_rpc_error",
@@ -66,6 +68,14 @@ class TooLarge(ServiceError):
     """A frame or message over its bound; refused before anything is allocated."""
 
 
+class TooManyStreams(ServiceError):
+    """A participant opened more ``Session`` streams in one round than the server allows."""
+
+
+class HelloTimeout(ServiceError):
+    """A ``Session`` stream sent no ``Hello`` within the server's ``hello_timeout``."""
+
+
 class Unimplemented(ServiceError):
     """A mode the service does not run (yet)."""
 
@@ -95,6 +105,8 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (TooManyStreams, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (HelloTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
     (Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
     (Refused, grpc.StatusCode.FAILED_PRECONDITION),
     (DuplicateMessage, grpc.StatusCode.ALREADY_EXISTS),

@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from secagg import graph
+from secagg.directory import Authority, sign_entry
 from secagg.errors import SecAggError
 from secagg.keys import IdentityKey
 from secagg.messages import SEND_ORDER, Message
@@ -42,6 +43,8 @@ from secagg.simulate import SimulationConfig, simulation_inputs
 
 __all__ = ["ClientJob", "default_deadlines", "simulate_grpc"]
 
+FEDERATION = "simulate"
+"""Federation name the simulated authority signs directory entries for."""
 _SENDS = {
     Stage.ADVERTISE_KEYS: 1,
     Stage.REVEAL_NONCES: 7,
@@ -82,6 +85,8 @@ class ClientJob:
     """Tolerated fractions the client's policy checks the round with (library defaults
     when ``None``): the same the operator gave the server's parameter finder."""
     corrupt: float | None = None
+    authority_key: bytes = b""
+    """The simulated federation authority's public key: clients verify the directory."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +116,9 @@ def run_client(job: ClientJob) -> ClientOutcome:
             min_threshold=1,
             dropout=graph.DEFAULT_DROPOUT if job.dropout is None else job.dropout,
             corrupt=graph.DEFAULT_CORRUPT if job.corrupt is None else job.corrupt,
+            authority=Authority(FEDERATION, job.authority_key),
         ),
+        insecure_no_tls=True,  # an in-process loopback simulation
     )
     error = None
     completed = False
@@ -232,6 +239,7 @@ def simulate_grpc(
     seeds = {cid: secrets.token_bytes(32) for cid in ids}
     rounding = {cid: secrets.token_bytes(32) for cid in ids}
     token = secrets.token_hex(16)
+    authority = IdentityKey()  # the simulated federation authority signs the directory
     store = Store(":memory:")
     server = BackgroundServer(
         ServerConfig(listen="127.0.0.1:0", store=":memory:", admin_token=token), store=store
@@ -240,7 +248,8 @@ def simulate_grpc(
         with AdminClient(server.target, token) as admin:
             names = [f"client-{cid}" for cid in ids]
             for cid, name in zip(ids, names, strict=True):
-                admin.enroll(name, IdentityKey(seeds[cid]).public)
+                key = IdentityKey(seeds[cid]).public
+                admin.enroll(name, key, sign_entry(authority, FEDERATION, name, key).encode())
             spec = RoundSpec(
                 job="simulate",
                 participants=names,
@@ -268,6 +277,7 @@ def simulate_grpc(
                     plaintext,
                     cfg.tolerated_dropout,
                     cfg.tolerated_corrupt,
+                    authority.public,
                 )
                 for cid in ids
             ]

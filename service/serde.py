@@ -8,7 +8,7 @@ against the round's bounds *before* it allocates the message buffer.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from secagg.errors import MalformedMessage
@@ -127,6 +127,7 @@ class Assembler:
         self.max_message = max_message
         self._buf: bytearray | None = None
         self._seq = 0
+        self._total = 0
         self._filled = 0
 
     @property
@@ -157,19 +158,20 @@ class Assembler:
                 )
             if chunk.total == 0:
                 raise MalformedMessage("empty message")
-            self._buf = bytearray(chunk.total)
+            # Grown as chunks arrive, never sized from the announced total: a client that
+            # announces a large message and stalls holds only what it actually sent.
+            self._buf = bytearray()
             self._seq = chunk.seq
+            self._total = chunk.total
             self._filled = 0
-        elif (
-            chunk.seq != self._seq or chunk.offset != self._filled or chunk.total != len(self._buf)
-        ):
+        elif chunk.seq != self._seq or chunk.offset != self._filled or chunk.total != self._total:
             raise MalformedMessage("chunk out of order or inconsistent with its message")
         end = self._filled + len(data)
-        if end > len(self._buf) or not data:
+        if end > self._total or not data:
             raise MalformedMessage("chunk overruns its message or is empty")
-        self._buf[self._filled : end] = data
+        self._buf += data
         self._filled = end
-        if end < len(self._buf):
+        if end < self._total:
             return None
         done, self._buf = self._buf, None
         return self._seq, memoryview(done)
@@ -214,6 +216,8 @@ class JoinedRound:
     max_chunk_bytes: int
     max_message_bytes: int
     status: str
+    signed_entries: Mapping[int, bytes] = field(default_factory=dict)
+    """Client id -> the authority-signed entry the server served (empty if none)."""
 
 
 def round_info_from_proto(info: aggregation_pb2.RoundInfo) -> JoinedRound:
@@ -223,11 +227,14 @@ def round_info_from_proto(info: aggregation_pb2.RoundInfo) -> JoinedRound:
         raise MalformedMessage("round info names another round than its parameters")
     directory: dict[int, bytes] = {}
     names: dict[int, str] = {}
+    entries: dict[int, bytes] = {}
     for e in info.directory:
         if e.client_id in directory or len(e.identity_key) != PUBLIC_KEY_BYTES:
             raise MalformedMessage("directory repeats a client or holds a malformed key")
         directory[e.client_id] = bytes(e.identity_key)
         names[e.client_id] = e.name
+        if e.signed_entry:
+            entries[e.client_id] = bytes(e.signed_entry)
     if info.client_id not in directory:
         raise MalformedMessage("the directory does not list the caller")
     return JoinedRound(
@@ -242,12 +249,18 @@ def round_info_from_proto(info: aggregation_pb2.RoundInfo) -> JoinedRound:
         max_chunk_bytes=info.max_chunk_bytes or DEFAULT_CHUNK_BYTES,
         max_message_bytes=info.max_message_bytes,
         status=info.status,
+        signed_entries=entries,
     )
 
 
 def directory_to_proto(members: Sequence[Member]) -> list[common_pb2.DirectoryEntry]:
     return [
-        common_pb2.DirectoryEntry(client_id=m.client_id, name=m.name, identity_key=m.public_key)
+        common_pb2.DirectoryEntry(
+            client_id=m.client_id,
+            name=m.name,
+            identity_key=m.public_key,
+            signed_entry=m.signed_entry,
+        )
         for m in members
     ]
 

@@ -26,6 +26,7 @@ from secagg.service._gen import admin_pb2, admin_pb2_grpc, aggregation_pb2
 from secagg.service.auth import CallVerifier
 from secagg.service.config import ServerConfig
 from secagg.service.coordinator import Coordinator
+from secagg.service.guard import FrameGuard
 from secagg.service.logs import configure, event
 from secagg.service.metrics import Metrics
 from secagg.service.servicer import AdminServicer, AggregationServicer
@@ -135,7 +136,7 @@ class SecAggService:
         self.coordinator.recover()
         limit = cfg.max_chunk_bytes + FRAME_SLACK
         server = grpc.aio.server(
-            interceptors=[AccessLog(self.metrics)],
+            interceptors=[AccessLog(self.metrics), FrameGuard()],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
@@ -15,7 +16,7 @@ from secagg.service._gen import admin_pb2, admin_pb2_grpc, aggregation_pb2
 from secagg.service.auth import Caller, CallVerifier, check_admin
 from secagg.service.config import ServerConfig
 from secagg.service.coordinator import Coordinator
-from secagg.service.errors import Unauthenticated, status_for
+from secagg.service.errors import TooManyStreams, Unauthenticated, status_for
 from secagg.service.rounds import RoundRunner
 from secagg.service.session import StreamSession
 from secagg.service.store import RUNNING
@@ -53,6 +54,7 @@ class AggregationServicer:
         self._coord = coordinator
         self._verifier = verifier
         self._config = config
+        self._open: collections.Counter[tuple[bytes, int]] = collections.Counter()
 
     def register(self, server: Any) -> None:
         """Add this servicer's handlers to a ``grpc.aio`` server."""
@@ -111,13 +113,28 @@ class AggregationServicer:
     async def Session(  # noqa: N802
         self, request_iterator: AsyncIterator[aggregation_pb2.ClientFrame], context: Any
     ) -> AsyncIterator[bytes]:
+        seat: tuple[bytes, int] | None = None
         try:
             runner, cid = self._seat(context, SESSION)
-            stream = StreamSession(runner, cid, self._config.max_chunk_bytes)
+            cap = self._config.max_streams_per_participant
+            if self._open[runner.round_id, cid] >= cap:
+                raise TooManyStreams(
+                    f"client {cid} already holds {cap} open streams in this round (the limit)"
+                )
+            seat = (runner.round_id, cid)
+            self._open[seat] += 1
+            stream = StreamSession(
+                runner, cid, self._config.max_chunk_bytes, self._config.hello_timeout
+            )
             async for frame in stream.frames(request_iterator):
                 yield frame
         except Exception as exc:
             await _fail(context, exc)
+        finally:
+            if seat is not None:
+                self._open[seat] -= 1
+                if self._open[seat] <= 0:
+                    del self._open[seat]
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
@@ -134,8 +151,26 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def Enroll(self, request: admin_pb2.EnrollRequest, context: Any) -> admin_pb2.Participant:  # noqa: N802
         try:
             self._check(context)
-            rec = await asyncio.to_thread(self._store.enroll, request.name, request.identity_key)
-            return serde.participant_to_proto(rec)
+            rec = await asyncio.to_thread(
+                self._store.enroll, request.name, request.identity_key, request.signed_entry
+            )
+            out = serde.participant_to_proto(rec)
+            out.signed_entry = request.signed_entry
+            return out
+        except Exception as exc:
+            await _fail(context, exc)
+
+    async def SetSignedEntry(  # noqa: N802
+        self, request: admin_pb2.SetSignedEntryRequest, context: Any
+    ) -> admin_pb2.Participant:
+        try:
+            self._check(context)
+            rec = await asyncio.to_thread(
+                self._store.set_signed_entry, request.name, request.signed_entry
+            )
+            out = serde.participant_to_proto(rec)
+            out.signed_entry = request.signed_entry
+            return out
         except Exception as exc:
             await _fail(context, exc)
 

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 from secagg.errors import MalformedMessage
 from secagg.service._gen import aggregation_pb2
+from secagg.service.errors import HelloTimeout
 from secagg.service.rounds import RoundRunner
 from secagg.service.serde import Assembler, ack_frame
 
@@ -23,10 +24,13 @@ __all__ = ["StreamSession"]
 class StreamSession:
     """Pumps one ``Session`` call for client ``client_id`` of ``runner``'s round."""
 
-    def __init__(self, runner: RoundRunner, client_id: int, max_chunk: int) -> None:
+    def __init__(
+        self, runner: RoundRunner, client_id: int, max_chunk: int, hello_timeout: float = 10.0
+    ) -> None:
         self._runner = runner
         self._cid = client_id
         self._max_chunk = max_chunk
+        self._hello_timeout = hello_timeout
         self._acks: deque[bytes] = deque()
         self._error: Exception | None = None
         self._busy = False  # a message is with the round: its verdict comes first
@@ -42,7 +46,12 @@ class StreamSession:
         SecAggError
             Why the stream ends with an error status (the servicer maps it).
         """
-        first = await anext(aiter(requests), None)
+        try:
+            first = await asyncio.wait_for(anext(aiter(requests), None), self._hello_timeout)
+        except TimeoutError:
+            raise HelloTimeout(
+                f"no Hello within {self._hello_timeout:g} s of opening the stream"
+            ) from None
         if first is None or first.WhichOneof("kind") != "hello":
             raise MalformedMessage("a session starts with Hello")
         mailbox = self._runner.mailboxes[self._cid]

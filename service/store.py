@@ -8,6 +8,7 @@ on the log; the hash chain (:mod:`secagg.service.audit`) catches whoever drops t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from secagg.directory import SignedEntry
 from secagg.errors import ConfigurationError, InvalidSignature, StoreError
 from secagg.keys import PUBLIC_KEY_BYTES, check_identity_key
 from secagg.service.audit import GENESIS, AuditEntry, canonical_json, entry_hash, verify_chain
@@ -31,6 +33,10 @@ CREATE TABLE IF NOT EXISTS participants (
     public_key BLOB NOT NULL UNIQUE,
     enrolled_at REAL NOT NULL,
     revoked_at REAL
+);
+CREATE TABLE IF NOT EXISTS directory_entries (
+    name TEXT PRIMARY KEY,
+    entry BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS rounds (
     round_id BLOB PRIMARY KEY,
@@ -85,11 +91,12 @@ class ParticipantRecord:
 
 @dataclass(frozen=True)
 class Member:
-    """A participant's seat in one round."""
+    """A participant's seat in one round (``signed_entry``: its authority-signed entry)."""
 
     client_id: int
     name: str
     public_key: bytes
+    signed_entry: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -185,8 +192,10 @@ class Store:
 
     # -- participants -------------------------------------------------------------------------
 
-    def enroll(self, name: str, public_key: bytes) -> ParticipantRecord:
-        """Enrol ``name`` with its Ed25519 public key."""
+    def enroll(self, name: str, public_key: bytes, signed_entry: bytes = b"") -> ParticipantRecord:
+        """Enrol ``name`` with its Ed25519 public key and, optionally, the federation
+        authority's signed directory entry for it (stored and served, never verified
+        here: the server does not hold the authority's key, the clients do the checking)."""
         if not name or len(name) > 128 or not name.isprintable():
             raise ConfigurationError("participant names are 1..128 printable characters")
         if len(public_key) != PUBLIC_KEY_BYTES:
@@ -195,6 +204,12 @@ class Store:
             check_identity_key(public_key)
         except InvalidSignature as exc:
             raise ConfigurationError(f"unusable identity key: {exc}") from None
+        if signed_entry:
+            entry = SignedEntry.decode(signed_entry)
+            if entry.name != name or entry.identity_key != bytes(public_key):
+                raise ConfigurationError(
+                    f"the signed entry vouches for {entry.name!r}, not for {name!r} with this key"
+                )
         now = time.time()
         with self._tx() as db:
             clash = db.execute(
@@ -207,10 +222,43 @@ class Store:
                 "INSERT INTO participants (name, public_key, enrolled_at) VALUES (?, ?, ?)",
                 (name, public_key, now),
             )
+            if signed_entry:
+                db.execute(
+                    "INSERT OR REPLACE INTO directory_entries (name, entry) VALUES (?, ?)",
+                    (name, bytes(signed_entry)),
+                )
             self._append(
                 db, "participant_enrolled", "", {"name": name, "identity_key": public_key.hex()}
             )
         return ParticipantRecord(name, public_key, now, None)
+
+    def set_signed_entry(self, name: str, signed_entry: bytes) -> ParticipantRecord:
+        """Replace ``name``'s signed directory entry (recorded in the log by its SHA-256)."""
+        entry = SignedEntry.decode(signed_entry)
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT public_key, enrolled_at, revoked_at FROM participants WHERE name = ?",
+                (name,),
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no participant named {name!r}")
+            if entry.name != name or entry.identity_key != bytes(row[0]):
+                raise ConfigurationError(
+                    f"the signed entry vouches for {entry.name!r}, not for {name!r} with its key"
+                )
+            db.execute(
+                "INSERT OR REPLACE INTO directory_entries (name, entry) VALUES (?, ?)",
+                (name, bytes(signed_entry)),
+            )
+            body = {"name": name, "epoch": entry.epoch, "not_after": entry.not_after}
+            digest = hashlib.sha256(bytes(signed_entry)).hexdigest()
+            self._append(db, "participant_entry_set", "", {**body, "entry_sha256": digest})
+        return ParticipantRecord(name, row[0], row[1], row[2])
+
+    def signed_entry(self, name: str) -> bytes:
+        """The authority-signed directory entry enrolled for ``name`` (empty if none)."""
+        rows = self._query("SELECT entry FROM directory_entries WHERE name = ?", (name,))
+        return bytes(rows[0][0]) if rows else b""
 
     def revoke(self, name: str) -> ParticipantRecord:
         """Revoke ``name``: its identity is refused from now on (recorded in the log)."""

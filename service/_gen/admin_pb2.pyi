@@ -30,11 +30,14 @@ class Participant(_message.Message):
     IDENTITY_KEY_FIELD_NUMBER: _builtins.int
     ENROLLED_AT_FIELD_NUMBER: _builtins.int
     REVOKED_AT_FIELD_NUMBER: _builtins.int
+    SIGNED_ENTRY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     identity_key: _builtins.bytes
     enrolled_at: _builtins.float
     revoked_at: _builtins.float
     """Zero while the identity is valid."""
+    signed_entry: _builtins.bytes
+    """The authority-signed directory entry served to clients (empty if none)."""
     def __init__(
         self,
         *,
@@ -42,10 +45,11 @@ class Participant(_message.Message):
         identity_key: _builtins.bytes = ...,
         enrolled_at: _builtins.float = ...,
         revoked_at: _builtins.float = ...,
+        signed_entry: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enrolled_at", b"enrolled_at", "identity_key", b"identity_key", "name", b"name", "revoked_at", b"revoked_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enrolled_at", b"enrolled_at", "identity_key", b"identity_key", "name", b"name", "revoked_at", b"revoked_at", "signed_entry", b"signed_entry"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -57,17 +61,23 @@ class EnrollRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     IDENTITY_KEY_FIELD_NUMBER: _builtins.int
+    SIGNED_ENTRY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     identity_key: _builtins.bytes
+    signed_entry: _builtins.bytes
+    """The federation authority's signed entry for (name, identity_key), made offline with
+    `secagg authority sign`; it must name this participant and key.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         identity_key: _builtins.bytes = ...,
+        signed_entry: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["identity_key", b"identity_key", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identity_key", b"identity_key", "name", b"name", "signed_entry", b"signed_entry"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -91,6 +101,28 @@ class RevokeRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeRequest: _TypeAlias = RevokeRequest  # noqa: Y015
+
+@_typing.final
+class SetSignedEntryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SIGNED_ENTRY_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    signed_entry: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        signed_entry: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "signed_entry", b"signed_entry"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetSignedEntryRequest: _TypeAlias = SetSignedEntryRequest  # noqa: Y015
 
 @_typing.final
 class ListParticipantsRequest(_message.Message):

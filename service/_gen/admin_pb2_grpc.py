@@ -44,6 +44,11 @@ class AdminStub(object):
                 request_serializer=secagg_dot_v1_dot_admin__pb2.RevokeRequest.SerializeToString,
                 response_deserializer=secagg_dot_v1_dot_admin__pb2.Participant.FromString,
                 _registered_method=True)
+        self.SetSignedEntry = channel.unary_unary(
+                '/secagg.v1.Admin/SetSignedEntry',
+                request_serializer=secagg_dot_v1_dot_admin__pb2.SetSignedEntryRequest.SerializeToString,
+                response_deserializer=secagg_dot_v1_dot_admin__pb2.Participant.FromString,
+                _registered_method=True)
         self.ListParticipants = channel.unary_unary(
                 '/secagg.v1.Admin/ListParticipants',
                 request_serializer=secagg_dot_v1_dot_admin__pb2.ListParticipantsRequest.SerializeToString,
@@ -77,6 +82,14 @@ class AdminServicer(object):
 
     def Revoke(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetSignedEntry(self, request, context):
+        """Replace an enrolled participant's authority-signed directory entry (re-signing with a
+        new epoch or expiry); it must name the participant and its enrolled key.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -116,6 +129,11 @@ def add_AdminServicer_to_server(servicer, server):
             'Revoke': grpc.unary_unary_rpc_method_handler(
                     servicer.Revoke,
                     request_deserializer=secagg_dot_v1_dot_admin__pb2.RevokeRequest.FromString,
+                    response_serializer=secagg_dot_v1_dot_admin__pb2.Participant.SerializeToString,
+            ),
+            'SetSignedEntry': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSignedEntry,
+                    request_deserializer=secagg_dot_v1_dot_admin__pb2.SetSignedEntryRequest.FromString,
                     response_serializer=secagg_dot_v1_dot_admin__pb2.Participant.SerializeToString,
             ),
             'ListParticipants': grpc.unary_unary_rpc_method_handler(
@@ -192,6 +210,33 @@ class Admin(object):
             target,
             '/secagg.v1.Admin/Revoke',
             secagg_dot_v1_dot_admin__pb2.RevokeRequest.SerializeToString,
+            secagg_dot_v1_dot_admin__pb2.Participant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSignedEntry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secagg.v1.Admin/SetSignedEntry',
+            secagg_dot_v1_dot_admin__pb2.SetSignedEntryRequest.SerializeToString,
             secagg_dot_v1_dot_admin__pb2.Participant.FromString,
             options,
             channel_credentials,

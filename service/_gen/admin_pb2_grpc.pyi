@@ -36,6 +36,10 @@ class AdminStub:
     def __new__(cls, channel: _aio.Channel) -> AdminAsyncStub: ...
     Enroll: _grpc.UnaryUnaryMultiCallable[_admin_pb2.EnrollRequest, _admin_pb2.Participant]
     Revoke: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeRequest, _admin_pb2.Participant]
+    SetSignedEntry: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetSignedEntryRequest, _admin_pb2.Participant]
+    """Replace an enrolled participant's authority-signed directory entry (re-signing with a
+    new epoch or expiry); it must name the participant and its enrolled key.
+    """
     ListParticipants: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListParticipantsRequest, _admin_pb2.ListParticipantsResponse]
     CreateRound: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateRoundRequest, _admin_pb2.RoundStatus]
     GetRoundStatus: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RoundStatusRequest, _admin_pb2.RoundStatus]
@@ -46,6 +50,10 @@ class AdminAsyncStub(AdminStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Enroll: _aio.UnaryUnaryMultiCallable[_admin_pb2.EnrollRequest, _admin_pb2.Participant]  # type: ignore[assignment]
     Revoke: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeRequest, _admin_pb2.Participant]  # type: ignore[assignment]
+    SetSignedEntry: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetSignedEntryRequest, _admin_pb2.Participant]  # type: ignore[assignment]
+    """Replace an enrolled participant's authority-signed directory entry (re-signing with a
+    new epoch or expiry); it must name the participant and its enrolled key.
+    """
     ListParticipants: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListParticipantsRequest, _admin_pb2.ListParticipantsResponse]  # type: ignore[assignment]
     CreateRound: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateRoundRequest, _admin_pb2.RoundStatus]  # type: ignore[assignment]
     GetRoundStatus: _aio.UnaryUnaryMultiCallable[_admin_pb2.RoundStatusRequest, _admin_pb2.RoundStatus]  # type: ignore[assignment]
@@ -65,6 +73,16 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.RevokeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.Participant, _abc.Awaitable[_admin_pb2.Participant]]: ...
+
+    @_abc_1.abstractmethod
+    def SetSignedEntry(
+        self,
+        request: _admin_pb2.SetSignedEntryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Participant, _abc.Awaitable[_admin_pb2.Participant]]:
+        """Replace an enrolled participant's authority-signed directory entry (re-signing with a
+        new epoch or expiry); it must name the participant and its enrolled key.
+        """
 
     @_abc_1.abstractmethod
     def ListParticipants(

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16secagg/v1/common.proto\x12\tsecagg.v1\"\xaa\x01\n\x0eStageDeadlines\x12\x16\n\x0e\x61\x64vertise_keys\x18\x01 \x01(\x01\x12\x12\n\nshare_keys\x18\x02 \x01(\x01\x12\x14\n\x0cmasked_input\x18\x03 \x01(\x01\x12\x13\n\x0b\x63onsistency\x18\x04 \x01(\x01\x12\x11\n\tunmasking\x18\x05 \x01(\x01\x12\x17\n\x0f\x65ncrypted_input\x18\x06 \x01(\x01\x12\x15\n\rreveal_nonces\x18\x07 \x01(\x01\"G\n\x0e\x44irectoryEntry\x12\x11\n\tclient_id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cidentity_key\x18\x03 \x01(\x0c\"A\n\x05\x43hunk\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"I\n\x07\x44ropout\x12\x11\n\tclient_id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16secagg/v1/common.proto\x12\tsecagg.v1\"\xaa\x01\n\x0eStageDeadlines\x12\x16\n\x0e\x61\x64vertise_keys\x18\x01 \x01(\x01\x12\x12\n\nshare_keys\x18\x02 \x01(\x01\x12\x14\n\x0cmasked_input\x18\x03 \x01(\x01\x12\x13\n\x0b\x63onsistency\x18\x04 \x01(\x01\x12\x11\n\tunmasking\x18\x05 \x01(\x01\x12\x17\n\x0f\x65ncrypted_input\x18\x06 \x01(\x01\x12\x15\n\rreveal_nonces\x18\x07 \x01(\x01\"]\n\x0e\x44irectoryEntry\x12\x11\n\tclient_id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cidentity_key\x18\x03 \x01(\x0c\x12\x14\n\x0csigned_entry\x18\x04 \x01(\x0c\"A\n\x05\x43hunk\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"I\n\x07\x44ropout\x12\x11\n\tclient_id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,9 +34,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGEDEADLINES']._serialized_start=38
   _globals['_STAGEDEADLINES']._serialized_end=208
   _globals['_DIRECTORYENTRY']._serialized_start=210
-  _globals['_DIRECTORYENTRY']._serialized_end=281
-  _globals['_CHUNK']._serialized_start=283
-  _globals['_CHUNK']._serialized_end=348
-  _globals['_DROPOUT']._serialized_start=350
-  _globals['_DROPOUT']._serialized_end=423
+  _globals['_DIRECTORYENTRY']._serialized_end=303
+  _globals['_CHUNK']._serialized_start=305
+  _globals['_CHUNK']._serialized_end=370
+  _globals['_DROPOUT']._serialized_start=372
+  _globals['_DROPOUT']._serialized_end=445
 # @@protoc_insertion_point(module_scope)

@@ -69,20 +69,27 @@ class DirectoryEntry(_message.Message):
     CLIENT_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     IDENTITY_KEY_FIELD_NUMBER: _builtins.int
+    SIGNED_ENTRY_FIELD_NUMBER: _builtins.int
     client_id: _builtins.int
     name: _builtins.str
     identity_key: _builtins.bytes
     """Ed25519 public key (32 bytes), as enrolled."""
+    signed_entry: _builtins.bytes
+    """The federation authority's signed entry for this participant (secagg.directory), as
+    the operator enrolled it; empty if none. Clients verify it against the authority's
+    public key from their enrolment kit: the server cannot make one.
+    """
     def __init__(
         self,
         *,
         client_id: _builtins.int = ...,
         name: _builtins.str = ...,
         identity_key: _builtins.bytes = ...,
+        signed_entry: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "identity_key", b"identity_key", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "identity_key", b"identity_key", "name", b"name", "signed_entry", b"signed_entry"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -75,7 +75,7 @@ def site_main(conn: Connection) -> None:
         build(setup.n_features, setup.n_classes, setup.train, 0), setup.x, setup.y, setup.train, 0
     )
     identity = IdentityKey()  # generated here: the private key never leaves the site
-    client = Client(setup.target, identity)
+    client = Client(setup.target, identity, insecure_no_tls=True)  # the demo's loopback server
     fedavg = SecureFedAvg(client, model)
     ipc.send(conn, {"status": "ready", "pid": os.getpid(), "public_key": identity.public})
     try:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from secagg.errors import SecAggError
+from secagg.errors import ConfigurationError, SecAggError
 from secagg.server import StageTimeouts
 from secagg.service.admin import AdminClient
 from secagg.service.client import Client, Policy
@@ -327,8 +327,11 @@ def connect_from_config(context: Any) -> Client:
 
     Keys, looked up in ``context.node_config`` then ``context.run_config``:
     ``secagg-server`` (``host:port``), ``secagg-identity`` (key file from
-    ``secagg keygen``), and optionally ``secagg-ca`` (server CA, turns on TLS) with
-    ``secagg-cert`` / ``secagg-key`` for mutual TLS.
+    ``secagg keygen``), ``secagg-ca`` (server CA) with optional ``secagg-cert`` /
+    ``secagg-key`` for mutual TLS, and ``secagg-authority`` (the federation's
+    ``authority.pub`` from the enrolment kit: every directory entry must be signed by it).
+    INSECURE opt-ins, loopback tests only: ``secagg-insecure-no-tls=true`` (no CA),
+    ``secagg-trust-server-directory=true`` (no authority).
     """
 
     def get(key: str) -> str | None:
@@ -342,7 +345,22 @@ def connect_from_config(context: Any) -> Client:
         raise SecAggError("node config needs secagg-server and secagg-identity")
     ca, cert, key = get("secagg-ca"), get("secagg-cert"), get("secagg-key")
     tls = ClientTls(ca=ca, cert=cert, key=key) if ca else None
-    return Client(target, read_identity(identity), tls=tls)
+    insecure = _flag(get("secagg-insecure-no-tls"))
+    if tls is None and not insecure:
+        raise ConfigurationError(
+            "node config needs secagg-ca (the server's CA); set secagg-insecure-no-tls=true "
+            "only for loopback tests"
+        )
+    policy = Policy(
+        authority=get("secagg-authority"),
+        trust_server_directory=_flag(get("secagg-trust-server-directory")),
+    )
+    return Client(target, read_identity(identity), tls=tls, policy=policy, insecure_no_tls=insecure)
+
+
+def _flag(value: str | None) -> bool:
+    """A boolean node/run config value ("true"/"1"/"yes"; anything else is false)."""
+    return value is not None and value.strip().lower() in {"true", "1", "yes"}
 
 
 class SecAggMod:
@@ -461,7 +479,8 @@ def strategy_from_run_config(run_config: Mapping[str, Any], **fedavg: Any) -> An
 
     Run-config keys: ``secagg-server`` (``host:port`` of the admin API; empty or absent
     means plain FedAvg), ``secagg-mode``, ``secagg-clip``, ``secagg-bits``,
-    ``secagg-max-weight``, ``secagg-job``, ``secagg-ca``. The admin token comes from
+    ``secagg-max-weight``, ``secagg-job``, ``secagg-ca`` (required unless
+    ``secagg-insecure-no-tls=true``, loopback tests only). The admin token comes from
     ``$SECAGG_ADMIN_TOKEN`` or the file named by ``secagg-admin-token-file``.
     """
     target = str(run_config.get("secagg-server", "") or "")
@@ -474,7 +493,15 @@ def strategy_from_run_config(run_config: Mapping[str, Any], **fedavg: Any) -> An
     if not token:
         raise SecAggError("set SECAGG_ADMIN_TOKEN or secagg-admin-token-file")
     ca = str(run_config.get("secagg-ca", "") or "")
-    admin = AdminClient(target, token, tls=ClientTls(ca=ca) if ca else None)
+    insecure = _flag(str(run_config.get("secagg-insecure-no-tls", "") or ""))
+    if not ca and not insecure:
+        raise ConfigurationError(
+            "run config needs secagg-ca (the server's CA); set secagg-insecure-no-tls=true "
+            "only for loopback tests"
+        )
+    admin = AdminClient(
+        target, token, tls=ClientTls(ca=ca) if ca else None, insecure_no_tls=insecure
+    )
     return SecAggFedAvg(
         admin,
         job=str(run_config.get("secagg-job", "flower")),

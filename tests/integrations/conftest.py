@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from secagg.directory import Authority, sign_entry
 from secagg.keys import IdentityKey
 from secagg.server import StageTimeouts
 from secagg.service.admin import AdminClient
@@ -38,6 +39,13 @@ class Federation:
     store: Store
     admin: AdminClient
     keys: dict[str, IdentityKey] = field(default_factory=dict)
+    authority_key: IdentityKey = field(default_factory=IdentityKey)
+    federation: str = "test"
+
+    @property
+    def authority(self) -> Authority:
+        """The federation authority's public half (the sites' enrolment kits carry it)."""
+        return Authority(self.federation, self.authority_key.public)
 
     def enroll(self, n: int, prefix: str = "site") -> list[str]:
         names = []
@@ -45,7 +53,9 @@ class Federation:
             name = f"{prefix}-{i}"
             if name not in self.keys:
                 self.keys[name] = IdentityKey()
-                self.admin.enroll(name, self.keys[name].public)
+                key = self.keys[name].public
+                entry = sign_entry(self.authority_key, self.federation, name, key)
+                self.admin.enroll(name, key, entry.encode())
             names.append(name)
         return names
 
@@ -57,7 +67,10 @@ class Federation:
         return rid
 
     def client(self, name: str, **policy: Any) -> Client:
-        return Client(self.server.target, self.keys[name], policy=Policy(**policy))
+        policy.setdefault("authority", self.authority)
+        return Client(
+            self.server.target, self.keys[name], policy=Policy(**policy), insecure_no_tls=True
+        )
 
 
 def run_all(fns: Sequence[Callable[[], T]]) -> list[T | BaseException]:

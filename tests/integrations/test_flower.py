@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from secagg.directory import sign_entry
+from secagg.errors import ConfigurationError
 from secagg.server import StageTimeouts
+from secagg.service.authority import PUBLIC_FORMAT
 from secagg.service.keyfile import write_identity
 
 from .conftest import Federation
@@ -91,13 +95,27 @@ def node_configs(
     federation: Federation, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[int, dict[str, Any]]:
     keys: Path = tmp_path_factory.mktemp("keys")
+    kit = keys / "authority.pub"  # what each site's enrolment kit carries
+    kit.write_text(
+        json.dumps(
+            {
+                "format": PUBLIC_FORMAT,
+                "federation": federation.federation,
+                "public_key": federation.authority_key.public.hex(),
+            }
+        )
+    )
     configs = {}
     for i, nid in enumerate(NODES, start=1):
         key = write_identity(keys / f"node-{i}.key")
-        federation.admin.enroll(f"flower-{i}", key.public)
+        name = f"flower-{i}"
+        entry = sign_entry(federation.authority_key, federation.federation, name, key.public)
+        federation.admin.enroll(name, key.public, entry.encode())
         configs[nid] = {
             "secagg-server": federation.server.target,
             "secagg-identity": str(keys / f"node-{i}.key"),
+            "secagg-authority": str(kit),
+            "secagg-insecure-no-tls": "true",  # loopback test server
         }
     return configs
 
@@ -151,8 +169,16 @@ def test_flower_app_aggregates_through_secagg(
 def test_strategy_from_run_config(federation: Federation, monkeypatch: pytest.MonkeyPatch) -> None:
     assert type(strategy_from_run_config({}, fraction_evaluate=0.0)) is FedAvg
     monkeypatch.setenv("SECAGG_ADMIN_TOKEN", "x" * 32)
+    # TLS by default: without a CA the strategy refuses unless plaintext is opted into.
+    with pytest.raises(ConfigurationError, match="secagg-ca"):
+        strategy_from_run_config({"secagg-server": federation.server.target})
     s = strategy_from_run_config(
-        {"secagg-server": federation.server.target, "secagg-mode": "masked", "secagg-clip": 0.5},
+        {
+            "secagg-server": federation.server.target,
+            "secagg-mode": "masked",
+            "secagg-clip": 0.5,
+            "secagg-insecure-no-tls": "true",
+        },
         fraction_evaluate=0.0,
     )
     assert isinstance(s, SecAggFedAvg) and s.clip == 0.5 and s.fraction_evaluate == 0.0

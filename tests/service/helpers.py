@@ -6,12 +6,13 @@ import contextlib
 import secrets
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from secagg.directory import Authority, sign_entry
 from secagg.keys import IdentityKey
 from secagg.messages import SEND_ORDER, Message
 from secagg.quantize import encode, unpack
@@ -42,9 +43,18 @@ class Deployment:
     tls: ServerTls | None = None
     client_tls: ClientTls | None = None
     max_chunk_bytes: int = 1 << 20
+    config: dict[str, Any] = field(default_factory=dict)
     identities: dict[str, IdentityKey] = field(default_factory=dict)
     server: BackgroundServer | None = None
     admin: AdminClient | None = None
+    federation: str = "test-federation"
+    authority_key: IdentityKey = field(default_factory=IdentityKey)
+    """The federation authority: signs each enrolled site's entry (offline, not the server)."""
+
+    @property
+    def authority(self) -> Authority:
+        """The authority's public half, as the sites' enrolment kits carry it."""
+        return Authority(self.federation, self.authority_key.public)
 
     def start(self) -> Deployment:
         cfg = ServerConfig(
@@ -53,6 +63,7 @@ class Deployment:
             admin_token=TOKEN,
             tls=self.tls,
             max_chunk_bytes=self.max_chunk_bytes,
+            **self.config,
         )
         self.server = BackgroundServer(cfg).start()
         self.admin = AdminClient(self.target, TOKEN, tls=self.client_tls)
@@ -80,7 +91,8 @@ class Deployment:
         for i in range(1, n + 1):
             name = f"{prefix}{i}"
             key = IdentityKey()
-            self.admin.enroll(name, key.public)
+            entry = sign_entry(self.authority_key, self.federation, name, key.public)
+            self.admin.enroll(name, key.public, entry.encode())
             self.identities[name] = key
             names.append(name)
         return names
@@ -100,8 +112,11 @@ class Deployment:
 
     def client(self, name: str, **kw: Any) -> Client:
         kw.setdefault("tls", self.client_tls)
-        kw.setdefault("policy", Policy(allow_insecure_plaintext=True))
-        return Client(self.target, self.identities[name], **kw)
+        kw.setdefault("insecure_no_tls", kw["tls"] is None)
+        policy = kw.pop("policy", None) or Policy(allow_insecure_plaintext=True)
+        if policy.authority is None and policy.pinned_directory is None:
+            policy = replace(policy, authority=self.authority)  # the kit's authority.pub
+        return Client(self.target, self.identities[name], policy=policy, **kw)
 
 
 def run_threads(jobs: dict[str, Callable[[], Any]]) -> dict[str, Outcome]:

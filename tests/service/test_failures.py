@@ -18,7 +18,7 @@ from secagg.keys import IdentityKey
 from secagg.messages import AdvertiseKeys
 from secagg.server import StageTimeouts
 from secagg.service.auth import call_metadata
-from secagg.service.client import Client, RetryPolicy
+from secagg.service.client import Client, Policy, RetryPolicy
 from secagg.service.errors import NotFound, PermissionDenied, Unauthenticated
 from secagg.service.servicer import SESSION
 
@@ -76,7 +76,8 @@ def hang(msg):
         time.sleep(3600)
     return True
 
-with Client(target, IdentityKey(seed)) as c:
+policy = Policy(trust_server_directory=True)  # this test is about the kill, not the directory
+with Client(target, IdentityKey(seed), insecure_no_tls=True, policy=policy) as c:
     joined = c.join(rid)
     c.participate(joined, np.ones(joined.params.dim), on_send=hang)
 """
@@ -121,7 +122,7 @@ def test_unenrolled_not_invited_and_revoked_identities(deployment: Deployment) -
     names = deployment.enroll(3)
     rid = deployment.create(names[:2], 10, FAST)
     with (
-        Client(deployment.target, IdentityKey()) as stranger,
+        Client(deployment.target, IdentityKey(), insecure_no_tls=True) as stranger,
         pytest.raises(Unauthenticated, match="not enrolled"),
     ):
         stranger.join(rid)
@@ -256,6 +257,8 @@ def test_client_retries_after_the_connection_breaks(deployment: Deployment) -> N
         f"127.0.0.1:{relay.port}",
         deployment.identities[names[0]],
         retry=RetryPolicy(initial_backoff=0.01),
+        policy=Policy(authority=deployment.authority),
+        insecure_no_tls=True,
     )
 
     def via_relay() -> Any:

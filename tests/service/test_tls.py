@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from secagg.server import StageTimeouts
-from secagg.service.client import Client, RetryPolicy
+from secagg.service.client import Client, Policy, RetryPolicy
 from secagg.service.errors import PermissionDenied, RemoteError
 from secagg.service.tls import ClientTls, ServerTls
 
@@ -38,7 +38,7 @@ def test_tls_round(tmp_path: Path) -> None:
         _run_round(d, names)
         # A client that does not trust the CA cannot connect.
         with (
-            Client(d.target, d.identities[names[0]], retry=QUICK) as plain,
+            Client(d.target, d.identities[names[0]], retry=QUICK, insecure_no_tls=True) as plain,
             pytest.raises(RemoteError),
         ):
             plain.join(bytes(16))
@@ -58,23 +58,28 @@ def test_mutual_tls_binds_certificate_to_participant(tmp_path: Path) -> None:
             return ClientTls(ca=pki / "ca.pem", cert=pki / f"{name}.pem", key=pki / f"{name}.key")
 
         rid = d.create(names, 100, StageTimeouts.uniform(10.0))
+        kit = Policy(authority=d.authority)
 
         def job(n: str) -> object:
-            with Client(d.target, d.identities[n], tls=tls_for(n)) as c:
+            with Client(d.target, d.identities[n], tls=tls_for(n), policy=kit) as c:
                 return c.aggregate(rid, np.ones(100))
 
         out = run_threads({n: (lambda n=n: job(n)) for n in names})
         assert all(o.error is None for o in out.values()), [o.error for o in out.values()]
         # c1's identity key presented with c2's certificate: refused.
         with (
-            Client(d.target, d.identities["c1"], tls=tls_for("c2")) as c,
+            Client(d.target, d.identities["c1"], tls=tls_for("c2"), policy=kit) as c,
             pytest.raises(PermissionDenied, match="certificate"),
         ):
             c.join(rid)
         # No client certificate at all: the TLS handshake fails.
         with (
             Client(
-                d.target, d.identities["c1"], tls=ClientTls(ca=pki / "ca.pem"), retry=QUICK
+                d.target,
+                d.identities["c1"],
+                tls=ClientTls(ca=pki / "ca.pem"),
+                retry=QUICK,
+                policy=kit,
             ) as c,
             pytest.raises(RemoteError),
         ):
