@@ -15,7 +15,7 @@ from secagg.service.config import is_loopback
 from secagg.service.coordinator import RoundSpec
 from secagg.service.errors import from_rpc_error
 from secagg.service.serde import round_spec_to_proto
-from secagg.service.tls import ClientTls
+from secagg.service.tls import ClientTls, tls_failure
 
 __all__ = ["AdminClient"]
 
@@ -46,6 +46,7 @@ class AdminClient:
             self._channel = grpc.secure_channel(target, tls.credentials(), options=opts)
         else:
             self._channel = grpc.insecure_channel(target, options=opts)
+        self._tls = tls
         self._stub = admin_pb2_grpc.AdminStub(self._channel)
         self._md = admin_metadata(token)
 
@@ -60,9 +61,9 @@ class AdminClient:
 
     def _call(self, fn: Callable[..., Any], request: Any, timeout: float = 60.0) -> Any:
         try:
-            return fn(request, metadata=self._md, timeout=timeout)
+            return fn(request, metadata=self._md, timeout=timeout, wait_for_ready=False)
         except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
+            raise (tls_failure(err, self._tls) or from_rpc_error(err)) from None
 
     def enroll(
         self, name: str, identity_key: bytes, signed_entry: bytes = b""

@@ -20,17 +20,19 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha._async import ReflectionServicer
 
+from secagg.errors import ConfigurationError, StoreError
 from secagg.service._gen import admin_pb2, admin_pb2_grpc, aggregation_pb2
 from secagg.service.auth import CallVerifier
 from secagg.service.config import ServerConfig
 from secagg.service.coordinator import Coordinator
 from secagg.service.guard import FrameGuard
-from secagg.service.logs import configure, event
+from secagg.service.logs import StderrCapture, configure, event
 from secagg.service.metrics import Metrics
 from secagg.service.servicer import AdminServicer, AggregationServicer
-from secagg.service.store import Store
+from secagg.service.store import Store, WriterLock
 
 __all__ = ["BackgroundServer", "SecAggService", "serve"]
 
@@ -43,13 +45,39 @@ SERVICE_NAMES = (
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
 )
 SHUTDOWN_REASON = "the server is shutting down"
+PARTICIPANT_KEY_HEADER = "secagg-key"
+"""The metadata key a participant's signed call names its public key in (service.auth)."""
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+"""Reflection v1 (what current grpcurl asks first); same messages as v1alpha on the wire."""
+
+
+def _reflection_v1(servicer: ReflectionServicer) -> grpc.GenericRpcHandler:
+    """Serve ``grpc.reflection.v1`` with the v1alpha servicer: the two protos differ only in
+    their package name, so the messages are byte-for-byte the same."""
+    method = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    return grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": method})
+
+
+def _caller(details: Any) -> dict[str, str]:
+    """Who a call claims to be, from its metadata: ``admin`` (bearer token) or the
+    participant's key (the servicer authenticates it; a failed check shows in ``code``)."""
+    md = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
+    if "authorization" in md:
+        return {"caller": "admin"}
+    key = md.get(PARTICIPANT_KEY_HEADER, "")
+    return {"caller": f"key:{key[:16]}"} if key else {"caller": "anonymous"}
 
 
 class AccessLog(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Counts and logs every finished call of our services (method, status, duration)."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, names: Callable[[str], str | None]) -> None:
         self._metrics = metrics
+        self._names = names
 
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], details: Any
@@ -59,12 +87,28 @@ class AccessLog(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or not method.startswith("/secagg.v1."):
             return handler
         metrics = self._metrics
+        who = _caller(details)
+        if who["caller"].startswith("key:"):
+            name = self._names(who["caller"][4:])
+            if name is not None:
+                who["caller"] = name
 
-        def done(peer: str, t0: float, code: grpc.StatusCode | str) -> None:
+        def done(peer: str, t0: float, code: grpc.StatusCode | str, cn: str) -> None:
             name = code.name if isinstance(code, grpc.StatusCode) else str(code)
             metrics.rpcs.labels(method, name).inc()
             seconds = round(time.monotonic() - t0, 4)
-            event(log, logging.INFO, "rpc", method=method, code=name, peer=peer, seconds=seconds)
+            extra = {"cert_cn": cn} if cn else {}
+            event(
+                log,
+                logging.INFO,
+                "rpc",
+                method=method,
+                code=name,
+                **who,
+                **extra,
+                peer=peer,
+                seconds=seconds,
+            )
 
         def failed(context: Any, exc: BaseException) -> grpc.StatusCode | str:
             # A cancelled call may already be gone: do not touch its context then.
@@ -76,7 +120,7 @@ class AccessLog(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             unary = handler.unary_unary
 
             async def observed_unary(request: Any, context: Any) -> Any:
-                t0, peer = time.monotonic(), context.peer()
+                t0, peer, cn = time.monotonic(), context.peer(), _cert_cn(context)
                 code: grpc.StatusCode | str = grpc.StatusCode.OK
                 try:
                     return await unary(request, context)
@@ -84,7 +128,7 @@ class AccessLog(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     code = failed(context, exc)
                     raise
                 finally:
-                    done(peer, t0, code)
+                    done(peer, t0, code, cn)
 
             return grpc.unary_unary_rpc_method_handler(
                 observed_unary, handler.request_deserializer, handler.response_serializer
@@ -92,7 +136,7 @@ class AccessLog(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         stream = handler.stream_stream
 
         async def observed_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
-            t0, peer = time.monotonic(), context.peer()
+            t0, peer, cn = time.monotonic(), context.peer(), _cert_cn(context)
             code: grpc.StatusCode | str = grpc.StatusCode.OK
             try:
                 async for item in stream(requests, context):
@@ -101,11 +145,21 @@ class AccessLog(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 code = failed(context, exc)
                 raise
             finally:
-                done(peer, t0, code)
+                done(peer, t0, code, cn)
 
         return grpc.stream_stream_rpc_method_handler(
             observed_stream, handler.request_deserializer, handler.response_serializer
         )
+
+
+def _cert_cn(context: Any) -> str:
+    """The client certificate's common name (mutual TLS), or ``""``."""
+    try:
+        names = context.auth_context().get("x509_common_name") or [b""]
+    except Exception:  # a context without TLS state
+        return ""
+    raw = names[0]
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
 
 
 class SecAggService:
@@ -124,6 +178,7 @@ class SecAggService:
         self._server: Any = None
         self._health: Any = None
         self._http: Any = None
+        self._lock = WriterLock(self.store.path) if self.store.path != ":memory:" else None
 
     @property
     def metrics_port(self) -> int | None:
@@ -133,10 +188,28 @@ class SecAggService:
     async def start(self) -> int:
         """Recover the store, bind and start serving; returns the bound port."""
         cfg = self.config
+        warnings = cfg.tls.check() if cfg.tls is not None else []
+        if self._lock is not None:
+            self._lock.acquire()
+        try:
+            return await self._start(cfg, warnings)
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release()
+            raise
+
+    def _participant_name(self, key_hex: str) -> str | None:
+        try:
+            rec = self.store.participant_by_key(bytes.fromhex(key_hex))
+        except (ValueError, StoreError):
+            return None
+        return None if rec is None else rec.name
+
+    async def _start(self, cfg: ServerConfig, warnings: list[str]) -> int:
         self.coordinator.recover()
         limit = cfg.max_chunk_bytes + FRAME_SLACK
         server = grpc.aio.server(
-            interceptors=[AccessLog(self.metrics), FrameGuard()],
+            interceptors=[AccessLog(self.metrics, self._participant_name), FrameGuard()],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -148,19 +221,40 @@ class SecAggService:
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.coordinator, cfg), server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
-        if cfg.tls is not None:
-            self.port = server.add_secure_port(cfg.listen, cfg.tls.credentials())
-        else:
-            self.port = server.add_insecure_port(cfg.listen)
+        reflected = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
+        reflection.enable_server_reflection(reflected, server)
+        server.add_generic_rpc_handlers((_reflection_v1(ReflectionServicer(reflected)),))
+        try:
+            if cfg.tls is not None:
+                self.port = server.add_secure_port(cfg.listen, cfg.tls.credentials())
+            else:
+                self.port = server.add_insecure_port(cfg.listen)
+        except RuntimeError as exc:
+            raise ConfigurationError(
+                f"cannot listen on {cfg.listen}: the address is in use or not local ({exc})"
+            ) from None
         await server.start()
         self._server = server
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if cfg.metrics_port is not None:
-            self._http = self.metrics.serve_http(cfg.metrics_port, cfg.metrics_addr)
+            try:
+                self._http = self.metrics.serve_http(cfg.metrics_port, cfg.metrics_addr)
+            except OSError as exc:
+                await server.stop(0)
+                raise ConfigurationError(
+                    f"cannot serve metrics on {cfg.metrics_addr}:{cfg.metrics_port}: "
+                    f"{exc.strerror}"
+                ) from None
+        for text in warnings:
+            event(log, logging.WARNING, text)
+        if cfg.admin_token is None:
+            event(
+                log,
+                logging.WARNING,
+                "admin API off: no admin token (admin_token_file, --admin-token-file or "
+                "$SECAGG_ADMIN_TOKEN)",
+            )
         event(
             log,
             logging.INFO,
@@ -169,6 +263,7 @@ class SecAggService:
             port=self.port,
             tls=cfg.tls is not None,
             mutual_tls=bool(cfg.tls and cfg.tls.mutual),
+            admin_api=cfg.admin_token is not None,
             store=cfg.store if self._own_store else self.store.path,
         )
         return self.port
@@ -196,6 +291,8 @@ class SecAggService:
                 await r.close()
             await self._server.stop(0)
             await self._finish(close_store=False)
+        elif self._lock is not None:
+            self._lock.release()
 
     async def _finish(self, close_store: bool = True) -> None:
         self._server = None
@@ -204,15 +301,29 @@ class SecAggService:
             self._http.shutdown()
         if self._own_store and close_store:
             self.store.close()
+        if self._lock is not None:
+            self._lock.release()  # a crash too: the OS drops the lock of a killed process
         event(log, logging.INFO, "stopped", port=self.port)
 
 
 def serve(config: ServerConfig) -> int:
-    """Run a server until SIGTERM or SIGINT (``secagg serve``)."""
-    configure(config.log_level, config.log_format)
+    """Run a server until SIGTERM or SIGINT (``secagg serve``).
 
+    gRPC's own log lines join the same stream (:class:`StderrCapture`); they are also where
+    failed TLS handshakes show, which ``secagg_tls_handshake_failures_total`` counts.
+    """
+    capture = StderrCapture()
+    configure(config.log_level, config.log_format, stream=capture.start())
+    try:
+        return _serve(config, capture)
+    finally:
+        capture.stop()
+
+
+def _serve(config: ServerConfig, capture: StderrCapture) -> int:
     async def main() -> None:
         service = SecAggService(config)
+        capture.on_line(service.metrics.count_tls_line)
         await service.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
