@@ -108,8 +108,6 @@ class PolicyRefused(ServiceError):
     """The client refuses a round whose parameters or directory break its policy."""
 
 
-
-
 class RemoteError(ServiceError):
     """A call failed with a status no more specific class covers; ``code`` is that status."""
 

@@ -72,7 +72,7 @@ class TextFormatter(logging.Formatter):
         if isinstance(fields, dict):
             for key, value in fields.items():
                 text = value if isinstance(value, str) else json.dumps(value, default=str)
-                if not text or any(c.isspace() or c in "\"=" for c in text):
+                if not text or any(c.isspace() or c in '"=' for c in text):
                     text = json.dumps(text)
                 parts.append(f"{key}={text}")
         line = " ".join(parts)

@@ -243,8 +243,7 @@ class SecAggService:
             except OSError as exc:
                 await server.stop(0)
                 raise ConfigurationError(
-                    f"cannot serve metrics on {cfg.metrics_addr}:{cfg.metrics_port}: "
-                    f"{exc.strerror}"
+                    f"cannot serve metrics on {cfg.metrics_addr}:{cfg.metrics_port}: {exc.strerror}"
                 ) from None
         for text in warnings:
             event(log, logging.WARNING, text)
