@@ -9,10 +9,12 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from secagg.errors import ConfigurationError, SecAggError, StoreError
-from secagg.service.errors import EXIT_ABORTED, EXIT_AUDIT, NotFound, exit_code_for
+
+# Exit statuses: defined once, in secagg.service.errors.EXIT_CODES (docs/operations.md).
+EXIT_CONFIG, EXIT_ABORTED, EXIT_AUDIT = 2, 3, 4
 
 if TYPE_CHECKING:
     from secagg.service._gen.admin_pb2 import RoundStatus
@@ -472,6 +474,8 @@ def _run_audit(args: argparse.Namespace) -> int:
         if args.round:
             want = _round_id_arg(args.round).hex()
             if not any(e.round_id == want for e in entries):
+                from secagg.service.errors import NotFound
+
                 raise NotFound(f"no audit entries for round {want} in {path}")
             args.round = want
         for e in entries:
@@ -692,8 +696,23 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (``secagg round: error: ...``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CONFIG, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="secagg", description=__doc__)
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words[:1] != ["serve"]:
+        # gRPC's own log lines would break the one-line errors of the client commands (the
+        # error names the reason); serve keeps them and logs them as JSON (service.logs).
+        # Read when gRPC loads, so it is set before anything imports grpc.
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    from secagg.service.errors import exit_code_for
+
+    parser = _Parser(prog="secagg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_simulate(sub)
     _add_serve(sub)

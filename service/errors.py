@@ -237,3 +237,4 @@ def exit_code_for(exc: BaseException) -> int:
         if isinstance(exc, cls):
             return code
     return EXIT_ERROR
+

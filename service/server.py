@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -152,6 +153,20 @@ class AccessLog(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         )
 
 
+def _bind_error(listen: str) -> str:
+    """Why ``listen`` cannot be bound (gRPC only says that it failed)."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - only to name the bind error
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        family, kind, proto, _name, addr = infos[0]
+        with socket.socket(family, kind, proto) as s:
+            s.bind(addr)
+    except (OSError, ValueError, IndexError) as exc:
+        return str(getattr(exc, "strerror", None) or exc)
+    return "gRPC could not bind it"
+
+
 def _cert_cn(context: Any) -> str:
     """The client certificate's common name (mutual TLS), or ``""``."""
     try:
@@ -229,9 +244,9 @@ class SecAggService:
                 self.port = server.add_secure_port(cfg.listen, cfg.tls.credentials())
             else:
                 self.port = server.add_insecure_port(cfg.listen)
-        except RuntimeError as exc:
+        except RuntimeError:
             raise ConfigurationError(
-                f"cannot listen on {cfg.listen}: the address is in use or not local ({exc})"
+                f"cannot listen on {cfg.listen}: {_bind_error(cfg.listen)}"
             ) from None
         await server.start()
         self._server = server
