@@ -237,4 +237,3 @@ def exit_code_for(exc: BaseException) -> int:
         if isinstance(exc, cls):
             return code
     return EXIT_ERROR
-

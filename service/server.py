@@ -63,14 +63,17 @@ def _reflection_v1(servicer: ReflectionServicer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": method})
 
 
-def _caller(details: Any) -> dict[str, str]:
-    """Who a call claims to be, from its metadata: ``admin`` (bearer token) or the
-    participant's key (the servicer authenticates it; a failed check shows in ``code``)."""
+def _caller(details: Any, names: Callable[[str], str | None]) -> str:
+    """Who a call claims to be, from its metadata: ``admin`` (bearer token), the enrolled
+    participant's name, or ``key:<16 hex>`` for a key the store does not know. The servicer
+    authenticates the claim; a failed check shows in the line's ``code``."""
     md = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
     if "authorization" in md:
-        return {"caller": "admin"}
+        return "admin"
     key = md.get(PARTICIPANT_KEY_HEADER, "")
-    return {"caller": f"key:{key[:16]}"} if key else {"caller": "anonymous"}
+    if not key:
+        return "anonymous"
+    return names(key) or f"key:{key[:16]}"
 
 
 class AccessLog(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -88,11 +91,7 @@ class AccessLog(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or not method.startswith("/secagg.v1."):
             return handler
         metrics = self._metrics
-        who = _caller(details)
-        if who["caller"].startswith("key:"):
-            name = self._names(who["caller"][4:])
-            if name is not None:
-                who["caller"] = name
+        caller = _caller(details, self._names)
 
         def done(peer: str, t0: float, code: grpc.StatusCode | str, cn: str) -> None:
             name = code.name if isinstance(code, grpc.StatusCode) else str(code)
@@ -105,7 +104,7 @@ class AccessLog(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 "rpc",
                 method=method,
                 code=name,
-                **who,
+                caller=caller,
                 **extra,
                 peer=peer,
                 seconds=seconds,
