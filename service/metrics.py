@@ -18,7 +18,8 @@ from prometheus_client import (
     start_http_server,
 )
 
-_SSL_REASON = re.compile(r"(?:OPENSSL_internal|SSL routines):([A-Z0-9_]+)")
+_SSL_REASON = re.compile(r"OPENSSL_internal:([A-Z0-9_]+)")
+_SSL_ERROR = re.compile(r"(SSL_ERROR_[A-Z_]+)")
 
 __all__ = ["Metrics"]
 
@@ -75,8 +76,9 @@ class Metrics:
     def count_tls_line(self, line: str) -> None:
         """Count one failed handshake if ``line`` (a gRPC core log line) reports one."""
         if "Handshake failed" in line or "handshake failed" in line:
-            m = _SSL_REASON.search(line)
-            self.tls_failures.labels(m.group(1) if m else "unknown").inc()
+            m = _SSL_REASON.search(line) or _SSL_ERROR.search(line)
+            reason = m.group(1) if m else "unknown"
+            self.tls_failures.labels(reason).inc()
 
     def serve_http(self, port: int, addr: str = "127.0.0.1") -> Any:
         """Expose ``/metrics`` on ``addr:port``; returns the HTTP server (``.shutdown()``)."""

@@ -277,6 +277,7 @@ class SecAggService:
             tls=cfg.tls is not None,
             mutual_tls=bool(cfg.tls and cfg.tls.mutual),
             admin_api=cfg.admin_token is not None,
+            metrics_port=self.metrics_port,
             store=cfg.store if self._own_store else self.store.path,
         )
         return self.port

@@ -20,8 +20,8 @@ if not Path(SECAGG).exists():  # pragma: no cover - an environment without the s
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    """The environment of a ``secagg`` subprocess: no SECAGG_* from the caller's shell."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SECAGG_")}
+    """The environment of a ``secagg`` subprocess: no SECAGG_* or GRPC_* from the caller."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SECAGG_", "GRPC_"))}
     env["PATH"] = f"{Path(SECAGG).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env

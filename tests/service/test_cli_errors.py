@@ -75,6 +75,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             str(pki / "server.key"),
             "--client-ca",
             str(pki / "ca.pem"),
+            "--metrics-port",
+            "0",
         ],
         cwd=root,
     )
@@ -460,3 +462,29 @@ def test_cli_constants_match_the_table() -> None:
         errors.EXIT_ABORTED,
         errors.EXIT_AUDIT,
     )
+
+
+def test_tls_failures_are_counted_and_logged(world: World) -> None:
+    """A refused handshake is counted in ``secagg_tls_handshake_failures_total{reason}`` and
+    logged as a JSON line (gRPC reports it only in its own log). Before issue 12 it was
+    neither; counters also exported ``*_created`` series that read like counts."""
+    import urllib.request
+
+    proc = run_cli(
+        ["enroll", "--list", "--server", world.mtls_target, "--ca", str(world.pki / "ca.pem")],
+        cwd=world.root,
+        env=_token_env(),
+    )
+    assert proc.returncode == EXIT_UNAVAILABLE
+    serving = next(e for e in world.mtls.events() if e["msg"] == "serving")
+    url = f"http://127.0.0.1:{serving['metrics_port']}/metrics"
+    deadline = time.monotonic() + 10
+    while True:
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        if 'reason="PEER_DID_NOT_RETURN_A_CERTIFICATE"' in text or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert 'secagg_tls_handshake_failures_total{reason="PEER_DID_NOT_RETURN_A_CERTIFICATE"}' in text
+    assert "_created" not in text
+    core = [e for e in world.mtls.events() if e["logger"] == "grpc.core"]
+    assert any("Handshake failed" in str(e["msg"]) for e in core), core
