@@ -48,7 +48,7 @@ class World:
 
     @property
     def mtls_target(self) -> str:
-        return f"localhost:{self.mtls.port}"
+        return f"127.0.0.1:{self.mtls.port}"  # in the certificate; not ::1 first
 
 
 @pytest.fixture(scope="module")

@@ -83,7 +83,7 @@ def test_readme_deployment_runs_as_written(tmp_path: Path) -> None:
     )
     env = cli_env(
         LISTEN=f"127.0.0.1:{port}",
-        SERVER=f"localhost:{port}",
+        SERVER=f"127.0.0.1:{port}",  # server.pem names it (IP SAN)
         STATE=str(state),
         PKI=str(pki),
         SITES=str(SITES),

@@ -154,16 +154,18 @@ def test_refused_client_certificate_is_a_tls_error_at_once(tmp_path: Path) -> No
     d = Deployment(tmp_path / "s.db", tls=server_tls, client_tls=admin_tls).start()
     try:
         names = d.enroll(1)
+        assert d.server is not None
+        target = f"127.0.0.1:{d.server.port}"  # not localhost: ::1 would be the last error
         tls = ClientTls(ca=pki / "ca.pem")
         policy = Policy(authority=d.authority)
         with (
-            Client(d.target, d.identities[names[0]], tls=tls, policy=policy) as c,
+            Client(target, d.identities[names[0]], tls=tls, policy=policy) as c,
             pytest.raises(TlsError, match="requires a client certificate"),
         ):
             c.join(bytes(16))
         wrong_ca = ClientTls(ca=make_pki(tmp_path / "other", []) / "ca.pem")
         with (
-            Client(d.target, d.identities[names[0]], tls=wrong_ca, policy=policy) as c,
+            Client(target, d.identities[names[0]], tls=wrong_ca, policy=policy) as c,
             pytest.raises(TlsError, match="CERTIFICATE_VERIFY_FAILED"),
         ):
             c.join(bytes(16))
