@@ -712,7 +712,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from secagg.service.errors import exit_code_for
 
-    parser = _Parser(prog="secagg", description=__doc__)
+    parser: argparse.ArgumentParser = _Parser(prog="secagg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_simulate(sub)
     _add_serve(sub)

@@ -30,7 +30,7 @@ class Metrics:
     """Counters and histograms the service updates; ``serve_http`` exposes them."""
 
     def __init__(self) -> None:
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
         r = self.registry
         self.rounds = Counter(
