@@ -80,6 +80,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         ],
         cwd=root,
     )
+    made = run_cli(
+        ["keygen", "--ckks", "--mode", "hybrid", "--clients", "3", "--dim", "8", "--out", "fed"],
+        cwd=root,
+    )
+    assert made.returncode == 0, made.stderr
     w = World(root, pki, plain, mtls)
     try:
         yield w
@@ -259,6 +264,30 @@ CASES: list[tuple[str, Case, int, str]] = [
         lambda w: (["serve", "--config", _toml(w, "d.toml", "listen_addr = 'x'\n")], None),
         EXIT_CONFIG,
         "unknown config keys",
+    ),
+    (
+        "round create with a ckks context made for another shape",
+        lambda w: (
+            [
+                "round",
+                "create",
+                "--job",
+                "j",
+                "--participants",
+                "a,b",
+                "--dim",
+                "8",
+                "--mode",
+                "hybrid",
+                "--he-context",
+                "fed.ckks-server",
+                "--server",
+                w.plain_target,
+            ],
+            _token_env(),
+        ),
+        EXIT_CONFIG,
+        "was made for another round shape: clients 2 (keygen: 3)",
     ),
     (
         "round status with a non-hex round id",

@@ -171,3 +171,17 @@ def test_refused_client_certificate_is_a_tls_error_at_once(tmp_path: Path) -> No
             c.join(bytes(16))
     finally:
         d.stop()
+
+
+def test_bad_neighbors_is_invalid_argument_not_internal(deployment: Deployment) -> None:
+    """``CreateRound`` with ``neighbors="abc"``: the server answered ``INTERNAL`` (a
+    ``ValueError`` from ``int()``); now ``INVALID_ARGUMENT`` naming the field."""
+    from secagg.service.coordinator import RoundSpec
+    from secagg.service.errors import RemoteError
+
+    names = deployment.enroll(3)
+    assert deployment.admin is not None
+    spec = RoundSpec(job="j", participants=names, dim=4, neighbors="abc")
+    with pytest.raises(RemoteError, match=r"INVALID_ARGUMENT.*neighbors must be") as err:
+        deployment.admin.create_round(spec)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
