@@ -705,7 +705,7 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
-    if words[:1] != ["serve"] and "grpc" not in sys.modules:
+    if words[:1] not in (["serve"], ["demo"]) and "grpc" not in sys.modules:
         # gRPC's own log lines would break the one-line errors of the client commands (the
         # error names the reason); serve keeps them and logs them as JSON (service.logs).
         # Read when gRPC loads, so it is set before anything imports grpc.
