@@ -20,6 +20,7 @@ __all__ = [
     "KernelError",
     "LateMessage",
     "MalformedMessage",
+    "PrivacyBudgetExceeded",
     "ProtocolViolation",
     "ReconstructionError",
     "RoundAborted",
@@ -45,6 +46,10 @@ class ConfigurationError(SecAggError):
 
 class InfeasibleParameters(ConfigurationError):
     """No parameter set meets the requested security, correctness or size goals."""
+
+
+class PrivacyBudgetExceeded(ConfigurationError):
+    """A round would spend more differential-privacy budget than its job has left."""
 
 
 class InputError(SecAggError):

@@ -28,6 +28,7 @@ from secagg.errors import ConfigurationError
 
 __all__ = [
     "MAX_DG_DENOMINATOR",
+    "max_integer_variance",
     "bernoulli_exp",
     "bernoulli_exp_int",
     "discrete_gaussian",
@@ -45,6 +46,19 @@ product ``den * K`` of Algorithm 1 stays below 2^63. About ``sigma < 19,500`` fo
 
 _MAX_X = 1 << 32
 """``|X| < 2^32`` keeps ``X^2`` inside a ``uint64`` on the vector path."""
+
+
+def max_integer_variance() -> int:
+    """The largest integer ``sigma^2`` the vector sampler takes (``2 sigma^2 t^2 < 2^58``)."""
+    lo, hi = 1, 1 << 30
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        t = math.isqrt(mid) + 1
+        if 2 * mid * t * t < MAX_DG_DENOMINATOR:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def bernoulli_exp_int(src: KeyStream, num: int, den: int) -> bool:
