@@ -77,6 +77,17 @@ def _gaussian_event(rho: float, sampling_rate: float) -> object:
     return event
 
 
+def _runs(seq: Sequence[float]) -> list[tuple[float, int]]:
+    """Runs of equal consecutive ``rho`` (``dp-accounting`` composes a run in one step)."""
+    out: list[tuple[float, int]] = []
+    for r in seq:
+        if out and out[-1][0] == r:
+            out[-1] = (r, out[-1][1] + 1)
+        else:
+            out.append((r, 1))
+    return out
+
+
 def _check(rho: float, rounds: int, delta: float, sampling_rate: float) -> None:
     if not (rho > 0 and rounds >= 1 and 0 < delta < 1 and 0 < sampling_rate <= 1):
         raise ConfigurationError(
@@ -100,11 +111,11 @@ def epsilon_rdp(
     for r in seq:
         _check(r, 1, delta, sampling_rate)
     acct = RdpAccountant()
-    for r in seq:
+    for r, count in _runs(seq):
         if sampling_rate < 1.0:
-            acct.compose(_gaussian_event(r, sampling_rate))
+            acct.compose(_gaussian_event(r, sampling_rate), count)
         else:
-            acct.compose(dp.ZCDpEvent(r))  # type: ignore[attr-defined]
+            acct.compose(dp.ZCDpEvent(r), count)  # type: ignore[attr-defined]
     return float(acct.get_epsilon(delta))
 
 
@@ -118,11 +129,8 @@ def epsilon_pld(
     for r in seq:
         _check(r, 1, delta, sampling_rate)
     acct = PLDAccountant()
-    if len(set(seq)) == 1:
-        acct.compose(_gaussian_event(seq[0], sampling_rate), len(seq))
-    else:
-        for r in seq:
-            acct.compose(_gaussian_event(r, sampling_rate))
+    for r, count in _runs(seq):
+        acct.compose(_gaussian_event(r, sampling_rate), count)
     return float(acct.get_epsilon(delta))
 
 
