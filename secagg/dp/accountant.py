@@ -134,9 +134,7 @@ def epsilon_pld(
     return float(acct.get_epsilon(delta))
 
 
-def rho_for_epsilon(
-    epsilon: float, delta: float, rounds: int, sampling_rate: float = 1.0
-) -> float:
+def rho_for_epsilon(epsilon: float, delta: float, rounds: int, sampling_rate: float = 1.0) -> float:
     """The largest per-round ``rho`` whose ``rounds``-fold RDP composition meets ``epsilon``.
 
     Bisection on ``log rho`` to a relative width of ``1e-9``; the answer always satisfies

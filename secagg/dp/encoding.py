@@ -1,4 +1,4 @@
-"""Client-side DP encoding: L2 clipping, rotation, scaling, conditional randomized rounding, mod 2^b.
+"""Client-side DP encoding: clip, rotate, scale, conditionally round, reduce mod 2^b.
 
 The pipeline of Kairouz, Liu, Steinke (ICML 2021), Algorithm 1 (distributed discrete
 Gaussian), client side:

@@ -20,7 +20,7 @@ from Crypto.Cipher import ChaCha20
 from secagg.errors import ConfigurationError
 from secagg.prg import KEY_BYTES, MAX_STREAM_BYTES, Purpose, nonce_for
 
-__all__ = ["KeyStream", "U64"]
+__all__ = ["U64", "KeyStream"]
 
 U64 = npt.NDArray[np.uint64]
 
@@ -71,7 +71,7 @@ class KeyStream:
         return np.frombuffer(raw, dtype="<u8").astype(np.uint64, copy=False)
 
     def below(self, m: U64) -> U64:
-        """One exactly uniform integer in ``[0, m_i)`` per element of ``m`` (``1 <= m_i < 2^63``)."""
+        """One exactly uniform integer in ``[0, m_i)`` per element ``1 <= m_i < 2^63`` of ``m``."""
         m = np.asarray(m, dtype=np.uint64)
         if m.size == 0:
             return np.zeros(0, dtype=np.uint64)
@@ -93,7 +93,7 @@ class KeyStream:
         return self.below(np.full(count, m, dtype=np.uint64))
 
     def below_int(self, m: int) -> int:
-        """One exactly uniform Python integer in ``[0, m)`` for any ``m >= 1`` (the exact slow path)."""
+        """One exactly uniform Python integer in ``[0, m)``, any ``m >= 1`` (the slow path)."""
         if m < 1:
             raise ConfigurationError("uniform draws need a modulus >= 1")
         k = max(1, (m.bit_length() + 63) // 64)

@@ -28,12 +28,12 @@ from secagg.errors import ConfigurationError
 
 __all__ = [
     "MAX_DG_DENOMINATOR",
-    "max_integer_variance",
     "bernoulli_exp",
     "bernoulli_exp_int",
     "discrete_gaussian",
     "discrete_gaussian_pmf",
     "discrete_laplace",
+    "max_integer_variance",
 ]
 
 I64 = npt.NDArray[np.int64]
@@ -181,7 +181,7 @@ def _as_fraction(sigma2: Fraction | int) -> Fraction:
 
 
 def discrete_gaussian(src: KeyStream, sigma2: Fraction | int, count: int) -> I64:
-    """``count`` exact draws of ``N_Z(0, sigma2)``: ``P(x) ∝ exp(-x^2 / (2 sigma2))`` (CKS20 Alg. 3).
+    """``count`` exact draws of ``N_Z(0, sigma2)``, ``P(x) ∝ exp(-x^2 / (2 sigma2))`` (CKS20 Alg 3).
 
     Parameters
     ----------

@@ -99,7 +99,7 @@ class XNoisePlan:
     def component_variances(self) -> tuple[int, ...]:
         """``v_k = R_k - R_(k+1)`` and ``v_L = R_L``."""
         r = self.residuals
-        return tuple(r[k] - r[k + 1] for k in range(len(r) - 1)) + (r[-1],)
+        return (*tuple(r[k] - r[k + 1] for k in range(len(r) - 1)), r[-1])
 
     def level(self, survivors: int) -> int:
         """``j = max{j : s_j <= survivors}`` for ``t <= survivors <= n``."""
@@ -162,7 +162,9 @@ def make_plan(
     if not 0 < max_excess <= 1:
         raise ConfigurationError(f"max_excess must be in (0, 1], got {max_excess}")
     if target_variance < 1:
-        raise ConfigurationError(f"target variance must be a positive integer, got {target_variance}")
+        raise ConfigurationError(
+            f"target variance must be a positive integer, got {target_variance}"
+        )
     levels = _levels(min_survivors, n_clients, max_excess)
     residuals = tuple(-(-target_variance // (s - max_withholders)) for s in levels)
     plan = XNoisePlan(
@@ -236,9 +238,7 @@ def client_noise(plan: XNoisePlan, keys: Sequence[bytes], dim: int) -> I64:
     return total
 
 
-def revealed_components(
-    plan: XNoisePlan, survivors: Sequence[int], roster: Sequence[int]
-) -> range:
+def revealed_components(plan: XNoisePlan, survivors: Sequence[int], roster: Sequence[int]) -> range:
     """Client side: which component seeds (``k``) to reveal shares of, for every survivor.
 
     ``survivors`` is the (consistency-checked) survivor set the server announced; the client

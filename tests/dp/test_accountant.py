@@ -38,7 +38,9 @@ def test_rho_known_answer() -> None:
     assert math.isclose(rho, 5e-5, rel_tol=1e-12)
 
 
-@pytest.mark.parametrize(("z", "rounds", "delta"), [(1.0, 1, 1e-5), (2.0, 10, 1e-6), (8.0, 100, 1e-5)])
+@pytest.mark.parametrize(
+    ("z", "rounds", "delta"), [(1.0, 1, 1e-5), (2.0, 10, 1e-6), (8.0, 100, 1e-5)]
+)
 def test_epsilon_matches_dp_accounting_directly(z: float, rounds: int, delta: float) -> None:
     rho = 1 / (2 * z * z)
     rdp = RdpAccountant()

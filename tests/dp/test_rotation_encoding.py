@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -136,7 +137,7 @@ def test_wrap_bound_monotone_and_bits_minimal() -> None:
     assert wrap_probability(b, proxy=proxy, dim=2**20, n=100) <= 2.0**-40
     assert wrap_probability(b - 1, proxy=proxy, dim=2**20, n=100) > 2.0**-40
     ps = [wrap_probability(k, proxy=proxy, dim=2**20, n=100) for k in range(10, 30)]
-    assert all(a >= b for a, b in zip(ps, ps[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(ps))
     with pytest.raises(InfeasibleParameters):
         lane_bits_for_dp(proxy=1e40, dim=2**20, n=100)
 
@@ -163,9 +164,7 @@ def test_wrap_bound_holds_empirically() -> None:
         s += discrete_gaussian(KeyStream(key, Purpose.DP_NOISE), noise_var, d)
         sums.append(s)
     for bits in (chosen, chosen - 1, chosen - 2):
-        wrapped = sum(
-            bool((centre(to_ring(s, bits), bits) != s).any()) for s in sums
-        )
+        wrapped = sum(bool((centre(to_ring(s, bits), bits) != s).any()) for s in sums)
         bound = wrap_probability(bits, proxy=proxy, dim=d, n=n)
         assert wrapped / trials <= bound + Z * math.sqrt(max(bound, 1e-9) / trials)
     assert all((centre(to_ring(s, chosen), chosen) == s).all() for s in sums)
