@@ -77,6 +77,14 @@ def rounded_norm_bound_sq(clip: float, gamma: float, dim: int, beta: float) -> i
     return math.floor(min(first, second))
 
 
+def _norm_sq(r: I64) -> int:
+    """Exact ``||r||_2^2``: int64 when it cannot overflow, Python integers otherwise."""
+    peak = int(np.abs(r).max(initial=0))
+    if peak * peak * r.size < 1 << 63:
+        return int(np.dot(r, r))
+    return sum(int(v) * int(v) for v in r.tolist())
+
+
 def conditional_round(z: F64, bound_sq: int, src: KeyStream) -> I64:
     """Unbiased randomized rounding of ``z``, redrawn until ``||r||_2^2 <= bound_sq`` (exact).
 
@@ -94,7 +102,7 @@ def conditional_round(z: F64, bound_sq: int, src: KeyStream) -> I64:
     for _ in range(MAX_ROUNDING_ATTEMPTS):
         up = (src.words(z.size) >> np.uint64(11)) < frac53
         r = base + up.astype(np.int64)
-        if int(np.dot(r, r)) <= bound_sq:  # exact int64: |r| < 2^31 for any sane bound
+        if _norm_sq(r) <= bound_sq:
             return r
     raise InputError(
         f"conditional rounding exceeded ||r||^2 <= {bound_sq} {MAX_ROUNDING_ATTEMPTS} times"

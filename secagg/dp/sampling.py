@@ -214,8 +214,11 @@ def discrete_gaussian(src: KeyStream, sigma2: Fraction | int, count: int) -> I64
     while need > 0:
         m = need + need // 2 + 16
         y = discrete_laplace(src, t, m)
-        x = np.abs(y) * tq - p  # exact: |y| << 2^40 and tq < 2^29 here
-        fast = np.abs(x) < _MAX_X
+        a = np.abs(y)
+        # |y| t q - p in int64 only where it cannot overflow, then |X| < 2^32 so X^2 < 2^64.
+        safe = a <= ((1 << 62) - p) // tq
+        x = np.where(safe, a, 0) * tq - p
+        fast = safe & (np.abs(x) < _MAX_X)
         accept = np.zeros(m, dtype=np.bool_)
         fi = np.flatnonzero(fast)
         xf = np.abs(x[fi]).astype(np.uint64)

@@ -168,3 +168,12 @@ def test_wrap_bound_holds_empirically() -> None:
         bound = wrap_probability(bits, proxy=proxy, dim=d, n=n)
         assert wrapped / trials <= bound + Z * math.sqrt(max(bound, 1e-9) / trials)
     assert all((centre(to_ring(s, chosen), chosen) == s).all() for s in sums)
+
+
+def test_attack_norm_check_cannot_overflow() -> None:
+    """Attack: coordinates near 2^32 make an int64 ``r . r`` wrap to a small number, so an
+    over-norm vector would pass the sensitivity check. The exact fallback refuses it (an
+    int64 dot product accepted it before the fix)."""
+    z = np.full(4, float(2**32))
+    with pytest.raises(InputError, match="conditional rounding"):
+        conditional_round(z, 1000, KeyStream(KEY, Purpose.DP_ROUNDING))

@@ -169,3 +169,10 @@ def test_refuses_variance_beyond_exact_range() -> None:
         discrete_gaussian(_src(14), 0, 10)
     with pytest.raises(ConfigurationError):
         discrete_laplace(_src(14), 0, 10)
+
+
+def test_tiny_rational_variance_does_not_overflow() -> None:
+    """sigma^2 = 1/2^40: t q = 2^40, so |y| t q overflows int64 for |y| >= 2^23 if computed
+    blindly; the sampler must still return (almost surely) zeros, exactly."""
+    x = discrete_gaussian(_src(15), Fraction(1, 1 << 40), 2000)
+    assert (x == 0).all()
