@@ -20,6 +20,7 @@ import argparse
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -62,14 +63,14 @@ def _best(fn: Callable[[], object], repeat: int) -> float:
 
 
 @pytest.mark.benchmark(group="dp")
-def test_discrete_gaussian_throughput(benchmark: pytest.FixtureRequest) -> None:
+def test_discrete_gaussian_throughput(benchmark: Any) -> None:
     cal = _cal(BENCH_DIM, 100, 70)
     v = cal.plan.component_variances[-1]
     benchmark(lambda: discrete_gaussian(KeyStream(os.urandom(32), Purpose.DP_NOISE), v, 100_000))
 
 
 @pytest.mark.benchmark(group="dp")
-def test_dp_client_round(benchmark: pytest.FixtureRequest) -> None:
+def test_dp_client_round(benchmark: Any) -> None:
     cal = _cal(BENCH_DIM, 100, 70)
     x = np.linspace(-1, 1, BENCH_DIM)
     benchmark(lambda: client_round(cal, x))

@@ -1,0 +1,60 @@
+"""The in-memory DP round that ``secagg simulate`` reports (secagg.dp.simulation)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("dp_accounting")
+
+from secagg.dp.calibration import calibrate
+from secagg.dp.encoding import clip_l2
+from secagg.dp.simulation import run_dp_aggregate
+from secagg.errors import ConfigurationError, ServerMisbehaviour
+
+
+def test_report_fields_and_measured_std() -> None:
+    n, dim = 10, 3000
+    cal = calibrate(8.0, 1e-5, 1, n_clients=n, min_survivors=7, dim=dim, clip=1.0)
+    rng = np.random.default_rng(3)  # test data only
+    xs = [rng.normal(size=dim) * 0.02 for _ in range(n)]
+    res = run_dp_aggregate(cal, xs, list(range(8)))
+    rep = res.report
+    json.dumps(rep)
+    for key in ("mechanism", "epsilon", "delta", "target_std", "measured_std", "clip", "bits"):
+        assert key in rep
+    d = cal.padded_dim
+    assert abs(float(rep["measured_std"]) / float(rep["released_std"]) - 1) <= 3.89 * math.sqrt(
+        0.5 / d
+    )
+    assert float(rep["honest_std"]) >= float(rep["target_std"])
+    want = sum(clip_l2(xs[i], 1.0) for i in range(8))
+    err = float(np.sqrt(np.mean((res.aggregate - want) ** 2)))
+    assert abs(err / float(rep["measured_std"]) - 1) < 0.15
+
+
+def test_refuses_wrong_counts() -> None:
+    cal = calibrate(8.0, 1e-5, 1, n_clients=10, min_survivors=7, dim=100, clip=1.0)
+    with pytest.raises(ConfigurationError):
+        run_dp_aggregate(cal, [np.zeros(100)] * 9, list(range(9)))
+    with pytest.raises(ServerMisbehaviour):
+        run_dp_aggregate(cal, [np.zeros(100)] * 10, list(range(6)))
+
+
+def test_simulate_reports_dp_block() -> None:
+    """``secagg simulate --dp-epsilon``: the report gains ``dp`` for the round's contributors."""
+    from secagg.simulate import SimulationConfig, simulate
+
+    cfg = SimulationConfig(
+        clients=10, dim=500, dropout=0.2, dp_epsilon=5.0, dp_rounds=3, dp_clip=1.0, seed=1
+    )
+    report = simulate(cfg)
+    assert report["status"] == "completed"
+    dp = report["dp"]
+    assert dp["contributors"] == report["survivors"]
+    assert dp["epsilon"] <= 5.0 and dp["rounds"] == 3 and dp["clip"] == 1.0
+    assert dp["measured_std"] > 0 and dp["target_std"] > 0
+    assert "dp" not in simulate(SimulationConfig(clients=5, dim=50, dropout=0.0))
