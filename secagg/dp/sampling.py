@@ -87,7 +87,8 @@ def _series(src: KeyStream, a: U64, b: U64) -> BoolArray:
     """
     n = a.size
     out = np.zeros(n, dtype=np.bool_)
-    k = np.ones(n, dtype=np.uint64)
+    # Where gamma = 1 the first draw, Bernoulli(gamma / 1), is certain: start at K = 2.
+    k = np.where(a == b, np.uint64(2), np.uint64(1))
     todo = np.arange(n)
     limit = np.uint64((1 << 63) - 1)
     while todo.size:
@@ -142,6 +143,12 @@ def _geometric_exp1(src: KeyStream, n: int) -> U64:
     return v
 
 
+def _bits(src: KeyStream, n: int) -> BoolArray:
+    """``n`` fair coins: bit ``j % 64`` of word ``j // 64``."""
+    words = src.words((n + 63) // 64).astype("<u8")
+    return np.unpackbits(words.view(np.uint8), bitorder="little")[:n].astype(np.bool_)
+
+
 def discrete_laplace(src: KeyStream, t: int, count: int) -> I64:
     """``count`` exact draws of the discrete Laplace ``P(x) ∝ exp(-|x|/t)`` (CKS20 Algorithm 2).
 
@@ -164,7 +171,7 @@ def discrete_laplace(src: KeyStream, t: int, count: int) -> I64:
         u = src.below_scalar(t, m)
         u = u[bernoulli_exp(src, u, np.full(m, t, dtype=np.uint64))]
         x = u + tt * _geometric_exp1(src, u.size)
-        neg = (src.words(u.size) & np.uint64(1)).astype(np.bool_)
+        neg = _bits(src, u.size)
         keep = ~(neg & (x == 0))
         y = x[keep].astype(np.int64)
         y[neg[keep]] *= -1
