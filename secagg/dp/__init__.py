@@ -23,4 +23,8 @@ accountant
     Per-round ``rho``, RDP and PLD composition, the per-job ledger.
 calibration
     ``(epsilon, delta, rounds, clients) -> (gamma, noise plan, bits)``.
+policy
+    Client-side check of the server's DP offer against the client's own budget.
+simulation
+    One round's DP arithmetic in memory (what ``secagg simulate --dp-epsilon`` reports).
 """
