@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from secagg.dp.randomness import KeyStream
-from secagg.dp.sampling import discrete_gaussian, max_integer_variance
+from secagg.dp.sampling import max_integer_variance
+from secagg.dp.streams import discrete_gaussian_vector
 from secagg.errors import ConfigurationError, InfeasibleParameters, ServerMisbehaviour
 from secagg.prg import Purpose, derive_key
 
@@ -224,8 +224,13 @@ def component_key(seed: bytes, session_id: bytes, client_id: int, component: int
 
 
 def component_noise(variance: int, key: bytes, dim: int) -> I64:
-    """One component: ``dim`` exact draws of ``N_Z(0, variance)`` from ``key``'s stream."""
-    return discrete_gaussian(KeyStream(key, Purpose.DP_NOISE), variance, dim)
+    """One component: ``dim`` exact draws of ``N_Z(0, variance)`` under ``key``.
+
+    Coordinate ``i`` is drawn from its own stream (:mod:`secagg.dp.streams`: nonce
+    ``DP_NOISE || LE88(i)``), by the parallel Numba kernel with exact fix-up, so the server
+    regenerates a removed component bit for bit.
+    """
+    return discrete_gaussian_vector(key, variance, dim)
 
 
 def client_noise(plan: XNoisePlan, keys: Sequence[bytes], dim: int) -> I64:
