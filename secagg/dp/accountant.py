@@ -3,7 +3,8 @@
 Per round (Kairouz, Liu, Steinke, ICML 2021, Theorem 1 with its sum-of-discrete-Gaussians
 lemma): if the released sum carries independent discrete Gaussians of variances ``v_1 .. v_m``
 from honest clients in every coordinate, and one client's rounded vector has
-``||r||_2^2 <= Delta_2^2``, the round is ``rho``-zCDP (add/remove one client) with
+``||r||_2^2 <= Delta_2^2``, the round is ``rho``-zCDP for "zero-out" neighbours (one client's
+vector replaced by zero, its noise still in the sum; use ``4 Delta_2^2`` for replace-one) with
 
 ``rho = Delta_2^2 / (2 sum_k v_k) + tau d / 4``,
 ``tau = 10 sum_(k=2..m) exp(-2 pi^2 S_(k-1) v_k / (S_(k-1) + v_k))``,  ``S_k = v_1 + .. + v_k``,
