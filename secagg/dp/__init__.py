@@ -25,6 +25,10 @@ calibration
     ``(epsilon, delta, rounds, clients) -> (gamma, noise plan, bits)``.
 policy
     Client-side check of the server's DP offer against the client's own budget.
+participants
+    ``DPClient`` / ``DPServer``: the calls the masked round's client and server make.
+streams
+    Per-coordinate noise streams and their exact scalar reference (kernel: kernels/dp_noise).
 simulation
     One round's DP arithmetic in memory (what ``secagg simulate --dp-epsilon`` reports).
 """
