@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from numba import int64, njit, prange, uint32, uint64
+from numba.extending import register_jitable
 
-from secagg.kernels.chacha import chacha20_block_inline, key_words
+from secagg.kernels.chacha import chacha20_block, key_words
 
 __all__ = ["discrete_gaussian"]
 
@@ -29,14 +30,14 @@ _LIM63 = uint64((1 << 63) - 1)
 _LAST_BLOCK = uint64((1 << 32) - 2)
 
 
-@njit(cache=True)
+@register_jitable
 def _word(keys: Any, nonces: Any, buf: Any, st: Any) -> Any:
     """Next keystream word; ``st = [next block, position in buf, flag]``."""
     if st[1] >= uint64(8):
         if st[0] > _LAST_BLOCK:
             st[2] = _ONE
             return _ZERO
-        w = chacha20_block_inline(keys, 0, uint32(st[0]), nonces)
+        w = chacha20_block(keys, 0, uint32(st[0]), nonces)
         for j in range(8):
             buf[j] = uint64(w[2 * j]) | (uint64(w[2 * j + 1]) << uint64(32))
         st[0] += _ONE
@@ -46,9 +47,9 @@ def _word(keys: Any, nonces: Any, buf: Any, st: Any) -> Any:
     return x
 
 
-@njit(cache=True)
+@register_jitable
 def _below(m: Any, keys: Any, nonces: Any, buf: Any, st: Any) -> Any:
-    threshold = (_ZERO - m) % m
+    threshold = (~m + _ONE) % m  # 2^64 mod m, without a wrapping subtraction
     while True:
         u = _word(keys, nonces, buf, st)
         if st[2] != _ZERO:
@@ -57,7 +58,7 @@ def _below(m: Any, keys: Any, nonces: Any, buf: Any, st: Any) -> Any:
             return u % m
 
 
-@njit(cache=True)
+@register_jitable
 def _series(a: Any, b: Any, keys: Any, nonces: Any, buf: Any, st: Any) -> Any:
     k = uint64(2) if a == b else _ONE
     while True:
@@ -72,7 +73,7 @@ def _series(a: Any, b: Any, keys: Any, nonces: Any, buf: Any, st: Any) -> Any:
             return False
 
 
-@njit(cache=True)
+@register_jitable
 def _bernoulli_exp(num: Any, den: Any, keys: Any, nonces: Any, buf: Any, st: Any) -> Any:
     whole = num // den
     frac = num - whole * den
@@ -86,7 +87,7 @@ def _bernoulli_exp(num: Any, den: Any, keys: Any, nonces: Any, buf: Any, st: Any
     return _series(frac, den, keys, nonces, buf, st)
 
 
-@njit(cache=True)
+@register_jitable
 def _laplace(t: Any, keys: Any, nonces: Any, buf: Any, st: Any) -> Any:
     while True:
         if st[2] != _ZERO:
@@ -106,6 +107,42 @@ def _laplace(t: Any, keys: Any, nonces: Any, buf: Any, st: Any) -> Any:
         return -x if neg == _ONE else x
 
 
+@register_jitable
+def _sample(
+    i: Any, keys: Any, nonces: Any, buf: Any, st: Any, tag: Any, p: Any, tq: Any, t: Any,
+    den: Any, amax: Any,
+) -> Any:  # fmt: skip
+    """Sample ``i`` (CKS20 Algorithm 3 on its own stream); sets ``st[2]`` when flagged.
+
+    Shared by the CPU kernel below and the CUDA kernel (:mod:`secagg.kernels.dp_noise_cuda`).
+    """
+    ii = uint64(i)
+    nonces[0, 0] = uint32(uint64(tag) | ((ii & uint64(0xFFFFFF)) << uint64(8)))
+    nonces[0, 1] = uint32((ii >> uint64(24)) & uint64(0xFFFFFFFF))
+    nonces[0, 2] = uint32(ii >> uint64(56))
+    st[0] = _ZERO
+    st[1] = uint64(8)
+    st[2] = _ZERO
+    while True:
+        y = _laplace(uint64(t), keys, nonces, buf, st)
+        if st[2] != _ZERO:
+            return int64(0)
+        a = y if y >= 0 else -y
+        if a > amax:
+            st[2] = _ONE
+            return int64(0)
+        x = a * tq - int64(p)
+        ax = x if x >= 0 else -x
+        if ax >= int64(1 << 32):
+            st[2] = _ONE
+            return int64(0)
+        xx = uint64(ax)
+        if _bernoulli_exp(xx * xx, uint64(den), keys, nonces, buf, st):
+            return y
+        if st[2] != _ZERO:
+            return int64(0)
+
+
 _CHUNK = 1024
 """Samples per parallel task: work buffers are allocated once per chunk, not per sample."""
 
@@ -123,32 +160,7 @@ def _dg_kernel(
         buf = np.empty(8, dtype=np.uint64)
         st = np.zeros(3, dtype=np.uint64)
         for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
-            ii = uint64(i)
-            nonces[0, 0] = uint32(uint64(tag) | ((ii & uint64(0xFFFFFF)) << uint64(8)))
-            nonces[0, 1] = uint32((ii >> uint64(24)) & uint64(0xFFFFFFFF))
-            nonces[0, 2] = uint32(ii >> uint64(56))
-            st[0] = _ZERO
-            st[1] = uint64(8)
-            st[2] = _ZERO
-            while True:
-                y = _laplace(uint64(t), keys, nonces, buf, st)
-                if st[2] != _ZERO:
-                    break
-                a = y if y >= 0 else -y
-                if a > amax:
-                    st[2] = _ONE
-                    break
-                x = a * tq - int64(p)
-                ax = x if x >= 0 else -x
-                if ax >= int64(1 << 32):
-                    st[2] = _ONE
-                    break
-                xx = uint64(ax)
-                if _bernoulli_exp(xx * xx, uint64(den), keys, nonces, buf, st):
-                    out[i] = y
-                    break
-                if st[2] != _ZERO:
-                    break
+            out[i] = _sample(i, keys, nonces, buf, st, tag, p, tq, t, den, amax)
             flags[i] = st[2] != _ZERO
 
 

@@ -116,14 +116,23 @@ def dg_sample_reference(key: bytes, i: int, sigma2: Fraction | int) -> int:
             return y
 
 
-def discrete_gaussian_vector(key: bytes, sigma2: int, count: int) -> npt.NDArray[np.int64]:
+def discrete_gaussian_vector(
+    key: bytes, sigma2: int, count: int, *, backend: str = "cpu"
+) -> npt.NDArray[np.int64]:
     """``count`` samples of the per-sample layout (Numba kernel, flagged samples exactly here).
 
     ``sigma2`` is an integer variance, ``1 <= sigma2 <=``
-    :func:`secagg.dp.sampling.max_integer_variance`.
+    :func:`secagg.dp.sampling.max_integer_variance`. ``backend`` is ``"cpu"`` (Numba,
+    all cores) or ``"cuda"`` (:mod:`secagg.kernels.dp_noise_cuda`); both give the same vector.
     """
     from secagg.dp.sampling import max_integer_variance
-    from secagg.kernels import dp_noise
+
+    if backend == "cuda":
+        from secagg.kernels import dp_noise_cuda as dp_noise
+    elif backend == "cpu":
+        from secagg.kernels import dp_noise  # type: ignore[no-redef]
+    else:
+        raise ConfigurationError(f"noise backend must be 'cpu' or 'cuda', got {backend!r}")
 
     if not 1 <= sigma2 <= max_integer_variance():
         raise ConfigurationError(
