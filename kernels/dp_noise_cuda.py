@@ -11,6 +11,7 @@ Only import this module when CUDA is wanted: it imports ``numba.cuda``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,12 @@ __all__ = ["discrete_gaussian"]
 cuda: Any = _numba_cuda  # numba-cuda's kernel-side API is dynamic; mypy sees it as Any
 
 
-@cuda.jit
+def _kernel(fn: Callable[..., None]) -> Any:
+    """``@cuda.jit``, typed for mypy (numba-cuda has no annotations)."""
+    return cuda.jit(fn)
+
+
+@_kernel
 def _dg_cuda(
     key: Any, tag: Any, p: Any, q: Any, t: Any, den: Any, amax: Any, out: Any, flags: Any
 ) -> None:
