@@ -7,6 +7,7 @@ pytest-benchmark suite (``make bench`` runs it with the others)::
 Stand-alone table (best of ``--repeat`` runs)::
 
     python benchmarks/bench_dp.py [--dim 1000000] [--clients 100] [--survivors 70] [--repeat 3]
+        [--backend cpu|cuda]
 
 Reported: samples/s of the noise kernel (``secagg.dp.streams.discrete_gaussian_vector``,
 Numba, all cores) and of the batched numpy sampler (``secagg.dp.sampling.discrete_gaussian``)
@@ -84,13 +85,19 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=100)
     ap.add_argument("--survivors", type=int, default=70)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--backend", default="cpu", choices=["cpu", "cuda"], help="noise kernel")
     a = ap.parse_args()
     cal = _cal(a.dim, a.clients, a.survivors)
     v = cal.plan.component_variances[-1]
     count = min(a.dim, 1_000_000)
-    discrete_gaussian_vector(os.urandom(32), v, 16)  # compile / load the kernel cache
-    t = _best(lambda: discrete_gaussian_vector(os.urandom(32), v, count), a.repeat)
-    print(f"noise kernel sigma^2={v}: {count / t:,.0f} samples/s ({count} in {t:.3f} s)")
+    discrete_gaussian_vector(os.urandom(32), v, 16, backend=a.backend)  # compile / load cache
+    t = _best(
+        lambda: discrete_gaussian_vector(os.urandom(32), v, count, backend=a.backend), a.repeat
+    )
+    print(
+        f"noise kernel ({a.backend}) sigma^2={v}: {count / t:,.0f} samples/s "
+        f"({count} in {t:.3f} s)"
+    )
     t = _best(
         lambda: discrete_gaussian(KeyStream(os.urandom(32), Purpose.DP_NOISE), v, count), a.repeat
     )
