@@ -95,8 +95,7 @@ def main() -> None:
         lambda: discrete_gaussian_vector(os.urandom(32), v, count, backend=a.backend), a.repeat
     )
     print(
-        f"noise kernel ({a.backend}) sigma^2={v}: {count / t:,.0f} samples/s "
-        f"({count} in {t:.3f} s)"
+        f"noise kernel ({a.backend}) sigma^2={v}: {count / t:,.0f} samples/s ({count} in {t:.3f} s)"
     )
     t = _best(
         lambda: discrete_gaussian(KeyStream(os.urandom(32), Purpose.DP_NOISE), v, count), a.repeat
