@@ -1,8 +1,9 @@
 """Privacy accounting for the distributed discrete Gaussian through Google's ``dp-accounting``.
 
-Per round (Kairouz, Liu, Steinke, ICML 2021, Theorem 1 with its sum-of-discrete-Gaussians
-lemma): if the released sum carries independent discrete Gaussians of variances ``v_1 .. v_m``
-from honest clients in every coordinate, and one client's rounded vector has
+Per round (Kairouz, Liu, Steinke, ICML 2021: the privacy theorem of the distributed discrete
+Gaussian, with its lemma on sums of discrete Gaussians): if the released sum carries
+independent discrete Gaussians of variances ``v_1 .. v_m`` from honest clients in every
+coordinate, and one client's rounded vector has
 ``||r||_2^2 <= Delta_2^2``, the round is ``rho``-zCDP for "zero-out" neighbours (one client's
 vector replaced by zero, its noise still in the sum; use ``4 Delta_2^2`` for replace-one) with
 
@@ -64,7 +65,7 @@ def sum_tau(variances: Sequence[float]) -> float:
 
 
 def ddg_rho(delta2_sq: float, variances: Sequence[float], dim: int) -> float:
-    """zCDP ``rho`` of one round: ``Delta_2^2 / (2 sum v) + tau d / 4`` (KLS21 Theorem 1)."""
+    """zCDP ``rho`` of one round: ``Delta_2^2 / (2 sum v) + tau d / 4`` (KLS21)."""
     if delta2_sq <= 0 or dim < 1:
         raise ConfigurationError("rho needs a positive sensitivity and dimension")
     return delta2_sq / (2.0 * math.fsum(variances)) + sum_tau(variances) * dim / 4.0

@@ -46,8 +46,8 @@ U64 = npt.NDArray[np.uint64]
 
 MAX_ROUNDING_ATTEMPTS = 64
 """Conditional rounding redraws at most this many times; each attempt fails with probability
-at most ``beta`` (KLS21 Lemma 28), so with ``beta <= 1/2`` giving up has probability
-``<= 2^-64``. A client that gives up raises :class:`~secagg.errors.InputError`."""
+at most ``beta`` (KLS21, conditional randomized rounding), so with ``beta <= 1/2`` giving up
+has probability ``<= 2^-64``. A client that gives up raises :class:`~secagg.errors.InputError`."""
 
 
 def clip_l2(x: npt.ArrayLike, clip: float) -> F64:
@@ -65,9 +65,9 @@ def rounded_norm_bound_sq(clip: float, gamma: float, dim: int, beta: float) -> i
     """Squared L2 bound ``Delta_2^2`` enforced after conditional randomized rounding (KLS21).
 
     ``Delta_2^2 = min(c^2 g^2 + d/4 + sqrt(2 ln(1/beta)) (c g + sqrt(d)/2), (c g + sqrt(d))^2)``
-    (Kairouz, Liu, Steinke 2021, Theorem 2 / Lemma 28), rounded down to an integer because the
-    rounded vector is integral; ``d`` is the rotated (padded) dimension and ``beta`` the chance
-    that one rounding attempt exceeds the first term.
+    (Kairouz, Liu, Steinke 2021, conditional randomized rounding), rounded down to an integer
+    because the rounded vector is integral; ``d`` is the rotated (padded) dimension and
+    ``beta`` the chance that one rounding attempt exceeds the first term.
     """
     if not (clip > 0 and gamma > 0 and dim > 0 and 0 < beta < 1):
         raise ConfigurationError("rounding bound needs clip, gamma, dim > 0 and beta in (0, 1)")

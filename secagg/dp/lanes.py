@@ -10,7 +10,7 @@ where ``Z_j`` is the residual noise. Three facts bound it:
   ``gamma (H D sum_i x_i)_j / sqrt(d')`` is sub-Gaussian with variance proxy
   ``gamma^2 ||sum_i x_i||^2 / d' <= gamma^2 n^2 c^2 / d'`` (KLS21 section 4.1);
 * rounding moves each client's coordinate by less than 1, so the sum by less than ``n``;
-* ``N_Z(0, s^2)`` is ``s^2``-sub-Gaussian (Canonne, Kamath, Steinke 2020, Proposition 24), and
+* ``N_Z(0, s^2)`` is ``s^2``-sub-Gaussian (Canonne, Kamath, Steinke 2020), and
   independent sub-Gaussians add their proxies: ``Z_j`` has proxy ``V_noise`` (the sum of the
   variances of every noise component left in the released sum).
 
