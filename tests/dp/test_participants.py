@@ -1,4 +1,8 @@
-"""DPClient / DPServer: the sans-I/O pieces the masked round will call."""
+"""DPClient / DPServer: the sans-I/O pieces the masked round will call.
+
+Seeds are fresh from ``secrets``: the noise check allows 15% relative error on the RMS over
+``d' = 2048`` coordinates, about 9.6 standard errors (false-alarm rate far below 1e-6).
+"""
 
 from __future__ import annotations
 
