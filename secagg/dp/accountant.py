@@ -191,6 +191,57 @@ class PrivacyLedger:
         rhos = [c.rho for c in self.charges] + [rho]
         return epsilon_rdp(rhos, self.delta, 1, self.sampling_rate)
 
+    def to_json(self) -> str:
+        """The ledger as JSON (the audit record; no pickle crosses any boundary)."""
+        import json
+        from dataclasses import asdict
+
+        return json.dumps(
+            {
+                "epsilon": self.epsilon,
+                "delta": self.delta,
+                "sampling_rate": self.sampling_rate,
+                "charges": [asdict(c) for c in self.charges],
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> PrivacyLedger:
+        """Rebuild a ledger written by :meth:`to_json`; re-derives every ``epsilon_after``.
+
+        Raises
+        ------
+        ConfigurationError
+            If the record is malformed or its stored figures do not match a recomputation.
+        """
+        import json
+
+        try:
+            raw = json.loads(text)
+            ledger = cls(float(raw["epsilon"]), float(raw["delta"]), float(raw["sampling_rate"]))
+            for c in raw["charges"]:
+                entry = RoundCharge(
+                    str(c["round_id"]),
+                    float(c["rho"]),
+                    int(c["contributors"]),
+                    int(c["released_variance"]),
+                    int(c["honest_variance"]),
+                    float(c["epsilon_after"]),
+                )
+                again = ledger.charge(
+                    entry.round_id,
+                    entry.rho,
+                    contributors=entry.contributors,
+                    released_variance=entry.released_variance,
+                    honest_variance=entry.honest_variance,
+                )
+                if not math.isclose(again.epsilon_after, entry.epsilon_after, rel_tol=1e-9):
+                    raise ConfigurationError(f"ledger entry {entry.round_id!r}: epsilon mismatch")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigurationError(f"malformed privacy ledger: {exc}") from exc
+        return ledger
+
     def charge(
         self,
         round_id: str,

@@ -95,3 +95,21 @@ def test_ledger_refuses_round_over_budget() -> None:
     with pytest.raises(ConfigurationError, match="already"):
         ledger.charge("r0", 1e-9, contributors=10, released_variance=1, honest_variance=1)
     assert ledger.charges[-1].epsilon_after == pytest.approx(ledger.spent())
+
+
+def test_ledger_json_round_trip_and_tamper_check() -> None:
+    ledger = PrivacyLedger(epsilon=2.0, delta=1e-5)
+    rho = rho_for_epsilon(2.0, 1e-5, 4)
+    for r in range(2):
+        ledger.charge(f"r{r}", rho, contributors=9, released_variance=10, honest_variance=9)
+    text = ledger.to_json()
+    again = PrivacyLedger.from_json(text)
+    assert again.charges == ledger.charges
+    assert again.spent() == pytest.approx(ledger.spent())
+    # A record edited to hide spending is refused (its stored epsilon no longer matches).
+    tampered = text.replace(repr(rho), repr(rho / 10))
+    assert tampered != text
+    with pytest.raises(ConfigurationError, match="mismatch"):
+        PrivacyLedger.from_json(tampered)
+    with pytest.raises(ConfigurationError, match="malformed"):
+        PrivacyLedger.from_json("{}")
