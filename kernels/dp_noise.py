@@ -49,13 +49,16 @@ def _word(keys: Any, nonces: Any, buf: Any, st: Any) -> Any:
 
 @register_jitable
 def _below(m: Any, keys: Any, nonces: Any, buf: Any, st: Any) -> Any:
-    threshold = (~m + _ONE) % m  # 2^64 mod m, without a wrapping subtraction
+    # One division per draw: with r = u mod m, u lies in a whole bucket [u - r, u - r + m)
+    # exactly when u - r <= 2^64 - m (the top partial bucket is rejected).
+    top = ~m + _ONE  # 2^64 - m, without a wrapping subtraction
     while True:
         u = _word(keys, nonces, buf, st)
         if st[2] != _ZERO:
             return _ZERO
-        if u >= threshold:
-            return u % m
+        r = u % m
+        if u - r <= top:
+            return r
 
 
 @register_jitable

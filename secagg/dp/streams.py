@@ -59,12 +59,13 @@ class _Words:
         return w
 
     def below(self, m: int) -> int:
-        """Uniform in ``[0, m)`` for ``1 <= m < 2^64``: accept ``u >= 2^64 mod m``."""
-        threshold = (1 << 64) % m
+        """Uniform in ``[0, m)``, ``1 <= m < 2^64``: ``u mod m`` unless ``u`` is in the top
+        partial bucket (``u - (u mod m) > 2^64 - m``), then redraw."""
         while True:
             u = self.next()
-            if u >= threshold:
-                return u % m
+            r = u % m
+            if u - r <= (1 << 64) - m:
+                return r
 
     def series(self, a: int, b: int) -> bool:
         """Bernoulli(exp(-a/b)), ``0 <= a <= b`` (CKS20 Algorithm 1; ``K = 2`` first if a = b)."""
