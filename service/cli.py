@@ -52,6 +52,11 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the test data and dropouts")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    d = p.add_argument_group("distributed DP (docs/dp.md; needs secagg[dp])")
+    d.add_argument("--dp-epsilon", type=float, default=None, help="target epsilon (enables DP)")
+    d.add_argument("--dp-delta", type=float, default=1e-5)
+    d.add_argument("--rounds", type=int, default=1, help="rounds the DP budget covers")
+    d.add_argument("--dp-clip", type=float, default=None, help="L2 clip norm (default: --clip)")
     g = p.add_argument_group("transport (--transport grpc: a real server and clients on loopback)")
     g.add_argument("--transport", default="inprocess", choices=["inprocess", "grpc"])
     g.add_argument("--workers", default="threads", choices=["threads", "processes"])
@@ -81,7 +86,13 @@ def _run_simulate(args: argparse.Namespace) -> int:
         max_weight=args.max_weight,
         tolerated_dropout=args.tolerate_dropout,
         tolerated_corrupt=args.tolerate_corrupt,
+        dp_epsilon=args.dp_epsilon,
+        dp_delta=args.dp_delta,
+        dp_rounds=args.rounds,
+        dp_clip=args.dp_clip,
     )
+    if args.dp_epsilon is not None and args.transport != "inprocess":
+        raise ConfigurationError("--dp-epsilon runs with --transport inprocess only (for now)")
     if args.transport == "grpc":
         from secagg.server import StageTimeouts
         from secagg.service.loopback import simulate_grpc
