@@ -31,6 +31,7 @@ from secagg.service.errors import AlreadyExists, PermissionDenied, Unauthenticat
 from secagg.service.keyfile import read_identity
 from secagg.service.provision import add_site, load_federation, provision
 from secagg.service.server import BackgroundServer
+from secagg.service.tls import ClientTls
 
 from .helpers import run_threads
 
@@ -200,30 +201,32 @@ def test_admin_refuses_unknown_revoked_or_misnamed_operators(
     credentials the server had no way to tell operators apart."""
     _, out = federation
     alice = AdminClient.from_kit(out / "operators" / "alice")
-    tls = alice._channel  # keep alice's TLS settings for the forged clients below
-    del tls
     k = kf.load_kit(out / "operators" / "alice")
-    from secagg.service.tls import ClientTls
-
     ctls = ClientTls(ca=k.path(kf.CA), cert=k.path(kf.CERT), key=k.path(kf.KEY))
     key = read_identity(k.path(kf.OPERATOR_KEY))
-    with AdminClient(k.server, tls=ctls, operator=("mallory", IdentityKey())) as m:
-        with pytest.raises(Unauthenticated, match="not registered"):
-            m.participants()
-    with AdminClient(k.server, tls=ctls, operator=("bob", key)) as m:
-        with pytest.raises(PermissionDenied, match="belongs to 'alice'"):
-            m.participants()
+    mallory = AdminClient(k.server, tls=ctls, operator=("mallory", IdentityKey()))
+    with mallory as m, pytest.raises(Unauthenticated, match="not registered"):
+        m.participants()
+    with (
+        AdminClient(k.server, tls=ctls, operator=("bob", key)) as m,
+        pytest.raises(PermissionDenied, match="belongs to 'alice'"),
+    ):
+        m.participants()
     # No shared token is configured: a bearer token is refused outright.
-    with AdminClient(k.server, "guess", tls=ctls) as m:
-        with pytest.raises(PermissionDenied, match="disabled"):
-            m.participants()
+    with (
+        AdminClient(k.server, "guess", tls=ctls) as m,
+        pytest.raises(PermissionDenied, match="disabled"),
+    ):
+        m.participants()
     assert alice.participants()
     store = server.service.store  # type: ignore[union-attr]
     store.add_operator("carol", (carol := IdentityKey()).public)
     # carol's calls come with alice's certificate: the CN binding refuses them.
-    with AdminClient(k.server, tls=ctls, operator=("carol", carol)) as m:
-        with pytest.raises(PermissionDenied, match="not issued to operator 'carol'"):
-            m.participants()
+    with (
+        AdminClient(k.server, tls=ctls, operator=("carol", carol)) as m,
+        pytest.raises(PermissionDenied, match="not issued to operator 'carol'"),
+    ):
+        m.participants()
     store.revoke_operator("alice")
     with pytest.raises(PermissionDenied, match="alice' is revoked"):
         alice.participants()
@@ -232,9 +235,11 @@ def test_admin_refuses_unknown_revoked_or_misnamed_operators(
     assert revoked[-1].data == {"name": "alice", "operator": "local"}
 
 
-def test_cli_provision_and_operator_commands(
+def test_cli_provision_operator_and_site_commands(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """`secagg provision`, `--add-site` (a taken name: one typed line naming it),
+    `secagg operator list|revoke` and `secagg site rotate` on the server kit's store."""
     fed = _federation_file(tmp_path, 50051, SITES[:3])
     out = tmp_path / "kits"
     assert main(["provision", str(fed), "--out", str(out)]) == 0
@@ -243,7 +248,6 @@ def test_cli_provision_and_operator_commands(
     assert "AlreadyExists" in err and "site-1" in err and len(err.strip().splitlines()) == 1
     assert main(["provision", str(fed), "--out", str(out), "--add-site", "site-9"]) == 0
     store = str(out / "server" / kf.STORE)
-    pub = str(out / "sites" / "site-9" / f"{kf.IDENTITY}.pub")
     assert main(["operator", "list", "--store", store]) == 0
     assert "alice" in capsys.readouterr().out
     assert main(["operator", "revoke", "bob", "--store", store]) == 0
@@ -282,4 +286,3 @@ def test_cli_provision_and_operator_commands(
         ]
     )
     assert rc == 0 and '"site-1"' in capsys.readouterr().out
-    del pub
