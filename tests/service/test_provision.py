@@ -8,6 +8,7 @@ entry names the operator that made it.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
@@ -286,3 +287,57 @@ def test_cli_provision_operator_and_site_commands(
         ]
     )
     assert rc == 0 and '"site-1"' in capsys.readouterr().out
+
+
+def test_key_holder_kits_run_a_hybrid_round(tmp_path: Path) -> None:
+    """Only key holders' kits hold the CKKS secret (0600, each with its own fresh ledger);
+    the server and operator kits hold the keyless server context; a hybrid round runs
+    from the kits, the key holders' decryptions counted in their kit's ledger."""
+    port = _free_port()
+    fed_file = _federation_file(tmp_path, port, [])
+    text = fed_file.read_text().replace('modes = ["masked"]', 'modes = ["masked", "hybrid"]')
+    holders = ["kh-1", "kh-2", "kh-3"]
+    text += "".join(f'\n[[sites]]\nname = "{h}"\nkey_holder = true\n' for h in holders)
+    text += '\n[[sites]]\nname = "plain"\n\n[ckks]\nclients = 3\ndim = 16\nmode = "hybrid"\n'
+    fed_file.write_text(text)
+    out = tmp_path / "kits"
+    provision(load_federation(fed_file), out)
+    secrets_ = [out / "sites" / h / kf.CKKS_SECRET for h in holders]
+    for p in secrets_:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600
+        assert stat.S_IMODE(Path(f"{p}.ledger").stat().st_mode) == 0o600
+    assert len({p.read_bytes() for p in secrets_}) == 1
+    assert not (out / "sites" / "plain" / kf.CKKS_SECRET).exists()
+    assert not list((out / "server").glob("*ckks-secret*"))
+    server_ctx = (out / "operators" / "alice" / kf.CKKS_SERVER).read_bytes()
+    assert server_ctx == (out / "server" / kf.CKKS_SERVER).read_bytes()
+    cwd = os.getcwd()
+    os.chdir(out / "server")
+    try:
+        srv = BackgroundServer(load_config("server.toml")).start()
+    finally:
+        os.chdir(cwd)
+    try:
+        with AdminClient.from_kit(out / "operators" / "alice") as admin:
+            spec = RoundSpec(
+                job="he",
+                participants=holders,
+                dim=16,
+                mode="hybrid",
+                deadlines=FAST,
+                he_context=server_ctx,
+            )
+            rid = bytes(admin.create_round(spec).round_id)
+
+        def run(site: str) -> object:
+            with Client.from_kit(out / "sites" / site) as c:
+                return c.aggregate(rid, np.ones(16))
+
+        results = run_threads({h: (lambda h=h: run(h)) for h in holders})
+        for h, r in results.items():
+            assert r.error is None, (h, r.error)
+            np.testing.assert_allclose(r.result.sum, np.full(16, 3.0), atol=1e-2)  # type: ignore[attr-defined]
+    finally:
+        srv.stop()
+    spent = [json.loads(Path(f"{p}.ledger").read_text())["spent"] for p in secrets_]
+    assert all(s >= 1 for s in spent)
