@@ -315,7 +315,7 @@ def _run_enroll(args: argparse.Namespace) -> int:
     from secagg.service.keyfile import read_public_key
 
     rows: list[dict[str, object]]
-    if args.server:
+    if args.server or args.operator_kit or os.environ.get("SECAGG_OPERATOR_KIT"):
         with _admin(args) as admin:
             if args.list:
                 recs = admin.participants()

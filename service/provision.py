@@ -24,7 +24,7 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from secagg import ckks
 from secagg.errors import ConfigurationError
@@ -77,7 +77,7 @@ class CkksSpec:
 
     clients: int
     dim: int
-    mode: str = "hybrid"
+    mode: Literal["ckks", "hybrid"] = "hybrid"
     bits: int = 16
     max_weight: int = 1
     epoch: int = 0
@@ -145,6 +145,8 @@ def load_federation(path: str | Path) -> Federation:
             spec = CkksSpec(**doc["ckks"])
         except TypeError as exc:
             raise ConfigurationError(f"{p}: bad [ckks] table: {exc}") from None
+        if spec.mode not in ("ckks", "hybrid"):
+            raise ConfigurationError(f"{p}: [ckks] mode must be ckks or hybrid, not {spec.mode!r}")
     if any(s.key_holder for s in sites) and spec is None:
         raise ConfigurationError(f"{p}: key holders need a [ckks] table (clients, dim)")
     port = server.rsplit(":", 1)[1] if ":" in server else "50051"

@@ -180,6 +180,34 @@ def test_operator_named_in_enrol_revoke_rotate(
     store.verify_audit()
 
 
+def test_cli_enroll_with_operator_kit(
+    federation: tuple[Path, Path], server: BackgroundServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`secagg enroll --operator-kit` talks to the kit's server (no --server needed),
+    signed as that operator; `secagg audit` prints the operator."""
+    fed_file, out = federation
+    add_site(load_federation(fed_file), out, "site-7")
+    kit = out / "sites" / "site-7"
+    rc = main(
+        [
+            "enroll",
+            "site-7",
+            "--public-key",
+            str(kit / f"{kf.IDENTITY}.pub"),
+            "--entry",
+            str(kit / kf.ENTRY),
+            "--operator-kit",
+            str(out / "operators" / "bob"),
+        ]
+    )
+    assert rc == 0 and '"site-7"' in capsys.readouterr().out
+    store = server.service.store  # type: ignore[union-attr]
+    last = store.audit_entries()[-1]
+    assert last.kind == "participant_enrolled" and last.data["operator"] == "bob"
+    assert main(["audit", "--store", str(out / "server" / kf.STORE)]) == 0
+    assert "participant_enrolled name=site-7 operator=bob" in capsys.readouterr().out
+
+
 def test_provision_never_overwrites(federation: tuple[Path, Path]) -> None:
     """A second add of the same site, or a kit dir in the way, is a one-line typed error
     naming the path; rerunning the file writes only kits that are new."""
