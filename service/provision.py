@@ -20,8 +20,9 @@ Every secret file is mode 0600 (docs/operations.md, "Provisioning").
 from __future__ import annotations
 
 import os
+import shutil
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +44,7 @@ __all__ = [
     "SiteSpec",
     "add_operator_kit",
     "add_site",
+    "check_kit_name",
     "kit_public_key",
     "load_federation",
     "provision",
@@ -106,6 +108,20 @@ class Federation:
         return SiteSpec(name)
 
 
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def check_kit_name(name: str, what: str = "site") -> str:
+    """A site or operator name that is safe as a directory name and a certificate CN:
+    1..64 of ``[A-Za-z0-9._-]``, not starting with a dot (no ``..``, no ``/``)."""
+    if not 1 <= len(name) <= 64 or not set(name) <= _NAME_CHARS or name.startswith("."):
+        raise ConfigurationError(
+            f"{what} name {name!r}: use 1..64 letters, digits, '.', '_' or '-', "
+            "not starting with '.'"
+        )
+    return name
+
+
 def _host(address: str) -> str:
     host = address.rsplit(":", 1)[0] if ":" in address else address
     return host.strip("[]")
@@ -126,10 +142,18 @@ def load_federation(path: str | Path) -> Federation:
         name, server = str(doc["name"]), str(doc["server"])
     except KeyError as exc:
         raise ConfigurationError(f"{p}: {exc.args[0]!r} is required") from None
-    sites = tuple(
-        SiteSpec(str(s["name"]), bool(s.get("key_holder", False))) for s in doc.get("sites", [])
-    )
-    operators = tuple(str(o["name"]) for o in doc.get("operators", []))
+    try:
+        sites = tuple(
+            SiteSpec(check_kit_name(str(s["name"])), bool(s.get("key_holder", False)))
+            for s in doc.get("sites", [])
+        )
+        operators = tuple(
+            check_kit_name(str(o["name"]), "operator") for o in doc.get("operators", [])
+        )
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ConfigurationError(
+            f"{p}: every [[sites]] and [[operators]] needs a name ({exc})"
+        ) from None
     names = [s.name for s in sites]
     if len(set(names)) != len(names) or len(set(operators)) != len(operators):
         raise ConfigurationError(f"{p}: a site or operator is named twice")
@@ -243,9 +267,28 @@ class _Authority:
         ]
 
 
+def _fresh_kit(
+    build: Callable[[Path], tuple[list[Path], IdentityKey]], kit: Path
+) -> tuple[list[Path], IdentityKey]:
+    """Make directory ``kit`` (refusing an existing one) and fill it; a failure part-way
+    removes the directory this call made, so a rerun does not skip a broken kit."""
+    _new_dir(kit)
+    try:
+        return build(kit)
+    except BaseException:
+        shutil.rmtree(kit, ignore_errors=True)
+        raise
+
+
 def _site_kit(auth: _Authority, out: Path, site: SiteSpec) -> tuple[list[Path], IdentityKey]:
+    check_kit_name(site.name)
+    return _fresh_kit(lambda kit: _fill_site(auth, out, kit, site), out / "sites" / site.name)
+
+
+def _fill_site(
+    auth: _Authority, out: Path, kit: Path, site: SiteSpec
+) -> tuple[list[Path], IdentityKey]:
     fed = auth.fed
-    kit = _new_dir(out / "sites" / site.name)
     identity = write_identity(kit / kf.IDENTITY)
     entry = sign_site(auth.key, site.name, identity.public)
     files = [kit / kf.IDENTITY, kit / f"{kf.IDENTITY}.pub", *auth.tls(kit, site.name)]
@@ -292,8 +335,14 @@ def _ckks_secret(fed: Federation, out: Path, kit: Path) -> list[Path]:
 
 
 def _operator_kit(auth: _Authority, out: Path, name: str) -> tuple[list[Path], IdentityKey]:
+    check_kit_name(name, "operator")
+    return _fresh_kit(lambda kit: _fill_operator(auth, out, kit, name), out / "operators" / name)
+
+
+def _fill_operator(
+    auth: _Authority, out: Path, kit: Path, name: str
+) -> tuple[list[Path], IdentityKey]:
     fed = auth.fed
-    kit = _new_dir(out / "operators" / name)
     key = write_identity(kit / kf.OPERATOR_KEY)
     files = [kit / kf.OPERATOR_KEY, kit / f"{kf.OPERATOR_KEY}.pub", *auth.tls(kit, name)]
     shared = out / "server" / kf.CKKS_SERVER

@@ -8,6 +8,7 @@ entry names the operator that made it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -216,10 +217,22 @@ def test_provision_never_overwrites(federation: tuple[Path, Path]) -> None:
         add_site(load_federation(fed_file), out, "site-1")
     before = sorted(p.stat().st_mtime_ns for p in (out / "sites" / "site-1").iterdir())
     fed = load_federation(_federation_file(fed_file.parent, 1, [*SITES, "site-6"]))
-    fed = fed.__class__(**{**fed.__dict__, "server": load_federation(fed_file).server})
+    fed = dataclasses.replace(fed, server=load_federation(fed_file).server)
     written = provision(fed, out)
     assert written and all(out / "sites" / "site-6" in p.parents for p in written)
     assert sorted(p.stat().st_mtime_ns for p in (out / "sites" / "site-1").iterdir()) == before
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden", "", "x" * 65, "sp ace"])
+def test_site_names_cannot_escape_the_kits_directory(
+    federation: tuple[Path, Path], name: str
+) -> None:
+    """Attack (or slip): a site named ``../escape`` would write its kit, and its secret
+    key, outside the kits directory. Names are refused before anything is written."""
+    fed_file, out = federation
+    with pytest.raises(ConfigurationError, match="site name"):
+        add_site(load_federation(fed_file), out, name)
+    assert not (out / "escape").exists() and not (out / "sites" / "a").exists()
 
 
 def test_admin_refuses_unknown_revoked_or_misnamed_operators(
