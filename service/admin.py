@@ -118,6 +118,16 @@ class AdminClient:
         )
         return result
 
+    def rotate(
+        self, name: str, identity_key: bytes, signed_entry: bytes = b""
+    ) -> admin_pb2.Participant:
+        """Give ``name`` a new identity key (and entry), keeping its name."""
+        req = admin_pb2.RotateKeyRequest(
+            name=name, identity_key=identity_key, signed_entry=signed_entry
+        )
+        result: admin_pb2.Participant = self._call(self._stub.RotateKey, req, "RotateKey")
+        return result
+
     def participants(self) -> list[admin_pb2.Participant]:
         resp = self._call(
             self._stub.ListParticipants, admin_pb2.ListParticipantsRequest(), "ListParticipants"

@@ -599,7 +599,8 @@ def _add_site(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("name", help="the site's participant name (kept)")
     p.add_argument("--public-key", required=True, help="the new identity: hex, .pub or key file")
     p.add_argument("--entry", help="signed entry for the new key (secagg authority sign)")
-    p.add_argument("--store", help="SQLite file (default: secagg.db; $SECAGG_STORE)")
+    p.add_argument("--store", help="SQLite file to edit directly (default: secagg.db)")
+    _add_remote(p)
 
 
 def _run_site(args: argparse.Namespace) -> int:
@@ -607,12 +608,18 @@ def _run_site(args: argparse.Namespace) -> int:
     from secagg.service.store import Store
 
     key = read_public_key(args.public_key)
-    store = Store(args.store or os.environ.get("SECAGG_STORE", "secagg.db"))
-    try:
-        r = store.rotate(args.name, key, _entry(args))
-    finally:
-        store.close()
-    print(json.dumps({"name": r.name, "public_key": r.public_key.hex(), "revoked": r.revoked}))
+    if args.server or args.operator_kit or os.environ.get("SECAGG_OPERATOR_KIT"):
+        with _admin(args) as admin:
+            rec = admin.rotate(args.name, key, _entry(args))
+        row = {"name": rec.name, "public_key": rec.identity_key.hex(), "revoked": False}
+    else:
+        store = Store(args.store or os.environ.get("SECAGG_STORE", "secagg.db"))
+        try:
+            r = store.rotate(args.name, key, _entry(args))
+        finally:
+            store.close()
+        row = {"name": r.name, "public_key": r.public_key.hex(), "revoked": r.revoked}
+    print(json.dumps(row))
     return 0
 
 

@@ -210,6 +210,26 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         except Exception as exc:
             await _fail(context, exc)
 
+    async def RotateKey(  # noqa: N802
+        self, request: admin_pb2.RotateKeyRequest, context: Any
+    ) -> admin_pb2.Participant:
+        try:
+            operator = self._check(context, "RotateKey")
+            rec = await asyncio.to_thread(
+                functools.partial(
+                    self._store.rotate,
+                    request.name,
+                    request.identity_key,
+                    request.signed_entry,
+                    operator=operator,
+                )
+            )
+            out = serde.participant_to_proto(rec)
+            out.signed_entry = request.signed_entry
+            return out
+        except Exception as exc:
+            await _fail(context, exc)
+
     async def ListParticipants(  # noqa: N802
         self, request: admin_pb2.ListParticipantsRequest, context: Any
     ) -> admin_pb2.ListParticipantsResponse:

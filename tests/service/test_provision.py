@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from secagg.errors import ConfigurationError
+from secagg.errors import ConfigurationError, SecAggError
 from secagg.keys import IdentityKey
 from secagg.server import StageTimeouts
 from secagg.service import kit as kf
@@ -155,17 +155,17 @@ def test_operator_named_in_enrol_revoke_rotate(
     kit = out / "sites" / "site-5"
     identity = read_identity(kit / kf.IDENTITY)
     entry = bytes.fromhex((kit / kf.ENTRY).read_text())
+    new = IdentityKey()
+    new_entry = sign_site(out / "authority" / "authority.key", "site-5", new.public)
     with AdminClient.from_kit(out / "operators" / "bob") as bob:
         bob.enroll("site-5", identity.public, entry)
         bob.revoke("site-5")
-    # Rotation is a store operation (CLI `secagg site rotate`), audited by its operator.
+        with pytest.raises(SecAggError, match="needs a new one"):
+            bob.rotate("site-5", new.public)
+        rec = bob.rotate("site-5", new.public, new_entry.encode())
+    assert rec.name == "site-5" and rec.revoked_at == 0 and rec.identity_key == new.public
     store = server.service.store  # type: ignore[union-attr]
-    new = IdentityKey()
-    new_entry = sign_site(out / "authority" / "authority.key", "site-5", new.public)
-    with pytest.raises(ConfigurationError, match="needs a new one"):
-        store.rotate("site-5", new.public, operator="bob")
-    rec = store.rotate("site-5", new.public, new_entry.encode(), operator="bob")
-    assert rec.name == "site-5" and not rec.revoked and rec.public_key == new.public
+    assert store.participant("site-5").public_key == new.public  # type: ignore[union-attr]
     assert store.participant_by_key(identity.public) is None
     kinds = {
         e.kind: e.data
