@@ -314,11 +314,16 @@ def _ckks_secret(fed: Federation, out: Path, kit: Path) -> list[Path]:
     he = select_params(spec.clients, spec.bits, spec.dim, spec.mode, spec.max_weight)
     holders = [p for p in sorted((out / "sites").glob(f"*/{kf.CKKS_SECRET}")) if p.parent != kit]
     secret = kit / kf.CKKS_SECRET
+    shared = out / "server" / kf.CKKS_SERVER
+    if not holders and shared.exists():
+        raise ConfigurationError(
+            f"{shared} exists but no key holder kit under {out / 'sites'} holds its secret: "
+            "a new key holder needs a copy of the federation's CKKS secret context"
+        )
     if not holders:
         secret, public = write_ckks_contexts(
             kit / "ckks", he, epoch=spec.epoch, decryption_budget=spec.decryption_budget
         )
-        shared = out / "server" / kf.CKKS_SERVER
         files = [secret, ckks.ledger_path_for(secret)]
         if not shared.exists():
             (out / "server").mkdir(parents=True, exist_ok=True)

@@ -382,3 +382,10 @@ def test_key_holder_kits_run_a_hybrid_round(tmp_path: Path) -> None:
         srv.stop()
     spent = [json.loads(Path(f"{p}.ledger").read_text())["spent"] for p in secrets_]
     assert all(s >= 1 for s in spent)
+    # A key holder added later gets the same secret and a ledger of its own at zero.
+    fed_file.write_text(fed_file.read_text() + '\n[[sites]]\nname = "kh-4"\nkey_holder = true\n')
+    provision(load_federation(fed_file), out)
+    late = out / "sites" / "kh-4" / kf.CKKS_SECRET
+    assert late.read_bytes() == secrets_[0].read_bytes()
+    assert stat.S_IMODE(late.stat().st_mode) == 0o600
+    assert json.loads(Path(f"{late}.ledger").read_text())["spent"] == 0
