@@ -303,6 +303,57 @@ class Client:
         else:
             self._channel = grpc.insecure_channel(target, options=opts)
         self._stub = aggregation_pb2_grpc.AggregationStub(self._channel)
+        self.he_secret_path: Path | None = None
+        """A key holder's CKKS secret context file (set by :meth:`from_kit`): ckks and
+        hybrid rounds use it when no ``he_context`` is given, counting decryptions in the
+        ledger beside it."""
+
+    @classmethod
+    def from_kit(
+        cls,
+        kit_dir: str | Path,
+        *,
+        target: str | None = None,
+        server_name: str | None = None,
+        retry: RetryPolicy | None = None,
+        **policy: Any,
+    ) -> Client:
+        """A site's client from its kit (``secagg provision``) in one call.
+
+        Loads the identity key, the CA and mTLS certificate, the server address (``target``
+        overrides it), the federation authority (every directory entry must carry its
+        signature) and the kit's policy; ``policy`` keywords override the kit's
+        :class:`Policy` fields. TLS and directory verification cannot be turned off here.
+        """
+        from secagg.service import kit as kf
+        from secagg.service.keyfile import read_identity
+
+        k = kf.load_kit(kit_dir, "site")
+        for forbidden in ("authority", "trust_server_directory", "pinned_directory"):
+            if forbidden in policy:
+                raise ConfigurationError(f"Client.from_kit: {forbidden} comes from the kit")
+        fields_ = {f.name for f in fields(Policy)}
+        merged = {**k.policy, **policy}
+        if set(merged) - fields_:
+            raise ConfigurationError(f"unknown policy fields {sorted(set(merged) - fields_)}")
+        if "allowed_modes" in merged:
+            merged["allowed_modes"] = frozenset(merged["allowed_modes"])
+        tls = ClientTls(
+            ca=k.path(kf.CA),
+            cert=k.path(kf.CERT),
+            key=k.path(kf.KEY),
+            server_name=server_name or k.server_name,
+        )
+        client = cls(
+            target or k.server,
+            read_identity(k.path(kf.IDENTITY)),
+            tls=tls,
+            policy=Policy(authority=k.path(kf.AUTHORITY), **merged),
+            retry=retry,
+        )
+        if k.key_holder:
+            client.he_secret_path = k.path(kf.CKKS_SECRET)
+        return client
 
     def close(self) -> None:
         self._channel.close()
@@ -388,6 +439,8 @@ class Client:
         p = joined.params
         secret: ckks.SecretContext | None = None
         if not joined.insecure_plaintext and p.mode is not Mode.MASKED:
+            if he_context is None and self.he_secret_path is not None:
+                he_context = ckks.open_secret_context(self.he_secret_path, p.he)
             if he_context is None:
                 raise PolicyRefused(f"a {p.mode.name.lower()} round needs the CKKS key context")
             secret = (
