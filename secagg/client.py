@@ -637,12 +637,15 @@ class SecAggClient:
         policy = policy if policy is not None else ClientPolicy()
         policy.check_params(params)  # before anything else: the server chose these
         check_layout(params, layout)
-        if key_epoch is not None and he_context is not None:
-            if key_epoch != he_context.epoch.fingerprint:
-                raise KeyEpochMismatch(
-                    f"the round is bound to CKKS key {key_epoch.hex()}, this context is key "
-                    f"{he_context.epoch.fingerprint.hex()} (epoch {he_context.epoch.epoch})"
-                )
+        if (
+            key_epoch is not None
+            and he_context is not None
+            and key_epoch != he_context.epoch.fingerprint
+        ):
+            raise KeyEpochMismatch(
+                f"the round is bound to CKKS key {key_epoch.hex()}, this context is key "
+                f"{he_context.epoch.fingerprint.hex()} (epoch {he_context.epoch.epoch})"
+            )
         if params.mode not in self.modes:
             raise InputError(
                 f"{type(self).__name__} does not run {params.mode.name.lower()} rounds"

@@ -42,12 +42,12 @@ __all__ = [
     "Message",
     "NonceReveal",
     "NonceReveals",
+    "ResultVerdict",
     "Roster",
     "ShareDelivery",
     "ShareKeys",
     "UnmaskRequest",
     "UnmaskShares",
-    "ResultVerdict",
     "advertise_payload",
     "blame_verdict_payload",
     "consistency_payload",
@@ -600,7 +600,9 @@ class BlameRequest(Message):
                 raise MalformedMessage(f"upload of {size} bytes does not fit the message")
             up = decode_message(r.view(size))
             if not isinstance(up, EncryptedInput) or up.round_id != round_id:
-                raise MalformedMessage("blame request holds something other than this round's uploads")
+                raise MalformedMessage(
+                    "blame request holds something other than this round's uploads"
+                )
             uploads.append(up)
         return cls(round_id, sender, session, tuple(uploads))
 

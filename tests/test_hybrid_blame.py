@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from secagg import ckks
+from secagg.client import SecAggClient
 from secagg.errors import (
     DecryptionBudgetExhausted,
     KeyEpochMismatch,
@@ -29,7 +30,6 @@ from secagg.messages import (
     blame_verdict_payload,
     encrypted_input_payload,
 )
-from secagg.client import SecAggClient
 from secagg.policy import ClientPolicy
 from secagg.rounds.base import Stage
 from tests.helpers import Harness, Outgoing
@@ -170,9 +170,7 @@ def test_verdict_not_matching_the_request_is_refused() -> None:
         h2.server.receive(cid2, dataclasses.replace(v2, signature=bytes(64)), h2.now)
 
 
-def _tampered_request(
-    h: Harness, change: str
-) -> tuple[int, BlameRequest, SecAggClient]:
+def _tampered_request(h: Harness, change: str) -> tuple[int, BlameRequest, SecAggClient]:
     out = _blame_requests(h, {2: "range"})
     holder, req = out[0]
     assert isinstance(req, BlameRequest)

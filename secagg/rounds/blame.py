@@ -129,7 +129,9 @@ class BlameCheckState(ServerState):
         blamed = [b for b, _ in msg.blamed]
         if len(set(blamed)) != len(blamed) or not set(blamed) <= set(msg.checked):
             raise ProtocolViolation("verdict blames clients it did not check", client_id=cid)
-        verify_signature(self.ctx.directory[cid], msg.signed_payload(), msg.signature, client_id=cid)
+        verify_signature(
+            self.ctx.directory[cid], msg.signed_payload(), msg.signature, client_id=cid
+        )
 
     def store(self, cid: int, msg: Message) -> None:
         assert isinstance(msg, BlameVerdict)
