@@ -7,6 +7,7 @@ spoils the encrypted sum, a key holder lies, or the server forges what it hands 
 from __future__ import annotations
 
 import dataclasses
+import secrets
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from secagg.client import SecAggClient
 from secagg.errors import (
     DecryptionBudgetExhausted,
     KeyEpochMismatch,
+    MalformedMessage,
     ProtocolViolation,
     RoundAborted,
     ServerMisbehaviour,
@@ -28,6 +30,7 @@ from secagg.messages import (
     Message,
     ResultVerdict,
     blame_verdict_payload,
+    decode_message,
     encrypted_input_payload,
 )
 from secagg.policy import ClientPolicy
@@ -267,3 +270,38 @@ def test_hybrid_client_refuses_a_context_of_another_epoch() -> None:
         h.server.receive(1, reveals[1][0].encode(), h.now)
     assert h.server.session_id != h.clients[1]._ctx.session_id
     assert h.clients[2]._ctx.session_id == h.server.session_id
+
+
+def _codec_samples() -> list[Message]:
+    rid, sid = secrets.token_bytes(16), secrets.token_bytes(32)
+    up = EncryptedInput(rid, 3, sid, (b"ct-one", b"ct-two"), secrets.token_bytes(64))
+    return [
+        ResultVerdict(rid, 7, sid, False),
+        ResultVerdict(rid, 7, sid, True),
+        BlameVerdict(rid, 7, sid, (2, 3), ((3, "decrypted values outside [0, 2^40)"),), bytes(64)),
+        BlameRequest(rid, 0, sid, (up, dataclasses.replace(up, sender=4))),
+    ]
+
+
+@pytest.mark.parametrize("msg", _codec_samples(), ids=lambda m: type(m).__name__)
+def test_blame_messages_roundtrip_and_refuse_truncation(msg: Message) -> None:
+    """The new messages decode to themselves; every truncation or extension is refused."""
+    data = msg.encode()
+    assert decode_message(data).encode() == data
+    for cut in range(len(data)):
+        with pytest.raises(MalformedMessage):
+            decode_message(data[:cut])
+    with pytest.raises(MalformedMessage):
+        decode_message(data + b"\x00")
+
+
+def test_blame_request_refuses_nested_foreign_messages() -> None:
+    """A blame request may only carry this round's uploads, not any other message."""
+    rid, sid = secrets.token_bytes(16), secrets.token_bytes(32)
+    up = EncryptedInput(secrets.token_bytes(16), 3, sid, (b"x",), bytes(64))
+    with pytest.raises(MalformedMessage, match="this round's uploads"):
+        decode_message(BlameRequest(rid, 0, sid, (up,)).encode())
+    bad_flag = bytearray(ResultVerdict(rid, 7, sid, True).encode())
+    bad_flag[-1] = 2
+    with pytest.raises(MalformedMessage, match="0 or 1"):
+        decode_message(bytes(bad_flag))
