@@ -525,8 +525,9 @@ class BlameWaitState(_State):
     def handle(self, msg: Message) -> tuple[_State, list[Message]]:
         from secagg.he_blame import check_uploads
 
-        assert isinstance(msg, BlameRequest) and self.ctx.he is not None
+        assert isinstance(msg, BlameRequest)
         c = self.ctx
+        assert c.he is not None
         if msg.session_id != c.session_id:
             raise c.misbehaviour("blame request bound to another session")
         n, most = len(msg.uploads), c.policy.max_blame_checks

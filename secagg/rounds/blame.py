@@ -69,8 +69,8 @@ class ResultCheckState(ServerState):
             # Silent clients cannot hold the result back: they were sent it.
             ctx.result = ctx.pending
             return CompletedState(ctx), []
-        senders = ctx.pending.contributors if ctx.pending is not None else ctx.u2
-        uploads = {cid: ctx.uploads[cid] for cid in senders if cid in ctx.uploads}
+        contributors = ctx.pending.contributors if ctx.pending is not None else ctx.u2
+        uploads = {cid: ctx.uploads[cid] for cid in contributors if cid in ctx.uploads}
         assert ctx.he is not None
         failed = {
             cid: why
