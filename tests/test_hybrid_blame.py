@@ -305,3 +305,18 @@ def test_blame_request_refuses_nested_foreign_messages() -> None:
     bad_flag[-1] = 2
     with pytest.raises(MalformedMessage, match="0 or 1"):
         decode_message(bytes(bad_flag))
+
+
+def test_simulate_hybrid_names_a_spoiling_client() -> None:
+    """``secagg simulate --mode hybrid`` runs the blame step in process: a client spoiling
+    its upload makes the round abort in stage blame naming it (before: the simulated round
+    "completed" with a sum no key holder could decrypt)."""
+    from secagg.simulate import SimulationConfig, simulate
+
+    report = simulate(SimulationConfig(clients=6, dim=50, dropout=0.0, mode="hybrid", spoil=(3,)))
+    assert report["status"] == "aborted"
+    assert report["abort"]["stage"] == "blame"
+    assert "clients [3]" in report["abort"]["reason"]
+    assert report["blamed"] == [3]
+    honest = simulate(SimulationConfig(clients=6, dim=50, dropout=0.2, mode="hybrid"))
+    assert honest["status"] == "completed" and honest["exact"]
