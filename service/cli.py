@@ -51,6 +51,12 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="corrupt-client fraction the auto parameters are chosen for",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the test data and dropouts")
+    p.add_argument(
+        "--spoil",
+        type=lambda v: tuple(int(c) for c in v.split(",") if c),
+        default=(),
+        help="hybrid: comma-separated client ids that upload out-of-range ciphertexts",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     g = p.add_argument_group("transport (--transport grpc: a real server and clients on loopback)")
     g.add_argument("--transport", default="inprocess", choices=["inprocess", "grpc"])
@@ -81,7 +87,10 @@ def _run_simulate(args: argparse.Namespace) -> int:
         max_weight=args.max_weight,
         tolerated_dropout=args.tolerate_dropout,
         tolerated_corrupt=args.tolerate_corrupt,
+        spoil=args.spoil,
     )
+    if args.spoil and args.transport != "inprocess":
+        raise ConfigurationError("--spoil runs in process only (--transport inprocess)")
     if args.transport == "grpc":
         from secagg.server import StageTimeouts
         from secagg.service.loopback import simulate_grpc
