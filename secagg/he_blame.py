@@ -153,7 +153,10 @@ class BlameDecision:
         if self.unchecked:
             parts.append(f"uploads of clients {list(self.unchecked)} were not checked")
         if not parts:
-            parts.append("every upload checked decrypts to in-range lanes")
+            parts.append(
+                "every upload checked decrypts to in-range lanes: the sum or its unmasking "
+                "(the server's work) is at fault"
+            )
         return "; ".join(parts)
 
 

@@ -471,7 +471,8 @@ class _Session:
         d = joined.deadlines
         stages = [float(getattr(d, f.name)) for f in fields(d)]
         self.budget = client.retry.budget or max(stages)
-        self.call_timeout = sum(stages) + 60.0
+        # hybrid: the result check and blame stages wait as long as unmasking each
+        self.call_timeout = sum(stages) + 2 * float(d.unmasking) + 60.0
 
     def run(self) -> ClientResult | None:
         if not self._accept(self.core.start(time.monotonic())):

@@ -27,6 +27,7 @@ from secagg.messages import (
     BlameRequest,
     BlameVerdict,
     EncryptedInput,
+    EncryptedResult,
     Message,
     ResultVerdict,
     blame_verdict_payload,
@@ -320,3 +321,35 @@ def test_simulate_hybrid_names_a_spoiling_client() -> None:
     assert report["blamed"] == [3]
     honest = simulate(SimulationConfig(clients=6, dim=50, dropout=0.2, mode="hybrid"))
     assert honest["status"] == "completed" and honest["exact"]
+
+
+def test_server_spoiling_the_sum_itself_frames_nobody() -> None:
+    """Attack: the server hands out a sum of its own making (here values off integers) to
+    push the blame onto some client. Every holder rejects it, every upload is cleared by two
+    holders, so nobody is dropped and the abort points at the server's work."""
+    h = Harness(N, 200, mode="hybrid")
+    he = h.params.he
+    assert h.he_secret is not None
+    junk = h.he_secret
+    k = he.slots_per_ciphertext
+    halves = np.full(he.n_ciphertexts * k, 0.5)
+    cts = tuple(
+        junk._dump(junk._encryptor.encrypt_symmetric(junk._encode(halves[i * k : (i + 1) * k])))
+        for i in range(he.n_ciphertexts)
+    )
+
+    def spoil(cid: int, m: Message) -> Message:
+        if isinstance(m, EncryptedResult):
+            return dataclasses.replace(m, ciphertexts=cts)
+        return m
+
+    replies = h.to_clients(h.stage(h.start()))
+    for _ in ("share", "masked", "consistency"):
+        replies = h.to_clients(h.stage(replies))
+    replies = h.to_clients(h.stage(replies), tamper=spoil)
+    assert all(isinstance(m, ResultVerdict) and not m.ok for ms in replies.values() for m in ms)
+    h.stage(h.to_clients(h.stage(replies)))
+    err = h.server.error
+    assert err is not None and err.stage == "blame"
+    assert "the server's work" in err.reason
+    assert all(rec.active for rec in h.server.records.values())
