@@ -12,7 +12,7 @@ import pytest
 
 from secagg import ckks
 from secagg import client as core_client
-from secagg.errors import RoundAborted
+from secagg.errors import DecryptionBudgetExhausted, RoundAborted
 from secagg.messages import EncryptedInput, encrypted_input_payload
 from secagg.params import make_params
 from secagg.prg import StreamMask
@@ -96,3 +96,44 @@ def test_grpc_hybrid_round_names_an_out_of_range_sender(
     he = make_params(n, dim, mode="hybrid").he
     spent = [16 - ckks.open_secret_context(p, he).decryptions_left for p in paths]
     assert sum(spent) == n + 2 * n  # the sum once each, then every upload twice
+
+
+def test_sdk_path_context_keeps_the_budget_across_rounds(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """Attack: the server runs round after round to spend more decryptions than a key
+    holder's budget allows. Given context bytes, the SDK loaded a fresh context (and a fresh
+    count) each call, so the budget never held across rounds. Given the path, the count
+    lives in the ledger file: with a budget of 1, the second round is refused before
+    anything is sent (DecryptionBudgetExhausted)."""
+    n, dim = 3, 40
+    names = deployment.enroll(n)
+    he = make_params(n, dim, mode="hybrid").he
+    secret = ckks.make_secret_context(he, decryption_budget=1)
+    public = ckks.make_public_context(secret)
+    epoch = ckks.load_server_context(public, he).epoch
+    paths = []
+    for c in range(1, n + 1):
+        p = tmp_path / f"b{c}.ckks-secret"
+        p.write_bytes(secret)
+        p.chmod(0o600)
+        ckks.FileLedger(ckks.ledger_path_for(p)).reset(epoch)
+        paths.append(p)
+    policy = Policy(allowed_modes=frozenset({"hybrid"}))
+
+    def round_with(he_context: Any) -> dict[str, Any]:
+        rid = deployment.create(names, dim, DEADLINES, mode="hybrid", he_context=public)
+
+        def job(cid: int) -> Any:
+            with deployment.client(names[cid - 1], policy=policy) as cl:
+                return cl.aggregate(rid, np.full(dim, 0.5), he_context=he_context(cid))
+
+        return run_threads({str(c): (lambda c=c: job(c)) for c in range(1, n + 1)})
+
+    first = round_with(lambda c: paths[c - 1])
+    assert all(o.result is not None for o in first.values()), first
+    second = round_with(lambda c: paths[c - 1])
+    assert all(isinstance(o.error, DecryptionBudgetExhausted) for o in second.values()), second
+    # the bytes form counts for one call only: the budget does not hold (documented)
+    third = round_with(lambda c: secret)
+    assert all(o.result is not None for o in third.values()), third
