@@ -22,7 +22,7 @@ from secagg.client import SecAggClient, decrypt_lane_sums
 from secagg.errors import RoundAborted, SecAggError
 from secagg.he_round import CkksClient, CkksServer
 from secagg.keys import IdentityKey, random_seed
-from secagg.messages import SEND_ORDER, Message
+from secagg.messages import SEND_ORDER, EncryptedInput, Message, encrypted_input_payload
 from secagg.params import Mode, RoundParams, make_params
 from secagg.policy import ClientPolicy
 from secagg.quantize import dequantize, lane_values
@@ -85,6 +85,9 @@ class SimulationConfig:
     dp_rounds: int = 1
     dp_clip: float | None = None
     """L2 clip norm of the DP pipeline (default: ``clip``)."""
+    spoil: tuple[int, ...] = ()
+    """hybrid: clients that upload signed ciphertexts of out-of-range slots (a malicious
+    client), so the round runs its blame step and aborts naming them."""
 
 
 @dataclass
@@ -121,11 +124,13 @@ def run_round(
     he_secret: ckks.SecretContext | None = None,
     he_server: ckks.ServerContext | None = None,
     policy: ClientPolicy | None = None,
+    spoil: tuple[int, ...] = (),
 ) -> tuple[SecAggServer | CkksServer, _Tally, dict[int, bytes]]:
     """Run one round in memory; returns the server, byte/time tallies and rounding keys.
 
     ``drop_plan`` maps a client to the stage whose message it never sends; every client
-    checks the round against ``policy`` (the secure default when ``None``).
+    checks the round against ``policy`` (the secure default when ``None``). Clients in
+    ``spoil`` (hybrid) replace their upload with :func:`spoiled_upload`.
     """
     tally = _Tally()
     errors: list[SecAggError] = []
@@ -167,6 +172,8 @@ def run_round(
         for m in msgs:
             if silent(cid, m):
                 continue
+            if cid in spoil and isinstance(m, EncryptedInput) and he_secret is not None:
+                m = spoiled_upload(he_secret, params, identities[cid], m)
             data = m.encode()
             tally.up[cid] += len(data)
             t0 = time.perf_counter()
@@ -207,6 +214,23 @@ def run_round(
             tally.client_seconds[cid] += time.perf_counter() - t0
             pending.extend(to_server(cid, replies))
     return server, tally, rounding
+
+
+def spoiled_upload(
+    secret: ckks.SecretContext, params: RoundParams, identity: IdentityKey, msg: EncryptedInput
+) -> EncryptedInput:
+    """A malicious client's upload: ciphertexts of slots at ``2^slot_sum_bits - 1`` (no
+    honest client encrypts them; the sum then leaves its range), signed by the client."""
+    he = params.he
+    k = he.slots_per_ciphertext
+    huge = np.zeros(he.n_ciphertexts * k)
+    huge[: he.n_slots] = 2.0**he.slot_sum_bits - 1
+    cts = tuple(
+        secret._dump(secret._encryptor.encrypt_symmetric(secret._encode(huge[i * k : (i + 1) * k])))
+        for i in range(he.n_ciphertexts)
+    )
+    sig = identity.sign(encrypted_input_payload(msg.session_id, msg.sender, cts))
+    return EncryptedInput(msg.round_id, msg.sender, msg.session_id, cts, sig)
 
 
 def _dropped_before(stage: Stage, msg: Message) -> bool:
@@ -270,8 +294,17 @@ def simulate(cfg: SimulationConfig) -> dict[str, Any]:
         dropout=graph.DEFAULT_DROPOUT if cfg.tolerated_dropout is None else cfg.tolerated_dropout,
         corrupt=graph.DEFAULT_CORRUPT if cfg.tolerated_corrupt is None else cfg.tolerated_corrupt,
     )
+    if cfg.spoil and params.mode is not Mode.HYBRID:
+        raise SecAggError("spoiled uploads are simulated in hybrid rounds only")
     server, tally, rounding = run_round(
-        params, inputs, weights, plan, he_secret=he_secret, he_server=he_server, policy=policy
+        params,
+        inputs,
+        weights,
+        plan,
+        he_secret=he_secret,
+        he_server=he_server,
+        policy=policy,
+        spoil=cfg.spoil,
     )
     wall = time.perf_counter() - wall0  # the round only: not data generation or checking
 
@@ -294,6 +327,7 @@ def simulate(cfg: SimulationConfig) -> dict[str, Any]:
         report.update(
             status="aborted",
             abort={"stage": err.stage, "reason": err.reason},
+            blamed=sorted(c for c, r in server.records.items() if r.dropped_stage is Stage.BLAME),
             survivors=0,
             exact=False,
             max_abs_error=None,

@@ -52,6 +52,12 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="corrupt-client fraction the auto parameters are chosen for",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the test data and dropouts")
+    p.add_argument(
+        "--spoil",
+        type=lambda v: tuple(int(c) for c in v.split(",") if c),
+        default=(),
+        help="hybrid: comma-separated client ids that upload out-of-range ciphertexts",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     d = p.add_argument_group("distributed DP (docs/dp.md; needs secagg[dp])")
     d.add_argument("--dp-epsilon", type=float, default=None, help="target epsilon (enables DP)")
@@ -91,9 +97,12 @@ def _run_simulate(args: argparse.Namespace) -> int:
         dp_delta=args.dp_delta,
         dp_rounds=args.rounds,
         dp_clip=args.dp_clip,
+        spoil=args.spoil,
     )
     if args.dp_epsilon is not None and args.transport != "inprocess":
         raise ConfigurationError("--dp-epsilon runs with --transport inprocess only (for now)")
+    if args.spoil and args.transport != "inprocess":
+        raise ConfigurationError("--spoil runs in process only (--transport inprocess)")
     if args.transport == "grpc":
         from secagg.server import StageTimeouts
         from secagg.service.loopback import simulate_grpc
