@@ -21,6 +21,7 @@ from secagg.errors import (
     DecryptionError,
     InputError,
     InvalidSignature,
+    KeyEpochMismatch,
     ProtocolViolation,
     RoundAborted,
     SecAggError,
@@ -41,6 +42,8 @@ from secagg.messages import (
     Abort,
     AdvertiseKeys,
     AggregateResult,
+    BlameRequest,
+    BlameVerdict,
     ConsistencyRequest,
     ConsistencySignature,
     EncryptedInput,
@@ -49,11 +52,13 @@ from secagg.messages import (
     Message,
     NonceReveal,
     NonceReveals,
+    ResultVerdict,
     Roster,
     ShareDelivery,
     ShareKeys,
     UnmaskRequest,
     UnmaskShares,
+    blame_verdict_payload,
     consistency_payload,
     decode_message,
     encrypted_input_payload,
@@ -209,7 +214,7 @@ class AdvertiseState(_State):
             raise c.misbehaviour("roster does not carry this client's keys as sent")
         c.policy.check_set("the roster", len(entries), c.params)
         c.roster = entries
-        c.session_id = session_id_for(c.digest, list(entries.values()))
+        c.session_id = session_id_for(c.digest, list(entries.values()), key_epoch(c))
         # The roster, hence every nonce commitment, is fixed: only now open ours.
         reveal = NonceReveal(c.rid, c.cid, c.session_id, c.secrets.graph_nonce)
         return RevealState(c), [reveal]
@@ -244,6 +249,13 @@ class RevealState(_State):
         seed = graph_seed(c.session_id, nonces)
         c.neighbours = graph.neighbours_of(ids, degree, seed, c.cid)
         return ShareKeysState(c), [deal_shares(c)]
+
+
+def key_epoch(c: _Ctx) -> bytes:
+    """What the session id binds of the CKKS key: its epoch fingerprint in hybrid rounds."""
+    if c.params.mode is Mode.HYBRID and c.he is not None:
+        return c.he.epoch.fingerprint
+    return b""
 
 
 def deal_shares(c: _Ctx) -> ShareKeys:
@@ -468,9 +480,70 @@ class UnmaskingState(_State):
             if msg.words.size != p.words:
                 raise c.misbehaviour("result has the wrong length")
             sums = kernels.unpack(msg.words, p.quant, p.quant.values(p.dim))
+        elif c.params.mode is Mode.HYBRID:
+            return hybrid_verdict(c, msg)
         else:
             sums = decrypt_result(c, msg.ciphertexts)
         return finish_result(c, sums, msg.contributors), []
+
+
+def hybrid_verdict(c: _Ctx, msg: EncryptedResult) -> tuple[_State, list[Message]]:
+    """hybrid: decrypt the sum and tell the server whether it holds in-range lanes.
+
+    A sum that decrypts completes the round here. One whose values are off integers, out of
+    range or with non-zero padding (:class:`~secagg.errors.DecryptionError`) was spoiled by
+    an upload or by the server: this client rejects it and waits to check uploads
+    (:class:`BlameWaitState`). A malformed sum is the server's alone (misbehaviour).
+    """
+    assert c.he is not None
+    verdict = ResultVerdict(c.rid, c.cid, c.session_id, True)
+    try:
+        sums = decrypt_lane_sums(c.he, c.params, msg.ciphertexts)
+    except DecryptionError as exc:
+        c.warnings.append(f"encrypted result does not decrypt: {exc}")
+        return BlameWaitState(c), [ResultVerdict(c.rid, c.cid, c.session_id, False)]
+    except DecryptionBudgetExhausted:
+        raise
+    except SecAggError as exc:
+        raise c.misbehaviour(f"encrypted result does not decrypt: {exc}") from None
+    return finish_result(c, sums, msg.contributors), [verdict]
+
+
+class BlameWaitState(_State):
+    """Round 6 (hybrid): this client rejected the sum; it may be asked to check uploads.
+
+    Only a client whose own decryption of the sum failed gets here: one that decrypted it
+    is completed and refuses any blame request. Every value in the request is checked
+    before a decryption: session, size against ``policy.max_blame_checks``, senders within
+    the signed survivor set and never this client, each upload signed by its sender over
+    this session (:func:`secagg.he_blame.check_uploads`), the budget for all of them.
+    """
+
+    stage = Stage.BLAME
+    accepts = BlameRequest
+
+    def handle(self, msg: Message) -> tuple[_State, list[Message]]:
+        from secagg.he_blame import check_uploads
+
+        assert isinstance(msg, BlameRequest)
+        c = self.ctx
+        assert c.he is not None
+        if msg.session_id != c.session_id:
+            raise c.misbehaviour("blame request bound to another session")
+        n, most = len(msg.uploads), c.policy.max_blame_checks
+        if not 0 < n <= most:
+            raise c.misbehaviour(f"blame request asks for {n} checks; the policy allows 1..{most}")
+        senders = [u.sender for u in msg.uploads]
+        if c.cid in senders:
+            raise c.misbehaviour("blame request asks this client to check its own upload")
+        if not set(senders) <= set(c.u2):
+            raise c.misbehaviour("blame request holds uploads of clients outside the survivors")
+        report = check_uploads(c.he, c.params, c.session_id, c.directory, msg.uploads)
+        blamed = tuple(sorted(report.blamed.items()))
+        payload = blame_verdict_payload(c.session_id, c.cid, report.checked, blamed)
+        sig = c.identity.sign(payload)
+        verdict = BlameVerdict(c.rid, c.cid, c.session_id, report.checked, blamed, sig)
+        return _Final(c, Stage.BLAME), [verdict]
 
 
 def finish_result(c: _Ctx, sums: npt.NDArray[np.uint64], contributors: tuple[int, ...]) -> _State:
@@ -485,6 +558,7 @@ def finish_result(c: _Ctx, sums: npt.NDArray[np.uint64], contributors: tuple[int
 
 class _Final(_State):
     accepts = Message
+    """Terminal states, and the wait for the server's abort after a blame verdict."""
 
     def __init__(self, ctx: _Ctx, stage: Stage) -> None:
         super().__init__(ctx)
@@ -528,6 +602,11 @@ class SecAggClient:
     layout:
         The fingerprint of the update's layout, when the caller knows it; it must equal
         ``params.layout`` when the round carries one.
+    key_epoch:
+        ``hybrid``: the round's CKKS key-epoch fingerprint as announced to this client; a
+        context of another epoch is refused here, before any message. Either way the
+        session id binds the context's own epoch, so the server refuses the client's
+        messages after the roster if the epochs differ.
 
     Raises
     ------
@@ -535,6 +614,8 @@ class SecAggClient:
         ``params`` break the policy (the message names the numbers).
     LayoutMismatch
         ``layout`` differs from the round's fingerprint.
+    KeyEpochMismatch
+        ``key_epoch`` is not the epoch of ``he_context``.
     InputError
         The update, weight or keys cannot be used.
     """
@@ -552,10 +633,20 @@ class SecAggClient:
         he_context: ckks.SecretContext | None = None,
         policy: ClientPolicy | None = None,
         layout: bytes | None = None,
+        key_epoch: bytes | None = None,
     ) -> None:
         policy = policy if policy is not None else ClientPolicy()
         policy.check_params(params)  # before anything else: the server chose these
         check_layout(params, layout)
+        if (
+            key_epoch is not None
+            and he_context is not None
+            and key_epoch != he_context.epoch.fingerprint
+        ):
+            raise KeyEpochMismatch(
+                f"the round is bound to CKKS key {key_epoch.hex()}, this context is key "
+                f"{he_context.epoch.fingerprint.hex()} (epoch {he_context.epoch.epoch})"
+            )
         if params.mode not in self.modes:
             raise InputError(
                 f"{type(self).__name__} does not run {params.mode.name.lower()} rounds"

@@ -24,6 +24,7 @@ __all__ = [
     "LayoutMismatch",
     "MalformedMessage",
     "PolicyViolation",
+    "PrivacyBudgetExceeded",
     "ProtocolViolation",
     "ReconstructionError",
     "RoundAborted",
@@ -49,6 +50,10 @@ class ConfigurationError(SecAggError):
 
 class InfeasibleParameters(ConfigurationError):
     """No parameter set meets the requested security, correctness or size goals."""
+
+
+class PrivacyBudgetExceeded(ConfigurationError):
+    """A round would spend more differential-privacy budget than its job has left."""
 
 
 class InputError(SecAggError):

@@ -41,7 +41,15 @@ from secagg.keys import verify_signature
 from secagg.messages import EncryptedInput, encrypted_input_payload
 from secagg.params import Mode, RoundParams
 
-__all__ = ["BlameReport", "assign_checks", "check_uploads", "keyless_check"]
+__all__ = [
+    "CHECK_COPIES",
+    "BlameDecision",
+    "BlameReport",
+    "assign_checks",
+    "check_uploads",
+    "decide",
+    "keyless_check",
+]
 
 
 @dataclass(frozen=True)
@@ -76,8 +84,17 @@ def keyless_check(
     return None
 
 
-def assign_checks(senders: Iterable[int], key_holders: Sequence[int]) -> dict[int, list[int]]:
+def assign_checks(
+    senders: Iterable[int],
+    key_holders: Sequence[int],
+    *,
+    copies: int = 1,
+    limit: int | None = None,
+) -> dict[int, list[int]]:
     """Deal the uploads to check round-robin over ``key_holders``, never a holder its own.
+
+    Each sender goes to ``copies`` distinct holders (fewer when not enough holders are left
+    under ``limit`` checks each); the holder lists are in id order.
 
     Raises
     ------
@@ -89,11 +106,96 @@ def assign_checks(senders: Iterable[int], key_holders: Sequence[int]) -> dict[in
         raise ConfigurationError("blame checks need at least two key holders")
     out: dict[int, list[int]] = {h: [] for h in holders}
     for i, sender in enumerate(sorted(set(senders))):
-        h = holders[i % len(holders)]
-        if h == sender:
-            h = holders[(i + 1) % len(holders)]
-        out[h].append(sender)
+        taken = 0
+        for j in range(len(holders)):
+            h = holders[(i + j) % len(holders)]
+            if taken == copies:
+                break
+            if h == sender or (limit is not None and len(out[h]) >= limit):
+                continue
+            out[h].append(sender)
+            taken += 1
     return out
+
+
+@dataclass(frozen=True)
+class BlameDecision:
+    """What the server concludes from the key holders' verdicts (:func:`decide`).
+
+    Attributes
+    ----------
+    culprits:
+        Sender -> reason, blamed by at least :data:`CHECK_COPIES` holders and cleared by none.
+    disputed:
+        Sender -> (holders blaming it, holders clearing it): blamed, but not by enough
+        holders or contradicted by another. One of them lies; nobody is named culprit.
+    unchecked:
+        Senders no holder's verdict covers (holders silent or out of checks).
+    """
+
+    culprits: Mapping[int, str]
+    disputed: Mapping[int, tuple[tuple[int, ...], tuple[int, ...]]]
+    unchecked: tuple[int, ...]
+
+    def summary(self) -> str:
+        """One line for the abort reason, naming every client id."""
+        parts = []
+        if self.culprits:
+            parts.append(
+                f"clients {sorted(self.culprits)} uploaded ciphertexts that do not decrypt to "
+                f"in-range lanes (each confirmed by {CHECK_COPIES} or more key holders)"
+            )
+        for cid, (by, against) in sorted(self.disputed.items()):
+            parts.append(
+                f"client {cid} is blamed by key holders {list(by)} and cleared by {list(against)}"
+                " (disputed: not named)"
+            )
+        if self.unchecked:
+            parts.append(f"uploads of clients {list(self.unchecked)} were not checked")
+        if not parts:
+            parts.append(
+                "every upload checked decrypts to in-range lanes: the sum or its unmasking "
+                "(the server's work) is at fault"
+            )
+        return "; ".join(parts)
+
+
+CHECK_COPIES = 2
+"""Key holders that check each upload. A sender is named only when this many holders blame
+it and none clears it, so a single lying holder cannot frame an honest sender: its signed
+verdict is contradicted or stands alone (disputed), and it names its signer."""
+
+
+def decide(
+    assignment: Mapping[int, Sequence[int]], verdicts: Mapping[int, BlameReport]
+) -> BlameDecision:
+    """Combine the verdicts of the holders that answered (``verdicts``) on ``assignment``.
+
+    A sender is a culprit when at least :data:`CHECK_COPIES` holders blamed it and no holder
+    that checked it cleared it; blamed otherwise, it is disputed.
+    """
+    by: dict[int, list[int]] = {}
+    against: dict[int, list[int]] = {}
+    reasons: dict[int, str] = {}
+    covered: set[int] = set()
+    for holder, report in sorted(verdicts.items()):
+        for cid in report.checked:
+            covered.add(cid)
+            if cid in report.blamed:
+                by.setdefault(cid, []).append(holder)
+                reasons.setdefault(cid, report.blamed[cid])
+            else:
+                against.setdefault(cid, []).append(holder)
+    culprits: dict[int, str] = {}
+    disputed: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    for cid, blamers in sorted(by.items()):
+        cleared = tuple(against.get(cid, ()))
+        if len(blamers) >= CHECK_COPIES and not cleared:
+            culprits[cid] = reasons[cid]
+        else:
+            disputed[cid] = (tuple(blamers), cleared)
+    assigned = {cid for senders in assignment.values() for cid in senders}
+    return BlameDecision(culprits, disputed, tuple(sorted(assigned - covered)))
 
 
 def check_uploads(

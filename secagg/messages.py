@@ -32,6 +32,8 @@ __all__ = [
     "Abort",
     "AdvertiseKeys",
     "AggregateResult",
+    "BlameRequest",
+    "BlameVerdict",
     "ConsistencyRequest",
     "ConsistencySignature",
     "EncryptedInput",
@@ -40,12 +42,14 @@ __all__ = [
     "Message",
     "NonceReveal",
     "NonceReveals",
+    "ResultVerdict",
     "Roster",
     "ShareDelivery",
     "ShareKeys",
     "UnmaskRequest",
     "UnmaskShares",
     "advertise_payload",
+    "blame_verdict_payload",
     "consistency_payload",
     "decode_message",
     "encrypted_input_payload",
@@ -335,6 +339,84 @@ class EncryptedInput(Message):
         )
 
 
+def blame_verdict_payload(
+    session_id: bytes,
+    sender: int,
+    checked: tuple[int, ...],
+    blamed: tuple[tuple[int, str], ...],
+) -> bytes:
+    """Bytes a :class:`BlameVerdict` signature covers: session, key holder, the senders it
+    checked and each blamed sender with its reason. A verdict is evidence its signer cannot
+    disown (``docs/ckks.md``, "Blame in a live hybrid round")."""
+    h = hashlib.sha256(b"secagg/v1/blame-verdict" + session_id + sender.to_bytes(4, "big"))
+    h.update(len(checked).to_bytes(4, "big") + b"".join(c.to_bytes(4, "big") for c in checked))
+    for cid, reason in blamed:
+        text = reason.encode()
+        h.update(cid.to_bytes(4, "big") + len(text).to_bytes(4, "big") + text)
+    return h.digest()
+
+
+@dataclass(frozen=True)
+class ResultVerdict(Message):
+    """hybrid mode, after the encrypted result: whether it decrypted to in-range lanes.
+
+    ``ok = False`` asks the server to trace the bad upload (:mod:`secagg.rounds.blame`).
+    """
+
+    TYPE: ClassVar[int] = 10
+    session_id: bytes
+    ok: bool
+
+    def _body(self, w: Writer) -> None:
+        w.fixed(self.session_id, SESSION_ID_BYTES).u8(1 if self.ok else 0)
+
+    @classmethod
+    def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> ResultVerdict:
+        session = r.fixed(SESSION_ID_BYTES)
+        flag = r.u8()
+        if flag > 1:
+            raise MalformedMessage(f"result verdict flag must be 0 or 1, got {flag}")
+        return cls(round_id, sender, session, flag == 1)
+
+
+@dataclass(frozen=True)
+class BlameVerdict(Message):
+    """hybrid mode: a key holder's signed verdict on the uploads it was asked to check
+    (``blamed``: sender and the fixed reason text, a subset of ``checked``)."""
+
+    TYPE: ClassVar[int] = 11
+    session_id: bytes
+    checked: tuple[int, ...]
+    blamed: tuple[tuple[int, str], ...]
+    signature: bytes
+
+    def _body(self, w: Writer) -> None:
+        w.fixed(self.session_id, SESSION_ID_BYTES).ids(self.checked)
+        w.u32(len(self.blamed))
+        for cid, reason in self.blamed:
+            w.u32(cid).var(reason.encode()[:MAX_TEXT])
+        w.fixed(self.signature, SIGNATURE_BYTES)
+
+    @classmethod
+    def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> BlameVerdict:
+        session = r.fixed(SESSION_ID_BYTES)
+        checked = r.ids(MAX_CLIENTS)
+        n = r.u32()
+        if n > len(checked) or 8 * n > r.remaining:
+            raise MalformedMessage(f"verdict blames {n} of {len(checked)} checked uploads")
+        blamed = []
+        for _ in range(n):
+            cid = r.u32()
+            try:
+                blamed.append((cid, r.var(MAX_TEXT).decode()))
+            except UnicodeDecodeError:
+                raise MalformedMessage("blame reason is not UTF-8") from None
+        return cls(round_id, sender, session, checked, tuple(blamed), r.fixed(SIGNATURE_BYTES))
+
+    def signed_payload(self) -> bytes:
+        return blame_verdict_payload(self.session_id, self.sender, self.checked, self.blamed)
+
+
 # ----------------------------------------------------------------------- server -> client
 
 
@@ -485,6 +567,46 @@ class EncryptedResult(Message):
         return cls(round_id, sender, r.fixed(SESSION_ID_BYTES), r.ids(MAX_CLIENTS), _read_blobs(r))
 
 
+MAX_BLAME_UPLOADS = 64
+"""Codec bound on the uploads in one :class:`BlameRequest` (a client's policy allows far
+fewer, :attr:`secagg.policy.ClientPolicy.max_blame_checks`)."""
+
+
+@dataclass(frozen=True)
+class BlameRequest(Message):
+    """hybrid mode: signed uploads, exactly as their senders sent them, for one key holder
+    to check after the sum failed to decrypt (:func:`secagg.he_blame.check_uploads`)."""
+
+    TYPE: ClassVar[int] = 26
+    session_id: bytes
+    uploads: tuple[EncryptedInput, ...]
+
+    def _body(self, w: Writer) -> None:
+        w.fixed(self.session_id, SESSION_ID_BYTES).u32(len(self.uploads))
+        for up in self.uploads:
+            data = up.encode()
+            w.u32(len(data)).raw(data)
+
+    @classmethod
+    def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> BlameRequest:
+        session = r.fixed(SESSION_ID_BYTES)
+        n = r.u32()
+        if n > MAX_BLAME_UPLOADS or 4 * n > r.remaining:
+            raise MalformedMessage(f"blame request of {n} uploads does not fit the message")
+        uploads = []
+        for _ in range(n):
+            size = r.u32()
+            if size > r.remaining:
+                raise MalformedMessage(f"upload of {size} bytes does not fit the message")
+            up = decode_message(r.view(size))
+            if not isinstance(up, EncryptedInput) or up.round_id != round_id:
+                raise MalformedMessage(
+                    "blame request holds something other than this round's uploads"
+                )
+            uploads.append(up)
+        return cls(round_id, sender, session, tuple(uploads))
+
+
 @dataclass(frozen=True)
 class Abort(Message):
     """The round ended without a result; ``stage`` names where."""
@@ -524,13 +646,16 @@ _TYPES: dict[int, type[Message]] = {
         EncryptedResult,
         NonceReveal,
         NonceReveals,
+        ResultVerdict,
+        BlameVerdict,
+        BlameRequest,
     )
 }
-CLIENT_TYPES = frozenset({1, 2, 3, 4, 5, 6, 7})
-SEND_ORDER: dict[int, int] = {1: 0, 7: 1, 2: 2, 3: 3, 6: 3, 4: 4, 5: 5}
+CLIENT_TYPES = frozenset({1, 2, 3, 4, 5, 6, 7, 10, 11})
+SEND_ORDER: dict[int, int] = {1: 0, 7: 1, 2: 2, 3: 3, 6: 3, 4: 4, 5: 5, 10: 6, 11: 7}
 """Client message type -> position of the stage it is sent in (advertise_keys,
-reveal_nonces, share_keys, masked/encrypted input, consistency, unmasking): type numbers
-are not in stage order."""
+reveal_nonces, share_keys, masked/encrypted input, consistency, unmasking, result check,
+blame): type numbers are not in stage order."""
 
 
 def decode_message(data: bytes | memoryview) -> Message:

@@ -27,14 +27,26 @@ from functools import lru_cache
 
 from secagg import graph
 from secagg.errors import ConfigurationError, InfeasibleParameters, PolicyViolation
+from secagg.messages import MAX_BLAME_UPLOADS
 from secagg.params import MAX_CLIENTS, MAX_DIM, Mode, RoundParams
 from secagg.quantize import MAX_BITS
 
-__all__ = ["MIN_CONTRIBUTORS", "ClientPolicy", "check_contributors", "check_layout"]
+__all__ = [
+    "MAX_BLAME_CHECKS",
+    "MIN_CONTRIBUTORS",
+    "ClientPolicy",
+    "check_contributors",
+    "check_layout",
+]
 
 MIN_CONTRIBUTORS = 3
 """Fewest inputs a client lets be summed: with two, each party learns the other's input
 from the sum and its own."""
+
+MAX_BLAME_CHECKS = 8
+"""Default most uploads a client checks to trace a spoiled hybrid sum: with every check
+done twice (:data:`secagg.he_blame.CHECK_COPIES`) it covers rounds of up to ``4h`` clients
+with ``h`` key holders rejecting the sum, at 8 of the default budget of 32 decryptions."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,9 @@ class ClientPolicy:
         When set, the only ``dim`` accepted.
     allowed_modes:
         Modes the client joins.
+    max_blame_checks:
+        Most uploads of others this client decrypts, one by one, to trace a spoiled hybrid
+        sum (each costs one decryption of its CKKS budget; a request for more is refused).
     """
 
     security_bits: float = graph.SECURITY_BITS
@@ -83,8 +98,13 @@ class ClientPolicy:
     max_dim: int = MAX_DIM
     expected_dim: int | None = None
     allowed_modes: frozenset[Mode] = field(default=frozenset({Mode.MASKED, Mode.HYBRID, Mode.CKKS}))
+    max_blame_checks: int = MAX_BLAME_CHECKS
 
     def __post_init__(self) -> None:
+        if not 0 <= self.max_blame_checks <= MAX_BLAME_UPLOADS:
+            raise ConfigurationError(
+                f"max_blame_checks={self.max_blame_checks} is outside 0..{MAX_BLAME_UPLOADS}"
+            )
         if isinstance(self.min_contributors, bool) or self.min_contributors < MIN_CONTRIBUTORS:
             raise ConfigurationError(
                 f"min_contributors={self.min_contributors} is below {MIN_CONTRIBUTORS}: a sum"

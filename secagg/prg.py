@@ -63,6 +63,10 @@ class Purpose(IntEnum):
     GRAPH = 4
     HYBRID = 5
     SHARE_ENC = 6
+    # Distributed DP (secagg.dp); tags kept apart from the masking ones above.
+    DP_NOISE = 16
+    DP_ROTATION = 17
+    DP_ROUNDING = 18
 
 
 _PURPOSE_LABEL = {
@@ -72,6 +76,9 @@ _PURPOSE_LABEL = {
     Purpose.GRAPH: b"graph",
     Purpose.HYBRID: b"hybrid",
     Purpose.SHARE_ENC: b"share-enc",
+    Purpose.DP_NOISE: b"dp-noise",
+    Purpose.DP_ROTATION: b"dp-rotation",
+    Purpose.DP_ROUNDING: b"dp-rounding",
 }
 
 

@@ -37,6 +37,9 @@ from secagg.rounds.terminal import AbortedState
 __all__ = ["SecAggServer", "StageTimeouts"]
 
 
+_SAME_DEADLINE = {Stage.RESULT_CHECK: "unmasking", Stage.BLAME: "unmasking"}
+
+
 @dataclass(frozen=True)
 class StageTimeouts:
     """Seconds each stage waits for its slowest client before declaring the rest dropped."""
@@ -54,7 +57,9 @@ class StageTimeouts:
         return cls(*(seconds for _ in fields(cls)))
 
     def for_stage(self, stage: Stage) -> float:
-        value = getattr(self, stage.value, None)
+        # hybrid's result check and blame stages wait as long as unmasking does
+        name = _SAME_DEADLINE.get(stage, stage.value)
+        value = getattr(self, name, None)
         return float(value) if value is not None else float("inf")
 
 

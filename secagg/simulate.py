@@ -22,7 +22,7 @@ from secagg.client import SecAggClient, decrypt_lane_sums
 from secagg.errors import RoundAborted, SecAggError
 from secagg.he_round import CkksClient, CkksServer
 from secagg.keys import IdentityKey, random_seed
-from secagg.messages import SEND_ORDER, Message
+from secagg.messages import SEND_ORDER, EncryptedInput, Message, encrypted_input_payload
 from secagg.params import Mode, RoundParams, make_params
 from secagg.policy import ClientPolicy
 from secagg.quantize import dequantize, lane_values
@@ -79,6 +79,15 @@ class SimulationConfig:
     policy: ClientPolicy | None = None
     """The simulated clients' policy; by default the secure one with the tolerated
     fractions above (explicit ``neighbors``/``threshold`` that miss it are refused)."""
+    dp_epsilon: float | None = None
+    """Target epsilon of distributed DP over ``dp_rounds`` (None: no DP report)."""
+    dp_delta: float = 1e-5
+    dp_rounds: int = 1
+    dp_clip: float | None = None
+    """L2 clip norm of the DP pipeline (default: ``clip``)."""
+    spoil: tuple[int, ...] = ()
+    """hybrid: clients that upload signed ciphertexts of out-of-range slots (a malicious
+    client), so the round runs its blame step and aborts naming them."""
 
 
 @dataclass
@@ -115,11 +124,13 @@ def run_round(
     he_secret: ckks.SecretContext | None = None,
     he_server: ckks.ServerContext | None = None,
     policy: ClientPolicy | None = None,
+    spoil: tuple[int, ...] = (),
 ) -> tuple[SecAggServer | CkksServer, _Tally, dict[int, bytes]]:
     """Run one round in memory; returns the server, byte/time tallies and rounding keys.
 
     ``drop_plan`` maps a client to the stage whose message it never sends; every client
-    checks the round against ``policy`` (the secure default when ``None``).
+    checks the round against ``policy`` (the secure default when ``None``). Clients in
+    ``spoil`` (hybrid) replace their upload with :func:`spoiled_upload`.
     """
     tally = _Tally()
     errors: list[SecAggError] = []
@@ -161,6 +172,8 @@ def run_round(
         for m in msgs:
             if silent(cid, m):
                 continue
+            if cid in spoil and isinstance(m, EncryptedInput) and he_secret is not None:
+                m = spoiled_upload(he_secret, params, identities[cid], m)
             data = m.encode()
             tally.up[cid] += len(data)
             t0 = time.perf_counter()
@@ -201,6 +214,23 @@ def run_round(
             tally.client_seconds[cid] += time.perf_counter() - t0
             pending.extend(to_server(cid, replies))
     return server, tally, rounding
+
+
+def spoiled_upload(
+    secret: ckks.SecretContext, params: RoundParams, identity: IdentityKey, msg: EncryptedInput
+) -> EncryptedInput:
+    """A malicious client's upload: ciphertexts of slots at ``2^slot_sum_bits - 1`` (no
+    honest client encrypts them; the sum then leaves its range), signed by the client."""
+    he = params.he
+    k = he.slots_per_ciphertext
+    huge = np.zeros(he.n_ciphertexts * k)
+    huge[: he.n_slots] = 2.0**he.slot_sum_bits - 1
+    cts = tuple(
+        secret._dump(secret._encryptor.encrypt_symmetric(secret._encode(huge[i * k : (i + 1) * k])))
+        for i in range(he.n_ciphertexts)
+    )
+    sig = identity.sign(encrypted_input_payload(msg.session_id, msg.sender, cts))
+    return EncryptedInput(msg.round_id, msg.sender, msg.session_id, cts, sig)
 
 
 def _dropped_before(stage: Stage, msg: Message) -> bool:
@@ -264,8 +294,17 @@ def simulate(cfg: SimulationConfig) -> dict[str, Any]:
         dropout=graph.DEFAULT_DROPOUT if cfg.tolerated_dropout is None else cfg.tolerated_dropout,
         corrupt=graph.DEFAULT_CORRUPT if cfg.tolerated_corrupt is None else cfg.tolerated_corrupt,
     )
+    if cfg.spoil and params.mode is not Mode.HYBRID:
+        raise SecAggError("spoiled uploads are simulated in hybrid rounds only")
     server, tally, rounding = run_round(
-        params, inputs, weights, plan, he_secret=he_secret, he_server=he_server, policy=policy
+        params,
+        inputs,
+        weights,
+        plan,
+        he_secret=he_secret,
+        he_server=he_server,
+        policy=policy,
+        spoil=cfg.spoil,
     )
     wall = time.perf_counter() - wall0  # the round only: not data generation or checking
 
@@ -288,6 +327,7 @@ def simulate(cfg: SimulationConfig) -> dict[str, Any]:
         report.update(
             status="aborted",
             abort={"stage": err.stage, "reason": err.reason},
+            blamed=sorted(c for c, r in server.records.items() if r.dropped_stage is Stage.BLAME),
             survivors=0,
             exact=False,
             max_abs_error=None,
@@ -312,6 +352,8 @@ def simulate(cfg: SimulationConfig) -> dict[str, Any]:
             max_abs_error=float(np.max(np.abs(weighted_sum - float_sum))),
             quantization_step=1.0 / spec.scale,
         )
+    if cfg.dp_epsilon is not None and result is not None:
+        report["dp"] = _dp_report(cfg, ids, inputs, list(result.contributors), params.threshold)
     senders = [c for c in ids if c not in plan] or ids
     report["seconds"] = {
         "client_median": statistics.median(tally.client_seconds[c] for c in senders),
@@ -323,4 +365,41 @@ def simulate(cfg: SimulationConfig) -> dict[str, Any]:
         "download_per_client": statistics.mean(tally.down[c] for c in senders),
         "raw_float32_per_client": 4 * cfg.dim,
     }
+    return report
+
+
+def _dp_report(
+    cfg: SimulationConfig,
+    ids: list[int],
+    inputs: dict[int, np.ndarray[Any, Any]],
+    contributors: list[int],
+    threshold: int,
+) -> dict[str, Any]:
+    """The ``dp`` block: the DP arithmetic (secagg.dp) run on this round's contributors.
+
+    Until the client and server carry the DP pipeline (docs/dp.md), it runs beside the masked
+    round on the same inputs and survivor set; masks cancel mod 2^b, so the figures are
+    those the integrated round will release.
+    """
+    from secagg.dp.calibration import calibrate
+    from secagg.dp.simulation import run_dp_aggregate
+
+    assert cfg.dp_epsilon is not None
+    cal = calibrate(
+        cfg.dp_epsilon,
+        cfg.dp_delta,
+        cfg.dp_rounds,
+        n_clients=len(ids),
+        min_survivors=threshold,
+        dim=cfg.dim,
+        clip=cfg.dp_clip if cfg.dp_clip is not None else cfg.clip,
+    )
+    index = {cid: k for k, cid in enumerate(ids)}
+    t0 = time.perf_counter()
+    res = run_dp_aggregate(
+        cal, [inputs[cid] for cid in ids], sorted(index[c] for c in contributors)
+    )
+    report = dict(res.report)
+    report["path"] = "beside-masked-round"
+    report["seconds_per_client"] = (time.perf_counter() - t0) / max(1, len(contributors))
     return report

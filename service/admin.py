@@ -4,38 +4,49 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from secagg.errors import ConfigurationError
+from secagg.keys import IdentityKey
+from secagg.service import kit as kf
 from secagg.service._gen import admin_pb2, admin_pb2_grpc
-from secagg.service.auth import admin_metadata
+from secagg.service.auth import admin_call_metadata, admin_metadata
 from secagg.service.config import is_loopback
 from secagg.service.coordinator import RoundSpec
 from secagg.service.errors import from_rpc_error
+from secagg.service.keyfile import read_identity
+from secagg.service.kit import load_kit
 from secagg.service.serde import round_spec_to_proto
+from secagg.service.servicer import ADMIN_SERVICE
 from secagg.service.tls import ClientTls, tls_failure
 
 __all__ = ["AdminClient"]
 
 
 class AdminClient:
-    """Calls the ``Admin`` service with the admin token.
+    """Calls the ``Admin`` service as an operator.
 
-    ``tls`` is required: the admin token would travel readable without it. A loopback
-    target may go without (tests, simulations on one host); any other needs the INSECURE
-    ``insecure_no_tls=True``.
+    ``operator=(name, key)`` signs every call with the operator's Ed25519 key
+    (:func:`secagg.service.auth.admin_call_metadata`); without it, ``token`` is the
+    DEPRECATED shared admin token. ``tls`` is required: credentials would travel readable
+    without it. A loopback target may go without (tests, simulations on one host); any
+    other needs the INSECURE ``insecure_no_tls=True``.
     """
 
     def __init__(
         self,
         target: str,
-        token: str,
+        token: str = "",
         *,
         tls: ClientTls | None = None,
         insecure_no_tls: bool = False,
+        operator: tuple[str, IdentityKey] | None = None,
     ) -> None:
+        if operator is None and not token:
+            raise ConfigurationError("AdminClient needs an operator key or the admin token")
         if tls is None and not insecure_no_tls and not is_loopback(target):
             raise ConfigurationError(
                 f"AdminClient({target!r}) needs tls=ClientTls(ca=...) (--ca): the admin token "
@@ -49,6 +60,23 @@ class AdminClient:
         self._tls = tls
         self._stub = admin_pb2_grpc.AdminStub(self._channel)
         self._md = admin_metadata(token)
+        self._operator = operator
+
+    @classmethod
+    def from_kit(
+        cls, kit_dir: str | Path, *, target: str | None = None, server_name: str | None = None
+    ) -> AdminClient:
+        """An operator's client from its kit (``secagg provision``): the operator key,
+        the CA, the mTLS certificate and the server address (``target`` overrides it)."""
+        k = load_kit(kit_dir, "operator")
+        tls = ClientTls(
+            ca=k.path(kf.CA),
+            cert=k.path(kf.CERT),
+            key=k.path(kf.KEY),
+            server_name=server_name or k.server_name,
+        )
+        key = read_identity(k.path(kf.OPERATOR_KEY))
+        return cls(target or k.server, tls=tls, operator=(k.name, key))
 
     def close(self) -> None:
         self._channel.close()
@@ -59,9 +87,15 @@ class AdminClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, fn: Callable[..., Any], request: Any, timeout: float = 60.0) -> Any:
+    def _call(
+        self, fn: Callable[..., Any], request: Any, method: str, timeout: float = 60.0
+    ) -> Any:
+        md = self._md
+        if self._operator is not None:
+            name, key = self._operator
+            md = admin_call_metadata(name, key, f"/{ADMIN_SERVICE}/{method}")
         try:
-            return fn(request, metadata=self._md, timeout=timeout, wait_for_ready=False)
+            return fn(request, metadata=md, timeout=timeout, wait_for_ready=False)
         except grpc.RpcError as err:
             raise (tls_failure(err, self._tls) or from_rpc_error(err)) from None
 
@@ -71,38 +105,50 @@ class AdminClient:
         req = admin_pb2.EnrollRequest(
             name=name, identity_key=identity_key, signed_entry=signed_entry
         )
-        result: admin_pb2.Participant = self._call(self._stub.Enroll, req)
+        result: admin_pb2.Participant = self._call(self._stub.Enroll, req, "Enroll")
         return result
 
     def set_signed_entry(self, name: str, signed_entry: bytes) -> admin_pb2.Participant:
         req = admin_pb2.SetSignedEntryRequest(name=name, signed_entry=signed_entry)
-        result: admin_pb2.Participant = self._call(self._stub.SetSignedEntry, req)
+        result: admin_pb2.Participant = self._call(self._stub.SetSignedEntry, req, "SetSignedEntry")
         return result
 
     def revoke(self, name: str) -> admin_pb2.Participant:
         result: admin_pb2.Participant = self._call(
-            self._stub.Revoke, admin_pb2.RevokeRequest(name=name)
+            self._stub.Revoke, admin_pb2.RevokeRequest(name=name), "Revoke"
         )
         return result
 
+    def rotate(
+        self, name: str, identity_key: bytes, signed_entry: bytes = b""
+    ) -> admin_pb2.Participant:
+        """Give ``name`` a new identity key (and entry), keeping its name."""
+        req = admin_pb2.RotateKeyRequest(
+            name=name, identity_key=identity_key, signed_entry=signed_entry
+        )
+        result: admin_pb2.Participant = self._call(self._stub.RotateKey, req, "RotateKey")
+        return result
+
     def participants(self) -> list[admin_pb2.Participant]:
-        resp = self._call(self._stub.ListParticipants, admin_pb2.ListParticipantsRequest())
+        resp = self._call(
+            self._stub.ListParticipants, admin_pb2.ListParticipantsRequest(), "ListParticipants"
+        )
         return list(resp.participants)
 
     def create_round(self, spec: RoundSpec) -> admin_pb2.RoundStatus:
         result: admin_pb2.RoundStatus = self._call(
-            self._stub.CreateRound, round_spec_to_proto(spec)
+            self._stub.CreateRound, round_spec_to_proto(spec), "CreateRound"
         )
         return result
 
     def status(self, round_id: bytes) -> admin_pb2.RoundStatus:
         req = admin_pb2.RoundStatusRequest(round_id=round_id)
-        result: admin_pb2.RoundStatus = self._call(self._stub.GetRoundStatus, req)
+        result: admin_pb2.RoundStatus = self._call(self._stub.GetRoundStatus, req, "GetRoundStatus")
         return result
 
     def abort(self, round_id: bytes, reason: str = "") -> admin_pb2.RoundStatus:
         req = admin_pb2.AbortRoundRequest(round_id=round_id, reason=reason)
-        result: admin_pb2.RoundStatus = self._call(self._stub.AbortRound, req)
+        result: admin_pb2.RoundStatus = self._call(self._stub.AbortRound, req, "AbortRound")
         return result
 
     def wait(

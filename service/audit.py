@@ -96,7 +96,7 @@ def format_entry(e: AuditEntry) -> str:
     parts = [f"#{e.seq}", e.kind]
     if e.round_id:
         parts.append(f"round={e.round_id}")
-    for key in ("job", "name", "status", "stage", "reason", "aggregate_sha256"):
+    for key in ("job", "name", "operator", "status", "stage", "reason", "aggregate_sha256"):
         if key in data and data[key] not in ("", None):
             parts.append(f"{key}={data[key]}")
     if "participants" in data:

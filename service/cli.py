@@ -1,4 +1,5 @@
-"""The ``secagg`` command line: serve, enroll, keygen, authority, audit, round, simulate."""
+"""The ``secagg`` command line: serve, enroll, keygen, authority, audit, round, simulate,
+provision, operator, site."""
 
 from __future__ import annotations
 
@@ -56,7 +57,18 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="corrupt-client fraction the auto parameters are chosen for",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the test data and dropouts")
+    p.add_argument(
+        "--spoil",
+        type=lambda v: tuple(int(c) for c in v.split(",") if c),
+        default=(),
+        help="hybrid: comma-separated client ids that upload out-of-range ciphertexts",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    d = p.add_argument_group("distributed DP (docs/dp.md; needs secagg[dp])")
+    d.add_argument("--dp-epsilon", type=float, default=None, help="target epsilon (enables DP)")
+    d.add_argument("--dp-delta", type=float, default=1e-5)
+    d.add_argument("--rounds", type=int, default=1, help="rounds the DP budget covers")
+    d.add_argument("--dp-clip", type=float, default=None, help="L2 clip norm (default: --clip)")
     g = p.add_argument_group("transport (--transport grpc: a real server and clients on loopback)")
     g.add_argument("--transport", default="inprocess", choices=["inprocess", "grpc"])
     g.add_argument("--workers", default="threads", choices=["threads", "processes"])
@@ -86,7 +98,16 @@ def _run_simulate(args: argparse.Namespace) -> int:
         max_weight=args.max_weight,
         tolerated_dropout=args.tolerate_dropout,
         tolerated_corrupt=args.tolerate_corrupt,
+        dp_epsilon=args.dp_epsilon,
+        dp_delta=args.dp_delta,
+        dp_rounds=args.rounds,
+        dp_clip=args.dp_clip,
+        spoil=args.spoil,
     )
+    if args.dp_epsilon is not None and args.transport != "inprocess":
+        raise ConfigurationError("--dp-epsilon runs with --transport inprocess only (for now)")
+    if args.spoil and args.transport != "inprocess":
+        raise ConfigurationError("--spoil runs in process only (--transport inprocess)")
     if args.transport == "grpc":
         from secagg.server import StageTimeouts
         from secagg.service.loopback import simulate_grpc
@@ -139,7 +160,12 @@ def _add_remote(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cert", help="client certificate for mutual TLS (PEM)")
     g.add_argument("--key", help="client private key for mutual TLS (PEM)")
     g.add_argument("--server-name", help="name to check in the server certificate")
-    g.add_argument("--admin-token-file", help="read the admin token from this file")
+    g.add_argument(
+        "--operator-kit",
+        help="operator kit (secagg provision): sign calls with its key, use its TLS files "
+        "and server address ($SECAGG_OPERATOR_KIT)",
+    )
+    g.add_argument("--admin-token-file", help="DEPRECATED shared admin token, read from this file")
     g.add_argument(
         "--insecure-no-tls",
         action="store_true",
@@ -152,6 +178,9 @@ def _admin(args: argparse.Namespace) -> AdminClient:
     from secagg.service.config import read_token_file
     from secagg.service.tls import ClientTls
 
+    kit = args.operator_kit or os.environ.get("SECAGG_OPERATOR_KIT")
+    if kit:  # the kit names the server; --server overrides it
+        return AdminClient.from_kit(kit, target=args.server, server_name=args.server_name)
     server = _server(args)
     token = os.environ.get("SECAGG_ADMIN_TOKEN", "")
     if args.admin_token_file:
@@ -350,9 +379,7 @@ def _run_enroll(args: argparse.Namespace) -> int:
     from secagg.service.keyfile import read_public_key
 
     rows: list[dict[str, object]]
-    if args.server and args.store:
-        raise ConfigurationError("give --server (through the running server) or --store, not both")
-    if args.server or (not args.store and os.environ.get("SECAGG_SERVER")):
+    if _is_remote(args):
         with _admin(args) as admin:
             if args.list:
                 recs = admin.participants()
@@ -370,13 +397,7 @@ def _run_enroll(args: argparse.Namespace) -> int:
     else:
         from secagg.service.store import Store
 
-        path = args.store or os.environ.get("SECAGG_STORE")
-        if not path:
-            raise ConfigurationError(
-                "where to enrol? give --store PATH (the server's store file) or --server "
-                "host:port (a running server)"
-            )
-        store = Store(path)
+        store = Store(_local_store(args))
         try:
             if args.list:
                 local = store.participants()
@@ -395,6 +416,28 @@ def _run_enroll(args: argparse.Namespace) -> int:
     for row in rows:
         print(json.dumps(row))
     return 0
+
+
+def _is_remote(args: argparse.Namespace) -> bool:
+    """Through a running server (``--server``, an operator kit, or their variables when no
+    ``--store`` is given) or on the store file directly."""
+    remote = args.server or args.operator_kit
+    if remote and args.store:
+        raise ConfigurationError("give --server (through the running server) or --store, not both")
+    env_remote = os.environ.get("SECAGG_SERVER") or os.environ.get("SECAGG_OPERATOR_KIT")
+    return bool(remote or (not args.store and env_remote))
+
+
+def _local_store(args: argparse.Namespace) -> str:
+    """The store file to edit directly: ``--store`` or ``$SECAGG_STORE``, never a default
+    (a ``./secagg.db`` the server never reads)."""
+    path: str | None = args.store or os.environ.get("SECAGG_STORE")
+    if not path:
+        raise ConfigurationError(
+            f"where? give --store PATH (the server's store file) or --server host:port "
+            f"(a running server) to `secagg {args.command}`"
+        )
+    return path
 
 
 def _entry(args: argparse.Namespace) -> bytes:
@@ -669,6 +712,94 @@ def _status_dict(st: RoundStatus) -> dict[str, object]:
     }
 
 
+def _add_provision(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "provision",
+        help="write a federation's startup kits (CA, server, authority, operators, sites)",
+        description="Write the kits of every site and operator in FEDERATION (a TOML file, "
+        "docs/operations.md) not yet under --out; never overwrites a file.",
+    )
+    p.add_argument("federation", help="federation file (TOML)")
+    p.add_argument("--out", required=True, help="kits directory")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--add-site", metavar="NAME", help="write only this site's kit")
+    g.add_argument("--add-operator", metavar="NAME", help="write only this operator's kit")
+
+
+def _run_provision(args: argparse.Namespace) -> int:
+    from secagg.service.provision import add_operator_kit, add_site, load_federation, provision
+
+    fed = load_federation(args.federation)
+    if args.add_site:
+        files = add_site(fed, args.out, args.add_site)
+    elif args.add_operator:
+        files = add_operator_kit(fed, args.out, args.add_operator)
+    else:
+        files = provision(fed, args.out)
+    print(json.dumps({"federation": fed.name, "files": [str(f) for f in files]}))
+    return 0
+
+
+def _add_operator(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "operator", help="operators of the admin API (on the server's store): add, list, revoke"
+    )
+    p.add_argument("action", choices=["add", "list", "revoke"])
+    p.add_argument("name", nargs="?", help="operator name (its certificate's common name)")
+    p.add_argument("--public-key", help="add: hex, .pub or key file (operator kit)")
+    p.add_argument("--store", help="the server's SQLite file (or $SECAGG_STORE)")
+
+
+def _run_operator(args: argparse.Namespace) -> int:
+    from secagg.service.keyfile import read_public_key
+    from secagg.service.store import Store
+
+    store = Store(_local_store(args))
+    try:
+        if args.action == "list":
+            recs = store.operators()
+        elif args.action == "add":
+            key = read_public_key(_need(args.public_key, "--public-key"))
+            recs = [store.add_operator(_need(args.name, "name"), key)]
+        else:
+            recs = [store.revoke_operator(_need(args.name, "name"))]
+    finally:
+        store.close()
+    for r in recs:
+        print(json.dumps({"name": r.name, "public_key": r.public_key.hex(), "revoked": r.revoked}))
+    return 0
+
+
+def _add_site(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("site", help="sites (on the server's store): rotate a site's key")
+    p.add_argument("action", choices=["rotate"])
+    p.add_argument("name", help="the site's participant name (kept)")
+    p.add_argument("--public-key", required=True, help="the new identity: hex, .pub or key file")
+    p.add_argument("--entry", help="signed entry for the new key (secagg authority sign)")
+    p.add_argument("--store", help="the server's SQLite file, to edit directly (or $SECAGG_STORE)")
+    _add_remote(p)
+
+
+def _run_site(args: argparse.Namespace) -> int:
+    from secagg.service.keyfile import read_public_key
+    from secagg.service.store import Store
+
+    key = read_public_key(args.public_key)
+    if _is_remote(args):
+        with _admin(args) as admin:
+            rec = admin.rotate(args.name, key, _entry(args))
+        row = {"name": rec.name, "public_key": rec.identity_key.hex(), "revoked": False}
+    else:
+        store = Store(_local_store(args))
+        try:
+            r = store.rotate(args.name, key, _entry(args))
+        finally:
+            store.close()
+        row = {"name": r.name, "public_key": r.public_key.hex(), "revoked": r.revoked}
+    print(json.dumps(row))
+    return 0
+
+
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from secagg.service.demo import DESCRIPTION, add_arguments
 
@@ -693,6 +824,9 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "audit": _run_audit,
     "round": _run_round,
     "authority": _run_authority,
+    "provision": _run_provision,
+    "operator": _run_operator,
+    "site": _run_site,
 }
 
 
@@ -721,6 +855,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_audit(sub)
     _add_round(sub)
     _add_authority(sub)
+    _add_provision(sub)
+    _add_operator(sub)
+    _add_site(sub)
     _add_demo(sub)
     args = parser.parse_args(argv)
     run = _COMMANDS.get(args.command)

@@ -15,12 +15,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import queue
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 import numpy.typing as npt
@@ -34,6 +35,7 @@ from secagg.errors import (
     PolicyViolation,
     ServerMisbehaviour,
 )
+from secagg.he_params import HEParams
 from secagg.he_round import CkksClient
 from secagg.keys import IdentityKey
 from secagg.messages import Message
@@ -304,6 +306,57 @@ class Client:
         else:
             self._channel = grpc.insecure_channel(target, options=opts)
         self._stub = aggregation_pb2_grpc.AggregationStub(self._channel)
+        self.he_secret_path: Path | None = None
+        """A key holder's CKKS secret context file (set by :meth:`from_kit`): ckks and
+        hybrid rounds use it when no ``he_context`` is given, counting decryptions in the
+        ledger beside it."""
+
+    @classmethod
+    def from_kit(
+        cls,
+        kit_dir: str | Path,
+        *,
+        target: str | None = None,
+        server_name: str | None = None,
+        retry: RetryPolicy | None = None,
+        **policy: Any,
+    ) -> Client:
+        """A site's client from its kit (``secagg provision``) in one call.
+
+        Loads the identity key, the CA and mTLS certificate, the server address (``target``
+        overrides it), the federation authority (every directory entry must carry its
+        signature) and the kit's policy; ``policy`` keywords override the kit's
+        :class:`Policy` fields. TLS and directory verification cannot be turned off here.
+        """
+        from secagg.service import kit as kf
+        from secagg.service.keyfile import read_identity
+
+        k = kf.load_kit(kit_dir, "site")
+        for forbidden in ("authority", "trust_server_directory", "pinned_directory"):
+            if forbidden in policy:
+                raise ConfigurationError(f"Client.from_kit: {forbidden} comes from the kit")
+        fields_ = {f.name for f in fields(Policy)}
+        merged = {**k.policy, **policy}
+        if set(merged) - fields_:
+            raise ConfigurationError(f"unknown policy fields {sorted(set(merged) - fields_)}")
+        if "allowed_modes" in merged:
+            merged["allowed_modes"] = frozenset(merged["allowed_modes"])
+        tls = ClientTls(
+            ca=k.path(kf.CA),
+            cert=k.path(kf.CERT),
+            key=k.path(kf.KEY),
+            server_name=server_name or k.server_name,
+        )
+        client = cls(
+            target or k.server,
+            read_identity(k.path(kf.IDENTITY)),
+            tls=tls,
+            policy=Policy(authority=k.path(kf.AUTHORITY), **merged),
+            retry=retry,
+        )
+        if k.key_holder:
+            client.he_secret_path = k.path(kf.CKKS_SECRET)
+        return client
 
     def close(self) -> None:
         self._channel.close()
@@ -337,13 +390,22 @@ class Client:
         weight: int = 1,
         *,
         rounding_key: bytes | None = None,
-        he_context: bytes | ckks.SecretContext | None = None,
+        he_context: HEContext | None = None,
+        key_epoch: bytes | None = None,
     ) -> Aggregate:
         """Contribute ``update`` to the round and return the aggregate.
 
         ``update`` is a numpy array, a torch tensor (CPU or CUDA), or a dict of them (a
         ``state_dict``); its values must number the round's ``dim``. ``ckks`` and ``hybrid``
-        rounds need ``he_context``, the key holders' CKKS context (``secagg keygen --ckks``).
+        rounds need ``he_context``, the key holders' CKKS context (``secagg keygen --ckks``):
+        best the *path* of the secret context file, opened with
+        :func:`secagg.ckks.open_secret_context` so that its decryption budget is counted in
+        the ledger beside it (``PATH.ledger``) across rounds and processes. A loaded
+        :class:`~secagg.ckks.SecretContext` keeps its own count for as long as it lives;
+        raw ``bytes`` load a fresh context each call whose count lasts one round only (the
+        budget is then not enforced across rounds: avoid it outside tests). ``key_epoch``
+        is the round's key-epoch fingerprint when the caller knows it; a context of another
+        epoch is refused before anything is sent (:class:`~secagg.errors.KeyEpochMismatch`).
 
         Raises
         ------
@@ -364,7 +426,12 @@ class Client:
         except LayoutMismatch as exc:
             raise PolicyRefused(str(exc)) from None
         result = self.participate(
-            joined, vector, weight, rounding_key=rounding_key, he_context=he_context
+            joined,
+            vector,
+            weight,
+            rounding_key=rounding_key,
+            he_context=he_context,
+            key_epoch=key_epoch,
         )
         assert result is not None
         return Aggregate(joined.round_id, result, layout)
@@ -377,7 +444,8 @@ class Client:
         *,
         rounding_key: bytes | None = None,
         on_send: Callable[[Message], bool] | None = None,
-        he_context: bytes | ckks.SecretContext | None = None,
+        he_context: HEContext | None = None,
+        key_epoch: bytes | None = None,
     ) -> ClientResult | None:
         """Run the protocol for a joined round with a flat ``vector``.
 
@@ -389,13 +457,11 @@ class Client:
         p = joined.params
         secret: ckks.SecretContext | None = None
         if not joined.insecure_plaintext and p.mode is not Mode.MASKED:
+            if he_context is None and self.he_secret_path is not None:
+                he_context = ckks.open_secret_context(self.he_secret_path, p.he)
             if he_context is None:
                 raise PolicyRefused(f"a {p.mode.name.lower()} round needs the CKKS key context")
-            secret = (
-                ckks.load_secret_context(he_context, p.he)
-                if isinstance(he_context, bytes | bytearray)
-                else he_context
-            )
+            secret = secret_context(he_context, p.he)
         if joined.insecure_plaintext:
             core = PlaintextClient(
                 joined.client_id, joined.params, vector, weight, rounding_key=rounding_key
@@ -412,6 +478,7 @@ class Client:
                 secret,
                 rounding_key=rounding_key,
                 policy=self.policy.core(),
+                key_epoch=key_epoch,
             )
         else:
             core = SecAggClient(
@@ -424,6 +491,7 @@ class Client:
                 rounding_key=rounding_key,
                 he_context=secret,
                 policy=self.policy.core(),
+                key_epoch=key_epoch,
             )
         return _Session(self, joined, core, on_send).run()
 
@@ -440,6 +508,22 @@ class Client:
                     raise from_rpc_error(err) from None
                 time.sleep(backoff)
                 backoff = min(2 * backoff, self.retry.max_backoff)
+
+
+HEContext: TypeAlias = "str | os.PathLike[str] | bytes | ckks.SecretContext"
+"""What the SDK takes as the key holders' CKKS context: a file path (its budget persists in
+``PATH.ledger``), a loaded context, or the file's bytes (budget for this call only)."""
+
+
+def secret_context(he_context: HEContext, params: HEParams) -> ckks.SecretContext:
+    """Load ``he_context`` for ``params``: a path through
+    :func:`secagg.ckks.open_secret_context` (file ledger), bytes with a fresh in-memory
+    count, a loaded context as it is."""
+    if isinstance(he_context, ckks.SecretContext):
+        return he_context
+    if isinstance(he_context, bytes | bytearray):
+        return ckks.load_secret_context(bytes(he_context), params)
+    return ckks.open_secret_context(Path(he_context), params)
 
 
 class _Session:
@@ -466,7 +550,8 @@ class _Session:
         d = joined.deadlines
         stages = [float(getattr(d, f.name)) for f in fields(d)]
         self.budget = client.retry.budget or max(stages)
-        self.call_timeout = sum(stages) + 60.0
+        # hybrid: the result check and blame stages wait as long as unmasking each
+        self.call_timeout = sum(stages) + 2 * float(d.unmasking) + 60.0
 
     def run(self) -> ClientResult | None:
         if not self._accept(self.core.start(time.monotonic())):

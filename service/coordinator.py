@@ -107,8 +107,9 @@ class Coordinator:
     def runners(self) -> list[RoundRunner]:
         return list(self._rounds.values())
 
-    async def create(self, spec: RoundSpec) -> RoundRunner:
-        """Validate ``spec``, record the round and start it.
+    async def create(self, spec: RoundSpec, *, operator: str | None = None) -> RoundRunner:
+        """Validate ``spec``, record the round and start it (``operator``, who asked for
+        it, is named in the ``round_created`` audit entry).
 
         Raises
         ------
@@ -147,6 +148,8 @@ class Coordinator:
                     self._pool, self._he_core, spec, params, directory, now
                 )
             body = self._audit_body(spec, params, members, mode == "plaintext")
+            if operator is not None:
+                body["operator"] = operator
             await loop.run_in_executor(
                 self._pool,
                 lambda: self.store.create_round(

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 from secagg.errors import MalformedMessage
 from secagg.keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES
-from secagg.messages import NONCE_BYTES, SESSION_ID_BYTES, SHARE_CIPHERTEXT_BYTES
+from secagg.messages import MAX_TEXT, NONCE_BYTES, SESSION_ID_BYTES, SHARE_CIPHERTEXT_BYTES
 from secagg.params import ROUND_ID_BYTES, Mode, RoundParams
+from secagg.policy import MAX_BLAME_CHECKS
 from secagg.server import StageTimeouts
 from secagg.service._gen import admin_pb2, aggregation_pb2, common_pb2
 from secagg.service.errors import TooLarge
@@ -57,6 +58,9 @@ def max_client_message_bytes(params: RoundParams) -> int:
         SESSION_ID_BYTES + SIGNATURE_BYTES,  # ConsistencySignature
         SESSION_ID_BYTES + 2 * pair_list,  # UnmaskShares
         _encrypted_bytes(params, seeded=True) + SIGNATURE_BYTES,  # EncryptedInput
+        SESSION_ID_BYTES + 1,  # ResultVerdict
+        # BlameVerdict: checked ids, (id, reason) pairs, signature
+        SESSION_ID_BYTES + 4 + 4 * n + 4 + n * (8 + MAX_TEXT) + SIGNATURE_BYTES,
     )
     return HEADER_BYTES + max(sizes)
 
@@ -69,6 +73,13 @@ def _encrypted_bytes(params: RoundParams, *, seeded: bool) -> int:
     return (
         SESSION_ID_BYTES + 4 + he.n_ciphertexts * (4 + he.ciphertext_bytes_range(seeded=seeded)[1])
     )
+
+
+def _upload_bytes(params: RoundParams) -> int:
+    """One encoded EncryptedInput as a blame request forwards it (0 unless hybrid)."""
+    if params.mode is not Mode.HYBRID:
+        return 0
+    return HEADER_BYTES + _encrypted_bytes(params, seeded=True) + SIGNATURE_BYTES
 
 
 def max_server_message_bytes(params: RoundParams) -> int:
@@ -84,6 +95,8 @@ def max_server_message_bytes(params: RoundParams) -> int:
         SESSION_ID_BYTES + ids + 8 + 8 * params.words,  # AggregateResult (packed words)
         ids + _encrypted_bytes(params, seeded=False),  # EncryptedResult
         8 + 2 * 1024,  # Abort
+        # BlameRequest: at most the default policy's checks, each a whole EncryptedInput
+        SESSION_ID_BYTES + 4 + MAX_BLAME_CHECKS * (4 + _upload_bytes(params)),
     )
     return HEADER_BYTES + max(sizes)
 

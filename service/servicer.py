@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
@@ -13,7 +14,7 @@ import grpc
 from secagg.errors import SecAggError
 from secagg.service import serde
 from secagg.service._gen import admin_pb2, admin_pb2_grpc, aggregation_pb2
-from secagg.service.auth import Caller, CallVerifier, check_admin
+from secagg.service.auth import AdminVerifier, Caller, CallVerifier
 from secagg.service.config import ServerConfig
 from secagg.service.coordinator import Coordinator
 from secagg.service.errors import TooManyStreams, Unauthenticated, status_for
@@ -21,11 +22,12 @@ from secagg.service.rounds import RoundRunner
 from secagg.service.session import StreamSession
 from secagg.service.store import RUNNING
 
-__all__ = ["GET_ROUND", "SESSION", "AdminServicer", "AggregationServicer"]
+__all__ = ["ADMIN_SERVICE", "GET_ROUND", "SESSION", "AdminServicer", "AggregationServicer"]
 
 log = logging.getLogger("secagg.service.servicer")
 
 SERVICE = aggregation_pb2.DESCRIPTOR.services_by_name["Aggregation"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 GET_ROUND = f"/{SERVICE}/GetRound"
 SESSION = f"/{SERVICE}/Session"
 
@@ -138,21 +140,40 @@ class AggregationServicer:
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
-    """The operator API (admin token)."""
+    """The operator API: every call authenticated to an operator name (its audit entries
+    name it), by operator key or by the DEPRECATED shared token."""
 
     def __init__(self, coordinator: Coordinator, config: ServerConfig):
         self._coord = coordinator
         self._store = coordinator.store
         self._config = config
+        self._verifier = AdminVerifier(self._store, config.admin_token, skew=config.clock_skew)
 
-    def _check(self, context: Any) -> None:
-        check_admin(context.invocation_metadata(), self._config.admin_token)
+    def _check(self, context: Any, method: str) -> str:
+        tls = self._config.tls
+        bind = tls is not None and tls.mutual and tls.bind_names
+        cn = None
+        if bind:
+            names = context.auth_context().get("x509_common_name") or [b""]
+            cn = names[0].decode(errors="replace")
+        return self._verifier.verify(
+            context.invocation_metadata(),
+            f"/{ADMIN_SERVICE}/{method}",
+            peer_common_name=cn,
+            require_cert_binding=bind,
+        )
 
     async def Enroll(self, request: admin_pb2.EnrollRequest, context: Any) -> admin_pb2.Participant:  # noqa: N802
         try:
-            self._check(context)
+            operator = self._check(context, "Enroll")
             rec = await asyncio.to_thread(
-                self._store.enroll, request.name, request.identity_key, request.signed_entry
+                functools.partial(
+                    self._store.enroll,
+                    request.name,
+                    request.identity_key,
+                    request.signed_entry,
+                    operator=operator,
+                )
             )
             out = serde.participant_to_proto(rec)
             out.signed_entry = request.signed_entry
@@ -164,9 +185,14 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.SetSignedEntryRequest, context: Any
     ) -> admin_pb2.Participant:
         try:
-            self._check(context)
+            operator = self._check(context, "SetSignedEntry")
             rec = await asyncio.to_thread(
-                self._store.set_signed_entry, request.name, request.signed_entry
+                functools.partial(
+                    self._store.set_signed_entry,
+                    request.name,
+                    request.signed_entry,
+                    operator=operator,
+                )
             )
             out = serde.participant_to_proto(rec)
             out.signed_entry = request.signed_entry
@@ -176,9 +202,31 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     async def Revoke(self, request: admin_pb2.RevokeRequest, context: Any) -> admin_pb2.Participant:  # noqa: N802
         try:
-            self._check(context)
-            rec = await asyncio.to_thread(self._store.revoke, request.name)
+            operator = self._check(context, "Revoke")
+            rec = await asyncio.to_thread(
+                functools.partial(self._store.revoke, request.name, operator=operator)
+            )
             return serde.participant_to_proto(rec)
+        except Exception as exc:
+            await _fail(context, exc)
+
+    async def RotateKey(  # noqa: N802
+        self, request: admin_pb2.RotateKeyRequest, context: Any
+    ) -> admin_pb2.Participant:
+        try:
+            operator = self._check(context, "RotateKey")
+            rec = await asyncio.to_thread(
+                functools.partial(
+                    self._store.rotate,
+                    request.name,
+                    request.identity_key,
+                    request.signed_entry,
+                    operator=operator,
+                )
+            )
+            out = serde.participant_to_proto(rec)
+            out.signed_entry = request.signed_entry
+            return out
         except Exception as exc:
             await _fail(context, exc)
 
@@ -186,7 +234,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.ListParticipantsRequest, context: Any
     ) -> admin_pb2.ListParticipantsResponse:
         try:
-            self._check(context)
+            self._check(context, "ListParticipants")
             recs = await asyncio.to_thread(self._store.participants)
             return admin_pb2.ListParticipantsResponse(
                 participants=[serde.participant_to_proto(r) for r in recs]
@@ -198,9 +246,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.CreateRoundRequest, context: Any
     ) -> admin_pb2.RoundStatus:
         try:
-            self._check(context)
+            operator = self._check(context, "CreateRound")
             spec = serde.round_spec_from_proto(request, self._config.deadlines)
-            runner = await self._coord.create(spec)
+            runner = await self._coord.create(spec, operator=operator)
             return await self._status(runner.round_id)
         except Exception as exc:
             await _fail(context, exc)
@@ -209,7 +257,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.RoundStatusRequest, context: Any
     ) -> admin_pb2.RoundStatus:
         try:
-            self._check(context)
+            self._check(context, "GetRoundStatus")
             return await self._status(request.round_id)
         except Exception as exc:
             await _fail(context, exc)
@@ -218,8 +266,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.AbortRoundRequest, context: Any
     ) -> admin_pb2.RoundStatus:
         try:
-            self._check(context)
+            operator = self._check(context, "AbortRound")
             runner = self._coord.runner(request.round_id)
+            body = {"operator": operator, "reason": request.reason}
+            await asyncio.to_thread(
+                self._store.append_audit, "round_abort_requested", runner.round_id.hex(), body
+            )
             await runner.abort(request.reason or "aborted by the operator")
             return await self._status(request.round_id)
         except Exception as exc:

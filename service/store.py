@@ -30,13 +30,30 @@ from secagg.keys import PUBLIC_KEY_BYTES, check_identity_key
 from secagg.service.audit import GENESIS, AuditEntry, canonical_json, entry_hash, verify_chain
 from secagg.service.errors import AlreadyExists, NotFound, StoreLocked
 
-__all__ = ["Member", "ParticipantRecord", "RoundRecord", "Store", "WriterLock"]
+__all__ = [
+    "LOCAL_OPERATOR",
+    "Member",
+    "OperatorRecord",
+    "ParticipantRecord",
+    "RoundRecord",
+    "Store",
+    "WriterLock",
+]
+
+LOCAL_OPERATOR = "local"
+"""Operator named in the log for edits made on the store file directly (its owner)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS participants (
     name TEXT PRIMARY KEY,
     public_key BLOB NOT NULL UNIQUE,
     enrolled_at REAL NOT NULL,
+    revoked_at REAL
+);
+CREATE TABLE IF NOT EXISTS operators (
+    name TEXT PRIMARY KEY,
+    public_key BLOB NOT NULL UNIQUE,
+    added_at REAL NOT NULL,
     revoked_at REAL
 );
 CREATE TABLE IF NOT EXISTS directory_entries (
@@ -136,6 +153,20 @@ class ParticipantRecord:
     name: str
     public_key: bytes
     enrolled_at: float
+    revoked_at: float | None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+@dataclass(frozen=True)
+class OperatorRecord:
+    """An operator allowed to call the admin API with its Ed25519 key."""
+
+    name: str
+    public_key: bytes
+    added_at: float
     revoked_at: float | None
 
     @property
@@ -246,24 +277,22 @@ class Store:
 
     # -- participants -------------------------------------------------------------------------
 
-    def enroll(self, name: str, public_key: bytes, signed_entry: bytes = b"") -> ParticipantRecord:
+    def enroll(
+        self,
+        name: str,
+        public_key: bytes,
+        signed_entry: bytes = b"",
+        *,
+        operator: str = LOCAL_OPERATOR,
+    ) -> ParticipantRecord:
         """Enrol ``name`` with its Ed25519 public key and, optionally, the federation
         authority's signed directory entry for it (stored and served, never verified
-        here: the server does not hold the authority's key, the clients do the checking)."""
-        if not name or len(name) > 128 or not name.isprintable():
-            raise ConfigurationError("participant names are 1..128 printable characters")
-        if len(public_key) != PUBLIC_KEY_BYTES:
-            raise ConfigurationError("identity keys are 32-byte Ed25519 public keys")
-        try:
-            check_identity_key(public_key)
-        except InvalidSignature as exc:
-            raise ConfigurationError(f"unusable identity key: {exc}") from None
+        here: the server does not hold the authority's key, the clients do the checking).
+        ``operator`` is named in the audit entry."""
+        _check_name(name, "participant")
+        _check_key(public_key)
         if signed_entry:
-            entry = SignedEntry.decode(signed_entry)
-            if entry.name != name or entry.identity_key != bytes(public_key):
-                raise ConfigurationError(
-                    f"the signed entry vouches for {entry.name!r}, not for {name!r} with this key"
-                )
+            _check_entry(signed_entry, name, public_key)
         now = time.time()
         with self._tx() as db:
             clash = db.execute(
@@ -281,12 +310,13 @@ class Store:
                     "INSERT OR REPLACE INTO directory_entries (name, entry) VALUES (?, ?)",
                     (name, bytes(signed_entry)),
                 )
-            self._append(
-                db, "participant_enrolled", "", {"name": name, "identity_key": public_key.hex()}
-            )
+            body = {"name": name, "identity_key": public_key.hex(), "operator": operator}
+            self._append(db, "participant_enrolled", "", body)
         return ParticipantRecord(name, public_key, now, None)
 
-    def set_signed_entry(self, name: str, signed_entry: bytes) -> ParticipantRecord:
+    def set_signed_entry(
+        self, name: str, signed_entry: bytes, *, operator: str = LOCAL_OPERATOR
+    ) -> ParticipantRecord:
         """Replace ``name``'s signed directory entry (recorded in the log by its SHA-256)."""
         entry = SignedEntry.decode(signed_entry)
         with self._tx() as db:
@@ -304,7 +334,12 @@ class Store:
                 "INSERT OR REPLACE INTO directory_entries (name, entry) VALUES (?, ?)",
                 (name, bytes(signed_entry)),
             )
-            body = {"name": name, "epoch": entry.epoch, "not_after": entry.not_after}
+            body = {
+                "name": name,
+                "epoch": entry.epoch,
+                "not_after": entry.not_after,
+                "operator": operator,
+            }
             digest = hashlib.sha256(bytes(signed_entry)).hexdigest()
             self._append(db, "participant_entry_set", "", {**body, "entry_sha256": digest})
         return ParticipantRecord(name, row[0], row[1], row[2])
@@ -314,7 +349,7 @@ class Store:
         rows = self._query("SELECT entry FROM directory_entries WHERE name = ?", (name,))
         return bytes(rows[0][0]) if rows else b""
 
-    def revoke(self, name: str) -> ParticipantRecord:
+    def revoke(self, name: str, *, operator: str = LOCAL_OPERATOR) -> ParticipantRecord:
         """Revoke ``name``: its identity is refused from now on (recorded in the log)."""
         now = time.time()
         with self._tx() as db:
@@ -327,8 +362,64 @@ class Store:
             if row[2] is not None:
                 return ParticipantRecord(name, row[0], row[1], row[2])
             db.execute("UPDATE participants SET revoked_at = ? WHERE name = ?", (now, name))
-            self._append(db, "participant_revoked", "", {"name": name})
+            self._append(db, "participant_revoked", "", {"name": name, "operator": operator})
         return ParticipantRecord(name, row[0], row[1], now)
+
+    def rotate(
+        self,
+        name: str,
+        public_key: bytes,
+        signed_entry: bytes = b"",
+        *,
+        operator: str = LOCAL_OPERATOR,
+    ) -> ParticipantRecord:
+        """Give site ``name`` a new identity key, keeping its name (and so its place in
+        rosters); a revoked site is reinstated with the new key. A site that had a signed
+        directory entry needs one for the new key (clients would refuse the old one).
+        Recorded as ``participant_rotated`` with both keys."""
+        _check_key(public_key)
+        if signed_entry:
+            _check_entry(signed_entry, name, public_key)
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT public_key, enrolled_at FROM participants WHERE name = ?", (name,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no participant named {name!r}")
+            if bytes(row[0]) == bytes(public_key):
+                raise AlreadyExists(f"participant {name!r} already holds this key")
+            clash = db.execute(
+                "SELECT name FROM participants WHERE public_key = ?", (public_key,)
+            ).fetchone()
+            if clash:
+                raise AlreadyExists(f"participant {clash[0]!r} already holds this key")
+            had_entry = db.execute(
+                "SELECT 1 FROM directory_entries WHERE name = ?", (name,)
+            ).fetchone()
+            if had_entry and not signed_entry:
+                raise ConfigurationError(
+                    f"participant {name!r} has a signed directory entry: rotating needs a new "
+                    "one for the new key (secagg authority sign)"
+                )
+            db.execute(
+                "UPDATE participants SET public_key = ?, revoked_at = NULL WHERE name = ?",
+                (public_key, name),
+            )
+            if signed_entry:
+                db.execute(
+                    "INSERT OR REPLACE INTO directory_entries (name, entry) VALUES (?, ?)",
+                    (name, bytes(signed_entry)),
+                )
+            body = {
+                "name": name,
+                "old_identity_key": bytes(row[0]).hex(),
+                "identity_key": public_key.hex(),
+                "operator": operator,
+            }
+            if signed_entry:
+                body["entry_sha256"] = hashlib.sha256(bytes(signed_entry)).hexdigest()
+            self._append(db, "participant_rotated", "", body)
+        return ParticipantRecord(name, public_key, row[1], None)
 
     def participant(self, name: str) -> ParticipantRecord | None:
         rows = self._query(
@@ -350,6 +441,57 @@ class Store:
             "SELECT name, public_key, enrolled_at, revoked_at FROM participants ORDER BY name"
         )
         return [ParticipantRecord(*r) for r in rows]
+
+    # -- operators -----------------------------------------------------------------------------
+
+    def add_operator(
+        self, name: str, public_key: bytes, *, operator: str = LOCAL_OPERATOR
+    ) -> OperatorRecord:
+        """Allow ``name`` to call the admin API with Ed25519 key ``public_key``."""
+        _check_name(name, "operator")
+        _check_key(public_key)
+        now = time.time()
+        with self._tx() as db:
+            clash = db.execute(
+                "SELECT name FROM operators WHERE name = ? OR public_key = ?", (name, public_key)
+            ).fetchone()
+            if clash:
+                raise AlreadyExists(f"operator {clash[0]!r} already holds this name or key")
+            db.execute(
+                "INSERT INTO operators (name, public_key, added_at) VALUES (?, ?, ?)",
+                (name, public_key, now),
+            )
+            body = {"name": name, "public_key": public_key.hex(), "operator": operator}
+            self._append(db, "operator_added", "", body)
+        return OperatorRecord(name, public_key, now, None)
+
+    def revoke_operator(self, name: str, *, operator: str = LOCAL_OPERATOR) -> OperatorRecord:
+        """Refuse ``name``'s admin calls from now on (recorded in the log)."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT public_key, added_at, revoked_at FROM operators WHERE name = ?", (name,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no operator named {name!r}")
+            if row[2] is not None:
+                return OperatorRecord(name, bytes(row[0]), row[1], row[2])
+            db.execute("UPDATE operators SET revoked_at = ? WHERE name = ?", (now, name))
+            self._append(db, "operator_revoked", "", {"name": name, "operator": operator})
+        return OperatorRecord(name, bytes(row[0]), row[1], now)
+
+    def operator_by_key(self, public_key: bytes) -> OperatorRecord | None:
+        rows = self._query(
+            "SELECT name, public_key, added_at, revoked_at FROM operators WHERE public_key = ?",
+            (public_key,),
+        )
+        return OperatorRecord(rows[0][0], bytes(rows[0][1]), *rows[0][2:]) if rows else None
+
+    def operators(self) -> list[OperatorRecord]:
+        rows = self._query(
+            "SELECT name, public_key, added_at, revoked_at FROM operators ORDER BY name"
+        )
+        return [OperatorRecord(r[0], bytes(r[1]), r[2], r[3]) for r in rows]
 
     # -- rounds ---------------------------------------------------------------------------------
 
@@ -440,4 +582,26 @@ class Store:
             r[7],
             json.loads(r[8]) if r[8] else {},
             members,
+        )
+
+
+def _check_name(name: str, what: str) -> None:
+    if not name or len(name) > 128 or not name.isprintable():
+        raise ConfigurationError(f"{what} names are 1..128 printable characters")
+
+
+def _check_key(public_key: bytes) -> None:
+    if len(public_key) != PUBLIC_KEY_BYTES:
+        raise ConfigurationError("identity keys are 32-byte Ed25519 public keys")
+    try:
+        check_identity_key(public_key)
+    except InvalidSignature as exc:
+        raise ConfigurationError(f"unusable identity key: {exc}") from None
+
+
+def _check_entry(signed_entry: bytes, name: str, public_key: bytes) -> None:
+    entry = SignedEntry.decode(signed_entry)
+    if entry.name != name or entry.identity_key != bytes(public_key):
+        raise ConfigurationError(
+            f"the signed entry vouches for {entry.name!r}, not for {name!r} with this key"
         )

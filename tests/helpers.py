@@ -147,7 +147,8 @@ class Harness:
         drops = drops or {}
         gone: set[int] = set()
         replies = self.start()
-        for stage in ("advertise", "share", "masked", "consistency", "unmask"):
+        # hybrid rounds go on: the key holders' verdict on the result, then any blame step
+        for stage in ("advertise", "share", "masked", "consistency", "unmask", "verdict", "blame"):
             gone |= drops.get(stage, set())
             out = self.stage(replies, silent=gone)
             replies = self.to_clients(out, skip=gone)

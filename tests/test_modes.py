@@ -54,7 +54,7 @@ def test_hybrid_server_refuses_bad_ciphertexts_and_round_continues() -> None:
     kinds = {type(e) for e in h.errors}
     assert MalformedMessage in kinds and InvalidSignature in kinds
     assert not h.server.records[2].active and not h.server.records[4].active
-    for _ in range(2):
+    for _ in range(3):  # consistency, unmasking, the key holders' verdict on the result
         out = h.stage(h.to_clients(out))
     assert_exact(h, set(h.ids) - {2, 4})
 

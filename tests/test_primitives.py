@@ -510,6 +510,9 @@ LABELS = {
     Purpose.GRAPH: b"graph",
     Purpose.HYBRID: b"hybrid",
     Purpose.SHARE_ENC: b"share-enc",
+    Purpose.DP_NOISE: b"dp-noise",
+    Purpose.DP_ROTATION: b"dp-rotation",
+    Purpose.DP_ROUNDING: b"dp-rounding",
 }
 ID_TUPLES: list[tuple[int, ...]] = [(), (0,), (1,), (7, 9), (9, 7), (1, 2**32 - 1), (3, 4, 5)]
 

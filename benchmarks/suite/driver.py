@@ -28,7 +28,7 @@ import numpy as np
 STAGES = ("advertise", "share", "input", "consistency", "unmask", "result")
 
 UP_STAGE = {1: "advertise", 7: "advertise", 2: "share", 3: "input", 6: "input", 4: "consistency",
-            5: "unmask"}  # fmt: skip
+            5: "unmask", 10: "result", 11: "result"}  # fmt: skip
 """Client message type -> stage it belongs to (reveal_nonces counts as part of advertise)."""
 DOWN_STAGE = {16: "advertise", 23: "advertise", 17: "share", 18: "input", 19: "consistency",
               20: "result", 22: "result", 21: "result"}  # fmt: skip

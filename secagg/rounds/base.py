@@ -28,7 +28,7 @@ from secagg.errors import (
     UnknownClient,
     WrongSession,
 )
-from secagg.messages import AdvertiseKeys, Message
+from secagg.messages import AdvertiseKeys, BlameVerdict, EncryptedInput, Message
 from secagg.params import RoundParams
 
 __all__ = [
@@ -54,6 +54,8 @@ class Stage(StrEnum):
     CONSISTENCY = "consistency"
     UNMASKING = "unmasking"
     ENCRYPTED_INPUT = "encrypted_input"
+    RESULT_CHECK = "result_check"
+    BLAME = "blame"
     COMPLETED = "completed"
     ABORTED = "aborted"
 
@@ -126,6 +128,12 @@ class ServerContext:
     u3: frozenset[int] = frozenset()
     seed_shares: dict[int, dict[int, bytes]] = field(default_factory=dict)
     key_shares: dict[int, dict[int, bytes]] = field(default_factory=dict)
+    uploads: dict[int, EncryptedInput] = field(default_factory=dict)
+    """hybrid: every accepted signed upload, kept for the blame step."""
+    pending: RoundResult | None = None
+    """hybrid: the published encrypted result, until the key holders accept it."""
+    blame_verdicts: dict[int, BlameVerdict] = field(default_factory=dict)
+    """hybrid: the signed verdicts of the blame step (evidence for an audit)."""
     result: RoundResult | None = None
     error: RoundAborted | None = None
     warnings: list[str] = field(default_factory=list)

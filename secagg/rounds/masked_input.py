@@ -69,6 +69,8 @@ class MaskedInputState(ServerState):
     def store(self, cid: int, msg: Message) -> None:
         if isinstance(msg, MaskedInput):
             self.ctx.acc += msg.words
+        elif isinstance(msg, EncryptedInput):
+            self.ctx.uploads[cid] = msg  # signed evidence, should the sum not decrypt
 
     def finish(self, now: float) -> tuple[ServerState, list[Outgoing]]:
         from secagg.rounds.consistency import ConsistencyState

@@ -27,7 +27,7 @@ from secagg.messages import (
 )
 from secagg.prg import Purpose, StreamMask, derive_key
 from secagg.rounds.base import Outgoing, RoundResult, ServerContext, ServerState, Stage
-from secagg.rounds.terminal import CompletedState
+from secagg.rounds.blame import after_result
 
 __all__ = ["UnmaskingState", "pair_sign"]
 
@@ -94,7 +94,7 @@ class UnmaskingState(ServerState):
             msg = AggregateResult(
                 ctx.params.round_id, 0, ctx.session_id, result.contributors, ctx.acc
             )
-        return CompletedState(ctx), [(cid, msg) for cid in sorted(ctx.active(ctx.u2))]
+        return after_result(ctx), [(cid, msg) for cid in sorted(ctx.active(ctx.u2))]
 
 
 def _recover(

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from secagg.service._gen import common_pb2 as secagg_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15secagg/v1/admin.proto\x12\tsecagg.v1\x1a\x16secagg/v1/common.proto\"p\n\x0bParticipant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cidentity_key\x18\x02 \x01(\x0c\x12\x13\n\x0b\x65nrolled_at\x18\x03 \x01(\x01\x12\x12\n\nrevoked_at\x18\x04 \x01(\x01\x12\x14\n\x0csigned_entry\x18\x05 \x01(\x0c\"I\n\rEnrollRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cidentity_key\x18\x02 \x01(\x0c\x12\x14\n\x0csigned_entry\x18\x03 \x01(\x0c\"\x1d\n\rRevokeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\";\n\x15SetSignedEntryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0csigned_entry\x18\x02 \x01(\x0c\"\x19\n\x17ListParticipantsRequest\"H\n\x18ListParticipantsResponse\x12,\n\x0cparticipants\x18\x01 \x03(\x0b\x32\x16.secagg.v1.Participant\"\xc5\x02\n\x12\x43reateRoundRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x14\n\x0cparticipants\x18\x02 \x03(\t\x12\x0b\n\x03\x64im\x18\x03 \x01(\x04\x12\x0c\n\x04mode\x18\x04 \x01(\t\x12\x0c\n\x04\x62its\x18\x05 \x01(\r\x12\x0c\n\x04\x63lip\x18\x06 \x01(\x01\x12\x12\n\nmax_weight\x18\x07 \x01(\x04\x12\x11\n\tneighbors\x18\x08 \x01(\t\x12\x11\n\tthreshold\x18\t \x01(\t\x12,\n\tdeadlines\x18\n \x01(\x0b\x32\x19.secagg.v1.StageDeadlines\x12\x18\n\x10tolerate_dropout\x18\x0b \x01(\x01\x12\x18\n\x10tolerate_corrupt\x18\x0c \x01(\x01\x12\x12\n\nhe_context\x18\r \x01(\x0c\x12\x15\n\rpublish_after\x18\x0e \x01(\r\x12\x0e\n\x06layout\x18\x0f \x01(\x0c\"&\n\x12RoundStatusRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x0c\"5\n\x11\x41\x62ortRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x0c\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x9c\x03\n\x0bRoundStatus\x12\x10\n\x08round_id\x18\x01 \x01(\x0c\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\r\n\x05stage\x18\x04 \x01(\t\x12,\n\tdirectory\x18\x05 \x03(\x0b\x32\x19.secagg.v1.DirectoryEntry\x12$\n\x08\x64ropouts\x18\x06 \x03(\x0b\x32\x12.secagg.v1.Dropout\x12\x14\n\x0c\x63ontributors\x18\x07 \x03(\r\x12\x13\n\x0b\x61\x62ort_stage\x18\x08 \x01(\t\x12\x14\n\x0c\x61\x62ort_reason\x18\t \x01(\t\x12\x18\n\x10\x61ggregate_sha256\x18\n \x01(\t\x12?\n\rstage_seconds\x18\x0b \x03(\x0b\x32(.secagg.v1.RoundStatus.StageSecondsEntry\x12\x0e\n\x06params\x18\x0c \x01(\x0c\x12\x1a\n\x12insecure_plaintext\x18\r \x01(\x08\x1a\x33\n\x11StageSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xfb\x03\n\x05\x41\x64min\x12:\n\x06\x45nroll\x12\x18.secagg.v1.EnrollRequest\x1a\x16.secagg.v1.Participant\x12:\n\x06Revoke\x12\x18.secagg.v1.RevokeRequest\x1a\x16.secagg.v1.Participant\x12J\n\x0eSetSignedEntry\x12 .secagg.v1.SetSignedEntryRequest\x1a\x16.secagg.v1.Participant\x12[\n\x10ListParticipants\x12\".secagg.v1.ListParticipantsRequest\x1a#.secagg.v1.ListParticipantsResponse\x12\x44\n\x0b\x43reateRound\x12\x1d.secagg.v1.CreateRoundRequest\x1a\x16.secagg.v1.RoundStatus\x12G\n\x0eGetRoundStatus\x12\x1d.secagg.v1.RoundStatusRequest\x1a\x16.secagg.v1.RoundStatus\x12\x42\n\nAbortRound\x12\x1c.secagg.v1.AbortRoundRequest\x1a\x16.secagg.v1.RoundStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15secagg/v1/admin.proto\x12\tsecagg.v1\x1a\x16secagg/v1/common.proto\"p\n\x0bParticipant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cidentity_key\x18\x02 \x01(\x0c\x12\x13\n\x0b\x65nrolled_at\x18\x03 \x01(\x01\x12\x12\n\nrevoked_at\x18\x04 \x01(\x01\x12\x14\n\x0csigned_entry\x18\x05 \x01(\x0c\"I\n\rEnrollRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cidentity_key\x18\x02 \x01(\x0c\x12\x14\n\x0csigned_entry\x18\x03 \x01(\x0c\"\x1d\n\rRevokeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\";\n\x15SetSignedEntryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0csigned_entry\x18\x02 \x01(\x0c\"L\n\x10RotateKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cidentity_key\x18\x02 \x01(\x0c\x12\x14\n\x0csigned_entry\x18\x03 \x01(\x0c\"\x19\n\x17ListParticipantsRequest\"H\n\x18ListParticipantsResponse\x12,\n\x0cparticipants\x18\x01 \x03(\x0b\x32\x16.secagg.v1.Participant\"\xc5\x02\n\x12\x43reateRoundRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x14\n\x0cparticipants\x18\x02 \x03(\t\x12\x0b\n\x03\x64im\x18\x03 \x01(\x04\x12\x0c\n\x04mode\x18\x04 \x01(\t\x12\x0c\n\x04\x62its\x18\x05 \x01(\r\x12\x0c\n\x04\x63lip\x18\x06 \x01(\x01\x12\x12\n\nmax_weight\x18\x07 \x01(\x04\x12\x11\n\tneighbors\x18\x08 \x01(\t\x12\x11\n\tthreshold\x18\t \x01(\t\x12,\n\tdeadlines\x18\n \x01(\x0b\x32\x19.secagg.v1.StageDeadlines\x12\x18\n\x10tolerate_dropout\x18\x0b \x01(\x01\x12\x18\n\x10tolerate_corrupt\x18\x0c \x01(\x01\x12\x12\n\nhe_context\x18\r \x01(\x0c\x12\x15\n\rpublish_after\x18\x0e \x01(\r\x12\x0e\n\x06layout\x18\x0f \x01(\x0c\"&\n\x12RoundStatusRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x0c\"5\n\x11\x41\x62ortRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x0c\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x9c\x03\n\x0bRoundStatus\x12\x10\n\x08round_id\x18\x01 \x01(\x0c\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\r\n\x05stage\x18\x04 \x01(\t\x12,\n\tdirectory\x18\x05 \x03(\x0b\x32\x19.secagg.v1.DirectoryEntry\x12$\n\x08\x64ropouts\x18\x06 \x03(\x0b\x32\x12.secagg.v1.Dropout\x12\x14\n\x0c\x63ontributors\x18\x07 \x03(\r\x12\x13\n\x0b\x61\x62ort_stage\x18\x08 \x01(\t\x12\x14\n\x0c\x61\x62ort_reason\x18\t \x01(\t\x12\x18\n\x10\x61ggregate_sha256\x18\n \x01(\t\x12?\n\rstage_seconds\x18\x0b \x03(\x0b\x32(.secagg.v1.RoundStatus.StageSecondsEntry\x12\x0e\n\x06params\x18\x0c \x01(\x0c\x12\x1a\n\x12insecure_plaintext\x18\r \x01(\x08\x1a\x33\n\x11StageSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xbd\x04\n\x05\x41\x64min\x12:\n\x06\x45nroll\x12\x18.secagg.v1.EnrollRequest\x1a\x16.secagg.v1.Participant\x12:\n\x06Revoke\x12\x18.secagg.v1.RevokeRequest\x1a\x16.secagg.v1.Participant\x12J\n\x0eSetSignedEntry\x12 .secagg.v1.SetSignedEntryRequest\x1a\x16.secagg.v1.Participant\x12[\n\x10ListParticipants\x12\".secagg.v1.ListParticipantsRequest\x1a#.secagg.v1.ListParticipantsResponse\x12\x44\n\x0b\x43reateRound\x12\x1d.secagg.v1.CreateRoundRequest\x1a\x16.secagg.v1.RoundStatus\x12G\n\x0eGetRoundStatus\x12\x1d.secagg.v1.RoundStatusRequest\x1a\x16.secagg.v1.RoundStatus\x12\x42\n\nAbortRound\x12\x1c.secagg.v1.AbortRoundRequest\x1a\x16.secagg.v1.RoundStatus\x12@\n\tRotateKey\x12\x1b.secagg.v1.RotateKeyRequest\x1a\x16.secagg.v1.Participantb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,20 +42,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REVOKEREQUEST']._serialized_end=278
   _globals['_SETSIGNEDENTRYREQUEST']._serialized_start=280
   _globals['_SETSIGNEDENTRYREQUEST']._serialized_end=339
-  _globals['_LISTPARTICIPANTSREQUEST']._serialized_start=341
-  _globals['_LISTPARTICIPANTSREQUEST']._serialized_end=366
-  _globals['_LISTPARTICIPANTSRESPONSE']._serialized_start=368
-  _globals['_LISTPARTICIPANTSRESPONSE']._serialized_end=440
-  _globals['_CREATEROUNDREQUEST']._serialized_start=443
-  _globals['_CREATEROUNDREQUEST']._serialized_end=768
-  _globals['_ROUNDSTATUSREQUEST']._serialized_start=770
-  _globals['_ROUNDSTATUSREQUEST']._serialized_end=808
-  _globals['_ABORTROUNDREQUEST']._serialized_start=810
-  _globals['_ABORTROUNDREQUEST']._serialized_end=863
-  _globals['_ROUNDSTATUS']._serialized_start=866
-  _globals['_ROUNDSTATUS']._serialized_end=1278
-  _globals['_ROUNDSTATUS_STAGESECONDSENTRY']._serialized_start=1227
-  _globals['_ROUNDSTATUS_STAGESECONDSENTRY']._serialized_end=1278
-  _globals['_ADMIN']._serialized_start=1281
-  _globals['_ADMIN']._serialized_end=1788
+  _globals['_ROTATEKEYREQUEST']._serialized_start=341
+  _globals['_ROTATEKEYREQUEST']._serialized_end=417
+  _globals['_LISTPARTICIPANTSREQUEST']._serialized_start=419
+  _globals['_LISTPARTICIPANTSREQUEST']._serialized_end=444
+  _globals['_LISTPARTICIPANTSRESPONSE']._serialized_start=446
+  _globals['_LISTPARTICIPANTSRESPONSE']._serialized_end=518
+  _globals['_CREATEROUNDREQUEST']._serialized_start=521
+  _globals['_CREATEROUNDREQUEST']._serialized_end=846
+  _globals['_ROUNDSTATUSREQUEST']._serialized_start=848
+  _globals['_ROUNDSTATUSREQUEST']._serialized_end=886
+  _globals['_ABORTROUNDREQUEST']._serialized_start=888
+  _globals['_ABORTROUNDREQUEST']._serialized_end=941
+  _globals['_ROUNDSTATUS']._serialized_start=944
+  _globals['_ROUNDSTATUS']._serialized_end=1356
+  _globals['_ROUNDSTATUS_STAGESECONDSENTRY']._serialized_start=1305
+  _globals['_ROUNDSTATUS_STAGESECONDSENTRY']._serialized_end=1356
+  _globals['_ADMIN']._serialized_start=1359
+  _globals['_ADMIN']._serialized_end=1932
 # @@protoc_insertion_point(module_scope)

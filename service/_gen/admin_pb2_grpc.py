@@ -69,6 +69,11 @@ class AdminStub(object):
                 request_serializer=secagg_dot_v1_dot_admin__pb2.AbortRoundRequest.SerializeToString,
                 response_deserializer=secagg_dot_v1_dot_admin__pb2.RoundStatus.FromString,
                 _registered_method=True)
+        self.RotateKey = channel.unary_unary(
+                '/secagg.v1.Admin/RotateKey',
+                request_serializer=secagg_dot_v1_dot_admin__pb2.RotateKeyRequest.SerializeToString,
+                response_deserializer=secagg_dot_v1_dot_admin__pb2.Participant.FromString,
+                _registered_method=True)
 
 
 class AdminServicer(object):
@@ -118,6 +123,14 @@ class AdminServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateKey(self, request, context):
+        """Give an enrolled participant a new identity key under the same name (a revoked one is
+        reinstated); a participant with a signed entry needs one for the new key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -155,6 +168,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.AbortRound,
                     request_deserializer=secagg_dot_v1_dot_admin__pb2.AbortRoundRequest.FromString,
                     response_serializer=secagg_dot_v1_dot_admin__pb2.RoundStatus.SerializeToString,
+            ),
+            'RotateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateKey,
+                    request_deserializer=secagg_dot_v1_dot_admin__pb2.RotateKeyRequest.FromString,
+                    response_serializer=secagg_dot_v1_dot_admin__pb2.Participant.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -346,6 +364,33 @@ class Admin(object):
             '/secagg.v1.Admin/AbortRound',
             secagg_dot_v1_dot_admin__pb2.AbortRoundRequest.SerializeToString,
             secagg_dot_v1_dot_admin__pb2.RoundStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secagg.v1.Admin/RotateKey',
+            secagg_dot_v1_dot_admin__pb2.RotateKeyRequest.SerializeToString,
+            secagg_dot_v1_dot_admin__pb2.Participant.FromString,
             options,
             channel_credentials,
             insecure,

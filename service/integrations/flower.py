@@ -363,6 +363,10 @@ def _flag(value: str | None) -> bool:
     return value is not None and value.strip().lower() in {"true", "1", "yes"}
 
 
+HE_CONTEXT_KEY = "secagg-ckks-secret"
+"""Node config key of the secret CKKS context file's path (ckks and hybrid rounds)."""
+
+
 class SecAggMod:
     """Client mod: replaces a train reply's arrays with the securely aggregated model.
 
@@ -375,6 +379,11 @@ class SecAggMod:
         If given, replaces the policy of the clients ``connect`` returns.
     arrayrecord_key, configrecord_key, weighted_by_key:
         As in the strategy (FedAvg's defaults).
+    he_context:
+        ``ckks``/``hybrid`` rounds: the path of this node's secret CKKS context file
+        (``secagg keygen --ckks``); by default the node config's ``secagg-ckks-secret``.
+        Opened per round with :func:`secagg.ckks.open_secret_context`, so its decryption
+        budget persists in the ledger beside it.
     """
 
     def __init__(
@@ -382,12 +391,14 @@ class SecAggMod:
         connect: Callable[[Any], Client] = connect_from_config,
         *,
         policy: Policy | None = None,
+        he_context: str | os.PathLike[str] | None = None,
         arrayrecord_key: str = "arrays",
         configrecord_key: str = "config",
         weighted_by_key: str = "num-examples",
     ) -> None:
         self.connect = connect
         self.policy = policy
+        self.he_context = he_context
         self.arrayrecord_key = arrayrecord_key
         self.configrecord_key = configrecord_key
         self.weighted_by_key = weighted_by_key
@@ -427,6 +438,15 @@ class SecAggMod:
         value = None if config is None else config.get(ROUND_ID_KEY)
         return str(value) if value else None
 
+    def _he_context(self, context: Any) -> str | os.PathLike[str] | None:
+        if self.he_context is not None:
+            return self.he_context
+        for source in (context.node_config, context.run_config):
+            value = source.get(HE_CONTEXT_KEY, "")
+            if value != "":
+                return str(value)
+        return None
+
     def _aggregate(self, msg: Any, reply: Any, context: Any, round_id: bytes) -> Any:
         start = msg.content[self.arrayrecord_key]
         content = reply.content
@@ -449,7 +469,9 @@ class SecAggMod:
         if self.policy is not None:
             client.policy = self.policy
         try:
-            agg = client.aggregate(round_id, update, weight=int(weight))
+            agg = client.aggregate(
+                round_id, update, weight=int(weight), he_context=self._he_context(context)
+            )
         finally:
             client.close()
         averaged = {

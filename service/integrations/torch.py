@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from secagg.service.client import Client
+from secagg.service.client import Client, HEContext
 from secagg.service.tensors import fingerprint
 
 __all__ = ["CUDA_ZERO_COPY", "SecureFedAvg", "StepResult", "floating_state"]
@@ -184,7 +184,7 @@ class SecureFedAvg:
         round_id: bytes | str,
         *,
         rounding_key: bytes | None = None,
-        he_context: bytes | None = None,
+        he_context: HEContext | None = None,
     ) -> StepResult:
         """Contribute this site's update to ``round_id`` and load the averaged model.
 
@@ -200,7 +200,9 @@ class SecureFedAvg:
         rounding_key:
             Fixes the stochastic rounding (tests and audits); fresh by default.
         he_context:
-            ``ckks`` and ``hybrid`` rounds: the key holders' CKKS context.
+            ``ckks`` and ``hybrid`` rounds: the key holders' CKKS context, best the path of
+            the secret context file so its decryption budget persists across steps
+            (:meth:`secagg.service.client.Client.aggregate`).
 
         Raises
         ------

@@ -1,0 +1,150 @@
+"""Client-side DP encoding: clip, rotate, scale, conditionally round, reduce mod 2^b.
+
+The pipeline of Kairouz, Liu, Steinke (ICML 2021), Algorithm 1 (distributed discrete
+Gaussian), client side:
+
+1. clip ``x`` to L2 norm ``c``;
+2. rotate, ``z = H D x / sqrt(d')`` (:mod:`secagg.dp.rotation`);
+3. scale by ``gamma`` and round each coordinate to one of its two neighbouring integers,
+   up with probability equal to its fractional part (unbiased), redrawing the whole vector
+   until ``||round(gamma z)||^2 <= Delta_2^2`` (*conditional* randomized rounding, KLS21
+   section 4.1, whose bound :func:`rounded_norm_bound_sq` gives the L2 sensitivity);
+4. add the integer noise (:mod:`secagg.dp.sampling`, :mod:`secagg.dp.xnoise`);
+5. reduce mod ``2^b`` (modular clipping; :mod:`secagg.dp.lanes` chooses ``b``).
+
+The server decodes a sum with :func:`decode_sum`: centre mod ``2^b``, divide by ``gamma``,
+rotate back. Rounding coins come from a :class:`~secagg.dp.randomness.KeyStream` under
+:data:`secagg.prg.Purpose.DP_ROUNDING`; each coordinate compares 53 keystream bits with the
+53-bit fractional part, so its bias is below ``2^-53``. Privacy never rests on the rounding
+coins: the sensitivity bound is enforced by the exact integer norm check.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import numpy.typing as npt
+
+from secagg.dp.randomness import KeyStream
+from secagg.dp.rotation import rotate, unrotate
+from secagg.errors import ConfigurationError, InputError
+
+__all__ = [
+    "MAX_ROUNDING_ATTEMPTS",
+    "clip_l2",
+    "conditional_round",
+    "decode_sum",
+    "encode_update",
+    "rounded_norm_bound_sq",
+    "to_ring",
+]
+
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+U64 = npt.NDArray[np.uint64]
+
+MAX_ROUNDING_ATTEMPTS = 64
+"""Conditional rounding redraws at most this many times; each attempt fails with probability
+at most ``beta`` (KLS21, conditional randomized rounding), so with ``beta <= 1/2`` giving up
+has probability ``<= 2^-64``. A client that gives up raises :class:`~secagg.errors.InputError`."""
+
+
+def clip_l2(x: npt.ArrayLike, clip: float) -> F64:
+    """``x * min(1, clip / ||x||_2)``: the client's update with L2 norm at most ``clip``."""
+    v = np.asarray(x, dtype=np.float64)
+    if not np.all(np.isfinite(v)):
+        raise InputError("update contains a NaN or infinity")
+    if not clip > 0:
+        raise ConfigurationError(f"clip norm must be positive, got {clip}")
+    norm = float(np.linalg.norm(v))
+    return v * (clip / norm) if norm > clip else v.copy()
+
+
+def rounded_norm_bound_sq(clip: float, gamma: float, dim: int, beta: float) -> int:
+    """Squared L2 bound ``Delta_2^2`` enforced after conditional randomized rounding (KLS21).
+
+    ``Delta_2^2 = min(c^2 g^2 + d/4 + sqrt(2 ln(1/beta)) (c g + sqrt(d)/2), (c g + sqrt(d))^2)``
+    (Kairouz, Liu, Steinke 2021, conditional randomized rounding), rounded down to an integer
+    because the rounded vector is integral; ``d`` is the rotated (padded) dimension and
+    ``beta`` the chance that one rounding attempt exceeds the first term.
+    """
+    if not (clip > 0 and gamma > 0 and dim > 0 and 0 < beta < 1):
+        raise ConfigurationError("rounding bound needs clip, gamma, dim > 0 and beta in (0, 1)")
+    cg = clip * gamma
+    first = cg * cg + dim / 4 + math.sqrt(2 * math.log(1 / beta)) * (cg + math.sqrt(dim) / 2)
+    second = (cg + math.sqrt(dim)) ** 2
+    return math.floor(min(first, second))
+
+
+def _norm_sq(r: I64) -> int:
+    """Exact ``||r||_2^2``: int64 when it cannot overflow, Python integers otherwise."""
+    peak = int(np.abs(r).max(initial=0))
+    if peak * peak * r.size < 1 << 63:
+        return int(np.dot(r, r))
+    return sum(int(v) * int(v) for v in r.tolist())
+
+
+def conditional_round(z: F64, bound_sq: int, src: KeyStream) -> I64:
+    """Unbiased randomized rounding of ``z``, redrawn until ``||r||_2^2 <= bound_sq`` (exact).
+
+    Raises
+    ------
+    InputError
+        If :data:`MAX_ROUNDING_ATTEMPTS` attempts all exceed the bound (probability
+        ``<= beta^64`` for a clipped input).
+    """
+    if np.abs(z).max(initial=0.0) >= 2.0**52:
+        raise InputError("scaled coordinate too large to round exactly (>= 2^52)")
+    low = np.floor(z)
+    frac53 = ((z - low) * 2.0**53).astype(np.uint64)  # exact: z - low is in [0, 1)
+    base = low.astype(np.int64)
+    for _ in range(MAX_ROUNDING_ATTEMPTS):
+        up = (src.words(z.size) >> np.uint64(11)) < frac53
+        r = base + up.astype(np.int64)
+        if _norm_sq(r) <= bound_sq:
+            return r
+    raise InputError(
+        f"conditional rounding exceeded ||r||^2 <= {bound_sq} {MAX_ROUNDING_ATTEMPTS} times"
+    )
+
+
+def encode_update(
+    x: npt.ArrayLike,
+    *,
+    clip: float,
+    gamma: float,
+    beta: float,
+    rotation_key: bytes,
+    rounding: KeyStream,
+) -> I64:
+    """Steps 1-3 of the pipeline: the integer vector (length ``d'``) a client adds noise to."""
+    z = rotate(clip_l2(x, clip), rotation_key) * gamma
+    bound = rounded_norm_bound_sq(clip, gamma, z.size, beta)
+    if math.isqrt(bound) + 1 >= 1 << 31:
+        raise ConfigurationError("Delta_2 too large for exact int64 norm checks (>= 2^31)")
+    return conditional_round(z, bound, rounding)
+
+
+def to_ring(v: I64, bits: int) -> U64:
+    """Modular clipping: ``v mod 2^bits`` as ``uint64`` (two's complement, then masked)."""
+    if not 1 <= bits <= 64:
+        raise ConfigurationError(f"ring width must be 1..64 bits, got {bits}")
+    out = np.asarray(v, dtype=np.int64).astype(np.uint64)
+    return out if bits == 64 else out & np.uint64((1 << bits) - 1)
+
+
+def centre(v: U64, bits: int) -> I64:
+    """Map ``v mod 2^bits`` to its representative in ``[-2^(bits-1), 2^(bits-1))``."""
+    u = np.asarray(v, dtype=np.uint64)
+    if bits < 64:
+        u = u & np.uint64((1 << bits) - 1)
+        half = np.uint64(1 << (bits - 1))
+        signed = u.astype(np.int64)
+        return np.where(u >= half, signed - np.int64(1 << bits), signed)
+    return u.astype(np.int64)
+
+
+def decode_sum(total: U64, *, bits: int, gamma: float, rotation_key: bytes, dim: int) -> F64:
+    """Server side: the released (noisy) sum of the clipped updates in the original basis."""
+    return unrotate(centre(total, bits).astype(np.float64) / gamma, rotation_key, dim)

@@ -1,0 +1,126 @@
+"""Sans-I/O DP participants: what the masked round's client and server call (docs/dp.md).
+
+:class:`DPClient` checks the server's offer against its own policy, draws its noise seeds,
+encodes its update into the ring and decides which seed shares to reveal for a survivor set.
+:class:`DPServer` removes the survivors' excess components from the unmasked sum and decodes
+it. Neither does any I/O; Shamir sharing of :attr:`DPClient.shared_seeds` and the transport
+of revealed shares are the round's job.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from secagg.dp.encoding import decode_sum, encode_update, to_ring
+from secagg.dp.policy import DPOffer, DPPolicy, check_offer
+from secagg.dp.randomness import KeyStream
+from secagg.dp.rotation import padded_dim
+from secagg.dp.xnoise import client_noise, component_key, removal_noise, revealed_components
+from secagg.errors import ConfigurationError
+from secagg.prg import KEY_BYTES, Purpose, derive_key
+
+__all__ = ["DPClient", "DPServer", "rotation_key"]
+
+U64 = npt.NDArray[np.uint64]
+
+
+def rotation_key(session_id: bytes) -> bytes:
+    """The round's public rotation key: HKDF(session id; session id; "dp-rotation").
+
+    Bound to the session id, which is fixed only after every input is committed to the
+    round, so the signs are independent of the inputs (the wrap bound's assumption).
+    """
+    if len(session_id) < KEY_BYTES:
+        raise ConfigurationError("session ids are at least 32 bytes")
+    return derive_key(session_id, session_id, Purpose.DP_ROTATION)
+
+
+class DPClient:
+    """One client's DP state for one round.
+
+    Raises
+    ------
+    ServerMisbehaviour
+        At construction, if the offer is weaker than ``policy``.
+    """
+
+    __slots__ = ("_keys", "_seeds", "client_id", "epsilon", "offer", "session_id")
+
+    def __init__(
+        self, offer: DPOffer, policy: DPPolicy, *, client_id: int, session_id: bytes
+    ) -> None:
+        self.epsilon = check_offer(offer, policy)
+        self.offer = offer
+        self.client_id = client_id
+        self.session_id = session_id
+        self._seeds = [secrets.token_bytes(KEY_BYTES) for _ in range(offer.plan.components)]
+        self._keys = [component_key(s, session_id, client_id, k) for k, s in enumerate(self._seeds)]
+
+    def __repr__(self) -> str:
+        return f"DPClient(client_id={self.client_id}, components={len(self._seeds)})"
+
+    @property
+    def shared_seeds(self) -> list[bytes]:
+        """Seeds of the removable components ``0 .. L-1``: Shamir-share them with ``b_u``.
+
+        The base component's seed is never exposed.
+        """
+        return list(self._seeds[:-1])
+
+    def encode(self, x: npt.ArrayLike) -> U64:
+        """``(round(gamma H D clip(x)) + noise) mod 2^b``, length ``d'``."""
+        o = self.offer
+        r = encode_update(
+            x,
+            clip=o.clip,
+            gamma=o.gamma,
+            beta=o.beta,
+            rotation_key=rotation_key(self.session_id),
+            rounding=KeyStream(secrets.token_bytes(KEY_BYTES), Purpose.DP_ROUNDING),
+        )
+        return to_ring(r + client_noise(o.plan, self._keys, padded_dim(o.dim)), o.bits)
+
+    def reveal(self, survivors: Sequence[int], roster: Sequence[int]) -> range:
+        """Components ``k`` whose seed shares to reveal for every survivor (checked ``U``)."""
+        return revealed_components(self.offer.plan, survivors, roster)
+
+
+class DPServer:
+    """The server's DP step for one round: remove excess noise, decode."""
+
+    __slots__ = ("offer", "session_id")
+
+    def __init__(self, offer: DPOffer, *, session_id: bytes) -> None:
+        self.offer = offer
+        self.session_id = session_id
+
+    def finish(
+        self, total: U64, survivors: Sequence[int], seeds: Mapping[int, Sequence[bytes]]
+    ) -> npt.NDArray[np.float64]:
+        """The released sum of the clipped updates from the unmasked ring sum ``total``.
+
+        ``seeds[u]`` are survivor ``u``'s reconstructed seeds of components ``0 .. j-1``.
+        """
+        o = self.offer
+        s = len(survivors)
+        if set(seeds) != set(survivors):
+            raise ConfigurationError("need the removable seeds of exactly the survivors")
+        keys = {
+            u: [component_key(seed, self.session_id, u, k) for k, seed in enumerate(seeds[u])]
+            for u in survivors
+        }
+        d = padded_dim(o.dim)
+        released = np.asarray(total, dtype=np.uint64) - to_ring(
+            removal_noise(o.plan, keys, s, d), o.bits
+        )
+        return decode_sum(
+            released,
+            bits=o.bits,
+            gamma=o.gamma,
+            rotation_key=rotation_key(self.session_id),
+            dim=o.dim,
+        )

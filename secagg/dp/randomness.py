@@ -1,0 +1,106 @@
+"""Exact uniform integers from one keyed ChaCha20 stream (the only randomness of ``secagg.dp``).
+
+Every sampler in :mod:`secagg.dp` reads its coins from a :class:`KeyStream`: the keystream of
+:func:`secagg.prg.keystream_bytes` under a 256-bit key and a :class:`secagg.prg.Purpose`,
+consumed strictly in order, eight bytes (one little-endian ``uint64`` word) per draw. The
+samplers are deterministic functions of (key, purpose, parameters, count), so a noise vector
+can be regenerated bit for bit by whoever learns its key (the dropout-robust noise of
+:mod:`secagg.dp.xnoise` relies on that).
+
+Uniform integers below ``m`` use rejection on whole words (no modulo bias): a word ``u`` is
+accepted when ``u >= 2^64 mod m`` and then ``u mod m`` is exactly uniform.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+from Crypto.Cipher import ChaCha20
+
+from secagg.errors import ConfigurationError
+from secagg.prg import KEY_BYTES, MAX_STREAM_BYTES, Purpose, nonce_for
+
+__all__ = ["U64", "KeyStream"]
+
+U64 = npt.NDArray[np.uint64]
+
+MAX_VECTOR_MODULUS = 1 << 63
+"""Vectorised uniform draws take moduli below 2^63 (larger ones use :meth:`KeyStream.below_int`)."""
+
+
+class KeyStream:
+    """Sequential reader of the ChaCha20 keystream (RFC 8439) for ``key`` and ``purpose``.
+
+    Parameters
+    ----------
+    key:
+        32-byte stream key (the output of :func:`secagg.prg.derive_key`, or a fresh seed from
+        :func:`secagg.keys.random_seed`).
+    purpose:
+        Domain-separation tag, which sets the nonce exactly as :func:`secagg.prg.nonce_for`.
+
+    Notes
+    -----
+    Word ``j`` read from a fresh stream equals word ``j`` of
+    :func:`secagg.prg.keystream_u64` for the same key and purpose.
+    """
+
+    __slots__ = ("_cipher", "_used")
+
+    def __init__(self, key: bytes, purpose: Purpose) -> None:
+        if len(key) != KEY_BYTES:
+            raise ConfigurationError(f"DP stream keys are {KEY_BYTES} bytes, got {len(key)}")
+        self._cipher = ChaCha20.new(key=key, nonce=nonce_for(purpose))
+        self._used = 0
+
+    def __repr__(self) -> str:
+        return f"KeyStream(used={self._used} bytes)"
+
+    @property
+    def bytes_used(self) -> int:
+        """Keystream bytes consumed so far."""
+        return self._used
+
+    def words(self, count: int) -> U64:
+        """The next ``count`` keystream words as ``uint64``."""
+        nbytes = 8 * count
+        if self._used + nbytes > MAX_STREAM_BYTES:
+            raise ConfigurationError("DP keystream exhausted (2^32 - 1 ChaCha20 blocks)")
+        self._used += nbytes
+        raw = self._cipher.encrypt(bytes(nbytes))
+        return np.frombuffer(raw, dtype="<u8").astype(np.uint64, copy=False)
+
+    def below(self, m: U64) -> U64:
+        """One exactly uniform integer in ``[0, m_i)`` per element ``1 <= m_i < 2^63`` of ``m``."""
+        m = np.asarray(m, dtype=np.uint64)
+        if m.size == 0:
+            return np.zeros(0, dtype=np.uint64)
+        if int(m.min()) < 1 or int(m.max()) >= MAX_VECTOR_MODULUS:
+            raise ConfigurationError("uniform draws need moduli in [1, 2^63)")
+        # 2^64 mod m, computed as (2^64 - m) mod m in wrapping uint64 arithmetic.
+        threshold = (np.uint64(0) - m) % m
+        out = np.empty(m.shape, dtype=np.uint64)
+        todo = np.arange(m.size)
+        while todo.size:
+            u = self.words(todo.size)
+            ok = u >= threshold[todo]
+            out[todo[ok]] = u[ok] % m[todo[ok]]
+            todo = todo[~ok]
+        return out
+
+    def below_scalar(self, m: int, count: int) -> U64:
+        """``count`` exactly uniform integers in ``[0, m)`` for one modulus ``1 <= m < 2^63``."""
+        return self.below(np.full(count, m, dtype=np.uint64))
+
+    def below_int(self, m: int) -> int:
+        """One exactly uniform Python integer in ``[0, m)``, any ``m >= 1`` (the slow path)."""
+        if m < 1:
+            raise ConfigurationError("uniform draws need a modulus >= 1")
+        k = max(1, (m.bit_length() + 63) // 64)
+        span = 1 << (64 * k)
+        limit = span - span % m
+        while True:
+            w = self.words(k)
+            u = int.from_bytes(w.astype("<u8").tobytes(), "little")
+            if u < limit:
+                return u % m
