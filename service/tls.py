@@ -8,15 +8,13 @@ retry fixes from a transient outage.
 
 from __future__ import annotations
 
-import base64
-import calendar
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from Crypto.PublicKey import ECC, RSA
-from Crypto.Util.asn1 import DerSequence
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from secagg.errors import ConfigurationError
 from secagg.service.errors import TlsError
@@ -41,32 +39,30 @@ def _need(path: str | Path, what: str) -> bytes:
     return data
 
 
+def _spki(public_key: object) -> bytes:
+    der: bytes = public_key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return der
+
+
 def _public_der(pem: bytes) -> bytes | None:
-    """The DER SubjectPublicKeyInfo of a PEM certificate or private key (None: unknown type)."""
-    for kind in (ECC, RSA):
-        try:
-            key = kind.import_key(pem)
-        except (ValueError, IndexError, TypeError):
-            continue
-        return bytes(key.public_key().export_key(format="DER"))
-    return None
+    """The DER SubjectPublicKeyInfo of a PEM certificate or private key (None: unreadable;
+    gRPC then reports the file itself)."""
+    try:
+        if b"CERTIFICATE-----" in pem:
+            return _spki(x509.load_pem_x509_certificate(pem).public_key())
+        return _spki(serialization.load_pem_private_key(pem, password=None).public_key())
+    except (ValueError, TypeError):
+        return None
 
 
 def certificate_not_after(pem: bytes) -> float | None:
-    """The ``notAfter`` time (Unix seconds) of the first certificate in ``pem`` (RFC 5280
-    §4.1.2.5: UTCTime or GeneralizedTime), or ``None`` if it cannot be parsed."""
+    """The ``notAfter`` time (Unix seconds, RFC 5280 s4.1.2.5) of the first certificate in
+    ``pem``, or ``None`` if it cannot be parsed."""
     try:
-        text = pem.decode("ascii")
-        body = text.split("-----BEGIN CERTIFICATE-----", 1)[1].split("-----END", 1)[0]
-        cert = DerSequence().decode(base64.b64decode("".join(body.split())))
-        tbs = DerSequence().decode(cert[0])
-        # tbsCertificate: [0] version (explicit, optional), serial, signature, issuer, validity
-        validity = DerSequence().decode(tbs[4] if not isinstance(tbs[0], int) else tbs[3])
-        raw = validity[1]
-        tag, stamp = raw[0], raw[2:].decode("ascii").rstrip("Z")
-        fmt = "%y%m%d%H%M%S" if tag == 0x17 else "%Y%m%d%H%M%S"
-        return float(calendar.timegm(time.strptime(stamp, fmt)))
-    except (ValueError, IndexError, TypeError, UnicodeDecodeError):
+        return x509.load_pem_x509_certificate(pem).not_valid_after_utc.timestamp()
+    except ValueError:
         return None
 
 
