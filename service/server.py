@@ -48,6 +48,8 @@ SERVICE_NAMES = (
 SHUTDOWN_REASON = "the server is shutting down"
 PARTICIPANT_KEY_HEADER = "secagg-key"
 """The metadata key a participant's signed call names its public key in (service.auth)."""
+OPERATOR_HEADER = "secagg-operator"
+"""The metadata key an operator's signed admin call names the operator in (hex UTF-8)."""
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 """Reflection v1 (what current grpcurl asks first); same messages as v1alpha on the wire."""
 
@@ -68,6 +70,11 @@ def _caller(details: Any, names: Callable[[str], str | None]) -> str:
     participant's name, or ``key:<16 hex>`` for a key the store does not know. The servicer
     authenticates the claim; a failed check shows in the line's ``code``."""
     md = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
+    if OPERATOR_HEADER in md:
+        try:
+            return f"operator:{bytes.fromhex(md[OPERATOR_HEADER]).decode()}"
+        except (ValueError, UnicodeDecodeError):
+            return "operator:?"
     if "authorization" in md:
         return "admin"
     key = md.get(PARTICIPANT_KEY_HEADER, "")
@@ -261,12 +268,14 @@ class SecAggService:
                 ) from None
         for text in warnings:
             event(log, logging.WARNING, text)
-        if cfg.admin_token is None:
+        operators = sum(1 for o in self.store.operators() if o.revoked_at is None)
+        admin_api = cfg.admin_token is not None or operators > 0
+        if not admin_api:
             event(
                 log,
                 logging.WARNING,
-                "admin API off: no admin token (admin_token_file, --admin-token-file or "
-                "$SECAGG_ADMIN_TOKEN)",
+                "admin API off: no operator enrolled (secagg provision, secagg operator add) "
+                "and no admin token (admin_token_file, --admin-token-file, $SECAGG_ADMIN_TOKEN)",
             )
         event(
             log,
@@ -276,7 +285,8 @@ class SecAggService:
             port=self.port,
             tls=cfg.tls is not None,
             mutual_tls=bool(cfg.tls and cfg.tls.mutual),
-            admin_api=cfg.admin_token is not None,
+            admin_api=admin_api,
+            operators=operators,
             metrics_port=self.metrics_port,
             store=cfg.store if self._own_store else self.store.path,
         )

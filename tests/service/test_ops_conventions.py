@@ -185,3 +185,34 @@ def test_bad_neighbors_is_invalid_argument_not_internal(deployment: Deployment) 
     with pytest.raises(RemoteError, match=r"INVALID_ARGUMENT.*neighbors must be") as err:
         deployment.admin.create_round(spec)
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_rpc_lines_name_the_operator(deployment: Deployment) -> None:
+    """A signed operator call's rpc line says ``operator:<name>`` (the per-operator
+    credentials that landed with provisioning); a bearer-token call says ``admin``."""
+    from secagg.keys import IdentityKey
+    from secagg.service.admin import AdminClient
+
+    assert deployment.server is not None and deployment.server.service is not None
+    key = IdentityKey()
+    deployment.server.service.store.add_operator("alice", key.public)
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    log = logging.getLogger("secagg.service.server")
+    handler, level = Keep(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        with AdminClient(deployment.target, operator=("alice", key)) as alice:
+            alice.participants()
+        assert deployment.admin is not None
+        deployment.admin.participants()
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    callers = [getattr(r, "fields", {}).get("caller") for r in seen if r.getMessage() == "rpc"]
+    assert "operator:alice" in callers and "admin" in callers
