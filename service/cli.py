@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_MAX_WEIGHT", "main"]
 
-DEFAULT_MAX_WEIGHT = 65535
+DEFAULT_MAX_WEIGHT = 65535  # secagg.quantize.FEDAVG_MAX_WEIGHT (a test checks they agree)
 """Default ``--max-weight`` of ``round create`` and ``keygen --ckks``: FedAvg weights are
 sample counts (``fedavg.step(num_samples=...)``), so up to 65535 samples per site fit; it
 costs 16 bits of lane per value. The client policy accepts up to 2^32 (``Policy.max_weight``).
@@ -656,11 +656,31 @@ def _he_shape_path(server_context: Path | str) -> Path:
     return p.with_name(stem + ".ckks-params.json")
 
 
+def _check_context_fits(
+    args: argparse.Namespace, clients: int, dim: int, bits: int, max_weight: int
+) -> None:
+    from secagg import ckks
+    from secagg.he_params import select_params
+
+    he = select_params(clients, bits, dim, args.mode, max_weight)
+    try:
+        ckks.load_server_context(_read_file(args.he_context, "--he-context"), he)
+    except ConfigurationError as exc:
+        raise ConfigurationError(
+            f"{args.he_context} does not fit a {args.mode} round of {clients} clients, "
+            f"dim {dim}, bits {bits}, max_weight {max_weight} ({exc}): pass the --bits/"
+            "--max-weight it was made with (keygen --ckks, or provisioning's [ckks] table)"
+        ) from None
+
+
 def _he_shape(args: argparse.Namespace, clients: int, dim: int) -> tuple[int | None, int | None]:
     """bits and max_weight for a ckks/hybrid round: keygen's, and the round must match them."""
     side = _he_shape_path(args.he_context)
-    if not side.exists():
-        return args.bits, args.max_weight
+    if not side.exists():  # a context from elsewhere (provisioning): check it fits here
+        bits = 16 if args.bits is None else args.bits
+        weight = DEFAULT_MAX_WEIGHT if args.max_weight is None else args.max_weight
+        _check_context_fits(args, clients, dim, bits, weight)
+        return bits, weight
     try:
         shape = json.loads(side.read_text())
         made = {k: shape[k] for k in ("mode", "clients", "dim", "bits", "max_weight")}

@@ -85,6 +85,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         cwd=root,
     )
     assert made.returncode == 0, made.stderr
+    (root / "bare.ckks-server").write_bytes((root / "fed.ckks-server").read_bytes())  # no shape
     w = World(root, pki, plain, mtls)
     try:
         yield w
@@ -288,6 +289,19 @@ CASES: list[tuple[str, Case, int, str]] = [
         ),
         EXIT_CONFIG,
         "was made for another round shape: clients 2 (keygen: 3)",
+    ),
+    (
+        "round create with a ckks context (no shape file) that does not fit",
+        lambda w: (
+            [
+                *("round", "create", "--job", "j", "--participants", "a,b,c", "--dim", "8"),
+                *("--mode", "hybrid", "--he-context", "bare.ckks-server", "--max-weight", "1"),
+                *("--server", w.plain_target),
+            ],
+            _token_env(),
+        ),
+        EXIT_CONFIG,
+        "bare.ckks-server does not fit a hybrid round of 3 clients",
     ),
     (
         "round status with a non-hex round id",
@@ -517,3 +531,12 @@ def test_tls_failures_are_counted_and_logged(world: World) -> None:
     assert "_created" not in text
     core = [e for e in world.mtls.events() if e["logger"] == "grpc.core"]
     assert any("Handshake failed" in str(e["msg"]) for e in core), core
+
+
+def test_default_max_weight_is_one_constant() -> None:
+    """The CLI (which loads without numpy) and provisioning use the same default bound."""
+    from secagg.quantize import FEDAVG_MAX_WEIGHT
+    from secagg.service import cli
+    from secagg.service.provision import CkksSpec
+
+    assert cli.DEFAULT_MAX_WEIGHT == FEDAVG_MAX_WEIGHT == CkksSpec(clients=2, dim=2).max_weight
