@@ -50,6 +50,8 @@ PARTICIPANT_KEY_HEADER = "secagg-key"
 """The metadata key a participant's signed call names its public key in (service.auth)."""
 OPERATOR_HEADER = "secagg-operator"
 """The metadata key an operator's signed admin call names the operator in (hex UTF-8)."""
+NAME_CACHE = 4096
+"""Participant names the access log keeps in memory (cleared when full)."""
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 """Reflection v1 (what current grpcurl asks first); same messages as v1alpha on the wire."""
 
@@ -66,9 +68,10 @@ def _reflection_v1(servicer: ReflectionServicer) -> grpc.GenericRpcHandler:
 
 
 def _caller(details: Any, names: Callable[[str], str | None]) -> str:
-    """Who a call claims to be, from its metadata: ``admin`` (bearer token), the enrolled
-    participant's name, or ``key:<16 hex>`` for a key the store does not know. The servicer
-    authenticates the claim; a failed check shows in the line's ``code``."""
+    """Who a call claims to be, from its metadata: ``operator:<name>`` (a signed admin call),
+    ``admin`` (the shared bearer token), the enrolled participant's name, or ``key:<16 hex>``
+    for a key the store does not know. The servicer authenticates the claim; a failed check
+    shows in the line's ``code``."""
     md = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
     if OPERATOR_HEADER in md:
         try:
@@ -200,6 +203,7 @@ class SecAggService:
         self._health: Any = None
         self._http: Any = None
         self._lock = WriterLock(self.store.path) if self.store.path != ":memory:" else None
+        self._names: dict[str, str] = {}
 
     @property
     def metrics_port(self) -> int | None:
@@ -220,11 +224,19 @@ class SecAggService:
             raise
 
     def _participant_name(self, key_hex: str) -> str | None:
+        """The enrolled name of a key, for the access log (cached: a key keeps its name)."""
+        if key_hex in self._names:
+            return self._names[key_hex]
         try:
             rec = self.store.participant_by_key(bytes.fromhex(key_hex))
         except (ValueError, StoreError):
             return None
-        return None if rec is None else rec.name
+        if rec is None:
+            return None
+        if len(self._names) >= NAME_CACHE:
+            self._names.clear()
+        self._names[key_hex] = rec.name
+        return rec.name
 
     async def _start(self, cfg: ServerConfig, warnings: list[str]) -> int:
         self.coordinator.recover()
