@@ -220,7 +220,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int, str], ...] = (
     (StoreLocked, EXIT_LOCKED, "another server holds the store (the message names it)"),
     (TlsError, EXIT_UNAVAILABLE, "TLS failure: certificate, key, CA or server name"),
     (Unavailable, EXIT_UNAVAILABLE, "the server cannot be reached"),
-    (NotFound, EXIT_NOT_FOUND, "no such round, participant or file"),
+    (NotFound, EXIT_NOT_FOUND, "no such round or participant (or audit entries for it)"),
     (Unauthenticated, EXIT_DENIED, "bad or missing admin token or credentials"),
     (PermissionDenied, EXIT_DENIED, "the caller may not do this"),
     (ConfigurationError, EXIT_CONFIG, "bad flag, config file, key file or parameters"),
