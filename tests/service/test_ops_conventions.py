@@ -216,3 +216,61 @@ def test_rpc_lines_name_the_operator(deployment: Deployment) -> None:
         log.setLevel(level)
     callers = [getattr(r, "fields", {}).get("caller") for r in seen if r.getMessage() == "rpc"]
     assert "operator:alice" in callers and "admin" in callers
+
+
+def _expired_pair(root: Path) -> tuple[Path, Path]:
+    """A self-signed localhost certificate that expired yesterday, and its key."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=2))
+        .not_valid_after(now - datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "old.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (root / "old.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return root / "old.pem", root / "old.key"
+
+
+def test_expired_server_certificate_starts_with_a_warning(tmp_path: Path) -> None:
+    """An expired server certificate: before, the server started without a word and every
+    client failed its handshake; now the start logs a warning naming the expiry."""
+    cert, key = _expired_pair(tmp_path / "pki")
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    log = logging.getLogger("secagg.service.server")
+    handler, level = Keep(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    cfg = ServerConfig(listen="127.0.0.1:0", store=":memory:", tls=ServerTls(cert, key))
+    try:
+        BackgroundServer(cfg).start().stop()
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    warnings = [r.getMessage() for r in seen if r.levelno == logging.WARNING]
+    assert any(f"{cert} expired at" in w for w in warnings), warnings
