@@ -190,6 +190,14 @@ def _he_params(n: int, bits: int, dim: int, mode: str, max_weight: int) -> HEPar
     return select_params(n, bits, dim, "ckks" if mode == "ckks" else "hybrid", max_weight)
 
 
+def _count(value: int | str, name: str, forms: str) -> int:
+    """``value`` as a whole number; a typo (``--neighbors abc``) is a ConfigurationError."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"{name} must be {forms}, got {value!r}") from None
+
+
 def make_params(
     n_clients: int,
     dim: int,
@@ -226,8 +234,8 @@ def make_params(
     elif neighbors == "all":
         degree = n_clients - 1
     else:
-        degree = int(neighbors)
-    thr = None if threshold in (None, "auto") else int(threshold)
+        degree = _count(neighbors, "neighbors", "auto, all or a degree")
+    thr = None if threshold in (None, "auto") else _count(threshold, "threshold", "auto or t")
     gp = graph.choose_parameters(
         n_clients,
         degree=degree,

@@ -37,6 +37,10 @@ WORD_BITS = 64
 MAX_BITS = 32
 """Quantization levels at most 2^32 (the rounding draw is one uint32 per value)."""
 
+FEDAVG_MAX_WEIGHT = 65535
+"""Default bound on one site's FedAvg weight (its sample count) in service rounds
+(``secagg round create``, ``keygen --ckks``, provisioning): 16 weight bits per value."""
+
 _TWO_M32 = 2.0**-32
 
 

@@ -21,7 +21,7 @@ from secagg.service.keyfile import read_identity
 from secagg.service.kit import load_kit
 from secagg.service.serde import round_spec_to_proto
 from secagg.service.servicer import ADMIN_SERVICE
-from secagg.service.tls import ClientTls
+from secagg.service.tls import ClientTls, tls_failure
 
 __all__ = ["AdminClient"]
 
@@ -57,6 +57,7 @@ class AdminClient:
             self._channel = grpc.secure_channel(target, tls.credentials(), options=opts)
         else:
             self._channel = grpc.insecure_channel(target, options=opts)
+        self._tls = tls
         self._stub = admin_pb2_grpc.AdminStub(self._channel)
         self._md = admin_metadata(token)
         self._operator = operator
@@ -94,9 +95,9 @@ class AdminClient:
             name, key = self._operator
             md = admin_call_metadata(name, key, f"/{ADMIN_SERVICE}/{method}")
         try:
-            return fn(request, metadata=md, timeout=timeout)
+            return fn(request, metadata=md, timeout=timeout, wait_for_ready=False)
         except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
+            raise (tls_failure(err, self._tls) or from_rpc_error(err)) from None
 
     def enroll(
         self, name: str, identity_key: bytes, signed_entry: bytes = b""

@@ -10,19 +10,24 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
-from secagg.errors import ConfigurationError, InfeasibleParameters, SecAggError, StoreError
+from secagg.errors import ConfigurationError, SecAggError, StoreError
+
+# Exit statuses: defined once, in secagg.service.errors.EXIT_CODES (docs/operations.md).
+EXIT_CONFIG, EXIT_ABORTED, EXIT_AUDIT = 2, 3, 4
 
 if TYPE_CHECKING:
     from secagg.service._gen.admin_pb2 import RoundStatus
     from secagg.service.admin import AdminClient
 
-__all__ = ["main"]
+__all__ = ["DEFAULT_MAX_WEIGHT", "main"]
 
-EXIT_ABORTED = 3
-EXIT_CONFIG = 2
-EXIT_AUDIT = 4
+DEFAULT_MAX_WEIGHT = 65535  # secagg.quantize.FEDAVG_MAX_WEIGHT (a test checks they agree)
+"""Default ``--max-weight`` of ``round create`` and ``keygen --ckks``: FedAvg weights are
+sample counts (``fedavg.step(num_samples=...)``), so up to 65535 samples per site fit; it
+costs 16 bits of lane per value. The client policy accepts up to 2^32 (``Policy.max_weight``).
+"""
 
 
 def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -150,7 +155,7 @@ def _print_report(r: dict[str, object]) -> None:
 
 def _add_remote(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server connection (admin token from $SECAGG_ADMIN_TOKEN)")
-    g.add_argument("--server", help="host:port of a running server")
+    g.add_argument("--server", help="host:port of a running server (default $SECAGG_SERVER)")
     g.add_argument("--ca", help="CA certificate of the server (PEM); enables TLS")
     g.add_argument("--cert", help="client certificate for mutual TLS (PEM)")
     g.add_argument("--key", help="client private key for mutual TLS (PEM)")
@@ -170,20 +175,34 @@ def _add_remote(p: argparse.ArgumentParser) -> None:
 
 def _admin(args: argparse.Namespace) -> AdminClient:
     from secagg.service.admin import AdminClient
+    from secagg.service.config import read_token_file
     from secagg.service.tls import ClientTls
 
     kit = args.operator_kit or os.environ.get("SECAGG_OPERATOR_KIT")
-    if kit:
+    if kit:  # the kit names the server; --server overrides it
         return AdminClient.from_kit(kit, target=args.server, server_name=args.server_name)
+    server = _server(args)
     token = os.environ.get("SECAGG_ADMIN_TOKEN", "")
     if args.admin_token_file:
-        token = Path(args.admin_token_file).read_text().strip()
+        token = read_token_file(args.admin_token_file)
     if not token:
-        raise ConfigurationError("set SECAGG_ADMIN_TOKEN or --admin-token-file")
+        raise ConfigurationError(
+            "no admin token: set $SECAGG_ADMIN_TOKEN or --admin-token-file "
+            "(the server's token: serve --admin-token-file or admin_token_file in its config)"
+        )
     tls = None
-    if args.ca or args.cert:
+    if args.ca or args.cert or args.key:
         tls = ClientTls(ca=args.ca, cert=args.cert, key=args.key, server_name=args.server_name)
-    return AdminClient(args.server, token, tls=tls, insecure_no_tls=args.insecure_no_tls)
+    return AdminClient(server, token, tls=tls, insecure_no_tls=args.insecure_no_tls)
+
+
+def _server(args: argparse.Namespace) -> str:
+    server: str = args.server or os.environ.get("SECAGG_SERVER", "")
+    if not server:
+        raise ConfigurationError("no server: give --server host:port (or set $SECAGG_SERVER)")
+    if ":" not in server:
+        raise ConfigurationError(f"--server must be host:port, got {server!r}")
+    return server
 
 
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -194,6 +213,11 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--tls-cert", help="server certificate (PEM)")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--client-ca", help="CA of client certificates: turns on mutual TLS")
+    p.add_argument(
+        "--admin-token-file",
+        help="file holding the admin API's bearer token (or $SECAGG_ADMIN_TOKEN); "
+        "without one the admin API is off",
+    )
     p.add_argument(
         "--insecure-no-tls",
         action="store_true",
@@ -244,6 +268,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         log_format=args.log_format,
         shutdown_grace=args.shutdown_grace,
+        admin_token_file=args.admin_token_file,
     )
     return serve(config)
 
@@ -269,7 +294,12 @@ def _add_keygen(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     ck.add_argument("--clients", type=int, help="participants per round")
     ck.add_argument("--dim", type=int, help="parameters per round")
     ck.add_argument("--bits", type=int, default=16)
-    ck.add_argument("--max-weight", type=int, default=1)
+    ck.add_argument(
+        "--max-weight",
+        type=int,
+        default=DEFAULT_MAX_WEIGHT,
+        help=f"largest FedAvg weight (sample count) per site (default {DEFAULT_MAX_WEIGHT})",
+    )
     ck.add_argument(
         "--epoch", type=int, default=0, help="key epoch number (bump it when rotating the key)"
     )
@@ -301,12 +331,26 @@ def _run_keygen(args: argparse.Namespace) -> int:
             args.out, he, force=args.force, epoch=args.epoch, decryption_budget=budget
         )
         epoch = ckks.load_server_context(server.read_bytes(), he).epoch
+        shape = {
+            "mode": args.mode,
+            "clients": args.clients,
+            "dim": args.dim,
+            "bits": args.bits,
+            "max_weight": args.max_weight,
+        }
+        sidecar = _he_shape_path(server)
+        sidecar.write_text(json.dumps(shape) + "\n")
         print(
             json.dumps(
                 {
                     "he_params": he.describe(),
                     "key_epoch": {**epoch.describe(), "fingerprint": epoch.fingerprint.hex()},
-                    "files": [str(secret), str(server), str(ckks.ledger_path_for(secret))],
+                    "files": [
+                        str(secret),
+                        str(server),
+                        str(ckks.ledger_path_for(secret)),
+                        str(sidecar),
+                    ],
                 }
             )
         )
@@ -327,7 +371,7 @@ def _add_enroll(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     p.add_argument("--revoke", action="store_true", help="revoke the participant instead")
     p.add_argument("--list", action="store_true", help="list participants")
-    p.add_argument("--store", help="SQLite file to edit directly (default: secagg.db)")
+    p.add_argument("--store", help="the server's SQLite file, to edit directly (or $SECAGG_STORE)")
     _add_remote(p)
 
 
@@ -335,7 +379,7 @@ def _run_enroll(args: argparse.Namespace) -> int:
     from secagg.service.keyfile import read_public_key
 
     rows: list[dict[str, object]]
-    if args.server or args.operator_kit or os.environ.get("SECAGG_OPERATOR_KIT"):
+    if _is_remote(args):
         with _admin(args) as admin:
             if args.list:
                 recs = admin.participants()
@@ -353,7 +397,7 @@ def _run_enroll(args: argparse.Namespace) -> int:
     else:
         from secagg.service.store import Store
 
-        store = Store(args.store or os.environ.get("SECAGG_STORE", "secagg.db"))
+        store = Store(_local_store(args))
         try:
             if args.list:
                 local = store.participants()
@@ -372,6 +416,28 @@ def _run_enroll(args: argparse.Namespace) -> int:
     for row in rows:
         print(json.dumps(row))
     return 0
+
+
+def _is_remote(args: argparse.Namespace) -> bool:
+    """Through a running server (``--server``, an operator kit, or their variables when no
+    ``--store`` is given) or on the store file directly."""
+    remote = args.server or args.operator_kit
+    if remote and args.store:
+        raise ConfigurationError("give --server (through the running server) or --store, not both")
+    env_remote = os.environ.get("SECAGG_SERVER") or os.environ.get("SECAGG_OPERATOR_KIT")
+    return bool(remote or (not args.store and env_remote))
+
+
+def _local_store(args: argparse.Namespace) -> str:
+    """The store file to edit directly: ``--store`` or ``$SECAGG_STORE``, never a default
+    (a ``./secagg.db`` the server never reads)."""
+    path: str | None = args.store or os.environ.get("SECAGG_STORE")
+    if not path:
+        raise ConfigurationError(
+            f"where? give --store PATH (the server's store file) or --server host:port "
+            f"(a running server) to `secagg {args.command}`"
+        )
+    return path
 
 
 def _entry(args: argparse.Namespace) -> bytes:
@@ -444,10 +510,17 @@ def _run_audit(args: argparse.Namespace) -> int:
 
     path = args.store or os.environ.get("SECAGG_STORE", "secagg.db")
     if not Path(path).exists():
-        raise ConfigurationError(f"no store at {path}")
+        raise ConfigurationError(f"no store at {path} (give --store or $SECAGG_STORE)")
     store = Store(path)
     try:
         entries = store.audit_entries()
+        if args.round:
+            want = _round_id_arg(args.round).hex()
+            if not any(e.round_id == want for e in entries):
+                from secagg.service.errors import NotFound
+
+                raise NotFound(f"no audit entries for round {want} in {path}")
+            args.round = want
         for e in entries:
             if args.round and e.round_id != args.round:
                 continue
@@ -476,11 +549,16 @@ def _add_round(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--mode", default="masked", choices=["masked", "hybrid", "ckks", "plaintext"])
     p.add_argument("--he-context", help="ckks/hybrid: the server's CKKS context file (keygen)")
     p.add_argument("--publish-after", type=int, help="ckks: publish after K uploads (FedBuff)")
-    p.add_argument("--bits", type=int, default=16)
+    p.add_argument("--bits", type=int, help="bits per value (default 16; ckks/hybrid: keygen's)")
     p.add_argument("--clip", type=float, default=8.0)
-    p.add_argument("--max-weight", type=int, default=1)
-    p.add_argument("--neighbors", default="auto")
-    p.add_argument("--threshold", default="auto")
+    p.add_argument(
+        "--max-weight",
+        type=int,
+        help=f"largest FedAvg weight (sample count) per site (default {DEFAULT_MAX_WEIGHT}; "
+        "ckks/hybrid: keygen's)",
+    )
+    p.add_argument("--neighbors", default="auto", type=_neighbors, help="auto, all or a degree")
+    p.add_argument("--threshold", default="auto", type=_threshold, help="auto or t")
     p.add_argument(
         "--layout",
         default="",
@@ -497,33 +575,132 @@ def _run_round(args: argparse.Namespace) -> int:
     from secagg.server import StageTimeouts
     from secagg.service.coordinator import RoundSpec
 
+    spec = None
+    rid = b""
+    if args.action == "create":
+        participants = [n.strip() for n in _need(args.participants, "--participants").split(",")]
+        dim = int(_need(str(args.dim or ""), "--dim"))
+        he_context = _read_file(args.he_context, "--he-context") if args.he_context else None
+        bits, max_weight = args.bits, args.max_weight
+        if args.he_context:
+            bits, max_weight = _he_shape(args, len(participants), dim)
+        spec = RoundSpec(
+            job=_need(args.job, "--job"),
+            participants=participants,
+            dim=dim,
+            mode=args.mode,
+            bits=16 if bits is None else bits,
+            clip=args.clip,
+            max_weight=DEFAULT_MAX_WEIGHT if max_weight is None else max_weight,
+            neighbors=args.neighbors,
+            threshold=args.threshold,
+            deadlines=StageTimeouts.uniform(args.stage_timeout)
+            if args.stage_timeout
+            else StageTimeouts(0, 0, 0, 0, 0),
+            he_context=he_context,
+            publish_after=args.publish_after,
+            layout=_layout_arg(args.layout),
+        )
+    else:
+        rid = _round_id_arg(_need(args.round_id, "round_id"))
     with _admin(args) as admin:
-        if args.action == "create":
-            spec = RoundSpec(
-                job=_need(args.job, "--job"),
-                participants=[n for n in _need(args.participants, "--participants").split(",")],
-                dim=int(_need(str(args.dim or ""), "--dim")),
-                mode=args.mode,
-                bits=args.bits,
-                clip=args.clip,
-                max_weight=args.max_weight,
-                neighbors=args.neighbors,
-                threshold=args.threshold,
-                deadlines=StageTimeouts.uniform(args.stage_timeout)
-                if args.stage_timeout
-                else StageTimeouts(0, 0, 0, 0, 0),
-                he_context=Path(args.he_context).read_bytes() if args.he_context else None,
-                publish_after=args.publish_after,
-                layout=_layout_arg(args.layout),
-            )
+        if spec is not None:
             st = admin.create_round(spec)
         else:
-            rid = bytes.fromhex(_need(args.round_id, "round_id"))
             st = admin.abort(rid, args.reason) if args.action == "abort" else admin.status(rid)
         if args.wait:
             st = admin.wait(st.round_id)
     print(json.dumps(_status_dict(st)))
+    if args.action == "abort" and not args.wait:
+        return 0  # the abort the operator asked for happened
     return 0 if st.status != "aborted" else EXIT_ABORTED
+
+
+def _neighbors(value: str) -> str:
+    if value in ("auto", "all") or (value.isdigit() and int(value) > 0):
+        return value
+    raise argparse.ArgumentTypeError(f"must be auto, all or a degree k >= 1, got {value!r}")
+
+
+def _threshold(value: str) -> str:
+    if value == "auto" or (value.isdigit() and int(value) > 0):
+        return value
+    raise argparse.ArgumentTypeError(f"must be auto or a threshold t >= 1, got {value!r}")
+
+
+def _round_id_arg(value: str) -> bytes:
+    from secagg.params import ROUND_ID_BYTES
+
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        raw = b""
+    if len(raw) != ROUND_ID_BYTES:
+        raise ConfigurationError(
+            f"a round id is {2 * ROUND_ID_BYTES} hex digits (from `round create`), got {value!r}"
+        )
+    return raw
+
+
+def _read_file(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def _he_shape_path(server_context: Path | str) -> Path:
+    """``PREFIX.ckks-params.json`` beside ``PREFIX.ckks-server``: the shape keygen made it for."""
+    p = Path(server_context)
+    stem = p.name[: -len(".ckks-server")] if p.name.endswith(".ckks-server") else p.name
+    return p.with_name(stem + ".ckks-params.json")
+
+
+def _check_context_fits(
+    args: argparse.Namespace, clients: int, dim: int, bits: int, max_weight: int
+) -> None:
+    from secagg import ckks
+    from secagg.he_params import select_params
+
+    he = select_params(clients, bits, dim, args.mode, max_weight)
+    try:
+        ckks.load_server_context(_read_file(args.he_context, "--he-context"), he)
+    except ConfigurationError as exc:
+        raise ConfigurationError(
+            f"{args.he_context} does not fit a {args.mode} round of {clients} clients, "
+            f"dim {dim}, bits {bits}, max_weight {max_weight} ({exc}): pass the --bits/"
+            "--max-weight it was made with (keygen --ckks, or provisioning's [ckks] table)"
+        ) from None
+
+
+def _he_shape(args: argparse.Namespace, clients: int, dim: int) -> tuple[int | None, int | None]:
+    """bits and max_weight for a ckks/hybrid round: keygen's, and the round must match them."""
+    side = _he_shape_path(args.he_context)
+    if not side.exists():  # a context from elsewhere (provisioning): check it fits here
+        bits = 16 if args.bits is None else args.bits
+        weight = DEFAULT_MAX_WEIGHT if args.max_weight is None else args.max_weight
+        _check_context_fits(args, clients, dim, bits, weight)
+        return bits, weight
+    try:
+        shape = json.loads(side.read_text())
+        made = {k: shape[k] for k in ("mode", "clients", "dim", "bits", "max_weight")}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigurationError(f"{side}: malformed ({exc})") from None
+    asked = {
+        "mode": args.mode,
+        "clients": clients,
+        "dim": dim,
+        "bits": made["bits"] if args.bits is None else args.bits,
+        "max_weight": made["max_weight"] if args.max_weight is None else args.max_weight,
+    }
+    diff = [f"{k} {asked[k]} (keygen: {made[k]})" for k in made if asked[k] != made[k]]
+    if diff:
+        raise ConfigurationError(
+            f"{args.he_context} was made for another round shape: {', '.join(diff)}; "
+            "rerun `secagg keygen --ckks` with this round's --mode/--clients/--dim/--bits/"
+            "--max-weight, or create the round with keygen's"
+        )
+    return int(made["bits"]), int(made["max_weight"])
 
 
 def _layout_arg(value: str) -> bytes:
@@ -590,14 +767,14 @@ def _add_operator(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("action", choices=["add", "list", "revoke"])
     p.add_argument("name", nargs="?", help="operator name (its certificate's common name)")
     p.add_argument("--public-key", help="add: hex, .pub or key file (operator kit)")
-    p.add_argument("--store", help="SQLite file (default: secagg.db; $SECAGG_STORE)")
+    p.add_argument("--store", help="the server's SQLite file (or $SECAGG_STORE)")
 
 
 def _run_operator(args: argparse.Namespace) -> int:
     from secagg.service.keyfile import read_public_key
     from secagg.service.store import Store
 
-    store = Store(args.store or os.environ.get("SECAGG_STORE", "secagg.db"))
+    store = Store(_local_store(args))
     try:
         if args.action == "list":
             recs = store.operators()
@@ -619,7 +796,7 @@ def _add_site(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("name", help="the site's participant name (kept)")
     p.add_argument("--public-key", required=True, help="the new identity: hex, .pub or key file")
     p.add_argument("--entry", help="signed entry for the new key (secagg authority sign)")
-    p.add_argument("--store", help="SQLite file to edit directly (default: secagg.db)")
+    p.add_argument("--store", help="the server's SQLite file, to edit directly (or $SECAGG_STORE)")
     _add_remote(p)
 
 
@@ -628,12 +805,12 @@ def _run_site(args: argparse.Namespace) -> int:
     from secagg.service.store import Store
 
     key = read_public_key(args.public_key)
-    if args.server or args.operator_kit or os.environ.get("SECAGG_OPERATOR_KIT"):
+    if _is_remote(args):
         with _admin(args) as admin:
             rec = admin.rotate(args.name, key, _entry(args))
         row = {"name": rec.name, "public_key": rec.identity_key.hex(), "revoked": False}
     else:
-        store = Store(args.store or os.environ.get("SECAGG_STORE", "secagg.db"))
+        store = Store(_local_store(args))
         try:
             r = store.rotate(args.name, key, _entry(args))
         finally:
@@ -673,8 +850,23 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (``secagg round: error: ...``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CONFIG, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="secagg", description=__doc__)
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words[:1] not in (["serve"], ["demo"]) and "grpc" not in sys.modules:
+        # gRPC's own log lines would break the one-line errors of the client commands (the
+        # error names the reason); serve keeps them and logs them as JSON (service.logs).
+        # Read when gRPC loads, so it is set before anything imports grpc.
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    from secagg.service.errors import exit_code_for
+
+    parser: argparse.ArgumentParser = _Parser(prog="secagg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_simulate(sub)
     _add_serve(sub)
@@ -693,12 +885,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown command {args.command}")
     try:
         return run(args)
-    except (InfeasibleParameters, ConfigurationError) as exc:
-        print(f"secagg: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except SecAggError as exc:
-        print(f"secagg: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    except (SecAggError, OSError) as exc:
+        print(f"secagg: {_one_line(exc)}", file=sys.stderr)
+        return exit_code_for(exc)
+    except Exception as exc:  # a bug: one line, the traceback with SECAGG_DEBUG=1
+        if os.environ.get("SECAGG_DEBUG"):
+            raise
+        print(f"secagg: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line: configuration errors as they are, others with
+    their class name; an ``OSError`` names the file."""
+    if isinstance(exc, OSError) and not isinstance(exc, SecAggError):
+        where = f" {exc.filename}" if exc.filename else ""
+        text = f"{exc.strerror or exc}:{where}" if where else str(exc.strerror or exc)
+    elif isinstance(exc, ConfigurationError) and type(exc).__module__ == "secagg.errors":
+        text = str(exc)
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

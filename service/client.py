@@ -55,7 +55,7 @@ from secagg.service.serde import (
 )
 from secagg.service.servicer import GET_ROUND, SESSION
 from secagg.service.tensors import Layout, flatten, unflatten
-from secagg.service.tls import ClientTls
+from secagg.service.tls import ClientTls, tls_failure
 from secagg.service.trust import check_directory
 
 __all__ = ["Aggregate", "Client", "Policy", "RetryPolicy", "TransferStats"]
@@ -290,6 +290,7 @@ class Client:
                 "pass insecure_no_tls=True only for loopback tests"
             )
         self.identity = identity
+        self.tls = tls
         self.policy = policy or Policy()
         self.retry = retry or RetryPolicy()
         self.chunk_bytes = chunk_bytes
@@ -501,6 +502,8 @@ class Client:
             try:
                 return call()
             except grpc.RpcError as err:
+                if (tls_err := tls_failure(err, self.tls)) is not None:
+                    raise tls_err from None
                 if err.code() not in TRANSIENT or time.monotonic() + backoff > deadline:
                     raise from_rpc_error(err) from None
                 time.sleep(backoff)
@@ -582,6 +585,8 @@ class _Session:
             except _Silent:
                 return None
             except grpc.RpcError as err:
+                if (tls_err := tls_failure(err, self.client.tls)) is not None:
+                    raise tls_err from None
                 stalled = time.monotonic() - self.last_progress
                 if err.code() not in TRANSIENT or stalled + backoff > self.budget:
                     raise from_rpc_error(err) from None

@@ -19,7 +19,7 @@ from secagg.server import StageTimeouts
 from secagg.service.serde import DEFAULT_CHUNK_BYTES
 from secagg.service.tls import ServerTls
 
-__all__ = ["ServerConfig", "is_loopback", "load_config"]
+__all__ = ["ServerConfig", "is_loopback", "load_config", "read_token_file"]
 
 
 def is_loopback(listen: str) -> bool:
@@ -104,12 +104,62 @@ class ServerConfig:
             raise ConfigurationError("max_streams_per_participant must be >= 1")
 
 
+_TLS_KEYS = {"cert": "str", "key": "str", "client_ca": "str | None", "bind_names": "bool"}
+_PYTHON_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+}
+
+
+def read_token_file(path: str | Path) -> str:
+    """The admin token in ``path`` (surrounding whitespace dropped; empty is an error)."""
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot read the admin token file {path}: {exc.strerror}"
+        ) from None
+    if not token:
+        raise ConfigurationError(f"the admin token file {path} is empty")
+    return token
+
+
+def _check_type(path: str | Path, key: str, value: Any, annotation: str) -> None:
+    """Refuse ``key = value`` unless it has the field's type (``listen = 18460``, say)."""
+    wanted = [t.strip() for t in annotation.split("|")]
+    allowed = tuple(c for t in wanted for c in _PYTHON_TYPES.get(t, ()))
+    if not allowed:
+        return  # a structured field (tls, deadlines) is read from its own section
+    ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+    if not ok:
+        kinds = " or ".join(t for t in wanted if t != "None")
+        raise ConfigurationError(
+            f"{path}: {key} must be {'a' if kinds != 'int' else 'an'} {kinds}, got {value!r}"
+        )
+
+
+def _section(path: str | Path, name: str, raw: Any, keys: dict[str, str]) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ConfigurationError(f"{path}: [{name}] must be a table")
+    unknown = set(raw) - set(keys)
+    if unknown:
+        raise ConfigurationError(
+            f"{path}: unknown keys in [{name}]: {sorted(unknown)} (known: {sorted(keys)})"
+        )
+    for key, value in raw.items():
+        _check_type(path, f"{name}.{key}", value, keys[key])
+    return dict(raw)
+
+
 def load_config(path: str | Path | None = None, **overrides: Any) -> ServerConfig:
     """Defaults, then the TOML file at ``path``, then ``SECAGG_*`` variables, then overrides.
 
     The file holds the fields of :class:`ServerConfig` at top level, plus ``[tls]``
     (``cert``, ``key``, ``client_ca``, ``bind_names``), ``[deadlines]`` (seconds per stage)
-    and ``admin_token_file``.
+    and ``admin_token_file``; the override ``admin_token_file=`` (``--admin-token-file``)
+    reads the token from a file. Every key is checked for its type, so a typo is one line.
     """
     values: dict[str, Any] = {}
     if path is not None:
@@ -120,22 +170,31 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> ServerConfi
         known = {f.name for f in fields(ServerConfig)}
         token_file = raw.pop("admin_token_file", None)
         if token_file:
-            values["admin_token"] = Path(token_file).read_text().strip()
+            values["admin_token"] = read_token_file(token_file)
         tls = raw.pop("tls", None)
         if tls:
-            values["tls"] = ServerTls(**tls)
+            values["tls"] = ServerTls(**_section(path, "tls", tls, _TLS_KEYS))
         deadlines = raw.pop("deadlines", None)
         if deadlines:
-            values["deadlines"] = replace(StageTimeouts(), **deadlines)
+            stages = {f.name: "float" for f in fields(StageTimeouts)}
+            values["deadlines"] = replace(
+                StageTimeouts(), **_section(path, "deadlines", deadlines, stages)
+            )
         unknown = set(raw) - known
         if unknown:
-            raise ConfigurationError(f"unknown config keys: {sorted(unknown)}")
+            raise ConfigurationError(f"{path}: unknown config keys: {sorted(unknown)}")
+        types = {f.name: str(f.type) for f in fields(ServerConfig)}
+        for key, value in raw.items():
+            _check_type(path, key, value, types[key])
         values.update(raw)
     env_token = os.environ.get("SECAGG_ADMIN_TOKEN")
     if env_token:
         values["admin_token"] = env_token
     if "SECAGG_STORE" in os.environ:
         values["store"] = os.environ["SECAGG_STORE"]
+    token_path = overrides.pop("admin_token_file", None)
+    if token_path is not None:
+        values["admin_token"] = read_token_file(token_path)
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return ServerConfig(**values)

@@ -1,8 +1,11 @@
-"""Service-level errors and the one table that maps every error to a gRPC status.
+"""Service-level errors, the one table that maps every error to a gRPC status, and the
+one table of ``secagg`` exit codes.
 
 The service errors extend :class:`secagg.errors.SecAggError`, so the package keeps one
 hierarchy. :func:`status_for` is the only place an exception becomes a status code; the
-servicer calls it, the client SDK relies on the codes it produces.
+servicer calls it, the client SDK relies on the codes it produces. :func:`exit_code_for` is
+the only place an exception becomes an exit status of the command line (docs/operations.md,
+"Exit codes", lists the same table).
 """
 
 from __future__ import annotations
@@ -26,6 +29,15 @@ from secagg.errors import (
 )
 
 __all__ = [
+    "EXIT_ABORTED",
+    "EXIT_AUDIT",
+    "EXIT_CODES",
+    "EXIT_CONFIG",
+    "EXIT_DENIED",
+    "EXIT_ERROR",
+    "EXIT_LOCKED",
+    "EXIT_NOT_FOUND",
+    "EXIT_UNAVAILABLE",
     "AlreadyExists",
     "Dropped",
     "HelloTimeout",
@@ -35,10 +47,14 @@ __all__ = [
     "Refused",
     "RemoteError",
     "ServiceError",
+    "StoreLocked",
+    "TlsError",
     "TooLarge",
     "TooManyStreams",
     "Unauthenticated",
+    "Unavailable",
     "Unimplemented",
+    "exit_code_for",
     "from_rpc_error",
     "status_for",
 ]
@@ -98,6 +114,21 @@ class RemoteError(ServiceError):
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
 
+class Unavailable(RemoteError):
+    """The server cannot be reached (nothing listens, the network is down): transient."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class TlsError(Unavailable, ConfigurationError):
+    """A TLS failure no retry fixes: untrusted or expired certificate, wrong server name,
+    a client certificate the server refuses, a certificate and key that do not match."""
+
+
+class StoreLocked(StoreError):
+    """Another server holds the store's writer lock; the message names it (pid, host)."""
+
+
 _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     # Order matters: the first matching class wins, so subclasses come first.
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
@@ -120,6 +151,7 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (RoundAborted, grpc.StatusCode.ABORTED),
     (ConfigurationError, grpc.StatusCode.INVALID_ARGUMENT),
     (InputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (StoreError, grpc.StatusCode.INTERNAL),
     (SecAggError, grpc.StatusCode.INTERNAL),
 )
@@ -155,6 +187,7 @@ _FROM_CODE: dict[grpc.StatusCode, type[ServiceError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: TooLarge,
     grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
     grpc.StatusCode.FAILED_PRECONDITION: Refused,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
 }
 
 
@@ -169,3 +202,38 @@ def from_rpc_error(err: grpc.RpcError) -> SecAggError:
     if isinstance(exc, RemoteError):
         exc.code = code
     return exc
+
+
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+EXIT_ABORTED = 3
+EXIT_AUDIT = 4
+EXIT_LOCKED = 5
+EXIT_NOT_FOUND = 6
+EXIT_DENIED = 7
+EXIT_UNAVAILABLE = 8
+
+EXIT_CODES: tuple[tuple[type[BaseException], int, str], ...] = (
+    # (class, exit status, meaning); the first matching class wins, subclasses first.
+    # Exit 3 (a round that ended aborted) and 4 (the audit chain does not verify) are
+    # outcomes, not exceptions: the commands return them.
+    (StoreLocked, EXIT_LOCKED, "another server holds the store (the message names it)"),
+    (TlsError, EXIT_UNAVAILABLE, "TLS failure: certificate, key, CA or server name"),
+    (Unavailable, EXIT_UNAVAILABLE, "the server cannot be reached"),
+    (NotFound, EXIT_NOT_FOUND, "no such round or participant (or audit entries for it)"),
+    (Unauthenticated, EXIT_DENIED, "bad or missing admin token or credentials"),
+    (PermissionDenied, EXIT_DENIED, "the caller may not do this"),
+    (ConfigurationError, EXIT_CONFIG, "bad flag, config file, key file or parameters"),
+    (InputError, EXIT_CONFIG, "bad input value"),
+    (OSError, EXIT_CONFIG, "a file cannot be read or written"),
+    (SecAggError, EXIT_ERROR, "any other refusal (the server's reason is printed)"),
+)
+"""The exit statuses of ``secagg`` (0 is success; argparse usage errors are 2 as well)."""
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The ``secagg`` exit status for ``exc`` (the first row of :data:`EXIT_CODES` it is)."""
+    for cls, code, _meaning in EXIT_CODES:
+        if isinstance(exc, cls):
+            return code
+    return EXIT_ERROR

@@ -51,7 +51,11 @@ def write_identity(
 def read_identity(path: str | Path) -> IdentityKey:
     """Load an identity key file; refuses files readable by others and mismatched keys."""
     p = Path(path)
-    if os.name == "posix" and p.stat().st_mode & 0o077:
+    try:
+        mode = p.stat().st_mode
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read the identity key {p}: {exc.strerror}") from None
+    if os.name == "posix" and mode & 0o077:
         raise ConfigurationError(f"{p} is readable by other users; chmod 600 it")
     try:
         doc = json.loads(p.read_text())
@@ -63,6 +67,10 @@ def read_identity(path: str | Path) -> IdentityKey:
     if key.public.hex() != doc.get("public_key"):
         raise ConfigurationError(f"{p}: public key does not match the seed")
     return key
+
+
+def _looks_hex(text: str) -> bool:
+    return bool(text) and all(c in "0123456789abcdefABCDEF" for c in text)
 
 
 def read_public_key(text_or_path: str) -> bytes:
@@ -78,10 +86,14 @@ def read_public_key(text_or_path: str) -> bytes:
                 raise ConfigurationError(f"{p}: no public key ({exc})") from None
         else:
             candidate = content
+    elif not _looks_hex(candidate):
+        raise ConfigurationError(
+            f"no such public key file: {candidate} (or give the key as 64 hex digits)"
+        )
     try:
         key = bytes.fromhex(candidate)
     except ValueError:
-        raise ConfigurationError("public keys are 64 hex digits") from None
+        raise ConfigurationError(f"{text_or_path}: public keys are 64 hex digits") from None
     if len(key) != 32:
         raise ConfigurationError("public keys are 32 bytes (64 hex digits)")
     return key

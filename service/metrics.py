@@ -1,10 +1,25 @@
-"""Prometheus metrics of one server (own registry, so several servers can share a process)."""
+"""Prometheus metrics of one server (own registry, so several servers can share a process).
+
+Counters export ``*_total`` only: the ``*_created`` timestamp series that prometheus_client
+adds by default read like counts on a dashboard, so they are turned off.
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
+
+_SSL_REASON = re.compile(r"OPENSSL_internal:([A-Z0-9_]+)")
+_SSL_ERROR = re.compile(r"(SSL_ERROR_[A-Z_]+)")
 
 __all__ = ["Metrics"]
 
@@ -15,6 +30,7 @@ class Metrics:
     """Counters and histograms the service updates; ``serve_http`` exposes them."""
 
     def __init__(self) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
         r = self.registry
         self.rounds = Counter(
@@ -50,6 +66,19 @@ class Metrics:
             "secagg_messages", "Protocol messages received, by result", ["result"], registry=r
         )
         self.rpcs = Counter("secagg_rpcs", "Finished RPCs", ["method", "code"], registry=r)
+        self.tls_failures = Counter(
+            "secagg_tls_handshake_failures",
+            "TLS handshakes the server refused or lost, by OpenSSL reason",
+            ["reason"],
+            registry=r,
+        )
+
+    def count_tls_line(self, line: str) -> None:
+        """Count one failed handshake if ``line`` (a gRPC core log line) reports one."""
+        if "Handshake failed" in line or "handshake failed" in line:
+            m = _SSL_REASON.search(line) or _SSL_ERROR.search(line)
+            reason = m.group(1) if m else "unknown"
+            self.tls_failures.labels(reason).inc()
 
     def serve_http(self, port: int, addr: str = "127.0.0.1") -> Any:
         """Expose ``/metrics`` on ``addr:port``; returns the HTTP server (``.shutdown()``)."""

@@ -31,6 +31,7 @@ from secagg import ckks
 from secagg.errors import ConfigurationError
 from secagg.he_params import select_params
 from secagg.keys import IdentityKey
+from secagg.quantize import FEDAVG_MAX_WEIGHT
 from secagg.service import kit as kf
 from secagg.service.authority import init_authority, load_authority, sign_site
 from secagg.service.errors import AlreadyExists
@@ -81,7 +82,7 @@ class CkksSpec:
     dim: int
     mode: Literal["ckks", "hybrid"] = "hybrid"
     bits: int = 16
-    max_weight: int = 1
+    max_weight: int = FEDAVG_MAX_WEIGHT  # what `round create` assumes; fedavg weights fit
     epoch: int = 0
     decryption_budget: int = ckks.DEFAULT_DECRYPTION_BUDGET
 

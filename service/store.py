@@ -2,14 +2,19 @@
 
 One connection guarded by a lock; every write that appends to the audit log runs in one
 ``BEGIN IMMEDIATE`` transaction, so two processes sharing the file (``secagg enroll``
-beside a running server) cannot fork the chain. Triggers refuse ``UPDATE`` and ``DELETE``
-on the log; the hash chain (:mod:`secagg.service.audit`) catches whoever drops them.
+beside a running server) cannot fork the chain. A store has one server: :class:`WriterLock`
+(``STORE.lock``, an OS file lock that dies with its process) refuses a second one. Triggers
+refuse ``UPDATE`` and ``DELETE`` on the log; the hash chain (:mod:`secagg.service.audit`)
+catches whoever drops them.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -23,7 +28,7 @@ from secagg.directory import SignedEntry
 from secagg.errors import ConfigurationError, InvalidSignature, StoreError
 from secagg.keys import PUBLIC_KEY_BYTES, check_identity_key
 from secagg.service.audit import GENESIS, AuditEntry, canonical_json, entry_hash, verify_chain
-from secagg.service.errors import AlreadyExists, NotFound
+from secagg.service.errors import AlreadyExists, NotFound, StoreLocked
 
 __all__ = [
     "LOCAL_OPERATOR",
@@ -32,6 +37,7 @@ __all__ = [
     "ParticipantRecord",
     "RoundRecord",
     "Store",
+    "WriterLock",
 ]
 
 LOCAL_OPERATOR = "local"
@@ -89,6 +95,55 @@ BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
 
 RUNNING, COMPLETED, ABORTED = "running", "completed", "aborted"
+
+
+class WriterLock:
+    """The one-server-per-store lock: ``flock`` on ``STORE.lock``, holder written inside.
+
+    The OS drops the lock when its process exits, however it exits, so a lock file left
+    behind by a killed server is stale and harmless: the next server takes it. (``flock``
+    is not reliable on network file systems; keep the store on a local disk.)
+    """
+
+    def __init__(self, store_path: str | Path) -> None:
+        self.path = Path(f"{store_path}.lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`StoreLocked` naming the holder."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(f"cannot open the lock file {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise StoreLocked(
+                f"the store {str(self.path)[:-5]} is in use by another server "
+                f"({_describe_holder(holder)}); stop it first, or give this one another --store"
+            ) from None
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": round(time.time())}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Drop the lock (the file stays; its content no longer means anything)."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        doc = json.loads(text)
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(doc["since"])))
+        return f"pid {int(doc['pid'])} on host {doc['host']}, since {since}"
+    except (ValueError, KeyError, TypeError):
+        return "holder unknown"
 
 
 @dataclass(frozen=True)

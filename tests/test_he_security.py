@@ -187,7 +187,18 @@ def test_keygen_ckks_writes_epoch_budget_and_ledger(
     ledger starts at zero, and a budget past the maximum is refused (exit 2, nothing written)."""
     from secagg.service.cli import main
 
-    args = ["keygen", "--ckks", "--mode", "hybrid", "--clients", "6", "--dim", "300"]
+    args = [
+        "keygen",
+        "--ckks",
+        "--mode",
+        "hybrid",
+        "--clients",
+        "6",
+        "--dim",
+        "300",
+        "--max-weight",
+        "1",
+    ]
     out = tmp_path / "fed"
     assert main([*args, "--out", str(out), "--decryption-budget", "65"]) == 2
     assert list(tmp_path.iterdir()) == []

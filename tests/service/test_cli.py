@@ -81,7 +81,9 @@ def test_round_commands_against_a_server(
         "2": "b",
         "3": "c",
     }
-    assert main(["round", "abort", created["round_id"], "--reason", "test", *remote]) == 3
+    assert (
+        main(["round", "abort", created["round_id"], "--reason", "test", *remote]) == 0
+    )  # abort succeeded (issue 12: it exited 3)
     aborted = json.loads(capsys.readouterr().out)
     assert aborted["abort"] == {"stage": "advertise_keys", "reason": "test"}
     monkeypatch.delenv("SECAGG_ADMIN_TOKEN")
@@ -148,7 +150,7 @@ def test_keygen_ckks_writes_a_secret_and_a_keyless_server_context(
     secret = tmp_path / "fed.ckks-secret"
     server = tmp_path / "fed.ckks-server"
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600
-    he = make_params(6, 300, mode="hybrid").he
+    he = make_params(6, 300, mode="hybrid", max_weight=65535).he  # keygen default
     ckks.load_secret_context(secret.read_bytes(), he)
     ckks.load_server_context(server.read_bytes(), he)
     with pytest.raises(ConfigurationError, match="secret key"):

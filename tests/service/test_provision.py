@@ -21,6 +21,7 @@ import pytest
 
 from secagg.errors import ConfigurationError, SecAggError
 from secagg.keys import IdentityKey
+from secagg.quantize import FEDAVG_MAX_WEIGHT
 from secagg.server import StageTimeouts
 from secagg.service import kit as kf
 from secagg.service.admin import AdminClient
@@ -365,6 +366,7 @@ def test_key_holder_kits_run_a_hybrid_round(tmp_path: Path) -> None:
                 participants=holders,
                 dim=16,
                 mode="hybrid",
+                max_weight=FEDAVG_MAX_WEIGHT,  # [ckks] max_weight's default (issue 12)
                 deadlines=FAST,
                 he_context=server_ctx,
             )
