@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from secagg.errors import MalformedMessage
 from secagg.keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES
-from secagg.messages import SESSION_ID_BYTES, SHARE_CIPHERTEXT_BYTES
+from secagg.messages import SESSION_ID_BYTES, SHARE_CIPHERTEXT_BYTES, SHARE_COMMIT_BYTES
 from secagg.params import ROUND_ID_BYTES, Mode, RoundParams
 from secagg.server import StageTimeouts
 from secagg.service._gen import admin_pb2, aggregation_pb2, common_pb2
@@ -51,7 +51,11 @@ def max_client_message_bytes(params: RoundParams) -> int:
     pair_list = 4 + (deg + 1) * (4 + SHARE_BYTES)
     sizes = (
         3 * PUBLIC_KEY_BYTES + SIGNATURE_BYTES,  # AdvertiseKeys
-        SESSION_ID_BYTES + 4 + min(deg, n - 1) * (4 + SHARE_CIPHERTEXT_BYTES),  # ShareKeys
+        SESSION_ID_BYTES  # ShareKeys: bundles, then one signed commitment per holder
+        + 4
+        + min(deg, n - 1) * (4 + SHARE_CIPHERTEXT_BYTES)
+        + 4
+        + min(deg + 1, n) * (4 + SHARE_COMMIT_BYTES),
         SESSION_ID_BYTES + 8 + 8 * params.words,  # MaskedInput
         SESSION_ID_BYTES + SIGNATURE_BYTES,  # ConsistencySignature
         SESSION_ID_BYTES + 2 * pair_list,  # UnmaskShares
@@ -76,7 +80,11 @@ def max_server_message_bytes(params: RoundParams) -> int:
     ids = 4 + 4 * n
     sizes = (
         4 + n * (4 + 3 * PUBLIC_KEY_BYTES + SIGNATURE_BYTES),  # Roster
-        SESSION_ID_BYTES + 4 + n * (4 + SHARE_CIPHERTEXT_BYTES),  # ShareDelivery
+        SESSION_ID_BYTES  # ShareDelivery: bundles and their signed commitments
+        + 4
+        + n * (4 + SHARE_CIPHERTEXT_BYTES)
+        + 4
+        + n * (4 + SHARE_COMMIT_BYTES),
         SESSION_ID_BYTES + ids,  # ConsistencyRequest
         SESSION_ID_BYTES + 2 * ids + 4 + n * (4 + SIGNATURE_BYTES),  # UnmaskRequest
         SESSION_ID_BYTES + ids + 8 + 8 * params.words,  # AggregateResult (packed words)
