@@ -67,7 +67,11 @@ def _advertise_bad_key(h: Harness, cid: int, field: str, key: bytes) -> dict[int
     replies = h.start()
     (adv,) = replies[cid]
     assert isinstance(adv, AdvertiseKeys)
-    bad = dataclasses.replace(adv, **{field: key})
+    bad = (
+        dataclasses.replace(adv, enc_pk=key)
+        if field == "enc_pk"
+        else dataclasses.replace(adv, mask_pk=key)
+    )
     sig = h.identities[cid].sign(bad.signed_payload(h.params.digest()))
     replies[cid] = [dataclasses.replace(bad, signature=sig)]
     return replies
@@ -253,9 +257,14 @@ def test_lying_holders_are_blamed_once_and_excluded(
     lying = list(range(1, 1 + liars))
     for cid in lying:
         replies[cid] = [_lie(replies[cid][0])]
-    calls = []
+    calls: list[int] = []
     real = shamir._scaled_derivatives
-    monkeypatch.setattr(shamir, "_scaled_derivatives", lambda xs: calls.append(len(xs)) or real(xs))
+
+    def counted(xs: list[int]) -> list[int]:
+        calls.append(len(xs))
+        return real(xs)
+
+    monkeypatch.setattr(shamir, "_scaled_derivatives", counted)
     h.stage(replies)
     assert_exact(h, set(h.ids) - {9})
     for cid in lying:
