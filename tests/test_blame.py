@@ -273,3 +273,13 @@ def test_lying_holders_are_blamed_once_and_excluded(
         assert "signed commitment" in (rec.reason or "")
     assert not any("wrong shares" in w for w in h.server.ctx.warnings)
     assert len(calls) <= 2  # one basis for the seeds, one for the dropped client's key
+
+
+def test_reconstruct_each_matches_reconstruct_many_and_flags_inconsistent_sets() -> None:
+    """reconstruct_each is reconstruct_many that answers None for a non-secret value."""
+    good = [secrets.token_bytes(32) for _ in range(5)]
+    tables = shamir.split_many(good, 4, [3, 5, 8, 9, 11])
+    assert shamir.reconstruct_each(tables, 4) == shamir.reconstruct_many(tables, 4) == good
+    # t = 1: the constant polynomial; PRIME - 1 >= 2^256 is no 32-byte secret.
+    top = {1: shamir.encode_share(shamir.PRIME - 1)}
+    assert shamir.reconstruct_each([top, {1: tables[0][3]}], 1) == [None, tables[0][3][1:]]
