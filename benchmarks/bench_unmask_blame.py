@@ -10,7 +10,8 @@ client's mask key is reconstructed too).
 
 Run the table::
 
-    python benchmarks/bench_unmask_blame.py [--clients 500] [--dim 1000] [--neighbors auto]
+    python benchmarks/bench_unmask_blame.py [--clients 500] [--dim 1000] [--neighbors auto] \
+        [--liars 0,1,50]
 
 (``--clients 12`` is a tiny run), or ``pytest benchmarks/bench_unmask_blame.py
 --benchmark-only -s -o python_files='bench_*.py'`` (tiny and n = 500 cases).
@@ -148,8 +149,11 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=500)
     ap.add_argument("--dim", type=int, default=1000)
     ap.add_argument("--neighbors", default="auto")
+    ap.add_argument("--liars", help="comma-separated liar counts (default: 0, 1, 10%%)")
     args = ap.parse_args()
-    for liars in (0, 1, max(1, args.clients // 10)):
+    default = (0, 1, max(1, args.clients // 10))
+    counts = [int(x) for x in args.liars.split(",")] if args.liars else default
+    for liars in counts:
         print(json.dumps(unmask_time(args.clients, args.dim, liars, args.neighbors)), flush=True)
 
 
