@@ -20,6 +20,7 @@ from secagg.errors import (
     DecryptionBudgetExhausted,
     DecryptionError,
     InputError,
+    InvalidPublicKey,
     InvalidSignature,
     KeyEpochMismatch,
     ProtocolViolation,
@@ -34,6 +35,7 @@ from secagg.keys import (
     IdentityKey,
     aead_decrypt,
     aead_encrypt,
+    check_agreement_key,
     constant_time_equal,
     random_seed,
     verify_signature,
@@ -64,6 +66,8 @@ from secagg.messages import (
     encrypted_input_payload,
     nonce_commitment,
     seed_commitment,
+    share_commit_payload,
+    share_commitment,
 )
 from secagg.params import Mode, RoundParams
 from secagg.policy import ClientPolicy, check_contributors, check_layout
@@ -206,6 +210,13 @@ class AdvertiseState(_State):
                 raise c.misbehaviour(
                     f"roster entry of client {e.sender} is not signed by it"
                 ) from None
+            try:
+                check_agreement_key(e.enc_pk, client_id=e.sender)
+                check_agreement_key(e.mask_pk, client_id=e.sender)
+            except InvalidPublicKey as exc:
+                raise c.misbehaviour(
+                    f"roster carries an unusable key of client {e.sender}: {exc}"
+                ) from None
             if e.enc_pk == e.mask_pk:
                 raise c.misbehaviour(f"client {e.sender} reuses one key for both purposes")
             entries[e.sender] = e
@@ -260,18 +271,68 @@ def key_epoch(c: _Ctx) -> bytes:
 
 def deal_shares(c: _Ctx) -> ShareKeys:
     """Round 1's message: Shamir shares of the self-mask seed and the mask key for every
-    holder ``N(u) ∪ {u}``, each neighbour's bundle under its pairwise AEAD key."""
+    holder ``N(u) ∪ {u}``, each neighbour's bundle under its pairwise AEAD key, and for every
+    holder one signed commitment ``H_seed || H_key || sig`` to the two shares it gets.
+
+    The signature (identity key, over :func:`secagg.messages.share_commit_payload`) is the
+    evidence that binds this client to the shares it dealt: a holder checks its shares
+    against it, the server checks revealed shares against it, and shares that match it but
+    do not reconstruct the committed seed or key convict this client (docs/protocol.md)."""
     holders = sorted(c.neighbours | {c.cid})
     seed_sh, key_sh = shamir.split_many(
         [c.secrets.seed, c.secrets.mask.private_bytes], c.params.threshold, holders
     )
     c.own_shares = (seed_sh[c.cid], key_sh[c.cid])
+    sid = c.session_id
+    commitments = []
+    for v in holders:
+        h_seed = share_commitment(sid, c.cid, v, b"seed", seed_sh[v])
+        h_key = share_commitment(sid, c.cid, v, b"key", key_sh[v])
+        sig = c.identity.sign(share_commit_payload(sid, c.cid, v, h_seed, h_key))
+        commitments.append((v, h_seed + h_key + sig))
     bundles = []
     for v in sorted(c.neighbours):
         key = c.share_key(v, sender=c.cid, recipient=v)
         pt = seed_sh[v] + key_sh[v]
-        bundles.append((v, aead_encrypt(key, pt, share_aad(c.session_id, c.cid, v))))
-    return ShareKeys(c.rid, c.cid, c.session_id, tuple(bundles))
+        bundles.append((v, aead_encrypt(key, pt, share_aad(sid, c.cid, v))))
+    return ShareKeys(c.rid, c.cid, sid, tuple(bundles), tuple(commitments))
+
+
+def accept_share(
+    c: _Ctx, dealer: int, ciphertext: bytes, commitment: bytes | None
+) -> tuple[bytes, bytes] | None:
+    """The two shares ``dealer`` sent this client, or ``None`` (with a warning naming the
+    dealer) when they fail the AEAD, the dealer's signature or its commitments.
+
+    Nothing here raises: a peer's bad bundle costs this client that one share, never the
+    round (docs/protocol.md, "Shares with evidence").
+    """
+    sid = c.session_id
+    if commitment is None:
+        c.warnings.append(f"share bundle from client {dealer} came without its commitment")
+        return None
+    h_seed, h_key, sig = commitment[:32], commitment[32:64], commitment[64:]
+    try:
+        key = c.share_key(dealer, sender=dealer, recipient=c.cid)
+        pt = aead_decrypt(key, ciphertext, share_aad(sid, dealer, c.cid), client_id=dealer)
+    except DecryptionError:
+        c.warnings.append(f"share bundle from client {dealer} failed authentication")
+        return None
+    try:
+        verify_signature(
+            c.directory[dealer], share_commit_payload(sid, dealer, c.cid, h_seed, h_key), sig
+        )
+    except InvalidSignature:
+        c.warnings.append(f"share commitment of client {dealer} is not signed by it")
+        return None
+    seed_share, key_share = pt[: shamir.SHARE_BYTES], pt[shamir.SHARE_BYTES :]
+    if not (
+        constant_time_equal(share_commitment(sid, dealer, c.cid, b"seed", seed_share), h_seed)
+        and constant_time_equal(share_commitment(sid, dealer, c.cid, b"key", key_share), h_key)
+    ):
+        c.warnings.append(f"shares from client {dealer} do not match its signed commitment")
+        return None
+    return seed_share, key_share
 
 
 class ShareKeysState(_State):
@@ -293,14 +354,14 @@ class ShareKeysState(_State):
                 Stage.SHARE_KEYS,
                 f"only {len(senders)} neighbours shared keys; threshold {c.params.threshold}",
             )
+        committed = [u for u, _ in msg.commitments]
+        if len(set(committed)) != len(committed) or set(committed) != set(senders):
+            raise c.misbehaviour("share delivery's commitments do not match its senders")
+        commitments = dict(msg.commitments)
         for u, ct in msg.shares:
-            key = c.share_key(u, sender=u, recipient=c.cid)
-            try:
-                pt = aead_decrypt(key, ct, share_aad(c.session_id, u, c.cid), client_id=u)
-            except DecryptionError:
-                c.warnings.append(f"share bundle from client {u} failed authentication")
-                continue
-            c.peer_shares[u] = (pt[: shamir.SHARE_BYTES], pt[shamir.SHARE_BYTES :])
+            got = accept_share(c, u, ct, commitments.get(u))
+            if got is not None:
+                c.peer_shares[u] = got
         c.u1_peers = frozenset(senders)
         c.enc_shared.clear()
         masks = [

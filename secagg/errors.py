@@ -17,6 +17,7 @@ __all__ = [
     "DuplicateMessage",
     "InfeasibleParameters",
     "InputError",
+    "InvalidPublicKey",
     "InvalidSignature",
     "KernelError",
     "KeyEpochMismatch",
@@ -168,6 +169,11 @@ class KeyEpochMismatch(ConfigurationError):
     """A round, ciphertext sum or budget ledger belongs to another CKKS key epoch."""
 
 
+class InvalidPublicKey(CryptoError, ProtocolViolation):
+    """An X25519 public key that is malformed, non-canonical or of small order (RFC 7748
+    section 6.1): refused when advertised, so its sender is dropped and named."""
+
+
 class ReconstructionError(CryptoError):
     """Shamir reconstruction failed: too few shares, or shares inconsistent with a commitment."""
 
@@ -186,10 +192,21 @@ class RoundAborted(SecAggError):
         Why, including the counts and the threshold where that is the cause.
     """
 
-    def __init__(self, stage: str, reason: str) -> None:
+    def __init__(
+        self,
+        stage: str,
+        reason: str,
+        *,
+        blamed: int | None = None,
+        evidence: dict[str, object] | None = None,
+    ) -> None:
         super().__init__(f"round aborted in stage {stage!r}: {reason}")
         self.stage = stage
         self.reason = reason
+        self.blamed = blamed
+        """The client whose own signed messages prove it caused the abort, if any."""
+        self.evidence = evidence
+        """JSON-ready proof against ``blamed`` (for the audit log), if any."""
 
 
 # --- other layers ---------------------------------------------------------------------------

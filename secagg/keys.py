@@ -19,7 +19,12 @@ from Crypto.Protocol.DH import import_x25519_private_key, import_x25519_public_k
 from Crypto.PublicKey import ECC
 from Crypto.Signature import eddsa
 
-from secagg.errors import ConfigurationError, CryptoError, DecryptionError, InvalidSignature
+from secagg.errors import (
+    ConfigurationError,
+    DecryptionError,
+    InvalidPublicKey,
+    InvalidSignature,
+)
 
 __all__ = [
     "AEAD_NONCE",
@@ -30,6 +35,7 @@ __all__ = [
     "IdentityKey",
     "aead_decrypt",
     "aead_encrypt",
+    "check_agreement_key",
     "check_identity_key",
     "constant_time_equal",
     "random_seed",
@@ -51,6 +57,55 @@ AEAD_NONCE = bytes(12)
 
 SEED_BYTES = 32
 """All seeds are 256-bit."""
+
+
+_P25519 = 2**255 - 19
+"""The field prime of Curve25519 (RFC 7748 section 4.1)."""
+
+_SMALL_ORDER_U = frozenset(
+    {
+        0,
+        1,
+        325606250916557431795983626356110631294008115727848805560023387167927233504,
+        39382357235489614581723060781553021112529911719440698176882885853963445705823,
+        _P25519 - 1,
+    }
+)
+"""Canonical u-coordinates of the points of order 1, 2, 4 and 8 on Curve25519 (the twist's
+small-order points are the same u values): X25519 with any clamped scalar, a multiple of 8,
+maps them to the all-zero output that RFC 7748 section 6.1 tells parties to check for. The
+list is libsodium's blocklist less its non-canonical encodings (``p``, ``p + 1`` and the
+high-bit variants), which :func:`check_agreement_key` refuses as non-canonical anyway."""
+
+
+def check_agreement_key(public: bytes, *, client_id: int | None = None) -> None:
+    """Refuse an X25519 public key that could not serve in an honest key agreement.
+
+    Refused: a length other than 32; a set top bit or a u-coordinate ``>= 2^255 - 19``
+    (non-canonical: RFC 7748 section 5 masks the bit and reduces, so two encodings would
+    name one key, and pycryptodome never exports either); the five small-order
+    u-coordinates, whose shared secret is all zero for every private key (RFC 7748
+    section 6.1). An honest client's key never fails; a peer's key that does is its
+    sender's fault, never a crash.
+
+    Raises
+    ------
+    InvalidPublicKey
+        Naming ``client_id`` and which rule the key breaks.
+    """
+    if len(public) != PUBLIC_KEY_BYTES:
+        raise InvalidPublicKey(
+            f"X25519 public keys are 32 bytes, got {len(public)}", client_id=client_id
+        )
+    u = int.from_bytes(public, "little")
+    if u >> 255 or u >= _P25519:
+        raise InvalidPublicKey("non-canonical X25519 public key", client_id=client_id)
+    if u in _SMALL_ORDER_U:
+        raise InvalidPublicKey("X25519 public key of small order", client_id=client_id)
+    try:
+        import_x25519_public_key(bytes(public))
+    except ValueError:
+        raise InvalidPublicKey("invalid X25519 public key", client_id=client_id) from None
 
 
 def random_seed() -> bytes:
@@ -87,20 +142,19 @@ class AgreementKey:
 
         Raises
         ------
-        CryptoError
-            If the peer key is malformed or of small order (all-zero shared secret,
-            RFC 7748 section 6.1).
+        InvalidPublicKey
+            If the peer key fails :func:`check_agreement_key`, or the shared secret is all
+            zero anyway (RFC 7748 section 6.1).
         """
-        if len(peer_public) != PUBLIC_KEY_BYTES:
-            raise CryptoError("X25519 public keys are 32 bytes")
+        check_agreement_key(peer_public)
         try:
-            peer = import_x25519_public_key(peer_public)
+            peer = import_x25519_public_key(bytes(peer_public))
             shared = key_agreement(static_priv=self._key, static_pub=peer, kdf=lambda z: z)
         except ValueError as exc:
-            raise CryptoError("invalid X25519 public key") from exc
+            raise InvalidPublicKey("invalid X25519 public key") from exc
         assert isinstance(shared, bytes)
         if not any(shared):
-            raise CryptoError("X25519 shared secret is all zero (small-order peer key)")
+            raise InvalidPublicKey("X25519 shared secret is all zero (small-order peer key)")
         return shared
 
     def __repr__(self) -> str:

@@ -29,6 +29,7 @@ __all__ = [
     "SEND_ORDER",
     "SESSION_ID_BYTES",
     "SHARE_CIPHERTEXT_BYTES",
+    "SHARE_COMMIT_BYTES",
     "Abort",
     "AdvertiseKeys",
     "AggregateResult",
@@ -55,6 +56,8 @@ __all__ = [
     "encrypted_input_payload",
     "nonce_commitment",
     "seed_commitment",
+    "share_commit_payload",
+    "share_commitment",
 ]
 
 MAGIC = b"SAGG"
@@ -63,6 +66,9 @@ SHARE_PLAINTEXT_BYTES = 2 * SHARE_BYTES
 """A share ciphertext carries the self-seed share and the mask-key share."""
 SHARE_CIPHERTEXT_BYTES = SHARE_PLAINTEXT_BYTES + 16
 """Plaintext plus the 16-byte AES-GCM tag."""
+SHARE_COMMIT_BYTES = 32 + 32 + SIGNATURE_BYTES
+"""A dealer's signed commitment to the two shares one holder gets: ``H_seed || H_key || sig``
+(two SHA-256 digests and the Ed25519 signature over :func:`share_commit_payload`)."""
 MAX_TEXT = 1024
 SERVER = 0
 NONCE_BYTES = 32
@@ -108,6 +114,39 @@ def nonce_commitment(params_digest: bytes, sender: int, nonce: bytes) -> bytes:
     return hashlib.sha256(
         b"secagg/v1/graph-nonce" + params_digest + sender.to_bytes(4, "big") + nonce
     ).digest()
+
+
+def share_commitment(
+    session_id: bytes, dealer: int, holder: int, kind: bytes, share: bytes
+) -> bytes:
+    """SHA-256 commitment to one Shamir share ``dealer`` deals to ``holder``.
+
+    ``kind`` is ``b"seed"`` (self-mask seed) or ``b"key"`` (mask private key). A share is a
+    uniformly random field element (below the threshold), so the digest hides it; anyone who
+    later sees the share can check it against the dealer's signed digest.
+    """
+    return hashlib.sha256(
+        b"secagg/v1/share-commit/"
+        + kind
+        + session_id
+        + dealer.to_bytes(4, "big")
+        + holder.to_bytes(4, "big")
+        + share
+    ).digest()
+
+
+def share_commit_payload(
+    session_id: bytes, dealer: int, holder: int, h_seed: bytes, h_key: bytes
+) -> bytes:
+    """Bytes the dealer signs for one holder: its commitments to that holder's two shares."""
+    return (
+        b"secagg/v1/share-commits"
+        + session_id
+        + dealer.to_bytes(4, "big")
+        + holder.to_bytes(4, "big")
+        + h_seed
+        + h_key
+    )
 
 
 @dataclass(frozen=True)
@@ -208,20 +247,28 @@ def _read_pairs(r: Reader, size: int) -> tuple[tuple[int, bytes], ...]:
 
 @dataclass(frozen=True)
 class ShareKeys(Message):
-    """Round 1: one encrypted share bundle per neighbour, ``(recipient, ciphertext)``."""
+    """Round 1: one encrypted share bundle per neighbour, ``(recipient, ciphertext)``, and
+    the dealer's signed share commitments for every holder ``N(u) ∪ {u}``,
+    ``(holder, H_seed || H_key || sig)`` (:data:`SHARE_COMMIT_BYTES`)."""
 
     TYPE: ClassVar[int] = 2
     session_id: bytes
     shares: tuple[tuple[int, bytes], ...]
+    commitments: tuple[tuple[int, bytes], ...] = ()
 
     def _body(self, w: Writer) -> None:
         w.fixed(self.session_id, SESSION_ID_BYTES)
         _pairs(w, self.shares, SHARE_CIPHERTEXT_BYTES)
+        _pairs(w, self.commitments, SHARE_COMMIT_BYTES)
 
     @classmethod
     def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> ShareKeys:
         return cls(
-            round_id, sender, r.fixed(SESSION_ID_BYTES), _read_pairs(r, SHARE_CIPHERTEXT_BYTES)
+            round_id,
+            sender,
+            r.fixed(SESSION_ID_BYTES),
+            _read_pairs(r, SHARE_CIPHERTEXT_BYTES),
+            _read_pairs(r, SHARE_COMMIT_BYTES),
         )
 
 
@@ -466,20 +513,27 @@ class NonceReveals(Message):
 
 @dataclass(frozen=True)
 class ShareDelivery(Message):
-    """End of round 1: the share ciphertexts addressed to this client, by sender."""
+    """End of round 1: the share ciphertexts addressed to this client, by sender, and each
+    sender's signed commitments to the shares inside, ``(sender, H_seed || H_key || sig)``."""
 
     TYPE: ClassVar[int] = 17
     session_id: bytes
     shares: tuple[tuple[int, bytes], ...]
+    commitments: tuple[tuple[int, bytes], ...] = ()
 
     def _body(self, w: Writer) -> None:
         w.fixed(self.session_id, SESSION_ID_BYTES)
         _pairs(w, self.shares, SHARE_CIPHERTEXT_BYTES)
+        _pairs(w, self.commitments, SHARE_COMMIT_BYTES)
 
     @classmethod
     def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> ShareDelivery:
         return cls(
-            round_id, sender, r.fixed(SESSION_ID_BYTES), _read_pairs(r, SHARE_CIPHERTEXT_BYTES)
+            round_id,
+            sender,
+            r.fixed(SESSION_ID_BYTES),
+            _read_pairs(r, SHARE_CIPHERTEXT_BYTES),
+            _read_pairs(r, SHARE_COMMIT_BYTES),
         )
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "encode_share",
     "lagrange_at_zero",
     "reconstruct",
+    "reconstruct_each",
     "reconstruct_many",
     "reconstruct_verified",
     "split",
@@ -575,6 +576,36 @@ def reconstruct_many(shares: Sequence[Mapping[int, bytes]], threshold: int) -> l
             out.append(_secret_bytes(sum(map(operator.mul, lam, ys)) % PRIME))
         except ReconstructionError as exc:
             raise ReconstructionError(f"secret {index}: {exc}") from None
+    return out
+
+
+def reconstruct_each(shares: Sequence[Mapping[int, bytes]], threshold: int) -> list[bytes | None]:
+    """:func:`reconstruct_many` that answers ``None`` for a secret whose first ``threshold``
+    shares combine to a value that is no 32-byte secret, instead of raising.
+
+    For shares already checked against their dealer's commitments: the caller blames the
+    dealer of a ``None``. Cost: one Lagrange basis per distinct point set (O(t^2)) and one
+    dot product (O(t)) per secret, so secrets held by the same holders cost O(t) each.
+
+    Raises
+    ------
+    ConfigurationError, ReconstructionError
+        If ``threshold < 1``, or a mapping has fewer than ``threshold`` shares or a malformed
+        one (the message names its index).
+    """
+    t = _check_threshold(threshold)
+    cache: dict[tuple[int, ...], list[int]] = {}
+    out: list[bytes | None] = []
+    for index, table in enumerate(shares):
+        try:
+            chosen, ys = _chosen(table, t)
+        except ReconstructionError as exc:
+            raise ReconstructionError(f"secret {index}: {exc}") from None
+        lam = cache.get(chosen)
+        if lam is None:
+            lam = cache[chosen] = _lagrange(chosen)
+        value = sum(map(operator.mul, lam, ys)) % PRIME
+        out.append(None if value >> (8 * SECRET_BYTES) else value.to_bytes(SECRET_BYTES, "big"))
     return out
 
 

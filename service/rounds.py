@@ -371,6 +371,13 @@ class RoundRunner:
             )
         elif error is not None:
             out.update(stage=str(error.stage), reason=error.reason)
+            blamed = getattr(error, "blamed", None)
+            if blamed is not None:
+                # An attributable abort: the client and the proof it signed (docs/protocol.md).
+                out.update(
+                    blamed={"client_id": blamed, "name": names.get(blamed, "")},
+                    evidence=getattr(error, "evidence", None),
+                )
         warnings = getattr(core, "warnings", None) or getattr(
             getattr(core, "ctx", None), "warnings", []
         )

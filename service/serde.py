@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 from secagg.errors import MalformedMessage
 from secagg.keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES
-from secagg.messages import MAX_TEXT, NONCE_BYTES, SESSION_ID_BYTES, SHARE_CIPHERTEXT_BYTES
+from secagg.messages import (
+    MAX_TEXT,
+    NONCE_BYTES,
+    SESSION_ID_BYTES,
+    SHARE_CIPHERTEXT_BYTES,
+    SHARE_COMMIT_BYTES,
+)
 from secagg.params import ROUND_ID_BYTES, Mode, RoundParams
 from secagg.policy import MAX_BLAME_CHECKS
 from secagg.server import StageTimeouts
@@ -53,7 +59,11 @@ def max_client_message_bytes(params: RoundParams) -> int:
     sizes = (
         4 * PUBLIC_KEY_BYTES + SIGNATURE_BYTES,  # AdvertiseKeys (keys, two commitments)
         SESSION_ID_BYTES + NONCE_BYTES,  # NonceReveal
-        SESSION_ID_BYTES + 4 + min(deg, n - 1) * (4 + SHARE_CIPHERTEXT_BYTES),  # ShareKeys
+        SESSION_ID_BYTES  # ShareKeys: bundles, then one signed commitment per holder
+        + 4
+        + min(deg, n - 1) * (4 + SHARE_CIPHERTEXT_BYTES)
+        + 4
+        + min(deg + 1, n) * (4 + SHARE_COMMIT_BYTES),
         SESSION_ID_BYTES + 8 + 8 * params.words,  # MaskedInput
         SESSION_ID_BYTES + SIGNATURE_BYTES,  # ConsistencySignature
         SESSION_ID_BYTES + 2 * pair_list,  # UnmaskShares
@@ -89,7 +99,11 @@ def max_server_message_bytes(params: RoundParams) -> int:
     sizes = (
         4 + n * (4 + 4 * PUBLIC_KEY_BYTES + SIGNATURE_BYTES),  # Roster
         SESSION_ID_BYTES + 4 + n * (4 + NONCE_BYTES),  # NonceReveals
-        SESSION_ID_BYTES + 4 + n * (4 + SHARE_CIPHERTEXT_BYTES),  # ShareDelivery
+        SESSION_ID_BYTES  # ShareDelivery: bundles and their signed commitments
+        + 4
+        + n * (4 + SHARE_CIPHERTEXT_BYTES)
+        + 4
+        + n * (4 + SHARE_COMMIT_BYTES),
         SESSION_ID_BYTES + ids,  # ConsistencyRequest
         SESSION_ID_BYTES + 2 * ids + 4 + n * (4 + SIGNATURE_BYTES),  # UnmaskRequest
         SESSION_ID_BYTES + ids + 8 + 8 * params.words,  # AggregateResult (packed words)

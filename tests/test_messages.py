@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from secagg.errors import MalformedMessage
 from secagg.messages import (
     SHARE_CIPHERTEXT_BYTES,
+    SHARE_COMMIT_BYTES,
     Abort,
     AdvertiseKeys,
     AggregateResult,
@@ -50,9 +51,11 @@ def _adv(cid: int) -> AdvertiseKeys:
 
 def samples() -> list[Message]:
     ct = secrets.token_bytes(SHARE_CIPHERTEXT_BYTES)
+    cm = secrets.token_bytes(SHARE_COMMIT_BYTES)
     return [
         _adv(7),
         ShareKeys(RID, 7, SID, ((1, ct), (2, ct))),
+        ShareKeys(RID, 7, SID, ((1, ct), (2, ct)), ((1, cm), (2, cm), (7, cm))),
         MaskedInput(RID, 7, SID, np.arange(5, dtype=np.uint64) * np.uint64(2**61)),
         ConsistencySignature(RID, 7, SID, secrets.token_bytes(64)),
         UnmaskShares(RID, 7, SID, ((1, secrets.token_bytes(33)),), ((3, bytes(33)),)),
@@ -60,6 +63,7 @@ def samples() -> list[Message]:
         Roster(RID, 0, (_adv(1), _adv(2))),
         NonceReveals(RID, 0, SID, ((1, secrets.token_bytes(32)), (2, bytes(32)))),
         ShareDelivery(RID, 0, SID, ((4, ct),)),
+        ShareDelivery(RID, 0, SID, ((4, ct),), ((4, cm),)),
         ConsistencyRequest(RID, 0, SID, (1, 2, 3)),
         UnmaskRequest(RID, 0, SID, (1, 2), (3,), ((1, secrets.token_bytes(64)),)),
         AggregateResult(RID, 0, SID, (1, 2), np.array([1, 2**64 - 1], dtype=np.uint64)),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 
-from secagg.keys import verify_signature
+from secagg.keys import check_agreement_key, verify_signature
 from secagg.messages import AdvertiseKeys, Message, Roster
 from secagg.params import Mode
 from secagg.rounds.base import Outgoing, ServerState, Stage
@@ -46,6 +46,10 @@ class AdvertiseKeysState(ServerState):
         verify_signature(
             ctx.directory[cid], msg.signed_payload(ctx.params_digest), msg.signature, client_id=cid
         )
+        # RFC 7748 section 6.1: a small-order or malformed key is its (signing) sender's
+        # fault; refusing it here drops and names the sender before any peer uses it.
+        check_agreement_key(msg.enc_pk, client_id=cid)
+        check_agreement_key(msg.mask_pk, client_id=cid)
 
     def store(self, cid: int, msg: Message) -> None:
         assert isinstance(msg, AdvertiseKeys)

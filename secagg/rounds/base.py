@@ -120,6 +120,8 @@ class ServerContext:
     nonces: dict[int, bytes] = field(default_factory=dict)
     graph: dict[int, frozenset[int]] = field(default_factory=dict)
     shares: dict[int, dict[int, bytes]] = field(default_factory=dict)
+    share_commits: dict[int, dict[int, bytes]] = field(default_factory=dict)
+    """dealer -> holder -> the dealer's signed ``H_seed || H_key || sig`` (kept to unmasking)."""
     u1: frozenset[int] = frozenset()
     acc: npt.NDArray[np.uint64] = field(default_factory=lambda: np.zeros(0, np.uint64))
     he_sum: ckks.CiphertextSum | None = None

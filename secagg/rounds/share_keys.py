@@ -1,4 +1,5 @@
-"""Round 1, ShareKeys: route encrypted Shamir shares the server cannot read."""
+"""Round 1, ShareKeys: route encrypted Shamir shares the server cannot read, and keep each
+dealer's signed share commitments (the evidence unmasking checks revealed shares against)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ __all__ = ["ShareKeysState"]
 
 
 class ShareKeysState(ServerState):
-    """Collects one ciphertext per neighbour from each client, then delivers them."""
+    """Collects one ciphertext per neighbour and one signed commitment per holder from each
+    client, then delivers them.
+
+    The commitments' signatures are not verified here (that would be one verification per
+    share on the server in every honest round): each holder verifies the ones it receives,
+    and unmasking verifies only those it cites as evidence.
+    """
 
     stage = Stage.SHARE_KEYS
     accepts = ShareKeys
@@ -25,10 +32,18 @@ class ShareKeysState(ServerState):
                 f"{len(self.ctx.graph[cid])} neighbours",
                 client_id=cid,
             )
+        committed = [h for h, _ in msg.commitments]
+        if len(set(committed)) != len(committed) or set(committed) != self.ctx.holders(cid):
+            raise ProtocolViolation(
+                f"client {cid} must commit to the shares of each of its "
+                f"{len(self.ctx.holders(cid))} holders exactly once",
+                client_id=cid,
+            )
 
     def store(self, cid: int, msg: Message) -> None:
         assert isinstance(msg, ShareKeys)
         self.ctx.shares[cid] = dict(msg.shares)
+        self.ctx.share_commits[cid] = dict(msg.commitments)
 
     def finish(self, now: float) -> tuple[ServerState, list[Outgoing]]:
         from secagg.rounds.masked_input import MaskedInputState
@@ -39,8 +54,12 @@ class ShareKeysState(ServerState):
         ctx.u1 = u1
         rid = ctx.params.round_id
         out: list[Outgoing] = []
+        for cid in set(ctx.share_commits) - u1:
+            del ctx.share_commits[cid]
         for v in sorted(u1):
-            bundle = tuple((u, ctx.shares[u][v]) for u in sorted(ctx.graph[v] & u1))
-            out.append((v, ShareDelivery(rid, 0, ctx.session_id, bundle)))
+            dealers = sorted(ctx.graph[v] & u1)
+            bundle = tuple((u, ctx.shares[u][v]) for u in dealers)
+            commits = tuple((u, ctx.share_commits[u][v]) for u in dealers)
+            out.append((v, ShareDelivery(rid, 0, ctx.session_id, bundle, commits)))
         ctx.shares.clear()
         return MaskedInputState(ctx, u1), out

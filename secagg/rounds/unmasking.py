@@ -3,33 +3,53 @@
 For each survivor ``u`` (in U2) the server reconstructs the self-mask seed ``b_u`` and
 subtracts ``PRG(b_u)``; for each client ``w`` that dropped after sharing its keys (U1 \\ U2)
 it reconstructs the mask private key and removes the pairwise masks its surviving
-neighbours added (Bonawitz et al. 2017, section 4). Reconstructed secrets are checked against
-the commitment (seeds) or the advertised public key (mask keys), so a client that reveals a
-wrong share is caught and another subset of shares is tried.
+neighbours added (Bonawitz et al. 2017, section 4).
+
+Blame (docs/protocol.md, "Shares with evidence"): every revealed share is checked, as it
+arrives, against the commitment its dealer signed at ShareKeys (one SHA-256 per share). A
+holder whose share does not match lied: its whole message is refused, so it is dropped and
+named once and none of its shares is used. Shares that pass are exactly what their dealer
+committed to, so the first ``t`` of them reconstruct the secret of an honest dealer with one
+Lagrange combination (no error-correcting search that liars could make expensive). If they
+do not reproduce the dealer's signed seed commitment or mask public key, the dealer dealt
+inconsistent shares: the round aborts naming it, with its signed commitments and the
+matching shares as evidence (:func:`check_dealer_evidence` re-checks it).
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
 from secagg import ckks, kernels, shamir
-from secagg.errors import ProtocolViolation, ReconstructionError, RoundAborted
-from secagg.keys import AgreementKey, constant_time_equal, x25519_public
+from secagg.errors import (
+    InvalidSignature,
+    ProtocolViolation,
+    ReconstructionError,
+    RoundAborted,
+    SecAggError,
+)
+from secagg.keys import AgreementKey, constant_time_equal, verify_signature, x25519_public
 from secagg.messages import (
+    AdvertiseKeys,
     AggregateResult,
     EncryptedResult,
     Message,
     UnmaskShares,
     seed_commitment,
+    share_commit_payload,
+    share_commitment,
 )
 from secagg.prg import Purpose, StreamMask, derive_key
 from secagg.rounds.base import Outgoing, RoundResult, ServerContext, ServerState, Stage
 from secagg.rounds.blame import after_result
 
-__all__ = ["UnmaskingState", "pair_sign"]
+__all__ = ["UnmaskingState", "check_dealer_evidence", "pair_sign"]
+
+_SEED, _KEY = b"seed", b"key"
+"""The ``kind`` labels of :func:`secagg.messages.share_commitment`."""
 
 
 def pair_sign(u: int, v: int) -> int:
@@ -68,6 +88,18 @@ class UnmaskingState(ServerState):
                 shamir.decode_share(share)
             except ReconstructionError as exc:
                 raise ProtocolViolation(f"malformed share: {exc}", client_id=cid) from None
+        sid = ctx.session_id
+        for kind, pairs, at in ((_SEED, msg.seed_shares, 0), (_KEY, msg.key_shares, 32)):
+            for owner, share in pairs:
+                signed = ctx.share_commits[owner][cid][at : at + 32]
+                if not constant_time_equal(share_commitment(sid, owner, cid, kind, share), signed):
+                    what = "self-mask seed" if kind == _SEED else "mask key"
+                    raise ProtocolViolation(
+                        f"client {cid} revealed a share of client {owner}'s {what} that does "
+                        f"not match client {owner}'s signed commitment; all its shares are "
+                        "excluded",
+                        client_id=cid,
+                    )
 
     def store(self, cid: int, msg: Message) -> None:
         assert isinstance(msg, UnmaskShares)
@@ -82,6 +114,11 @@ class UnmaskingState(ServerState):
         self.require(u4, "revealed their shares")
         try:
             result = unmask(ctx, u4)
+        except _DealerBlamed as exc:
+            ctx.drop(exc.dealer, self.stage, exc.reason)
+            raise RoundAborted(
+                self.stage, exc.reason, blamed=exc.dealer, evidence=exc.evidence
+            ) from None
         except ReconstructionError as exc:
             raise RoundAborted(self.stage, str(exc)) from None
         ctx.result = result
@@ -97,15 +134,68 @@ class UnmaskingState(ServerState):
         return after_result(ctx), [(cid, msg) for cid in sorted(ctx.active(ctx.u2))]
 
 
+class _DealerBlamed(ReconstructionError):
+    """Shares matching a dealer's signed commitments do not give its committed secret."""
+
+    def __init__(self, dealer: int, reason: str, evidence: dict[str, object]) -> None:
+        super().__init__(reason)
+        self.dealer = dealer
+        self.reason = reason
+        self.evidence = evidence
+
+
+def _commit_signed(ctx: ServerContext, owner: int, holder: int) -> bool:
+    """Whether the stored commitment of ``owner`` for ``holder`` carries its signature."""
+    sig = ctx.share_commits[owner][holder]
+    payload = share_commit_payload(ctx.session_id, owner, holder, sig[:32], sig[32:64])
+    try:
+        verify_signature(ctx.directory[owner], payload, sig[64:], client_id=owner)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _evidence(
+    ctx: ServerContext, owner: int, kind: bytes, used: Mapping[int, bytes]
+) -> dict[str, object]:
+    """JSON-ready proof that ``owner`` signed shares that do not give its committed secret."""
+    adv = ctx.advertised[owner]
+    return {
+        "dealer": owner,
+        "secret": kind.decode(),
+        "session_id": ctx.session_id.hex(),
+        "params_digest": ctx.params_digest.hex(),
+        "threshold": ctx.params.threshold,
+        "advertise": {
+            "enc_pk": adv.enc_pk.hex(),
+            "mask_pk": adv.mask_pk.hex(),
+            "seed_commit": adv.seed_commit.hex(),
+            "nonce_commit": adv.nonce_commit.hex(),
+            "signature": adv.signature.hex(),
+        },
+        "shares": [
+            {"holder": h, "share": share.hex(), "commitment": ctx.share_commits[owner][h].hex()}
+            for h, share in sorted(used.items())
+        ],
+    }
+
+
 def _recover(
     ctx: ServerContext,
     owners: list[int],
     table: dict[int, dict[int, bytes]],
     responders: frozenset[int],
     check: Callable[[int, bytes], bool],
-    what: str,
+    kind: bytes,
 ) -> dict[int, bytes]:
-    """Reconstruct one secret per owner from exactly ``t`` shares, verified by ``check``."""
+    """Reconstruct one secret per owner from its first ``t`` committed shares.
+
+    Every share in ``table`` matched its dealer's signed commitment on arrival, so an honest
+    dealer's first ``t`` shares are right: one Lagrange combination per owner (shared by
+    owners with the same holders). A result that fails ``check`` convicts the dealer, once
+    its cited commitments' signatures verify (checked only on this path).
+    """
+    what = "self-mask seed" if kind == _SEED else "mask key"
     t = ctx.params.threshold
     shares = []
     for owner in owners:
@@ -115,18 +205,102 @@ def _recover(
                 f"the {what} of client {owner} has {len(got)} revealed shares; the threshold is {t}"
             )
         shares.append(got)
-    secrets_ = shamir.reconstruct_many(shares, t)
+    secrets_ = shamir.reconstruct_each(shares, t)  # None: a value >= 2^256, inconsistent
     out: dict[int, bytes] = {}
     for owner, got, secret in zip(owners, shares, secrets_, strict=True):
-        if not check(owner, secret):
-            secret, suspects = shamir.reconstruct_verified(
-                got, t, functools.partial(check, owner), max_attempts=8
-            )
-            ctx.warnings.append(
-                f"clients {sorted(suspects)} revealed wrong shares of client {owner}'s {what}"
-            )
+        if secret is None or not check(owner, secret):
+            secret = _convict(ctx, owner, got, check, kind, what)
         out[owner] = secret
     return out
+
+
+def _convict(
+    ctx: ServerContext,
+    owner: int,
+    got: dict[int, bytes],
+    check: Callable[[int, bytes], bool],
+    kind: bytes,
+    what: str,
+) -> bytes:
+    """Blame ``owner`` with evidence, unless its shares fail only for lack of signatures.
+
+    Honest holders accept only shares under a valid dealer signature, so an unsigned one here
+    came from a holder colluding with the dealer: such shares are set aside (and their holders
+    named in a warning) and the rest are tried once more.
+    """
+    t = ctx.params.threshold
+    signed = {h: s for h, s in got.items() if _commit_signed(ctx, owner, h)}
+    unsigned = sorted(set(got) - set(signed))
+    if unsigned:
+        ctx.warnings.append(
+            f"clients {unsigned} revealed shares of client {owner}'s {what} under no valid "
+            "signature of it; they were set aside"
+        )
+    if len(signed) < t:
+        raise ReconstructionError(
+            f"the {what} of client {owner} has {len(signed)} validly committed shares; "
+            f"the threshold is {t}"
+        )
+    used = dict(sorted(signed.items())[:t])
+    try:
+        secret: bytes | None = shamir.reconstruct(used, t)
+    except ReconstructionError:
+        secret = None
+    if secret is not None and check(owner, secret):
+        return secret
+    reason = (
+        f"client {owner} dealt shares of its {what} that match its signed commitments but do "
+        f"not reconstruct its advertised {'seed commitment' if kind == _SEED else 'public key'}"
+    )
+    raise _DealerBlamed(owner, reason, _evidence(ctx, owner, kind, used))
+
+
+def check_dealer_evidence(evidence: Mapping[str, Any], directory: Mapping[int, bytes]) -> bool:
+    """Re-check an abort's evidence against the dealer's identity key alone.
+
+    True iff the dealer signed its advertisement and a commitment to every cited share,
+    the cited shares match those commitments, and ``t`` of them do not reconstruct the
+    secret its advertisement commits to: the dealer, and nobody else, dealt them.
+    """
+    try:
+        dealer = int(evidence["dealer"])
+        kind = str(evidence["secret"]).encode()
+        sid = bytes.fromhex(evidence["session_id"])
+        digest = bytes.fromhex(evidence["params_digest"])
+        t = int(evidence["threshold"])
+        adv_f = evidence["advertise"]
+        adv = AdvertiseKeys(
+            b"",
+            dealer,
+            bytes.fromhex(adv_f["enc_pk"]),
+            bytes.fromhex(adv_f["mask_pk"]),
+            bytes.fromhex(adv_f["seed_commit"]),
+            bytes.fromhex(adv_f["signature"]),
+            bytes.fromhex(adv_f["nonce_commit"]),
+        )
+        pk = directory[dealer]
+        verify_signature(pk, adv.signed_payload(digest), adv.signature)
+        used: dict[int, bytes] = {}
+        at = 0 if kind == _SEED else 32
+        for item in evidence["shares"]:
+            holder, share = int(item["holder"]), bytes.fromhex(item["share"])
+            commit = bytes.fromhex(item["commitment"])
+            payload = share_commit_payload(sid, dealer, holder, commit[:32], commit[32:64])
+            verify_signature(pk, payload, commit[64:])
+            if share_commitment(sid, dealer, holder, kind, share) != commit[at : at + 32]:
+                return False
+            used[holder] = share
+        if len(used) != t or kind not in (_SEED, _KEY):
+            return False
+        try:
+            secret = shamir.reconstruct(used, t)
+        except ReconstructionError:
+            return True  # no 32-byte secret at all: inconsistent by itself
+        if kind == _SEED:
+            return not constant_time_equal(seed_commitment(digest, dealer, secret), adv.seed_commit)
+        return not constant_time_equal(x25519_public(secret), adv.mask_pk)
+    except (KeyError, TypeError, ValueError, SecAggError):
+        return False
 
 
 def unmask(ctx: ServerContext, responders: frozenset[int]) -> RoundResult:
@@ -142,8 +316,8 @@ def unmask(ctx: ServerContext, responders: frozenset[int]) -> RoundResult:
     def key_ok(owner: int, sk: bytes) -> bool:
         return constant_time_equal(x25519_public(sk), ctx.advertised[owner].mask_pk)
 
-    seeds = _recover(ctx, alive, ctx.seed_shares, responders, seed_ok, "self-mask seed")
-    keys = _recover(ctx, dropped, ctx.key_shares, responders, key_ok, "mask key")
+    seeds = _recover(ctx, alive, ctx.seed_shares, responders, seed_ok, _SEED)
+    keys = _recover(ctx, dropped, ctx.key_shares, responders, key_ok, _KEY)
 
     masks = [
         StreamMask(derive_key(seeds[u], sid, Purpose.SELF_MASK, u), Purpose.SELF_MASK, -1)

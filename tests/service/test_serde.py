@@ -70,7 +70,9 @@ def test_bounds_cover_the_largest_honest_messages() -> None:
     p = make_params(20, 100_000, max_weight=100)
     rid = p.round_id
     masked = MaskedInput(rid, 1, bytes(32), np.zeros(p.words, dtype=np.uint64)).encode()
-    shares = ShareKeys(rid, 1, bytes(32), tuple((i, bytes(82)) for i in range(p.degree))).encode()
+    bundles = tuple((i, bytes(82)) for i in range(p.degree))
+    commits = tuple((i, bytes(128)) for i in range(p.degree + 1))
+    shares = ShareKeys(rid, 1, bytes(32), bundles, commits).encode()
     assert len(masked) == max_client_message_bytes(p)
     assert len(shares) <= max_client_message_bytes(p)
     words = np.zeros(p.words, dtype=np.uint64)
