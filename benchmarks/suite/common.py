@@ -19,7 +19,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
@@ -163,6 +165,26 @@ def profile() -> Profile:
     if name not in PROFILES:
         raise SystemExit(f"{PROFILE_ENV} must be one of {', '.join(PROFILES)}, got {name!r}")
     return PROFILES[name]
+
+
+SMOKE_PROFILE = "tiny"
+"""The profile ``make test`` runs every benchmark at (``make bench-smoke``)."""
+
+
+def smoke() -> bool:
+    """Whether this run is the smoke run: every benchmark once at a toy size, to prove it
+    still runs against the current API (``make bench-smoke``, part of ``make test``).
+
+    Benchmarks outside the suite read it to shrink their sizes, e.g.
+    ``DIM = 1_000 if smoke() else 1_000_000``; sizes meant as targets (ratios, overheads)
+    are not asserted in a smoke run.
+    """
+    return profile().name == SMOKE_PROFILE
+
+
+def sized(normal: T, smoke_size: T) -> T:
+    """``smoke_size`` in the smoke run, else ``normal``."""
+    return smoke_size if smoke() else normal
 
 
 def results_path(prof: Profile) -> Path:
