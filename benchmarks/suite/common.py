@@ -59,6 +59,11 @@ class Profile:
     expansion_checks: tuple[tuple[int, int], ...]
     drop_stage: str = "masked"
     round_dropout: float = 0.1
+    flower_full: tuple[int, int] = (50, 100_000)
+    """Flower side by side, full graph (issue 16): clients x parameters, 10% dropout."""
+    flower_sparse: tuple[int, int] = (100, 1_000_000)
+    """Flower side by side, sparse graph: ours k=10, t=6; Flower num_shares=11, t=6."""
+    flower_timeout: float = 1200.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -86,6 +91,9 @@ PROFILES: dict[str, Profile] = {
         kernel_masks=4,
         memory=((6, 3000),),
         expansion_checks=((6, 512), (8, 300)),
+        flower_full=(6, 1000),
+        flower_sparse=(14, 1000),
+        flower_timeout=120.0,
     ),
     "quick": Profile(
         name="quick",
