@@ -70,7 +70,8 @@ test: lint typecheck unit bench-smoke
 BENCH_PYTEST = $(BIN)/python -m pytest -p no:cacheprovider --benchmark-only -o python_files='bench_*.py'
 
 # Quick profile: under 10 minutes on the 2-core machine (measured 4 min 12 s).
-bench bench-quick: $(VENV)/.dev
+# The Flower rows (bench_flower.py) run Flower's SecAgg+ in .venv-flower.
+bench bench-quick: $(VENV)/.dev $(FVENV)/.flower
 	SECAGG_BENCH_PROFILE=quick $(BENCH_PYTEST) -q benchmarks/suite
 
 # Smoke run (part of `make test`, so of CI): every benchmarks/**/bench_*.py once, at the
@@ -84,7 +85,7 @@ bench-smoke: $(VENV)/.dev $(FVENV)/.flower
 	$(BENCH_SMOKE) -q benchmarks
 
 # Full profile (1,000 clients, 10^7 parameters) plus every other suite in benchmarks/.
-bench-full: $(VENV)/.dev
+bench-full: $(VENV)/.dev $(FVENV)/.flower
 	@echo "make bench-full: several hours on the 2-core machine (1,000 clients, 10^7 parameters)"
 	SECAGG_BENCH_PROFILE=full $(BENCH_PYTEST) -q benchmarks
 
