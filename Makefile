@@ -77,7 +77,8 @@ bench bench-quick: $(VENV)/.dev $(FVENV)/.flower
 # Smoke run (part of `make test`, so of CI): every benchmarks/**/bench_*.py once, at the
 # tiny profile's toy sizes, timing off (--benchmark-disable), so an API change that breaks a
 # benchmark fails CI. Rows go to build/bench-tiny/, never to benchmarks/RESULTS.md. The
-# Flower rows run in .venv-flower. Well under a minute on the 2-core machine.
+# Flower rows run in .venv-flower. About 45 s of CPU time: 1.5-2 min wall on the shared
+# 2-core machine (load 1-7).
 BENCH_SMOKE = SECAGG_BENCH_PROFILE=tiny $(BIN)/python -m pytest -p no:cacheprovider \
 	--benchmark-disable -o python_files='bench_*.py'
 
