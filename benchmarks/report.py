@@ -335,6 +335,17 @@ def _ratio_rows(rows: list[dict[str, Any]]) -> tuple[list[list[str]], list[list[
         else:
             add("GPU vs CPU", "not measured in this run: no CUDA device (see the GPU section)",
                 "-", r, True)  # fmt: skip
+    for r in sorted((x for x in rows if x["suite"] == "flower"), key=lambda x: x["clients"]):
+        o, f = r["ours"], r["flower"]
+        setting = _flower_setting(r)
+        if "ratio_wall_s" not in r:
+            add(f"Flower SecAgg+ / ours, {r['graph']} graph",
+                f"not measured: {f.get('error', f.get('status'))}", setting, r, True)  # fmt: skip
+            continue
+        add(f"Flower SecAgg+ / ours, round wall time ({r['graph']} graph)",
+            f"**{fs(r['ratio_wall_s'])}x** ({fs(f['wall_s'])} s vs {fs(o['wall_s'])} s); "
+            f"server {fs(r['ratio_server_s'])}x, client {fs(r['ratio_client_median_s'])}x, "
+            f"upload {fs(r['ratio_upload_B'])}x", setting, r, True)  # fmt: skip
     for r in rows:
         if r["id"].startswith("expansion/bonawitz/"):
             setting = (f"{r['clients']} users x 2^20 entries, {r['bits']}-bit, {r['graph']} "
@@ -422,16 +433,21 @@ FLOWER_NOTE = (
 )
 
 
+def _flower_setting(r: dict[str, Any]) -> str:
+    o = r["ours"]
+    return (
+        f"{r['graph']} graph, {r['clients']} x {fdim(r['dim'])}, {r['dropout']:.0%} dropout; "
+        f"ours k={o['neighbors']}, t={o['threshold']}"
+    )
+
+
 def _flower_table(rows: list[dict[str, Any]]) -> str:
     """Flower SecAgg+ vs ours: one line per workload and measure."""
     body = []
     for r in sorted(rows, key=lambda r: (r["graph"] != "full", r["clients"], r["dim"])):
         o, f = r["ours"], r["flower"]
         where = [mach(r), r["date"], cmd(r)]
-        setting = (
-            f"{r['graph']} graph, {r['clients']} x {fdim(r['dim'])}, {r['dropout']:.0%} "
-            f"dropout; ours k={o['neighbors']}, t={o['threshold']}"
-        )
+        setting = _flower_setting(r)
         if f.get("status") != "completed":
             why = f"Flower: {f.get('error', f.get('status'))}"
             body.append([setting, "wall s", fs(o["wall_s"]), why, "-", *where])
