@@ -69,7 +69,8 @@ test: lint typecheck unit bench-smoke
 # benchmarks/plots/. pytest's default pattern (test_*.py) does not collect bench_*.py.
 BENCH_PYTEST = $(BIN)/python -m pytest -p no:cacheprovider --benchmark-only -o python_files='bench_*.py'
 
-# Quick profile: under 10 minutes on the 2-core machine (measured 4 min 12 s).
+# Quick profile: measured 4 min 12 s on the quiet 2-core machine before the Flower rows;
+# 14 min 50 s (8 min 39 s CPU) with them at load 4-10 on the shared box (RESULTS.md).
 # The Flower rows (bench_flower.py) run Flower's SecAgg+ in .venv-flower.
 bench bench-quick: $(VENV)/.dev $(FVENV)/.flower
 	SECAGG_BENCH_PROFILE=quick $(BENCH_PYTEST) -q benchmarks/suite

@@ -97,7 +97,7 @@ PROFILES: dict[str, Profile] = {
     ),
     "quick": Profile(
         name="quick",
-        estimate="about 6 minutes on the 2-core box (limit: 10)",
+        estimate="about 8 minutes on a quiet 2-core box, Flower rows included (15 at load 4-10)",
         clients=(10, 30, 100),
         clients_dim=100_000,
         dims=(10_000, 100_000, 1_000_000),
