@@ -428,8 +428,9 @@ FLOWER_NOTE = (
     "its masks come from numpy's Mersenne Twister (`RandomState`) seeded with **32 bits** "
     "folded from the shared secret (`pseudo_rand_gen`), which any observer can brute-force "
     "in 2^32 tries, and it costs less per mask word than our ChaCha20 keyed with 256 bits. "
-    "Flower's error is also larger: with its default "
-    "`max_weight=1000` a weight-1 client's values are quantized at 1/1000 of the range."
+    "The quantizations differ (Flower: clip 8, 2^22 levels, weight inside the vector with "
+    "`max_weight=1000`; ours: clip 8, 16-bit values, exact integer sum): each workload's last "
+    "line gives both errors on the mean as measured, not a cost."
 )
 
 
