@@ -14,7 +14,7 @@ TYPECHECK := build/typecheck
 # gigabytes of CUDA wheels.
 TORCH  := torch==2.13.0
 
-.PHONY: demo test lint typecheck unit bench bench-quick bench-full flower proto clean
+.PHONY: demo test lint typecheck unit bench bench-quick bench-full bench-smoke flower proto clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,18 +63,31 @@ unit: $(VENV)/.dev $(FVENV)/.flower
 	$(BIN)/python -m pytest -q
 	$(FBIN)/python -m pytest -q -p no:cacheprovider $(FLOWER_TESTS)
 
-test: lint typecheck unit
+test: lint typecheck unit bench-smoke
 
 # Scaling suite (docs/benchmarks.md): writes its section of benchmarks/RESULTS.md and
 # benchmarks/plots/. pytest's default pattern (test_*.py) does not collect bench_*.py.
 BENCH_PYTEST = $(BIN)/python -m pytest -p no:cacheprovider --benchmark-only -o python_files='bench_*.py'
 
-# Quick profile: under 10 minutes on the 2-core machine (measured 4 min 12 s).
-bench bench-quick: $(VENV)/.dev
+# Quick profile: measured 4 min 12 s on the quiet 2-core machine before the Flower rows;
+# 14 min 50 s (8 min 39 s CPU) with them at load 4-10 on the shared box (RESULTS.md).
+# The Flower rows (bench_flower.py) run Flower's SecAgg+ in .venv-flower.
+bench bench-quick: $(VENV)/.dev $(FVENV)/.flower
 	SECAGG_BENCH_PROFILE=quick $(BENCH_PYTEST) -q benchmarks/suite
 
+# Smoke run (part of `make test`, so of CI): every benchmarks/**/bench_*.py once, at the
+# tiny profile's toy sizes, timing off (--benchmark-disable), so an API change that breaks a
+# benchmark fails CI. Rows go to build/bench-tiny/, never to benchmarks/RESULTS.md. The
+# Flower rows run in .venv-flower. About 45 s of CPU time: 1.5-2 min wall on the shared
+# 2-core machine (load 1-7).
+BENCH_SMOKE = SECAGG_BENCH_PROFILE=tiny $(BIN)/python -m pytest -p no:cacheprovider \
+	--benchmark-disable -o python_files='bench_*.py'
+
+bench-smoke: $(VENV)/.dev $(FVENV)/.flower
+	$(BENCH_SMOKE) -q benchmarks
+
 # Full profile (1,000 clients, 10^7 parameters) plus every other suite in benchmarks/.
-bench-full: $(VENV)/.dev
+bench-full: $(VENV)/.dev $(FVENV)/.flower
 	@echo "make bench-full: several hours on the 2-core machine (1,000 clients, 10^7 parameters)"
 	SECAGG_BENCH_PROFILE=full $(BENCH_PYTEST) -q benchmarks
 

@@ -13,6 +13,7 @@ The pytest-benchmark suite (smaller: one client's encryption, a 10-client sum)::
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import time
 from collections.abc import Callable
@@ -23,13 +24,14 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import tenseal as ts
+from suite.common import sized
 
 from secagg import ckks
 from secagg.he_params import HEParams, Mode, select_params
 
-DIM = 1_000_000
+DIM = sized(1_000_000, 5_000)
 BITS = 8
-CLIENTS = 100
+CLIENTS = sized(100, 10)
 
 
 @dataclass
@@ -96,7 +98,8 @@ def measure_secagg(mode: Mode, dim: int, bits: int, clients: int, workers: int =
 
     summed, sum_s = _timed(serve)
     with ckks.HEWorkerPool(p, ckks.make_public_context(secret), workers=workers) as pool:
-        pids = [w._proc.pid for w in pool._workers]
+        # the pool's workers, found through the public multiprocessing API (named he-worker)
+        pids = [c.pid for c in multiprocessing.active_children() if c.name == "he-worker"]
         before = [_cpu_seconds(pid) for pid in pids]
         pooled, pool_s = _timed(lambda: pool.sum_ciphertexts([upload] * clients, addend))
         pool_cpu = max(_cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True))

@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from suite.common import sized, smoke
 
 from secagg.keys import IdentityKey
 from secagg.params import make_params
@@ -321,14 +322,15 @@ def measure(clients: int, dim: int, repeat: int, processes: int = 2) -> dict[str
     }
 
 
-@pytest.mark.parametrize(("clients", "dim"), [(20, 1_000_000)])
+@pytest.mark.parametrize(("clients", "dim"), [sized((20, 1_000_000), (4, 1000))])
 def test_service_round(benchmark: Any, clients: int, dim: int, machine: str) -> None:
     report: dict[str, Any] = benchmark.pedantic(
         measure, args=(clients, dim, 1), rounds=1, iterations=1
     )
     benchmark.extra_info.update(report, machine=machine)
     print(json.dumps(report, indent=1))
-    assert report["wire_overhead_max"] <= 0.05
+    if not smoke():  # the 5% target is for large vectors; framing dominates a toy size
+        assert report["wire_overhead_max"] <= 0.05
 
 
 def main() -> int:

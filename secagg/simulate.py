@@ -37,6 +37,8 @@ __all__ = [
     "schedule",
     "simulate",
     "simulation_inputs",
+    "withheld_from",
+    "withholds",
 ]
 
 DROP_STAGES: dict[str, Stage] = {
@@ -57,6 +59,22 @@ _SENT_IN = SEND_ORDER
 """Client message type -> index of the stage it is sent in."""
 _ANSWERED_IN = {16: 1, 23: 2, 17: 3, 18: 4, 19: 5}
 """Server message type -> index of the stage whose client message answers it (else: final)."""
+
+
+def withholds(drop: Stage | None, msg_type: int) -> bool:
+    """Whether a client scheduled to drop before ``drop`` withholds a message it would send.
+
+    ``msg_type`` is the client message's ``TYPE`` (byte 5 of its encoding); ``drop`` is the
+    client's entry in a :func:`schedule` plan (``None``: it never drops). A dropped client
+    sends nothing from its drop stage on.
+    """
+    return drop is not None and _SENT_IN[msg_type] >= _ORDER[drop]
+
+
+def withheld_from(drop: Stage | None, msg_type: int) -> bool:
+    """Whether a client scheduled to drop before ``drop`` is already gone when the server
+    sends it a message of type ``msg_type`` (so it neither reads nor answers it)."""
+    return drop is not None and _ANSWERED_IN.get(msg_type, len(_ORDER)) > _ORDER[drop]
 
 
 @dataclass
@@ -163,14 +181,10 @@ def run_round(
             for c in inputs
         }  # fmt: skip
 
-    def silent(cid: int, msg: Message) -> bool:
-        stage = drop_plan.get(cid)
-        return stage is not None and _SENT_IN[msg.TYPE] >= _ORDER[stage]
-
     def to_server(cid: int, msgs: list[Message]) -> list[tuple[int, Message]]:
         out: list[tuple[int, Message]] = []
         for m in msgs:
-            if silent(cid, m):
+            if withholds(drop_plan.get(cid), m.TYPE):
                 continue
             if cid in spoil and isinstance(m, EncryptedInput) and he_secret is not None:
                 m = spoiled_upload(he_secret, params, identities[cid], m)
@@ -201,7 +215,7 @@ def run_round(
             continue
         batch, pending = pending, []
         for cid, msg in batch:
-            if cid in drop_plan and _dropped_before(drop_plan[cid], msg):
+            if withheld_from(drop_plan.get(cid), msg.TYPE):
                 continue
             data = msg.encode()
             tally.down[cid] += len(data)
@@ -231,11 +245,6 @@ def spoiled_upload(
     )
     sig = identity.sign(encrypted_input_payload(msg.session_id, msg.sender, cts))
     return EncryptedInput(msg.round_id, msg.sender, msg.session_id, cts, sig)
-
-
-def _dropped_before(stage: Stage, msg: Message) -> bool:
-    """A client gone before ``stage`` no longer receives what comes after it."""
-    return _ANSWERED_IN.get(msg.TYPE, len(_ORDER)) > _ORDER[stage]
 
 
 def simulation_inputs(

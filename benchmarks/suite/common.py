@@ -19,7 +19,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
@@ -57,6 +59,11 @@ class Profile:
     expansion_checks: tuple[tuple[int, int], ...]
     drop_stage: str = "masked"
     round_dropout: float = 0.1
+    flower_full: tuple[int, int] = (50, 100_000)
+    """Flower side by side, full graph (issue 16): clients x parameters, 10% dropout."""
+    flower_sparse: tuple[int, int] = (100, 1_000_000)
+    """Flower side by side, sparse graph: ours k=10, t=6; Flower num_shares=11, t=6."""
+    flower_timeout: float = 1200.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -84,10 +91,13 @@ PROFILES: dict[str, Profile] = {
         kernel_masks=4,
         memory=((6, 3000),),
         expansion_checks=((6, 512), (8, 300)),
+        flower_full=(6, 1000),
+        flower_sparse=(14, 1000),
+        flower_timeout=120.0,
     ),
     "quick": Profile(
         name="quick",
-        estimate="about 6 minutes on the 2-core box (limit: 10)",
+        estimate="about 8 minutes on a quiet 2-core box, Flower rows included (15 at load 4-10)",
         clients=(10, 30, 100),
         clients_dim=100_000,
         dims=(10_000, 100_000, 1_000_000),
@@ -163,6 +173,26 @@ def profile() -> Profile:
     if name not in PROFILES:
         raise SystemExit(f"{PROFILE_ENV} must be one of {', '.join(PROFILES)}, got {name!r}")
     return PROFILES[name]
+
+
+SMOKE_PROFILE = "tiny"
+"""The profile ``make test`` runs every benchmark at (``make bench-smoke``)."""
+
+
+def smoke() -> bool:
+    """Whether this run is the smoke run: every benchmark once at a toy size, to prove it
+    still runs against the current API (``make bench-smoke``, part of ``make test``).
+
+    Benchmarks outside the suite read it to shrink their sizes, e.g.
+    ``DIM = 1_000 if smoke() else 1_000_000``; sizes meant as targets (ratios, overheads)
+    are not asserted in a smoke run.
+    """
+    return profile().name == SMOKE_PROFILE
+
+
+def sized(normal: T, smoke_size: T) -> T:
+    """``smoke_size`` in the smoke run, else ``normal``."""
+    return smoke_size if smoke() else normal
 
 
 def results_path(prof: Profile) -> Path:

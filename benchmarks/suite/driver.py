@@ -87,7 +87,7 @@ def make_spec(cfg: Any) -> RoundSpec:
     from secagg import ckks
     from secagg.params import Mode, make_params
     from secagg.rounds.base import Stage
-    from secagg.simulate import _schedule
+    from secagg.simulate import schedule
 
     params = make_params(
         cfg.clients,
@@ -102,7 +102,7 @@ def make_spec(cfg: Any) -> RoundSpec:
     if cfg.max_weight != 1:
         raise ValueError("the suite's drivers run unweighted rounds")
     ids = tuple(range(1, cfg.clients + 1))
-    plan = _schedule(cfg, list(ids), random.Random(cfg.seed))
+    plan = schedule(cfg, list(ids), random.Random(cfg.seed))
     secret = public = None
     if params.mode is not Mode.MASKED:
         secret = ckks.make_secret_context(params.he)
@@ -287,7 +287,7 @@ def drive(spec: RoundSpec, server: Any, hosts: dict[int, Any]) -> Tally:
     The loop is ``secagg.simulate.run_round``'s, on bytes.
     """
     from secagg.params import Mode
-    from secagg.simulate import _ANSWERED_IN, _ORDER, _SENT_IN
+    from secagg.simulate import withheld_from, withholds
 
     ckks_mode = spec.params.mode is Mode.CKKS
     tally = Tally()
@@ -295,16 +295,12 @@ def drive(spec: RoundSpec, server: Any, hosts: dict[int, Any]) -> Tally:
     now = 0.0
     done, deadline, _ = server.state()
 
-    def silent(cid: int, t: int) -> bool:
-        stage = plan.get(cid)
-        return stage is not None and _SENT_IN[t] >= _ORDER[stage]
-
     def to_server(cid: int, msgs: list[bytes]) -> list[tuple[int, bytes]]:
         nonlocal done, deadline
         out: list[tuple[int, bytes]] = []
         for data in msgs:
             t = msg_type(data)
-            if silent(cid, t):
+            if withholds(plan.get(cid), t):
                 continue
             tally.up[cid][UP_STAGE[t]] += len(data)
             got, secs, (done, deadline, _) = server.server_receive(cid, data, now)
@@ -329,7 +325,7 @@ def drive(spec: RoundSpec, server: Any, hosts: dict[int, Any]) -> Tally:
         batch, pending = pending, []
         for cid, data in batch:
             t = msg_type(data)
-            if cid in plan and _ANSWERED_IN.get(t, len(_ORDER)) > _ORDER[plan[cid]]:
+            if withheld_from(plan.get(cid), t):
                 continue
             tally.down[cid][DOWN_STAGE.get(t, "result")] += len(data)
             replies, secs, err = hosts[cid].receive(cid, data, now)
