@@ -34,12 +34,25 @@ from secagg.rounds.base import (
 )
 from secagg.rounds.terminal import AbortedState
 
-__all__ = ["SecAggServer", "StageTimeouts"]
+__all__ = ["PER_CLIENT_SECONDS", "PER_VALUE_SECONDS", "SecAggServer", "StageTimeouts"]
+
+
+PER_CLIENT_SECONDS = 0.05
+"""Seconds a default stage deadline grows per invited client (:meth:`StageTimeouts.for_round`):
+the server handles each client's message in turn, and a client's own checks hash the roster."""
+PER_VALUE_SECONDS = 5e-7
+"""Seconds a default bulk-stage deadline (masked input, unmasking, encrypted input) grows per
+client x value: what moving and adding ``n * dim`` words costs, with room for a slow link."""
+_BULK = frozenset({"masked_input", "unmasking", "encrypted_input"})
 
 
 @dataclass(frozen=True)
 class StageTimeouts:
-    """Seconds each stage waits for its slowest client before declaring the rest dropped."""
+    """Seconds each stage waits for its slowest client before declaring the rest dropped.
+
+    The defaults are for a small round; :meth:`for_round` grows every stage left at its
+    default with the round's size, so a large round does not abort on defaults.
+    """
 
     advertise_keys: float = 30.0
     share_keys: float = 30.0
@@ -52,6 +65,21 @@ class StageTimeouts:
     @classmethod
     def uniform(cls, seconds: float) -> StageTimeouts:
         return cls(*(seconds for _ in fields(cls)))
+
+    def for_round(self, n_clients: int, dim: int) -> StageTimeouts:
+        """These deadlines for a round of ``n_clients`` x ``dim``: each stage still at its
+        default gets ``PER_CLIENT_SECONDS * n`` more (bulk stages also
+        ``PER_VALUE_SECONDS * n * dim``); a stage set explicitly is kept as given."""
+        default = StageTimeouts()
+        values: dict[str, float] = {}
+        for f in fields(self):
+            value = float(getattr(self, f.name))
+            if value == getattr(default, f.name):
+                value += PER_CLIENT_SECONDS * n_clients
+                if f.name in _BULK:
+                    value += PER_VALUE_SECONDS * n_clients * dim
+            values[f.name] = value
+        return StageTimeouts(**values)
 
     def for_stage(self, stage: Stage) -> float:
         value = getattr(self, stage.value, None)
@@ -101,7 +129,7 @@ class SecAggServer:
                 check_identity_key(pk)
             except InvalidSignature as exc:
                 raise ConfigurationError(f"identity key of client {cid}: {exc}") from None
-        self.timeouts = timeouts or StageTimeouts()
+        self.timeouts = timeouts or StageTimeouts().for_round(params.n_clients, params.dim)
         self.ctx = ServerContext(params, dict(directory), he=he_context)
         first = self._first_state()
         first.deadline = now + self.timeouts.for_stage(first.stage)

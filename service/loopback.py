@@ -32,7 +32,7 @@ from secagg.messages import SEND_ORDER, Message
 from secagg.params import Mode, make_params
 from secagg.quantize import dequantize, encode, unpack
 from secagg.rounds.base import Stage
-from secagg.server import StageTimeouts
+from secagg.server import PER_CLIENT_SECONDS, StageTimeouts
 from secagg.service.admin import AdminClient
 from secagg.service.client import Client, Policy
 from secagg.service.config import ServerConfig
@@ -57,15 +57,21 @@ _SENDS = {
 
 
 def default_deadlines(clients: int, dim: int) -> StageTimeouts:
-    """Stage deadlines for a loopback run: short, but long enough for the slowest stage."""
-    bulk = 10.0 + clients * dim / 2e6
+    """Stage deadlines for a loopback run: short, but long enough for the slowest stage.
+
+    Every client runs on this machine's cores, so each stage grows with ``n`` (the clients'
+    own work) and the bulk stages with ``n * dim``; a fixed 10 s share-keys deadline made
+    200-client runs abort. A silent client costs the grace period, not these.
+    """
+    per_client = 10.0 + PER_CLIENT_SECONDS * clients
+    bulk = per_client + clients * dim / 2e6
     return StageTimeouts(
-        advertise_keys=30.0,
-        share_keys=10.0,
+        advertise_keys=30.0 + PER_CLIENT_SECONDS * clients,
+        share_keys=per_client,
         masked_input=bulk,
-        consistency=10.0,
+        consistency=per_client,
         unmasking=bulk,
-        reveal_nonces=10.0,
+        reveal_nonces=per_client,
     )
 
 
