@@ -12,16 +12,18 @@ import dataclasses
 import pytest
 
 import secagg.client as client_mod
-from secagg.errors import ServerMisbehaviour
+import secagg.directory as directory_mod
+from secagg.directory import Authority, SignedEntry, sign_entry
+from secagg.errors import InvalidSignature, ServerMisbehaviour
+from secagg.keys import IdentityKey
 from secagg.messages import Message, NonceReveal, NonceReveals, Roster
 from secagg.rounds.base import Stage
 from secagg.server import StageTimeouts
+from secagg.service.trust import VerifiedEntries
 from tests.helpers import TEST_POLICY, Harness
 
 
-def _forged_round(
-    h: Harness, victim: int
-) -> tuple[dict[int, list[Message]], dict[int, Exception]]:
+def _forged_round(h: Harness, victim: int) -> tuple[dict[int, list[Message]], dict[int, Exception]]:
     """The server replaces ``victim``'s mask key in the roster it shows everyone (it holds
     the matching private key, so it could strip the pairwise masks of whoever uses it),
     then opens the reveals under the forged session. Returns each client's ShareKeys reply
@@ -46,9 +48,7 @@ def _forged_round(
     (victim_reveal,) = h.clients[victim].receive(roster.encode(), h.now)
     assert isinstance(victim_reveal, NonceReveal)
     sid = next(iter(reveals.values())).session_id
-    nonces = tuple(
-        (c, (reveals[c] if c in reveals else victim_reveal).nonce) for c in sorted(h.ids)
-    )
+    nonces = tuple((c, reveals.get(c, victim_reveal).nonce) for c in sorted(h.ids))
     opened = NonceReveals(h.params.round_id, 0, sid, nonces)
     replies: dict[int, list[Message]] = {}
     refused: dict[int, Exception] = {}
@@ -128,3 +128,56 @@ def test_scaled_deadlines_grow_with_the_round() -> None:
     explicit = dataclasses.replace(base, share_keys=7.0)
     assert explicit.for_round(1000, 100_000).share_keys == 7.0
     assert StageTimeouts.uniform(3.0).for_round(1000, 10**6) == StageTimeouts.uniform(3.0)
+
+
+# -- the SDK's directory check: verified entries are cached across rounds ----------------------
+
+
+def _entry(auth: IdentityKey, name: str, key: bytes, **kw: int) -> tuple[SignedEntry, bytes]:
+    e = sign_entry(auth, "fed", name, key, **kw)
+    return e, e.encode()
+
+
+def test_directory_cache_verifies_each_entry_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Across rounds, an entry's authority signature is verified once; the field checks
+    still run every time."""
+    auth_key = IdentityKey()
+    auth = Authority("fed", auth_key.public)
+    cache = VerifiedEntries()
+    entries = [_entry(auth_key, f"s{i}", IdentityKey().public) for i in range(5)]
+    count = {"n": 0}
+    real = directory_mod.verify_signature
+
+    def counting(*a: object, **kw: object) -> None:
+        count["n"] += 1
+        real(*a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(directory_mod, "verify_signature", counting)
+    for _ in range(3):
+        for e, blob in entries:
+            cache.verify(auth, e, blob, name=e.name, key=e.identity_key, now=0.0)
+    assert count["n"] == 5
+    e, blob = entries[0]
+    with pytest.raises(InvalidSignature, match="another site or key"):
+        cache.verify(auth, e, blob, name="other", key=e.identity_key, now=0.0)
+
+
+def test_directory_cache_is_not_poisoned_and_expiry_still_applies() -> None:
+    """Attack: a forged entry is refused every time (only verified bytes enter the cache),
+    under another authority a cached entry is verified afresh (and refused), and an
+    expired entry is refused even though its signature is cached."""
+    auth_key = IdentityKey()
+    auth = Authority("fed", auth_key.public)
+    cache = VerifiedEntries()
+    e, blob = _entry(auth_key, "s", IdentityKey().public, not_after=100)
+    cache.verify(auth, e, blob, name="s", key=e.identity_key, now=50.0)
+    forged = dataclasses.replace(e, signature=bytes(64))
+    for _ in range(2):
+        with pytest.raises(InvalidSignature, match="not signed"):
+            cache.verify(auth, forged, forged.encode(), name="s", key=e.identity_key, now=50.0)
+    other = Authority("fed", IdentityKey().public)
+    with pytest.raises(InvalidSignature, match="not signed"):
+        cache.verify(other, e, blob, name="s", key=e.identity_key, now=50.0)
+    with pytest.raises(InvalidSignature, match="expired"):
+        cache.verify(auth, e, blob, name="s", key=e.identity_key, now=150.0)
+    assert len(cache) == 1
