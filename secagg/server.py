@@ -236,7 +236,31 @@ class SecAggServer:
             self._stage_started[nxt.stage] = now
             self._state = nxt
             out.extend(msgs)
+            if self.ctx.gone:
+                self._drop_gone()  # known gone: the new stage does not wait for them
         return out
+
+    def depart(self, client_id: int, now: float, reason: str) -> list[Outgoing]:
+        """The transport says ``client_id`` is gone (its stream closed and it did not
+        reconnect within the grace period): it is dropped now if it still owes the current
+        stage a message, else as soon as a later stage expects one from it. The stage ends
+        as soon as every expected client has answered or is known gone, not at its
+        deadline. :meth:`rejoin` undoes it while the client is not yet dropped."""
+        if self.done or client_id not in self.ctx.records:
+            return []
+        self.ctx.gone.add(client_id)
+        self._drop_gone(reason)
+        return self.tick(now)
+
+    def rejoin(self, client_id: int) -> None:
+        """``client_id`` reconnected: no longer treat it as gone."""
+        self.ctx.gone.discard(client_id)
+
+    def _drop_gone(self, reason: str = "its stream closed and it did not reconnect") -> None:
+        state = self._state
+        for cid in sorted(self.ctx.gone & state.expected):
+            if cid not in state.received:
+                self.ctx.drop(cid, state.stage, f"{reason} (stage {state.stage})")
 
     def abort(self, stage: str, reason: str) -> list[Outgoing]:
         """Abort the round from outside (operator request, shutdown)."""

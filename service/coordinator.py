@@ -79,8 +79,10 @@ class Coordinator:
         pool: Executor,
         *,
         retain_seconds: float = 600.0,
+        disconnect_grace: float = 3.0,
     ) -> None:
         self.store = store
+        self._grace = disconnect_grace
         self.metrics = metrics
         self._pool = pool
         self._retain = retain_seconds
@@ -173,6 +175,7 @@ class Coordinator:
                 metrics=self.metrics,
                 loop=loop,
                 pool=self._pool,
+                disconnect_grace=self._grace,
             )
             self._rounds[params.round_id] = runner
             runner.start()

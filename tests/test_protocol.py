@@ -328,7 +328,7 @@ def test_client_requires_t_consistency_signatures() -> None:
 def test_client_refuses_forged_roster() -> None:
     h = Harness(5, 4, neighbors="all")
     out = h.stage(h.start())
-    cid, roster = out[0]
+    _, roster = out[0]
     assert isinstance(roster, Roster)
     e0 = roster.entries[0]
     # A forged entry's signature is checked by the clients that use it, once the graph is
