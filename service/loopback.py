@@ -225,8 +225,13 @@ def simulate_grpc(
     plaintext: bool = False,
     progress: bool = False,
     client_runner: Callable[[list[ClientJob]], list[ClientOutcome]] | None = None,
+    disconnect_grace: float = 1.0,
 ) -> dict[str, Any]:
-    """Run the configured round through a loopback gRPC server; return the report."""
+    """Run the configured round through a loopback gRPC server; return the report.
+
+    A simulated dropout cancels its stream, so it costs ``disconnect_grace`` seconds (short:
+    loopback reconnects are immediate), not a stage deadline.
+    """
     wall0 = time.perf_counter()
     if Mode.parse(cfg.mode) is not Mode.MASKED:
         raise SecAggError("the gRPC transport runs masked rounds only")
@@ -248,7 +253,13 @@ def simulate_grpc(
     authority = IdentityKey()  # the simulated federation authority signs the directory
     store = Store(":memory:")
     server = BackgroundServer(
-        ServerConfig(listen="127.0.0.1:0", store=":memory:", admin_token=token), store=store
+        ServerConfig(
+            listen="127.0.0.1:0",
+            store=":memory:",
+            admin_token=token,
+            disconnect_grace=disconnect_grace,
+        ),
+        store=store,
     ).start()
     try:
         with AdminClient(server.target, token) as admin:
@@ -357,7 +368,7 @@ def simulate_grpc(
         "grpc_upload_per_client": statistics.mean(outcomes[i].grpc_up for i in senders),
         "grpc_download_per_client": statistics.mean(outcomes[i].grpc_down for i in senders),
     }
-    report["transport"] = {"kind": "grpc", "workers": workers}
+    report["transport"] = {"kind": "grpc", "workers": workers, "disconnect_grace": disconnect_grace}
     errors = sorted({o.error for o in outcomes if o.error})
     if errors:
         report["client_errors"] = errors
