@@ -41,7 +41,7 @@ from secagg.service.server import BackgroundServer
 from secagg.service.store import Store
 from secagg.simulate import SimulationConfig, simulation_inputs
 
-__all__ = ["ClientJob", "default_deadlines", "simulate_grpc"]
+__all__ = ["PER_NEIGHBOUR_SECONDS", "ClientJob", "default_deadlines", "simulate_grpc"]
 
 FEDERATION = "simulate"
 """Federation name the simulated authority signs directory entries for."""
@@ -56,14 +56,25 @@ _SENDS = {
 """Type of the message a client sends in each stage (secagg.messages)."""
 
 
-def default_deadlines(clients: int, dim: int) -> StageTimeouts:
+PER_NEIGHBOUR_SECONDS = 0.01
+"""A simulated client's work per neighbour in one stage, generously (X25519, Shamir shares,
+AEAD: a few ms on one loaded core): with every client on this machine a stage lasts about
+``n * k`` of these divided by the cores."""
+
+
+def default_deadlines(
+    clients: int, dim: int, degree: int | None = None, cores: int | None = None
+) -> StageTimeouts:
     """Stage deadlines for a loopback run: short, but long enough for the slowest stage.
 
-    Every client runs on this machine's cores, so each stage grows with ``n`` (the clients'
-    own work) and the bulk stages with ``n * dim``; a fixed 10 s share-keys deadline made
-    200-client runs abort. A silent client costs the grace period, not these.
+    Every client runs on this machine's cores, so a stage takes about ``n`` clients' work
+    (``PER_CLIENT_SECONDS`` plus ``PER_NEIGHBOUR_SECONDS`` per neighbour) over the cores, and
+    the bulk stages add ``n * dim`` words. A fixed 10 s share-keys deadline made 200-client
+    runs abort. A silent client costs the grace period, not these.
     """
-    per_client = 10.0 + PER_CLIENT_SECONDS * clients
+    k = clients - 1 if degree is None else degree
+    cpus = cores or os.cpu_count() or 2
+    per_client = 10.0 + clients * (PER_CLIENT_SECONDS + PER_NEIGHBOUR_SECONDS * k) / cpus
     bulk = per_client + clients * dim / 2e6
     return StageTimeouts(
         advertise_keys=30.0 + PER_CLIENT_SECONDS * clients,
@@ -277,7 +288,7 @@ def simulate_grpc(
                 max_weight=cfg.max_weight,
                 neighbors=cfg.neighbors,
                 threshold=cfg.threshold,
-                deadlines=deadlines or default_deadlines(cfg.clients, cfg.dim),
+                deadlines=deadlines or default_deadlines(cfg.clients, cfg.dim, params.degree),
                 tolerate_dropout=cfg.tolerated_dropout,
                 tolerate_corrupt=cfg.tolerated_corrupt,
             )
