@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 import secagg.client as client_mod
@@ -181,3 +182,50 @@ def test_directory_cache_is_not_poisoned_and_expiry_still_applies() -> None:
     with pytest.raises(InvalidSignature, match="expired"):
         cache.verify(auth, e, blob, name="s", key=e.identity_key, now=150.0)
     assert len(cache) == 1
+
+
+# -- the core's side of the grace period: depart / rejoin (sans-I/O, no clock) ---------------
+
+
+def test_departed_client_that_owes_the_stage_ends_it_at_once() -> None:
+    """A client known gone before it advertised is dropped there and then: the stage ends
+    without its deadline (the clock never moves)."""
+    h = Harness(6, 4, neighbors="all")
+    replies = h.start()
+    assert h.to_server(replies, skip={6}) == []
+    out = h.server.depart(6, h.now, "gone")
+    assert out and isinstance(out[0][1], Roster)
+    rec = h.server.records[6]
+    assert rec.dropped_stage is Stage.ADVERTISE_KEYS and rec.reason is not None
+    assert "gone" in rec.reason
+
+
+def _to_masked(h: Harness) -> dict[int, list[Message]]:
+    out = h.stage(h.start())
+    replies = h.to_clients(out)  # roster -> reveals -> ShareKeys
+    out = h.stage(replies)
+    return h.to_clients(out)  # deliveries -> MaskedInput
+
+
+@pytest.mark.parametrize("rejoins", [False, True])
+def test_departed_client_that_already_answered_drops_in_the_next_stage(rejoins: bool) -> None:
+    """A client that sent its masked input and then went away stays in the sum; it is
+    dropped as soon as the consistency stage starts (not at that stage's deadline), unless it
+    came back first. The round is exact either way."""
+    h = Harness(6, 4, neighbors="all")
+    replies = _to_masked(h)
+    assert h.to_server({6: replies.pop(6)}) == []
+    assert h.server.depart(6, h.now, "gone") == []
+    assert h.server.records[6].active
+    if rejoins:
+        h.server.rejoin(6)
+    out = h.to_server(replies)
+    assert h.server.stage is Stage.CONSISTENCY
+    assert h.server.records[6].active is rejoins
+    while not h.server.done:
+        out = h.stage(h.to_clients(out, skip=set() if rejoins else {6}))
+    res = h.server.result
+    assert res is not None, h.server.error
+    assert set(res.contributors) == set(h.ids)
+    assert np.array_equal(res.sums, h.expected_sums(h.ids))
+    assert h.now == 0.0  # no deadline was waited out
