@@ -201,15 +201,10 @@ class AdvertiseState(_State):
         for e in msg.entries:
             if e.sender in entries:
                 raise c.misbehaviour(f"roster lists client {e.sender} twice")
-            pk = c.directory.get(e.sender)
-            if pk is None:
+            if e.sender not in c.directory:
                 raise c.misbehaviour(f"roster lists unknown client {e.sender}")
-            try:
-                verify_signature(pk, e.signed_payload(c.digest), e.signature)
-            except InvalidSignature:
-                raise c.misbehaviour(
-                    f"roster entry of client {e.sender} is not signed by it"
-                ) from None
+            # Signatures are checked for the neighbours only, once the graph is known
+            # (RevealState): the session id binds every entry (docs/threat-model.md).
             try:
                 check_agreement_key(e.enc_pk, client_id=e.sender)
                 check_agreement_key(e.mask_pk, client_id=e.sender)
@@ -259,6 +254,7 @@ class RevealState(_State):
         degree = min(c.params.degree, len(ids) - 1)
         seed = graph_seed(c.session_id, nonces)
         c.neighbours = graph.neighbours_of(ids, degree, seed, c.cid)
+        verify_neighbours(c)
         return ShareKeysState(c), [deal_shares(c)]
 
 
@@ -267,6 +263,24 @@ def key_epoch(c: _Ctx) -> bytes:
     if c.params.mode is Mode.HYBRID and c.he is not None:
         return c.he.epoch.fingerprint
     return b""
+
+
+def verify_neighbours(c: _Ctx) -> None:
+    """Check the roster signature of every neighbour: ``k`` Ed25519 verifications, not ``n``.
+
+    These are the only entries whose keys this client uses (share encryption, pairwise
+    masks). A non-neighbour's entry reaches it only through the session id, which hashes the
+    whole roster, and the graph seed, which one honest nonce (its own) makes uniform; an
+    entry the server forged is a neighbour of some honest client of the same session, which
+    verifies it and aborts (the argument: docs/threat-model.md, "Roster verification").
+    Its own entry was compared byte for byte with what it sent.
+    """
+    for v in sorted(c.neighbours):
+        e = c.roster[v]
+        try:
+            verify_signature(c.directory[v], e.signed_payload(c.digest), e.signature)
+        except InvalidSignature:
+            raise c.misbehaviour(f"roster entry of client {v} is not signed by it") from None
 
 
 def deal_shares(c: _Ctx) -> ShareKeys:
@@ -488,21 +502,7 @@ class ConsistencyState(_State):
         # Every neighbour that shared keys is either a survivor or dropped: no third case.
         if not c.u1_peers <= alive | dropped:
             raise c.misbehaviour("unmask request leaves some neighbours unaccounted for")
-        payload = consistency_payload(c.session_id, c.u2)
-        valid = set()
-        for signer, sig in msg.signatures:
-            if signer in valid or signer not in alive:
-                raise c.misbehaviour("consistency signatures repeat or come from non-survivors")
-            try:
-                verify_signature(c.directory[signer], payload, sig)
-            except InvalidSignature:
-                raise c.misbehaviour(
-                    f"consistency signature of client {signer} is invalid"
-                ) from None
-            valid.add(signer)
-        t = c.params.threshold
-        if len(valid) < t:
-            raise c.misbehaviour(f"only {len(valid)} consistency signatures; t={t}")
+        check_consistency(c, msg.signatures, alive)
         seed_shares = []
         key_shares = []
         if c.cid in alive:
@@ -515,6 +515,28 @@ class ConsistencyState(_State):
         c.peer_shares.clear()
         out = UnmaskShares(c.rid, c.cid, c.session_id, tuple(seed_shares), tuple(key_shares))
         return UnmaskingState(c), [out]
+
+
+def check_consistency(c: _Ctx, signatures: Sequence[tuple[int, bytes]], alive: set[int]) -> None:
+    """Require ``t`` valid consistency signatures, verifying ``t``, not every one sent.
+
+    Every listed signer must be a distinct survivor (a set check over all of them); only the
+    first ``t`` signatures are verified, which is all the argument uses (Bonawitz et al.
+    2017, round 3): ``t`` directory keys vouch that this session, hence this whole roster,
+    and this survivor set are the ones they were shown. An invalid one among those aborts.
+    """
+    signers = [s for s, _ in signatures]
+    if len(set(signers)) != len(signers) or not set(signers) <= alive:
+        raise c.misbehaviour("consistency signatures repeat or come from non-survivors")
+    t = c.params.threshold
+    if len(signatures) < t:
+        raise c.misbehaviour(f"only {len(signatures)} consistency signatures; t={t}")
+    payload = consistency_payload(c.session_id, c.u2)
+    for signer, sig in signatures[:t]:
+        try:
+            verify_signature(c.directory[signer], payload, sig)
+        except InvalidSignature:
+            raise c.misbehaviour(f"consistency signature of client {signer} is invalid") from None
 
 
 class UnmaskingState(_State):

@@ -137,6 +137,22 @@ class Authority:
             The signature does not verify under this authority's key, or the entry is for
             another federation, site or key, expired, or of an older epoch.
         """
+        self.check_fields(entry, name=name, identity_key=identity_key, now=now)
+        try:
+            verify_signature(self.public_key, entry.signed_payload(), entry.signature)
+        except InvalidSignature:
+            raise InvalidSignature(
+                f"entry {name!r} is not signed by the federation authority"
+            ) from None
+
+    def check_fields(
+        self, entry: SignedEntry, *, name: str, identity_key: bytes, now: float
+    ) -> None:
+        """:meth:`verify` without the signature: federation, site, key, expiry, epoch.
+
+        For a caller that already verified this exact entry's signature under this key
+        (:func:`secagg.service.trust.check_directory` caches them across rounds).
+        """
         if entry.federation != self.federation:
             raise InvalidSignature(
                 f"entry {name!r} is signed for federation {entry.federation!r}, "
@@ -150,9 +166,3 @@ class Authority:
             raise InvalidSignature(
                 f"entry {name!r} is of epoch {entry.epoch}, older than {self.min_epoch}"
             )
-        try:
-            verify_signature(self.public_key, entry.signed_payload(), entry.signature)
-        except InvalidSignature:
-            raise InvalidSignature(
-                f"entry {name!r} is not signed by the federation authority"
-            ) from None

@@ -34,7 +34,16 @@ from secagg.rounds.base import (
 )
 from secagg.rounds.terminal import AbortedState
 
-__all__ = ["SecAggServer", "StageTimeouts"]
+__all__ = ["PER_CLIENT_SECONDS", "PER_VALUE_SECONDS", "SecAggServer", "StageTimeouts"]
+
+
+PER_CLIENT_SECONDS = 0.05
+"""Seconds a default stage deadline grows per invited client (:meth:`StageTimeouts.for_round`):
+the server handles each client's message in turn, and a client's own checks hash the roster."""
+PER_VALUE_SECONDS = 5e-7
+"""Seconds a default bulk-stage deadline (masked input, unmasking, encrypted input) grows per
+client x value: what moving and adding ``n * dim`` words costs, with room for a slow link."""
+_BULK = frozenset({"masked_input", "unmasking", "encrypted_input"})
 
 
 _SAME_DEADLINE = {Stage.RESULT_CHECK: "unmasking", Stage.BLAME: "unmasking"}
@@ -42,7 +51,11 @@ _SAME_DEADLINE = {Stage.RESULT_CHECK: "unmasking", Stage.BLAME: "unmasking"}
 
 @dataclass(frozen=True)
 class StageTimeouts:
-    """Seconds each stage waits for its slowest client before declaring the rest dropped."""
+    """Seconds each stage waits for its slowest client before declaring the rest dropped.
+
+    The defaults are for a small round; :meth:`for_round` grows every stage left at its
+    default with the round's size, so a large round does not abort on defaults.
+    """
 
     advertise_keys: float = 30.0
     share_keys: float = 30.0
@@ -55,6 +68,21 @@ class StageTimeouts:
     @classmethod
     def uniform(cls, seconds: float) -> StageTimeouts:
         return cls(*(seconds for _ in fields(cls)))
+
+    def for_round(self, n_clients: int, dim: int) -> StageTimeouts:
+        """These deadlines for a round of ``n_clients`` x ``dim``: each stage still at its
+        default gets ``PER_CLIENT_SECONDS * n`` more (bulk stages also
+        ``PER_VALUE_SECONDS * n * dim``); a stage set explicitly is kept as given."""
+        default = StageTimeouts()
+        values: dict[str, float] = {}
+        for f in fields(self):
+            value = float(getattr(self, f.name))
+            if value == getattr(default, f.name):
+                value += PER_CLIENT_SECONDS * n_clients
+                if f.name in _BULK:
+                    value += PER_VALUE_SECONDS * n_clients * dim
+            values[f.name] = value
+        return StageTimeouts(**values)
 
     def for_stage(self, stage: Stage) -> float:
         # hybrid's result check and blame stages wait as long as unmasking does
@@ -106,7 +134,7 @@ class SecAggServer:
                 check_identity_key(pk)
             except InvalidSignature as exc:
                 raise ConfigurationError(f"identity key of client {cid}: {exc}") from None
-        self.timeouts = timeouts or StageTimeouts()
+        self.timeouts = timeouts or StageTimeouts().for_round(params.n_clients, params.dim)
         self.ctx = ServerContext(params, dict(directory), he=he_context)
         first = self._first_state()
         first.deadline = now + self.timeouts.for_stage(first.stage)
@@ -213,7 +241,31 @@ class SecAggServer:
             self._stage_started[nxt.stage] = now
             self._state = nxt
             out.extend(msgs)
+            if self.ctx.gone:
+                self._drop_gone()  # known gone: the new stage does not wait for them
         return out
+
+    def depart(self, client_id: int, now: float, reason: str) -> list[Outgoing]:
+        """The transport says ``client_id`` is gone (its stream closed and it did not
+        reconnect within the grace period): it is dropped now if it still owes the current
+        stage a message, else as soon as a later stage expects one from it. The stage ends
+        as soon as every expected client has answered or is known gone, not at its
+        deadline. :meth:`rejoin` undoes it while the client is not yet dropped."""
+        if self.done or client_id not in self.ctx.records:
+            return []
+        self.ctx.gone.add(client_id)
+        self._drop_gone(reason)
+        return self.tick(now)
+
+    def rejoin(self, client_id: int) -> None:
+        """``client_id`` reconnected: no longer treat it as gone."""
+        self.ctx.gone.discard(client_id)
+
+    def _drop_gone(self, reason: str = "its stream closed and it did not reconnect") -> None:
+        state = self._state
+        for cid in sorted(self.ctx.gone & state.expected):
+            if cid not in state.received:
+                self.ctx.drop(cid, state.stage, f"{reason} (stage {state.stage})")
 
     def abort(self, stage: str, reason: str) -> list[Outgoing]:
         """Abort the round from outside (operator request, shutdown)."""

@@ -237,6 +237,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", choices=["json", "text"])
     p.add_argument("--shutdown-grace", type=float, help="seconds rounds get to finish on SIGTERM")
+    p.add_argument(
+        "--disconnect-grace",
+        type=float,
+        help="seconds a participant whose stream closed has to reconnect before it counts as "
+        "dropped (default 3)",
+    )
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -265,6 +271,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         max_chunk_bytes=args.max_chunk_bytes,
         metrics_port=args.metrics_port,
         metrics_addr=args.metrics_addr,
+        disconnect_grace=args.disconnect_grace,
         log_level=args.log_level,
         log_format=args.log_format,
         shutdown_grace=args.shutdown_grace,

@@ -64,6 +64,10 @@ class ServerConfig:
     hello_timeout:
         Seconds a ``Session`` stream may stay open without its first frame (``Hello``)
         before the server closes it (``DEADLINE_EXCEEDED``).
+    disconnect_grace:
+        Seconds a participant whose last ``Session`` stream closed has to reconnect (it
+        then continues where it was); after that the round treats it as dropped at once
+        instead of waiting out the stage deadline.
     max_streams_per_participant:
         Open ``Session`` streams one participant may hold in one round; more are refused
         (``RESOURCE_EXHAUSTED``). Two leave room for a reconnect while the server has not yet
@@ -82,6 +86,7 @@ class ServerConfig:
     clock_skew: float = 120.0
     hello_timeout: float = 10.0
     max_streams_per_participant: int = 2
+    disconnect_grace: float = 3.0
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
     log_level: str = "info"
@@ -100,6 +105,8 @@ class ServerConfig:
             )
         if not self.hello_timeout > 0:
             raise ConfigurationError("hello_timeout must be > 0 seconds")
+        if not 0 < self.disconnect_grace < float("inf"):
+            raise ConfigurationError("disconnect_grace must be a positive number of seconds")
         if self.max_streams_per_participant < 1:
             raise ConfigurationError("max_streams_per_participant must be >= 1")
 

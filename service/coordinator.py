@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from secagg import ckks
 from secagg.errors import ConfigurationError
@@ -79,8 +79,10 @@ class Coordinator:
         pool: Executor,
         *,
         retain_seconds: float = 600.0,
+        disconnect_grace: float = 3.0,
     ) -> None:
         self.store = store
+        self._grace = disconnect_grace
         self.metrics = metrics
         self._pool = pool
         self._retain = retain_seconds
@@ -136,6 +138,8 @@ class Coordinator:
             if await loop.run_in_executor(self._pool, self.store.running_job, spec.job):
                 raise AlreadyExists(f"job {spec.job!r} already has a running round")
             params = await loop.run_in_executor(self._pool, self._params, spec, len(members))
+            # Stages left at their default deadline grow with the round (n, n * dim).
+            spec = replace(spec, deadlines=spec.deadlines.for_round(len(members), params.dim))
             directory = {m.client_id: m.public_key for m in members}
             now = time.monotonic()
             core: RoundCore
@@ -174,6 +178,7 @@ class Coordinator:
                 metrics=self.metrics,
                 loop=loop,
                 pool=self._pool,
+                disconnect_grace=self._grace,
             )
             self._rounds[params.round_id] = runner
             runner.start()

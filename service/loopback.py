@@ -32,7 +32,7 @@ from secagg.messages import SEND_ORDER, Message
 from secagg.params import Mode, make_params
 from secagg.quantize import dequantize, encode, unpack
 from secagg.rounds.base import Stage
-from secagg.server import StageTimeouts
+from secagg.server import PER_CLIENT_SECONDS, StageTimeouts
 from secagg.service.admin import AdminClient
 from secagg.service.client import Client, Policy
 from secagg.service.config import ServerConfig
@@ -41,7 +41,7 @@ from secagg.service.server import BackgroundServer
 from secagg.service.store import Store
 from secagg.simulate import SimulationConfig, simulation_inputs
 
-__all__ = ["ClientJob", "default_deadlines", "simulate_grpc"]
+__all__ = ["PER_NEIGHBOUR_SECONDS", "ClientJob", "default_deadlines", "simulate_grpc"]
 
 FEDERATION = "simulate"
 """Federation name the simulated authority signs directory entries for."""
@@ -56,16 +56,33 @@ _SENDS = {
 """Type of the message a client sends in each stage (secagg.messages)."""
 
 
-def default_deadlines(clients: int, dim: int) -> StageTimeouts:
-    """Stage deadlines for a loopback run: short, but long enough for the slowest stage."""
-    bulk = 10.0 + clients * dim / 2e6
+PER_NEIGHBOUR_SECONDS = 0.01
+"""A simulated client's work per neighbour in one stage, generously (X25519, Shamir shares,
+AEAD: a few ms on one loaded core): with every client on this machine a stage lasts about
+``n * k`` of these divided by the cores."""
+
+
+def default_deadlines(
+    clients: int, dim: int, degree: int | None = None, cores: int | None = None
+) -> StageTimeouts:
+    """Stage deadlines for a loopback run: short, but long enough for the slowest stage.
+
+    Every client runs on this machine's cores, so a stage takes about ``n`` clients' work
+    (``PER_CLIENT_SECONDS`` plus ``PER_NEIGHBOUR_SECONDS`` per neighbour) over the cores, and
+    the bulk stages add ``n * dim`` words. A fixed 10 s share-keys deadline made 200-client
+    runs abort. A silent client costs the grace period, not these.
+    """
+    k = clients - 1 if degree is None else degree
+    cpus = cores or os.cpu_count() or 2
+    per_client = 10.0 + clients * (PER_CLIENT_SECONDS + PER_NEIGHBOUR_SECONDS * k) / cpus
+    bulk = per_client + clients * dim / 2e6
     return StageTimeouts(
-        advertise_keys=30.0,
-        share_keys=10.0,
+        advertise_keys=30.0 + PER_CLIENT_SECONDS * clients,
+        share_keys=per_client,
         masked_input=bulk,
-        consistency=10.0,
+        consistency=per_client,
         unmasking=bulk,
-        reveal_nonces=10.0,
+        reveal_nonces=per_client,
     )
 
 
@@ -219,8 +236,13 @@ def simulate_grpc(
     plaintext: bool = False,
     progress: bool = False,
     client_runner: Callable[[list[ClientJob]], list[ClientOutcome]] | None = None,
+    disconnect_grace: float = 1.0,
 ) -> dict[str, Any]:
-    """Run the configured round through a loopback gRPC server; return the report."""
+    """Run the configured round through a loopback gRPC server; return the report.
+
+    A simulated dropout cancels its stream, so it costs ``disconnect_grace`` seconds (short:
+    loopback reconnects are immediate), not a stage deadline.
+    """
     wall0 = time.perf_counter()
     if Mode.parse(cfg.mode) is not Mode.MASKED:
         raise SecAggError("the gRPC transport runs masked rounds only")
@@ -242,7 +264,13 @@ def simulate_grpc(
     authority = IdentityKey()  # the simulated federation authority signs the directory
     store = Store(":memory:")
     server = BackgroundServer(
-        ServerConfig(listen="127.0.0.1:0", store=":memory:", admin_token=token), store=store
+        ServerConfig(
+            listen="127.0.0.1:0",
+            store=":memory:",
+            admin_token=token,
+            disconnect_grace=disconnect_grace,
+        ),
+        store=store,
     ).start()
     try:
         with AdminClient(server.target, token) as admin:
@@ -260,7 +288,7 @@ def simulate_grpc(
                 max_weight=cfg.max_weight,
                 neighbors=cfg.neighbors,
                 threshold=cfg.threshold,
-                deadlines=deadlines or default_deadlines(cfg.clients, cfg.dim),
+                deadlines=deadlines or default_deadlines(cfg.clients, cfg.dim, params.degree),
                 tolerate_dropout=cfg.tolerated_dropout,
                 tolerate_corrupt=cfg.tolerated_corrupt,
             )
@@ -351,7 +379,7 @@ def simulate_grpc(
         "grpc_upload_per_client": statistics.mean(outcomes[i].grpc_up for i in senders),
         "grpc_download_per_client": statistics.mean(outcomes[i].grpc_down for i in senders),
     }
-    report["transport"] = {"kind": "grpc", "workers": workers}
+    report["transport"] = {"kind": "grpc", "workers": workers, "disconnect_grace": disconnect_grace}
     errors = sorted({o.error for o in outcomes if o.error})
     if errors:
         report["client_errors"] = errors

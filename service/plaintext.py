@@ -130,6 +130,19 @@ class PlaintextServer:
             )
         return msg.words
 
+    def depart(self, client_id: int, now: float, reason: str) -> list[Outgoing]:
+        """As :meth:`secagg.server.SecAggServer.depart`: one stage, so a gone client that
+        has not sent its input is dropped at once."""
+        rec = self.records.get(client_id)
+        if self.done or rec is None or not rec.active or client_id in self._received:
+            return []
+        rec.active, rec.dropped_stage = False, Stage.MASKED_INPUT
+        rec.reason = f"{reason} (stage {Stage.MASKED_INPUT})"
+        return self.tick(now)
+
+    def rejoin(self, client_id: int) -> None:
+        """Nothing to undo: a gone client is dropped at once or not at all."""
+
     def tick(self, now: float) -> list[Outgoing]:
         if self.done:
             return []

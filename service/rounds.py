@@ -64,6 +64,8 @@ class RoundCore(Protocol):
     ) -> list[Outgoing]: ...
     def tick(self, now: float) -> list[Outgoing]: ...
     def abort(self, stage: str, reason: str) -> list[Outgoing]: ...
+    def depart(self, client_id: int, now: float, reason: str) -> list[Outgoing]: ...
+    def rejoin(self, client_id: int) -> None: ...
 
 
 class Mailbox:
@@ -122,6 +124,7 @@ class RoundRunner:
         metrics: Metrics,
         loop: asyncio.AbstractEventLoop,
         pool: Executor,
+        disconnect_grace: float = 3.0,
     ) -> None:
         self.round_id = round_id
         self.job = job
@@ -148,6 +151,10 @@ class RoundRunner:
         self._poke = asyncio.Event()
         self._timer: asyncio.Task[None] | None = None
         self._frames: dict[tuple[int, int, int], tuple[bytes, list[bytes]]] = {}
+        self.disconnect_grace = disconnect_grace
+        self._streams: dict[int, int] = {}
+        self._grace: dict[int, asyncio.TimerHandle] = {}
+        self._departed: set[int] = set()
 
     @property
     def status(self) -> str:
@@ -191,6 +198,44 @@ class RoundRunner:
         finally:
             self._poke.set()
 
+    async def attach(self, client_id: int) -> None:
+        """A ``Session`` stream of ``client_id`` opened (after its Hello)."""
+        self._streams[client_id] = self._streams.get(client_id, 0) + 1
+        timer = self._grace.pop(client_id, None)
+        if timer is not None:
+            timer.cancel()  # back within the grace period: it continues
+        if client_id in self._departed:
+            self._departed.discard(client_id)
+            await self._loop.run_in_executor(self._pool, self._rejoin, client_id)
+
+    def detach(self, client_id: int) -> None:
+        """A ``Session`` stream of ``client_id`` closed; with none left open, the client is
+        given ``disconnect_grace`` seconds to reconnect before the round treats it as gone
+        (dropped now if it owes the stage a message), instead of waiting out the deadline."""
+        left = self._streams.get(client_id, 0) - 1
+        self._streams[client_id] = max(left, 0)
+        if left > 0 or self.core.done or self.mailboxes[client_id].closed:
+            return
+        old = self._grace.pop(client_id, None)
+        if old is not None:
+            old.cancel()
+        self._grace[client_id] = self._loop.call_later(
+            self.disconnect_grace, self._grace_over, client_id
+        )
+
+    def _grace_over(self, client_id: int) -> None:
+        self._grace.pop(client_id, None)
+        if self._streams.get(client_id, 0) > 0 or self.core.done:
+            return
+        self._departed.add(client_id)
+        self._loop.create_task(self._depart_later(client_id))
+
+    async def _depart_later(self, client_id: int) -> None:
+        try:
+            await self._loop.run_in_executor(self._pool, self._depart, client_id)
+        finally:
+            self._poke.set()
+
     async def abort(self, reason: str) -> None:
         """Abort from outside (operator, shutdown); a finished round is left as it is."""
         await self._loop.run_in_executor(self._pool, self._abort, reason)
@@ -199,6 +244,9 @@ class RoundRunner:
     async def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        for timer in self._grace.values():
+            timer.cancel()
+        self._grace.clear()
 
     # -- worker side (holds the round lock) ------------------------------------------------------
 
@@ -251,6 +299,20 @@ class RoundRunner:
         with self._lock:
             now = time.monotonic()
             self._after(self.core.tick(now), now)
+
+    def _depart(self, cid: int) -> None:
+        with self._lock:
+            if self._streams.get(cid, 0) > 0:
+                return  # it reconnected meanwhile
+            now = time.monotonic()
+            reason = (
+                f"its stream closed and it did not reconnect within {self.disconnect_grace:g} s"
+            )
+            self._after(self.core.depart(cid, now, reason), now)
+
+    def _rejoin(self, cid: int) -> None:
+        with self._lock:
+            self.core.rejoin(cid)
 
     def _abort(self, reason: str) -> None:
         with self._lock:

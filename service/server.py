@@ -196,7 +196,11 @@ class SecAggService:
         self.metrics = Metrics()
         self.pool = ThreadPoolExecutor(config.workers, thread_name_prefix="secagg-round")
         self.coordinator = Coordinator(
-            self.store, self.metrics, self.pool, retain_seconds=config.retain_seconds
+            self.store,
+            self.metrics,
+            self.pool,
+            retain_seconds=config.retain_seconds,
+            disconnect_grace=config.disconnect_grace,
         )
         self.port = 0
         self._server: Any = None

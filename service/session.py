@@ -64,6 +64,7 @@ class StreamSession:
         mailbox.watch(self._wake)
         reader = asyncio.create_task(self._read(requests))
         try:
+            await self._runner.attach(self._cid)
             while True:
                 self._wake.clear()
                 while self._acks:
@@ -84,6 +85,7 @@ class StreamSession:
         finally:
             mailbox.unwatch(self._wake)
             reader.cancel()
+            self._runner.detach(self._cid)  # grace period, then the round treats it as gone
 
     async def _read(self, requests: AsyncIterator[aggregation_pb2.ClientFrame]) -> None:
         runner = self._runner

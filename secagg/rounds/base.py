@@ -139,6 +139,10 @@ class ServerContext:
     result: RoundResult | None = None
     error: RoundAborted | None = None
     warnings: list[str] = field(default_factory=list)
+    gone: set[int] = field(default_factory=set)
+    """Clients whose transport closed and did not come back within the grace period
+    (:meth:`secagg.server.SecAggServer.depart`): dropped in the first stage they owe a
+    message, as soon as that stage starts."""
 
     def __post_init__(self) -> None:
         self.params_digest = self.params.digest()
