@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from secagg.params import RoundParams, make_params
-from secagg.policy import ClientPolicy, _graph_check
+from secagg.policy import ClientPolicy, clear_verdict_cache
 from secagg.service.tensors import fingerprint
 
 SIZES = [int(s) for s in os.environ.get("SECAGG_BENCH_POLICY_SIZES", "100,1000").split(",")]
@@ -37,7 +37,7 @@ def _params(n: int) -> RoundParams:
 
 
 def _cold(policy: ClientPolicy, params: RoundParams) -> None:
-    _graph_check.cache_clear()
+    clear_verdict_cache()
     policy.check_params(params)
 
 

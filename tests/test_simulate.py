@@ -13,6 +13,8 @@ from secagg.messages import (
     ConsistencySignature,
     EncryptedInput,
     MaskedInput,
+    NonceReveal,
+    NonceReveals,
     Roster,
     ShareDelivery,
     ShareKeys,
@@ -22,9 +24,9 @@ from secagg.messages import (
 from secagg.rounds.base import Stage
 from secagg.simulate import DROP_STAGES, SimulationConfig, schedule, withheld_from, withholds
 
-SENT = [AdvertiseKeys, ShareKeys, MaskedInput, ConsistencySignature, UnmaskShares]
+SENT = [AdvertiseKeys, NonceReveal, ShareKeys, MaskedInput, ConsistencySignature, UnmaskShares]
 """Client messages in the order of the stages they are sent in (index = stage)."""
-ANSWERED = [Roster, ShareDelivery, ConsistencyRequest, UnmaskRequest]
+ANSWERED = [Roster, NonceReveals, ShareDelivery, ConsistencyRequest, UnmaskRequest]
 """Server messages; the client's answer to ``ANSWERED[i]`` is ``SENT[i + 1]``."""
 
 
