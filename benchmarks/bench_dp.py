@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from suite.common import sized
 
 from secagg.dp.calibration import DPCalibration, calibrate
 from secagg.dp.encoding import encode_update, to_ring
@@ -35,7 +36,7 @@ from secagg.dp.streams import discrete_gaussian_vector
 from secagg.dp.xnoise import client_noise
 from secagg.prg import Purpose
 
-BENCH_DIM = 100_000
+BENCH_DIM = sized(100_000, 4096)
 
 
 def _cal(dim: int, n: int, t: int) -> DPCalibration:

@@ -173,7 +173,7 @@ def _worker(
 ) -> None:
     """A client process hosting several clients (threads); runs one round per command."""
     configure("warning")
-    inprocess_round([np.zeros(1000), np.zeros(1000)])  # load the Numba kernels first
+    inprocess_round([np.zeros(1000)] * 3)  # load the Numba kernels first (3: the minimum)
     clients = [
         Client(target, IdentityKey(s), policy=BENCH_POLICY, insecure_no_tls=True) for s in seeds
     ]
@@ -237,7 +237,10 @@ class ClientProcesses:
         rid = self.svc.admin.create_round(spec).round_id
         for c in self.conns:
             c.send(rid)
-        self.start.wait()
+        dead = [p.exitcode for p in self.procs if not p.is_alive()]
+        if dead:
+            raise RuntimeError(f"client worker processes exited with {dead}")
+        self.start.wait(timeout=600)  # a worker that died breaks the barrier, never hangs
         t0 = time.time()
         ends: list[float] = []
         for c in self.conns:

@@ -202,11 +202,14 @@ def masked_client_bytes(n: int, k: int, dim: int, bits: int = 16) -> dict[str, i
     degree ``k``, no dropouts: every message built at its real size and encoded."""
     from secagg.messages import (
         SHARE_CIPHERTEXT_BYTES,
+        SHARE_COMMIT_BYTES,
         AdvertiseKeys,
         AggregateResult,
         ConsistencyRequest,
         ConsistencySignature,
         MaskedInput,
+        NonceReveal,
+        NonceReveals,
         Roster,
         ShareDelivery,
         ShareKeys,
@@ -221,14 +224,19 @@ def masked_client_bytes(n: int, k: int, dim: int, bits: int = 16) -> dict[str, i
     peers = tuple(range(2, k + 2))
     ids = tuple(range(1, n + 1))
     ct = bytes(SHARE_CIPHERTEXT_BYTES)
+    commit = bytes(SHARE_COMMIT_BYTES)  # H_seed | H_key | the dealer's signature
     share = bytes(SHARE_BYTES)
 
     def adv(cid: int) -> AdvertiseKeys:
         return AdvertiseKeys(rid, cid, bytes(32), bytes(32), bytes(32), bytes(64), bytes(32))
 
+    holders = (1, *peers)
     sent = {
         "advertise": adv(1),
-        "share": ShareKeys(rid, 1, sid, tuple((v, ct) for v in peers)),
+        "reveal": NonceReveal(rid, 1, sid, bytes(32)),
+        "share": ShareKeys(
+            rid, 1, sid, tuple((v, ct) for v in peers), tuple((v, commit) for v in holders)
+        ),
         "input": MaskedInput(rid, 1, sid, words),
         "consistency": ConsistencySignature(rid, 1, sid, bytes(64)),
         # its own seed share and one per neighbour, all alive
@@ -236,7 +244,10 @@ def masked_client_bytes(n: int, k: int, dim: int, bits: int = 16) -> dict[str, i
     }
     received = {
         "advertise": Roster(rid, 0, tuple(adv(c) for c in ids)),
-        "share": ShareDelivery(rid, 0, sid, tuple((v, ct) for v in peers)),
+        "reveal": NonceReveals(rid, 0, sid, tuple((c, bytes(32)) for c in ids)),
+        "share": ShareDelivery(
+            rid, 0, sid, tuple((v, ct) for v in peers), tuple((v, commit) for v in peers)
+        ),
         "input": ConsistencyRequest(rid, 0, sid, ids),
         "consistency": UnmaskRequest(rid, 0, sid, ids, (), tuple((c, bytes(64)) for c in ids)),
         "result": AggregateResult(rid, 0, sid, ids, words),
