@@ -6,7 +6,7 @@ import asyncio
 import collections
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 
 import grpc
@@ -163,72 +163,64 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             require_cert_binding=bind,
         )
 
-    async def Enroll(self, request: admin_pb2.EnrollRequest, context: Any) -> admin_pb2.Participant:  # noqa: N802
+    async def _participant_change(
+        self,
+        context: Any,
+        method: str,
+        change: Callable[..., Any],
+        *args: Any,
+        signed_entry: bytes = b"",
+    ) -> admin_pb2.Participant:
+        """One admin RPC that changes a participant: authenticate the operator, run
+        ``change(*args, operator=...)`` on the store off the event loop, answer the record
+        with the signed entry it now carries."""
         try:
-            operator = self._check(context, "Enroll")
-            rec = await asyncio.to_thread(
-                functools.partial(
-                    self._store.enroll,
-                    request.name,
-                    request.identity_key,
-                    request.signed_entry,
-                    operator=operator,
-                )
-            )
+            operator = self._check(context, method)
+            rec = await asyncio.to_thread(functools.partial(change, *args, operator=operator))
             out = serde.participant_to_proto(rec)
-            out.signed_entry = request.signed_entry
+            out.signed_entry = signed_entry
             return out
         except Exception as exc:
             await _fail(context, exc)
+
+    async def Enroll(self, request: admin_pb2.EnrollRequest, context: Any) -> admin_pb2.Participant:  # noqa: N802
+        return await self._participant_change(
+            context,
+            "Enroll",
+            self._store.enroll,
+            request.name,
+            request.identity_key,
+            request.signed_entry,
+            signed_entry=request.signed_entry,
+        )
 
     async def SetSignedEntry(  # noqa: N802
         self, request: admin_pb2.SetSignedEntryRequest, context: Any
     ) -> admin_pb2.Participant:
-        try:
-            operator = self._check(context, "SetSignedEntry")
-            rec = await asyncio.to_thread(
-                functools.partial(
-                    self._store.set_signed_entry,
-                    request.name,
-                    request.signed_entry,
-                    operator=operator,
-                )
-            )
-            out = serde.participant_to_proto(rec)
-            out.signed_entry = request.signed_entry
-            return out
-        except Exception as exc:
-            await _fail(context, exc)
+        return await self._participant_change(
+            context,
+            "SetSignedEntry",
+            self._store.set_signed_entry,
+            request.name,
+            request.signed_entry,
+            signed_entry=request.signed_entry,
+        )
 
     async def Revoke(self, request: admin_pb2.RevokeRequest, context: Any) -> admin_pb2.Participant:  # noqa: N802
-        try:
-            operator = self._check(context, "Revoke")
-            rec = await asyncio.to_thread(
-                functools.partial(self._store.revoke, request.name, operator=operator)
-            )
-            return serde.participant_to_proto(rec)
-        except Exception as exc:
-            await _fail(context, exc)
+        return await self._participant_change(context, "Revoke", self._store.revoke, request.name)
 
     async def RotateKey(  # noqa: N802
         self, request: admin_pb2.RotateKeyRequest, context: Any
     ) -> admin_pb2.Participant:
-        try:
-            operator = self._check(context, "RotateKey")
-            rec = await asyncio.to_thread(
-                functools.partial(
-                    self._store.rotate,
-                    request.name,
-                    request.identity_key,
-                    request.signed_entry,
-                    operator=operator,
-                )
-            )
-            out = serde.participant_to_proto(rec)
-            out.signed_entry = request.signed_entry
-            return out
-        except Exception as exc:
-            await _fail(context, exc)
+        return await self._participant_change(
+            context,
+            "RotateKey",
+            self._store.rotate,
+            request.name,
+            request.identity_key,
+            request.signed_entry,
+            signed_entry=request.signed_entry,
+        )
 
     async def ListParticipants(  # noqa: N802
         self, request: admin_pb2.ListParticipantsRequest, context: Any
