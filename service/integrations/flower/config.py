@@ -86,23 +86,30 @@ def _str(rc: Mapping[str, Any], key: str) -> str | None:
     return value
 
 
+def _get(rc: Mapping[str, Any], key: str, default: Any) -> Any:
+    """``rc[key]``, or ``default`` when absent or empty (an app's pyproject lists every key
+    ``flwr run --run-config`` may override, with ``""`` for "unset")."""
+    value = rc.get(key)
+    return default if value is None or value == "" else value
+
+
 def _int(rc: Mapping[str, Any], key: str, default: int, lo: int, hi: int) -> int:
-    value = rc.get(key, default)
+    value = _get(rc, key, default)
     if isinstance(value, str):
         try:
             value = int(value.strip())
         except ValueError:
             raise _bad(key, f"an integer in {lo}..{hi}", rc[key]) from None
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise _bad(key, f"an integer in {lo}..{hi}", rc.get(key, default))
+        raise _bad(key, f"an integer in {lo}..{hi}", _get(rc, key, default))
     return value
 
 
 def _float(
     rc: Mapping[str, Any], key: str, default: float | None, what: str, ok: Any
 ) -> float | None:
-    value = rc.get(key, default)
-    if value is None or value == "":
+    value = _get(rc, key, default)
+    if value is None:
         return None
     if isinstance(value, str):
         try:
@@ -113,12 +120,12 @@ def _float(
         raise _bad(key, what, value)
     number = float(value)
     if not math.isfinite(number) or not ok(number):
-        raise _bad(key, what, rc.get(key, default))
+        raise _bad(key, what, _get(rc, key, default))
     return number
 
 
 def _count(rc: Mapping[str, Any], key: str, words: tuple[str, ...]) -> str:
-    value = rc.get(key, "auto")
+    value = _get(rc, key, "auto")
     text = str(value).strip().lower() if not isinstance(value, bool) else ""
     if text in words:
         return text

@@ -192,12 +192,18 @@ class SecAggFedAvg(_FedAvg):
         agreeing: list[Any] = []
         if status.status == "completed":
             groups: dict[str, list[Any]] = {}
+            # masked: the server publishes the digest of the lane sums, which every client
+            # recomputes. ckks/hybrid: it publishes the digest of the *encrypted* sum (it never
+            # sees the plaintext), so the replies are held to each other and to the contributor
+            # count instead.
+            digest = status.aggregate_sha256 if self.mode == "masked" else None
             for msg in valid:
                 rec = msg.content.config_records.get(SECAGG_RECORD)
                 if (
                     rec is None
                     or rec.get("round-id") != rid.hex()
-                    or rec.get("aggregate-sha256") != status.aggregate_sha256
+                    or (digest is not None and rec.get("aggregate-sha256") != digest)
+                    or rec.get("contributors") != len(status.contributors)
                 ):
                     log.warning("node %d replied with another aggregate", msg.metadata.src_node_id)
                     continue
