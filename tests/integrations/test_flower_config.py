@@ -106,7 +106,7 @@ def test_bad_run_config_value_names_the_key(key: str, value: object) -> None:
 
 def test_he_modes_need_the_server_context(tmp_path: Path) -> None:
     for mode in ("hybrid", "ckks"):
-        with pytest.raises(ConfigurationError, match="^run config secagg-ckks-server: a "):
+        with pytest.raises(ConfigurationError, match=r"^run config secagg-ckks-server: a "):
             round_options_from_run_config({"secagg-mode": mode})
     with pytest.raises(ConfigurationError, match="secagg-ckks-server: cannot read"):
         round_options_from_run_config(
@@ -219,7 +219,7 @@ def test_run_config_cannot_lower_a_nodes_trust(federation: Federation, tmp_path:
 
 def test_node_allowed_modes_key() -> None:
     node = {"secagg-identity": "x", "secagg-server": "h:1", "secagg-allowed-modes": "masked,rsa"}
-    with pytest.raises(ConfigurationError, match="^node config secagg-allowed-modes: "):
+    with pytest.raises(ConfigurationError, match=r"^node config secagg-allowed-modes: "):
         connect_from_config(_context(node, {}))
 
 
