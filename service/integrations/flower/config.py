@@ -238,10 +238,10 @@ def admin_from_run_config(run_config: Mapping[str, Any]) -> AdminClient:
     server_name = _str(run_config, "secagg-server-name")
     kit = _str(run_config, "secagg-operator-kit")
     if kit is not None:
-        for key in ("secagg-ca", "secagg-cert", "secagg-key", "secagg-operator-key"):
-            if _str(run_config, key) is not None:
+        for name in ("secagg-ca", "secagg-cert", "secagg-key", "secagg-operator-key"):
+            if _str(run_config, name) is not None:
                 raise ConfigurationError(
-                    f"run config {key}: comes from secagg-operator-kit; set one or the other"
+                    f"run config {name}: comes from secagg-operator-kit; set one or the other"
                 )
         return AdminClient.from_kit(kit, target=target, server_name=server_name)
     if target is None:
