@@ -92,8 +92,8 @@ def connect_from_config(context: Any) -> Client:
 
     With ``secagg-site-kit`` (the site's kit from ``secagg provision``) the client comes from
     :meth:`Client.from_kit`: identity, CA and mTLS certificate, authority, the kit's policy
-    and, on key holders, the CKKS secret context. ``secagg-server`` overrides the kit's
-    address and ``secagg-allowed-modes`` its modes.
+    and, on key holders, the CKKS secret context. The node config's ``secagg-server``
+    overrides the kit's address and ``secagg-allowed-modes`` its modes.
 
     Otherwise, keys of ``context.node_config``: ``secagg-identity`` (key file from
     ``secagg keygen``), ``secagg-ca`` (server CA) with optional ``secagg-cert`` /
@@ -104,14 +104,18 @@ def connect_from_config(context: Any) -> Client:
     ``secagg-insecure-no-tls=true`` (no CA), ``secagg-trust-server-directory=true`` (no
     authority). See the module docstring for why the run config cannot set these.
     """
-    target = _target(context)
     modes = allowed_modes(_node(context, "secagg-allowed-modes"))
     kit = _node(context, SITE_KIT_KEY)
-    if kit is not None:
+    if kit is not None:  # the kit's address unless the node itself names another
         extra: dict[str, Any] = {} if modes is None else {"allowed_modes": sorted(modes)}
+        own = context.node_config.get("secagg-server", "")
         return Client.from_kit(
-            kit, target=target, server_name=_node(context, "secagg-server-name"), **extra
+            kit,
+            target=str(own) if own else None,
+            server_name=_node(context, "secagg-server-name"),
+            **extra,
         )
+    target = _target(context)
     identity = _node(context, "secagg-identity")
     if not target or not identity:
         raise ConfigurationError(
@@ -154,7 +158,8 @@ class SecAggMod:
         As in the strategy (FedAvg's defaults).
     he_context:
         ``ckks``/``hybrid`` rounds: the path of this node's secret CKKS context file
-        (``secagg keygen --ckks``); by default the node config's ``secagg-ckks-secret``.
+        (``secagg keygen --ckks``); by default the node config's ``secagg-ckks-secret``, or
+        a key holder's site kit (``secagg-site-kit``).
         Opened per round with :func:`secagg.ckks.open_secret_context`, so its decryption
         budget persists in the ledger beside it.
     """
