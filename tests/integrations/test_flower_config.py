@@ -96,6 +96,7 @@ def test_round_options_parse_every_key(tmp_path: Path) -> None:
         ("secagg-round-timeout", "inf"),
         ("secagg-job", 5),
         ("secagg-treshold", 3),  # a typo is refused, not ignored
+        ("secagg-site-kit", "kits/sites/site-1"),  # a node's key, not the run's
     ],
 )
 def test_bad_run_config_value_names_the_key(key: str, value: object) -> None:

@@ -26,7 +26,7 @@ from secagg.service.tls import ClientTls
 
 from ._common import flag
 from ._common import strategy as _strategy
-from .mod import MODES
+from .mod import MODES, NODE_KEYS
 from .strategy import SecAggFedAvg
 
 __all__ = [
@@ -161,6 +161,12 @@ def round_options_from_run_config(run_config: Mapping[str, Any]) -> dict[str, An
         starts with ``run config KEY:``.
     """
     unknown = sorted(k for k in run_config if k.startswith("secagg-") and k not in RUN_CONFIG_KEYS)
+    node_only = [k for k in unknown if k in NODE_KEYS]
+    if node_only:
+        raise ConfigurationError(
+            f"run config {node_only[0]}: a node-config key (flower-supernode --node-config); "
+            "nodes never take it from the run config"
+        )
     if unknown:
         raise ConfigurationError(
             f"run config {unknown[0]}: not a secagg key "
