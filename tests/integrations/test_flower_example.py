@@ -11,6 +11,8 @@ ServerApp's admin calls (operator kit) and for every site.
 
 from __future__ import annotations
 
+import io
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ from .conftest import EXAMPLE, Kits
 flwr = pytest.importorskip("flwr")
 
 from flwr.app import Context, RecordDict  # noqa: E402
+from flwr.cli.build import build_fab_from_disk  # noqa: E402
+from flwr.cli.config_utils import load_and_validate  # noqa: E402
 from flwr.common.config import get_fused_config_from_dir, get_project_config  # noqa: E402
 from flwr.supercore.object_ref import load_app  # noqa: E402
 
@@ -43,6 +47,18 @@ def run_app(overrides: dict[str, Any]) -> tuple[dict[str, np.ndarray[Any, Any]],
     server_app(grid, Context(RUN_ID, 0, {}, RecordDict(), run_config))
     with np.load(str(run_config["save-path"])) as f:
         return {k: f[k] for k in f.files}, grid
+
+
+@pytest.mark.filterwarnings("ignore:GitWildMatchPattern:DeprecationWarning")  # flwr's pathspec use
+def test_example_is_a_valid_flower_app() -> None:
+    """What ``flwr build`` / ``flwr run`` check first: the pyproject validates (components
+    importable, publisher set, no missing recommended field) and bundles into a FAB."""
+    config, warnings = load_and_validate(EXAMPLE / "pyproject.toml", check_module=True)
+    assert warnings == []
+    assert config["tool"]["flwr"]["app"]["components"]["clientapp"].endswith(":app")
+    with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(EXAMPLE))) as fab:
+        names = set(fab.namelist())
+    assert {"pyproject.toml", "flower_secagg/server_app.py", "flower_secagg/task.py"} <= names
 
 
 @pytest.fixture
