@@ -22,8 +22,8 @@ def _flwr(module: str) -> Any:
         ) from exc
 
 
-app = _flwr("flwr.app")
-strategy = _flwr("flwr.serverapp.strategy")
+flwr_app = _flwr("flwr.app")
+flwr_strategy = _flwr("flwr.serverapp.strategy")
 
 IDENTITY_QUERY = "query.secagg_identity"
 """Message type the strategy sends to learn a node's identity key."""

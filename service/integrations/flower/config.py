@@ -25,7 +25,7 @@ from secagg.service.keyfile import read_identity
 from secagg.service.tls import ClientTls
 
 from ._common import flag
-from ._common import strategy as _strategy
+from ._common import flwr_strategy as _strategy
 from .mod import MODES, NODE_KEYS
 from .strategy import SecAggFedAvg
 

@@ -23,7 +23,7 @@ from secagg.service.keyfile import read_identity
 from secagg.service.tls import ClientTls
 
 from ._common import ERROR_CODE, IDENTITY_QUERY, ROUND_ID_KEY, SECAGG_RECORD, flag, log, sums_digest
-from ._common import app as _app
+from ._common import flwr_app as _app
 
 __all__ = ["HE_CONTEXT_KEY", "NODE_KEYS", "SITE_KIT_KEY", "SecAggMod", "connect_from_config"]
 

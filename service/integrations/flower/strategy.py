@@ -14,8 +14,8 @@ from secagg.service.admin import AdminClient
 from secagg.service.coordinator import RoundSpec
 
 from ._common import IDENTITY_QUERY, ROUND_ID_KEY, SECAGG_RECORD, fingerprint, log
-from ._common import app as _app
-from ._common import strategy as _strategy
+from ._common import flwr_app as _app
+from ._common import flwr_strategy as _strategy
 
 __all__ = ["SecAggFedAvg", "SecAggRound"]
 
