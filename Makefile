@@ -56,7 +56,9 @@ typecheck: $(VENV)/.dev
 
 # The Flower environment runs the Flower tests, the stub drift test and the primitives
 # (pycryptodome 3.x, protobuf 6 at run time).
-FLOWER_TESTS = tests/integrations/test_flower.py tests/service/test_codegen.py tests/test_ckks_codegen.py \
+FLOWER_TESTS = tests/integrations/test_flower.py tests/integrations/test_flower_config.py \
+	tests/integrations/test_flower_he.py tests/integrations/test_flower_example.py \
+	tests/service/test_codegen.py tests/test_ckks_codegen.py \
 	tests/test_primitives.py tests/test_protocol.py
 
 unit: $(VENV)/.dev $(FVENV)/.flower

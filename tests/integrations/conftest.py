@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -105,3 +108,51 @@ def federation() -> Iterator[Federation]:
         admin.close()
         server.stop()
         store.close()
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "flower-secagg"
+"""The Flower example app (examples/flower-secagg)."""
+
+
+@dataclass
+class Kits:
+    """The example's federation provisioned on a free loopback port, its server running
+    from the server kit (mutual TLS, sites enrolled by provisioning)."""
+
+    root: Path
+    server: BackgroundServer
+
+    def site(self, i: int) -> Path:
+        return self.root / "sites" / f"site-{i}"
+
+    @property
+    def operator(self) -> Path:
+        return self.root / "operators" / "flower"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def kits(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kits]:
+    from secagg.service.config import load_config
+    from secagg.service.provision import load_federation, provision
+
+    tmp = tmp_path_factory.mktemp("kits")
+    port = str(_free_port())
+    fed = tmp / "federation.toml"
+    fed.write_text((EXAMPLE / "federation.toml").read_text().replace("9443", port))
+    provision(load_federation(fed), tmp / "kits")
+    cwd = os.getcwd()
+    os.chdir(tmp / "kits" / "server")  # server.toml names its files relative to the kit
+    try:
+        server = BackgroundServer(load_config("server.toml")).start()
+    finally:
+        os.chdir(cwd)
+    try:
+        yield Kits(tmp / "kits", server)
+    finally:
+        server.stop()
