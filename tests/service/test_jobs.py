@@ -220,7 +220,7 @@ def test_aborting_a_job_stops_the_sites_iterators(deployment: Deployment) -> Non
     assert st.status == "aborted" and st.reason == "budget exhausted"
     round0 = deployment.admin.status(open_round)
     assert round0.status == "aborted" and "budget exhausted" in round0.abort_reason
-    entry = [e for e in deployment.store.audit_entries() if e.kind == "job_aborted"][0]
+    entry = next(e for e in deployment.store.audit_entries() if e.kind == "job_aborted")
     assert entry.data == {"job": "stop", "reason": "budget exhausted", "operator": "admin-token"}
     assert deployment.admin.abort_job("stop", "again").reason == "budget exhausted"  # as it was
 
