@@ -405,7 +405,7 @@ class Client:
         skipped), and :meth:`join` later refuses a yielded round that the server then
         describes as another job's; each round's parameters are checked against this
         client's policy at join, as any round's. A dropped stream is reopened, with
-        backoff, for up to ``retry.connect_budget`` seconds without a connection.
+        backoff, for up to ``retry.connect_budget`` seconds of failures in a row.
 
         Parameters
         ----------
@@ -428,7 +428,7 @@ class Client:
         yielded: dict[bytes, int] = {}
         retry = self.retry
         backoff = retry.initial_backoff
-        connected_at = time.monotonic()
+        failing_since: float | None = None
         wait_from = time.monotonic()
         while True:
             remaining = None if timeout is None else wait_from + timeout - time.monotonic()
@@ -441,7 +441,7 @@ class Client:
             )
             try:
                 for ev in call:
-                    connected_at = time.monotonic()
+                    failing_since = None
                     backoff = retry.initial_backoff
                     kind = _job_event_kind(ev, job)
                     if kind == "finished":
@@ -475,7 +475,9 @@ class Client:
                 raise tls_err from None
             if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
                 continue  # the loop's check raises JobTimeout
-            down = time.monotonic() - connected_at
+            if failing_since is None:
+                failing_since = time.monotonic()
+            down = time.monotonic() - failing_since
             if err.code() not in TRANSIENT or down + backoff > retry.connect_budget:
                 raise from_rpc_error(err) from None
             time.sleep(backoff)
