@@ -43,7 +43,13 @@ from secagg.params import ROUND_ID_BYTES, Mode
 from secagg.policy import MIN_CONTRIBUTORS, ClientPolicy, check_layout
 from secagg.service._gen import aggregation_pb2, aggregation_pb2_grpc
 from secagg.service.auth import call_metadata
-from secagg.service.errors import JobAborted, JobTimeout, PolicyRefused, from_rpc_error
+from secagg.service.errors import (
+    JobAborted,
+    JobTimeout,
+    PolicyRefused,
+    Unavailable,
+    from_rpc_error,
+)
 from secagg.service.plaintext import PlaintextClient
 from secagg.service.serde import (
     DEFAULT_CHUNK_BYTES,
@@ -433,6 +439,11 @@ class Client:
         while True:
             remaining = None if timeout is None else wait_from + timeout - time.monotonic()
             if remaining is not None and remaining <= 0:
+                if failing_since is not None:
+                    raise Unavailable(
+                        f"UNAVAILABLE: the server stayed unreachable while waiting {timeout:g} s "
+                        f"for a round of job {job!r}"
+                    )
                 raise JobTimeout(f"no round of job {job!r} opened within {timeout:g} s")
             call = self._stub.WatchRounds(
                 aggregation_pb2.WatchRoundsRequest(job=job),

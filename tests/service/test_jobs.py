@@ -462,3 +462,21 @@ def test_watch_streams_are_bounded_and_signed_for_no_round(deployment: Deploymen
             next(watch(b"\x01" * 16))
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     deployment.admin.abort_job("cap")
+
+
+def test_rounds_gives_up_on_a_server_that_stays_away(deployment: Deployment) -> None:
+    """Reconnects last ``connect_budget`` seconds of failures in a row, then one clear
+    ``Unavailable`` (not an endless wait, not a ``JobTimeout`` that blames the job)."""
+    from secagg.service.client import RetryPolicy
+    from secagg.service.errors import Unavailable
+
+    names = deployment.enroll(3)
+    assert deployment.server is not None
+    client = deployment.client(names[0], retry=RetryPolicy(connect_budget=1.0))
+    deployment.server.stop()
+    with client:
+        with pytest.raises(Unavailable):
+            next(client.rounds("fed"))
+        with pytest.raises(Unavailable, match="stayed unreachable"):
+            next(client.rounds("fed", timeout=0.5))
+    deployment.server = None  # stopped already
