@@ -480,3 +480,35 @@ def test_rounds_gives_up_on_a_server_that_stays_away(deployment: Deployment) -> 
         with pytest.raises(Unavailable, match="stayed unreachable"):
             next(client.rounds("fed", timeout=0.5))
     deployment.server = None  # stopped already
+
+
+def test_a_paused_job_opens_no_round_until_resumed(deployment: Deployment) -> None:
+    """Pause while round 0 runs: round 0 ends as usual, round 1 opens only on resume;
+    both actions are audited with their operator."""
+    names = deployment.enroll(3)
+    assert deployment.admin is not None
+    deployment.admin.create_job(
+        JobSpec(name="p", participants=names, dim=DIM, rounds=2,
+                deadlines=StageTimeouts.uniform(20.0))
+    )  # fmt: skip
+    first = _wait_open(deployment, "p", 0)
+    assert deployment.admin.pause_job("p").status == "paused"
+    out = run_threads({n: (lambda n=n: participate_once(deployment, n, first)) for n in names})
+    assert not {k: o.error for k, o in out.items() if o.error}
+    st = deployment.admin.wait(first)
+    assert st.status == "completed"
+    job = deployment.admin.job("p")
+    assert (job.status, job.rounds_done, job.next_index, job.current_round) == ("paused", 1, 1, b"")
+    assert deployment.admin.resume_job("p").status == "running"
+    second = _wait_open(deployment, "p", 1)
+    assert second != first
+    deployment.admin.abort_job("p", "enough")
+    kinds = [(e.kind, e.data.get("operator")) for e in deployment.store.audit_entries()]
+    assert ("job_paused", "admin-token") in kinds and ("job_resumed", "admin-token") in kinds
+    with pytest.raises(AlreadyExists, match="is aborted"):
+        deployment.admin.resume_job("p")
+
+
+def participate_once(d: Deployment, name: str, round_id: bytes) -> Any:
+    with d.client(name) as client:
+        return client.aggregate(round_id, np.full(DIM, 0.5))
