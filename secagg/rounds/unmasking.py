@@ -38,6 +38,7 @@ from secagg.messages import (
     EncryptedResult,
     Message,
     UnmaskShares,
+    dp_share_kind,
     seed_commitment,
     share_commit_payload,
     share_commitment,
@@ -100,6 +101,8 @@ class UnmaskingState(ServerState):
                         "excluded",
                         client_id=cid,
                     )
+        if ctx.params.dp is not None or msg.dp_shares:
+            validate_dp_shares(ctx, cid, msg, set(seed_owners))
 
     def store(self, cid: int, msg: Message) -> None:
         assert isinstance(msg, UnmaskShares)
@@ -107,6 +110,8 @@ class UnmaskingState(ServerState):
             self.ctx.seed_shares.setdefault(owner, {})[cid] = share
         for owner, share in msg.key_shares:
             self.ctx.key_shares.setdefault(owner, {})[cid] = share
+        for owner, k, share in msg.dp_shares:
+            self.ctx.dp_seed_shares.setdefault((owner, k), {})[cid] = share
 
     def finish(self, now: float) -> tuple[ServerState, list[Outgoing]]:
         ctx = self.ctx
@@ -134,6 +139,41 @@ class UnmaskingState(ServerState):
         return after_result(ctx), [(cid, msg) for cid in sorted(ctx.active(ctx.u2))]
 
 
+def validate_dp_shares(
+    ctx: ServerContext, cid: int, msg: UnmaskShares, seed_owners: set[int]
+) -> None:
+    """DP rounds: ``cid`` reveals, for exactly the survivors it reveals seed shares of,
+    its shares of noise seeds ``0 .. j-1`` (``j`` from ``|U|``), each matching the dealer's
+    signed DP commitment (a liar is refused whole, like a bad seed share)."""
+    offer = ctx.params.dp
+    if offer is None:
+        raise ProtocolViolation("DP seed shares revealed in a round without DP", client_id=cid)
+    j = offer.plan.level(len(ctx.u2))
+    pairs = [(o, k) for o, k, _ in msg.dp_shares]
+    want = {(o, k) for o in seed_owners for k in range(j)}
+    if len(set(pairs)) != len(pairs) or set(pairs) != want:
+        raise ProtocolViolation(
+            f"client {cid} must reveal DP seed shares 0..{j - 1} of exactly the survivors it"
+            " reveals seed shares of",
+            client_id=cid,
+        )
+    sid = ctx.session_id
+    for owner, k, share in msg.dp_shares:
+        try:
+            shamir.decode_share(share)
+        except ReconstructionError as exc:
+            raise ProtocolViolation(f"malformed share: {exc}", client_id=cid) from None
+        signed = ctx.dp_commits[owner][cid][32 * k : 32 * k + 32]
+        if not constant_time_equal(
+            share_commitment(sid, owner, cid, dp_share_kind(k), share), signed
+        ):
+            raise ProtocolViolation(
+                f"client {cid} revealed a share of client {owner}'s DP noise seed {k} that "
+                f"does not match client {owner}'s signed commitment; all its shares are excluded",
+                client_id=cid,
+            )
+
+
 class _DealerBlamed(ReconstructionError):
     """Shares matching a dealer's signed commitments do not give its committed secret."""
 
@@ -147,7 +187,8 @@ class _DealerBlamed(ReconstructionError):
 def _commit_signed(ctx: ServerContext, owner: int, holder: int) -> bool:
     """Whether the stored commitment of ``owner`` for ``holder`` carries its signature."""
     sig = ctx.share_commits[owner][holder]
-    payload = share_commit_payload(ctx.session_id, owner, holder, sig[:32], sig[32:64])
+    h_dp = ctx.dp_commits.get(owner, {}).get(holder, b"")
+    payload = share_commit_payload(ctx.session_id, owner, holder, sig[:32], sig[32:64], h_dp)
     try:
         verify_signature(ctx.directory[owner], payload, sig[64:], client_id=owner)
     except InvalidSignature:
@@ -174,7 +215,12 @@ def _evidence(
             "signature": adv.signature.hex(),
         },
         "shares": [
-            {"holder": h, "share": share.hex(), "commitment": ctx.share_commits[owner][h].hex()}
+            {
+                "holder": h,
+                "share": share.hex(),
+                "commitment": ctx.share_commits[owner][h].hex(),
+                "dp_commitment": ctx.dp_commits.get(owner, {}).get(h, b"").hex(),
+            }
             for h, share in sorted(used.items())
         ],
     }
@@ -285,7 +331,8 @@ def check_dealer_evidence(evidence: Mapping[str, Any], directory: Mapping[int, b
         for item in evidence["shares"]:
             holder, share = int(item["holder"]), bytes.fromhex(item["share"])
             commit = bytes.fromhex(item["commitment"])
-            payload = share_commit_payload(sid, dealer, holder, commit[:32], commit[32:64])
+            h_dp = bytes.fromhex(item.get("dp_commitment", ""))
+            payload = share_commit_payload(sid, dealer, holder, commit[:32], commit[32:64], h_dp)
             verify_signature(pk, payload, commit[64:])
             if share_commitment(sid, dealer, holder, kind, share) != commit[at : at + 32]:
                 return False
@@ -339,6 +386,73 @@ def unmask(ctx: ServerContext, responders: frozenset[int]) -> RoundResult:
         return RoundResult(tuple(alive), ciphertexts=tuple(cts))
     acc = ctx.acc
     kernels.add_masks(acc, masks)
+    if params.dp is not None:
+        return dp_release(ctx, alive, responders)
     sums = kernels.unpack(acc, params.quant, params.quant.values(params.dim))
     weighted_sum, total = kernels.dequantize(sums, params.quant, len(alive), params.dim)
     return RoundResult(tuple(alive), sums, total, weighted_sum)
+
+
+def dp_release(ctx: ServerContext, alive: list[int], responders: frozenset[int]) -> RoundResult:
+    """DP rounds, after the masks are gone: rebuild the survivors' revealed noise seeds
+    (the first ``t`` committed shares each, as for ``b_u``), reduce the lanes mod ``2^b``,
+    subtract the removable components (``DPServer.release``), publish the released ring
+    sum (repacked into ``ctx.acc``) and decode it."""
+    from secagg.dp.calibration import round_rho
+    from secagg.dp.encoding import decode_sum, rounded_norm_bound_sq
+    from secagg.dp.packing import dp_lane_bits, pack_ring, unpack_ring
+    from secagg.dp.participants import DPServer, rotation_key
+    from secagg.dp.rotation import padded_dim
+
+    params = ctx.params
+    offer = params.dp
+    assert offer is not None
+    plan, t, s = offer.plan, params.threshold, len(alive)
+    j = plan.level(s)
+    tables = []
+    for u in alive:
+        for k in range(j):
+            got = {h: sh for h, sh in ctx.dp_seed_shares.get((u, k), {}).items() if h in responders}
+            if len(got) < t:
+                raise ReconstructionError(
+                    f"DP noise seed {k} of client {u} has {len(got)} revealed shares; the "
+                    f"threshold is {t}"
+                )
+            tables.append(got)
+    found = shamir.reconstruct_each(tables, t)
+    if any(seed is None for seed in found):
+        bad = alive[found.index(None) // j]
+        raise ReconstructionError(f"the DP noise-seed shares of client {bad} are inconsistent")
+    seeds = {u: [found[i * j + k] or b"" for k in range(j)] for i, u in enumerate(alive)}
+    d = padded_dim(offer.dim)
+    lane = dp_lane_bits(offer.bits, params.n_clients)
+    total = unpack_ring(ctx.acc, lane, d, offer.bits)
+    server = DPServer(offer, session_id=ctx.session_id)
+    released = server.release(total, alive, seeds)
+    ctx.acc = pack_ring(released, lane, params.words)
+    aggregate = decode_sum(
+        released,
+        bits=offer.bits,
+        gamma=offer.gamma,
+        rotation_key=rotation_key(ctx.session_id),
+        dim=offer.dim,
+    )
+    delta2_sq = rounded_norm_bound_sq(offer.clip, offer.gamma, d, offer.beta)
+    report: dict[str, object] = {
+        "mechanism": "distributed-discrete-gaussian+xnoise",
+        "clip": offer.clip,
+        "gamma": offer.gamma,
+        "bits": offer.bits,
+        "rounds": offer.rounds,
+        "target_std": plan.target_variance**0.5 / offer.gamma,
+        "released_std": plan.residual_variance(s) ** 0.5 / offer.gamma,
+        "honest_std": plan.honest_variance(s) ** 0.5 / offer.gamma,
+        "contributors": s,
+        "removed_components": j,
+        "components": plan.components,
+        "levels": list(plan.levels),
+        "max_release_ratio": plan.max_release_ratio,
+        "max_withholders": plan.max_withholders,
+        "rho_round": round_rho(plan, s, delta2_sq, d),
+    }
+    return RoundResult(tuple(alive), released, s, aggregate, dp=report)
