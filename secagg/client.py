@@ -16,6 +16,10 @@ import numpy as np
 import numpy.typing as npt
 
 from secagg import ckks, graph, kernels, shamir
+from secagg.dp.encoding import decode_sum
+from secagg.dp.packing import dp_lane_bits, pack_ring, unpack_ring
+from secagg.dp.participants import DPClient, rotation_key
+from secagg.dp.rotation import padded_dim
 from secagg.errors import (
     DecryptionBudgetExhausted,
     DecryptionError,
@@ -70,10 +74,6 @@ from secagg.messages import (
     share_commit_payload,
     share_commitment,
 )
-from secagg.dp.encoding import decode_sum
-from secagg.dp.packing import dp_lane_bits, pack_ring, unpack_ring
-from secagg.dp.participants import DPClient, rotation_key
-from secagg.dp.rotation import padded_dim
 from secagg.params import Mode, RoundParams
 from secagg.policy import ClientPolicy, check_contributors, check_layout
 from secagg.prg import Purpose, StreamMask, derive_key

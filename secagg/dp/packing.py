@@ -31,7 +31,7 @@ def dp_lane_bits(bits: int, n_clients: int) -> int:
         If the lane does not fit a 64-bit word.
     """
     lane = bits + headroom_bits_for(n_clients)
-    if not 1 <= bits or lane > WORD_BITS:
+    if bits < 1 or lane > WORD_BITS:
         raise InfeasibleParameters(
             f"a DP lane needs {bits} ring bits + {headroom_bits_for(n_clients)} headroom bits"
             f" = {lane} > {WORD_BITS}"

@@ -127,9 +127,7 @@ def test_attack_server_hands_weaker_offer_every_client_refuses_before_sending() 
     budget of 3, or the target variance halved). Every client refuses at construction, so
     it sends nothing (failed before ClientPolicy.check_params called check_offer)."""
     weak = offer(epsilon=30.0)
-    halved = dataclasses.replace(
-        offer(), plan=make_plan(offer().plan.target_variance // 2, N, T)
-    )
+    halved = dataclasses.replace(offer(), plan=make_plan(offer().plan.target_variance // 2, N, T))
     for bad in (weak, halved):
         params = make_params(N, DIM, neighbors="all", threshold=T, dp=bad)
         h = Harness(N, DIM, neighbors="all", threshold=T)  # identities and directory only
@@ -168,9 +166,7 @@ def test_attack_offer_differs_between_clients_session_id_binds_it() -> None:
     assert other.digest() != h.params.digest()
     split = set(h.ids[N // 2 :])
     for c in split:
-        h.clients[c] = SecAggClient(
-            c, h.identities[c], other, h.directory, h.xs[c], policy=POLICY
-        )
+        h.clients[c] = SecAggClient(c, h.identities[c], other, h.directory, h.xs[c], policy=POLICY)
     step(h)
     assert h.server.result is None or not set(h.server.result.contributors) & split
 

@@ -41,7 +41,8 @@ def offer() -> DPOffer:
     return DPOffer.from_calibration(cal)
 
 
-CASES = [(0, "masked")] + [(k, s) for k in (1, 3) for s in ("share", "masked", "consistency", "unmask")]
+STAGES = ("share", "masked", "consistency", "unmask")
+CASES = [(0, "masked")] + [(k, s) for k in (1, 3) for s in STAGES]
 
 
 @pytest.mark.parametrize(("dropped", "stage"), CASES)
