@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from secagg import ckks, graph, kernels, shamir
-from secagg.dp.encoding import decode_sum
+from secagg.dp.encoding import decode_sum, to_ring
 from secagg.dp.packing import dp_lane_bits, pack_ring, unpack_ring
 from secagg.dp.participants import DPClient, rotation_key
 from secagg.dp.rotation import padded_dim
@@ -27,6 +27,7 @@ from secagg.errors import (
     InvalidPublicKey,
     InvalidSignature,
     KeyEpochMismatch,
+    MalformedMessage,
     ProtocolViolation,
     RoundAborted,
     SecAggError,
@@ -500,7 +501,10 @@ def encrypted_input(c: _Ctx, session_id: bytes, masks: list[StreamMask]) -> Encr
     assert c.he is not None and c.x is not None
     he = c.params.he
     # TenSEAL encrypts on the CPU, so a device update is copied to the host here.
-    values = lane_values(kernels.to_host(c.x), c.weight, c.params.quant, c.secrets.rounding_key)
+    if c.dp is not None:  # hybrid DP: the d' ring values mod 2^b in lanes of b + ceil(log2 n)
+        values = c.dp.encode(kernels.to_host(c.x))
+    else:
+        values = lane_values(kernels.to_host(c.x), c.weight, c.params.quant, c.secrets.rounding_key)
     slots = ckks.pack_lanes(values, he)
     if masks:
         stream = np.zeros(he.n_slots, dtype=np.uint64)
@@ -702,7 +706,45 @@ def hybrid_verdict(c: _Ctx, msg: EncryptedResult) -> tuple[_State, list[Message]
         raise
     except SecAggError as exc:
         raise c.misbehaviour(f"encrypted result does not decrypt: {exc}") from None
+    if c.dp is not None:
+        return dp_hybrid_result(c, sums, msg), [verdict]
     return finish_result(c, sums, msg.contributors), [verdict]
+
+
+def hybrid_dp_ring(
+    params: RoundParams, sums: npt.NDArray[np.uint64], removal: bytes
+) -> npt.NDArray[np.uint64]:
+    """The released ring sum of a hybrid DP round: decrypted lane sums plus the published
+    removal, mod ``2^b``.
+
+    Raises
+    ------
+    MalformedMessage
+        If ``removal`` is not one packed DP vector.
+    """
+    o = params.dp
+    assert o is not None
+    d, lane = padded_dim(o.dim), dp_lane_bits(o.bits, params.n_clients)
+    if len(removal) != 8 * -(-d // (64 // lane)) or sums.size < d:
+        raise MalformedMessage(f"encrypted result carries {len(removal)} bytes of DP removal")
+    minus = unpack_ring(np.frombuffer(removal, dtype="<u8").astype(np.uint64), lane, d, o.bits)
+    return to_ring((sums[:d] + minus).astype(np.int64), o.bits)
+
+
+def dp_hybrid_result(c: _Ctx, sums: npt.NDArray[np.uint64], msg: EncryptedResult) -> _State:
+    """Hybrid DP: decrypted lane sums mod ``2^b`` plus the server's published removal
+    (``-sum of removable components mod 2^b``), decoded as in the masked round."""
+    assert c.dp is not None
+    o = c.dp.offer
+    try:
+        ring = hybrid_dp_ring(c.params, sums, msg.dp_removal)
+    except MalformedMessage as exc:
+        raise c.misbehaviour(str(exc)) from None
+    released = decode_sum(
+        ring, bits=o.bits, gamma=o.gamma, rotation_key=rotation_key(c.session_id), dim=o.dim
+    )
+    c.result = ClientResult(ring, msg.contributors, len(msg.contributors), released)
+    return _Final(c, Stage.COMPLETED)
 
 
 class BlameWaitState(_State):

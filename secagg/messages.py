@@ -670,20 +670,34 @@ class AggregateResult(Message):
 
 @dataclass(frozen=True)
 class EncryptedResult(Message):
-    """ckks and hybrid modes: the encrypted sum, for the key holders to decrypt."""
+    """ckks and hybrid modes: the encrypted sum, for the key holders to decrypt.
+
+    Hybrid DP rounds add ``dp_removal``: the survivors' removable noise components, summed
+    mod ``2^b`` and packed like the DP upload (little-endian uint64 words), which the key
+    holders subtract after decrypting (a trailing section, absent without DP)."""
 
     TYPE: ClassVar[int] = 22
     session_id: bytes
     contributors: tuple[int, ...]
     ciphertexts: tuple[bytes, ...]
+    dp_removal: bytes = b""
 
     def _body(self, w: Writer) -> None:
         w.fixed(self.session_id, SESSION_ID_BYTES).ids(self.contributors)
         _blobs(w, self.ciphertexts)
+        if self.dp_removal:
+            w.u64(len(self.dp_removal)).raw(self.dp_removal)
 
     @classmethod
     def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> EncryptedResult:
-        return cls(round_id, sender, r.fixed(SESSION_ID_BYTES), r.ids(MAX_CLIENTS), _read_blobs(r))
+        sid, ids, cts = r.fixed(SESSION_ID_BYTES), r.ids(MAX_CLIENTS), _read_blobs(r)
+        removal = b""
+        if r.remaining:
+            n = r.u64()
+            if n == 0 or n % 8 or n != r.remaining:
+                raise MalformedMessage(f"DP removal of {n} bytes does not fit the message")
+            removal = r.fixed(n)
+        return cls(round_id, sender, sid, ids, cts, removal)
 
 
 MAX_BLAME_UPLOADS = 64

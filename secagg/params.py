@@ -86,7 +86,7 @@ class RoundParams:
         (:func:`secagg.policy.check_layout`). Encoded as a length byte and the digest.
     dp:
         Distributed DP offer of the round (:class:`secagg.dp.policy.DPOffer`), or ``None``.
-        ``masked`` rounds only, unweighted, for exactly this ``dim``, ``n`` and ``t``
+        ``masked`` and ``hybrid`` rounds only, unweighted, for exactly this ``dim``, ``n``, ``t``
         (the plan's ``min_survivors`` is the threshold). Encoded after the layout as a
         marker byte and the offer's headline numbers (:func:`encode_dp_offer`); the plan's
         levels and residuals are recomputed on decoding, never read from the wire. A
@@ -126,9 +126,9 @@ class RoundParams:
 
     def _check_dp(self, dp: DPOffer) -> None:
         """The offer must describe this round: masked, unweighted, same ``dim``, ``n``, ``t``."""
-        if self.mode is not Mode.MASKED:
+        if self.mode is Mode.CKKS:
             raise ConfigurationError(
-                f"distributed DP is integrated in masked rounds only, not {self.mode.name.lower()}"
+                "distributed DP is integrated in masked and hybrid rounds only, not ckks"
                 " (docs/dp.md)"
             )
         if self.quant.max_weight != 1:
@@ -167,6 +167,11 @@ class RoundParams:
         if self.mode is Mode.MASKED:
             raise ConfigurationError("masked rounds have no CKKS parameters")
         q = self.quant
+        if self.dp is not None:
+            # hybrid DP: the d' ring values mod 2^b in lanes of b + ceil(log2 n) bits
+            from secagg.dp.rotation import padded_dim
+
+            return _he_params(q.n_clients, self.dp.bits, padded_dim(self.dim), "hybrid", 1)
         return _he_params(q.n_clients, q.bits, self.dim, self.mode.name.lower(), q.max_weight)
 
     @property
@@ -338,5 +343,5 @@ def make_params(
         dp=dp,
     )
     if m is not Mode.MASKED:
-        _ = params.he  # fail early when no CKKS parameter set fits
+        _ = params.he  # fail early when no CKKS parameter set fits (the DP shape with dp)
     return params

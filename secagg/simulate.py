@@ -277,6 +277,14 @@ def simulate(cfg: SimulationConfig) -> dict[str, Any]:
         dropout=cfg.tolerated_dropout,
         corrupt=cfg.tolerated_corrupt,
     )
+    dp_cal = None
+    if cfg.dp_epsilon is not None and params.mode is not Mode.CKKS:
+        # The round itself carries DP: calibrated for its n and threshold, offered in params
+        # (hybrid: before the CKKS parameters, which follow the DP lanes).
+        from secagg.dp.policy import DPOffer
+
+        dp_cal = _calibrate(cfg, params.n_clients, params.threshold)
+        params = dataclasses.replace(params, dp=DPOffer.from_calibration(dp_cal))
     he_secret: ckks.SecretContext | None = None
     he_server: ckks.ServerContext | None = None
     he_report: dict[str, Any] = {}
@@ -294,13 +302,6 @@ def simulate(cfg: SimulationConfig) -> dict[str, Any]:
             "ciphertexts_per_client": he.n_ciphertexts,
             "keygen_seconds": time.perf_counter() - t0,
         }
-    dp_cal = None
-    if cfg.dp_epsilon is not None and params.mode is Mode.MASKED:
-        # The round itself carries DP: calibrated for its n and threshold, offered in params.
-        from secagg.dp.policy import DPOffer
-
-        dp_cal = _calibrate(cfg, params.n_clients, params.threshold)
-        params = dataclasses.replace(params, dp=DPOffer.from_calibration(dp_cal))
     ids, inputs, weights, plan = simulation_inputs(cfg)
     if params.mode is Mode.CKKS:
         # No stage but the upload: a dropped client simply never uploads.
@@ -350,15 +351,16 @@ def simulate(cfg: SimulationConfig) -> dict[str, Any]:
             exact=False,
             max_abs_error=None,
         )
-    elif result.dp is not None:
-        assert result.weighted_sum is not None
+    elif params.dp is not None:
+        dp_ring = _dp_ring(params, result, he_secret)
+        released = _dp_decode(params, dp_ring, server.session_id)
         clipped = sum(_clip(inputs[c], params) for c in result.contributors)
         report.update(
             status="completed",
             survivors=len(result.contributors),
             exact=False,  # the release carries noise by design; see dp.measured_std
-            max_abs_error=float(np.max(np.abs(result.weighted_sum - clipped))),
-            quantization_step=1.0 / params.dp.gamma if params.dp else None,
+            max_abs_error=float(np.max(np.abs(released - clipped))),
+            quantization_step=1.0 / params.dp.gamma,
         )
     else:
         spec = params.quant
@@ -382,7 +384,7 @@ def simulate(cfg: SimulationConfig) -> dict[str, Any]:
         )
     senders = [c for c in ids if c not in plan] or ids
     if dp_cal is not None and result is not None:
-        report["dp"] = _dp_round_report(dp_cal, server, inputs)
+        report["dp"] = _dp_round_report(dp_cal, server, inputs, dp_ring)
         report["dp"]["seconds_per_client"] = statistics.median(
             tally.client_seconds[c] for c in senders
         )
@@ -431,8 +433,38 @@ def _clip(x: np.ndarray[Any, Any], params: RoundParams) -> np.ndarray[Any, Any]:
     return clip_l2(x, params.dp.clip)
 
 
+def _dp_ring(
+    params: RoundParams, result: Any, he_secret: ckks.SecretContext | None
+) -> np.ndarray[Any, Any]:
+    """The released ring sum: the server's (masked) or a key holder's decryption plus the
+    published removal (hybrid)."""
+    from secagg.client import hybrid_dp_ring
+
+    if result.sums is not None:
+        return np.asarray(result.sums, dtype=np.uint64)
+    assert result.ciphertexts is not None and he_secret is not None
+    sums = decrypt_lane_sums(he_secret, params, result.ciphertexts)
+    return hybrid_dp_ring(params, sums, result.dp_removal)
+
+
+def _dp_decode(
+    params: RoundParams, ring: np.ndarray[Any, Any], session_id: bytes
+) -> np.ndarray[Any, Any]:
+    from secagg.dp.encoding import decode_sum
+    from secagg.dp.participants import rotation_key
+
+    o = params.dp
+    assert o is not None
+    return decode_sum(
+        ring, bits=o.bits, gamma=o.gamma, rotation_key=rotation_key(session_id), dim=o.dim
+    )
+
+
 def _dp_round_report(
-    cal: Any, server: SecAggServer | CkksServer, inputs: dict[int, np.ndarray[Any, Any]]
+    cal: Any,
+    server: SecAggServer | CkksServer,
+    inputs: dict[int, np.ndarray[Any, Any]],
+    ring: np.ndarray[Any, Any],
 ) -> dict[str, Any]:
     """The ``dp`` block from the masked round's OWN output (``path: "masked-round"``).
 
@@ -446,14 +478,14 @@ def _dp_round_report(
     from secagg.dp.rotation import rotate
 
     result = server.result
-    assert result is not None and result.dp is not None and result.sums is not None
+    assert result is not None and result.dp is not None
     key = rotation_key(server.session_id)
     exact = cal.gamma * sum(rotate(clip_l2(inputs[c], cal.clip), key) for c in result.contributors)
-    residual = centre(result.sums, cal.bits).astype(np.float64) - exact
+    residual = centre(ring, cal.bits).astype(np.float64) - exact
     report: dict[str, Any] = cal.as_dict()
     report.update(result.dp)
     report["measured_std"] = float(residual.std()) / cal.gamma
-    report["path"] = "masked-round"
+    report["path"] = f"{server.ctx.params.mode.name.lower()}-round"
     return report
 
 

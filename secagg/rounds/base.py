@@ -102,6 +102,8 @@ class RoundResult:
     weighted_sum: npt.NDArray[np.float64] | None = None
     ciphertexts: tuple[bytes, ...] | None = None
     dp: dict[str, object] | None = None
+    dp_removal: bytes = b""
+    """Hybrid DP: the packed removal (:class:`~secagg.messages.EncryptedResult`)."""
 
     @property
     def mean(self) -> npt.NDArray[np.float64]:

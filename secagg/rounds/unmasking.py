@@ -130,7 +130,12 @@ class UnmaskingState(ServerState):
         msg: Message
         if result.ciphertexts is not None:
             msg = EncryptedResult(
-                ctx.params.round_id, 0, ctx.session_id, result.contributors, result.ciphertexts
+                ctx.params.round_id,
+                0,
+                ctx.session_id,
+                result.contributors,
+                result.ciphertexts,
+                result.dp_removal,
             )
         else:
             msg = AggregateResult(
@@ -383,6 +388,8 @@ def unmask(ctx: ServerContext, responders: frozenset[int]) -> RoundResult:
         removal = np.zeros(he.n_slots, dtype=np.uint64)
         kernels.add_masks(removal, masks)
         cts = ctx.he_sum.finish(ckks.masks_from_words(removal, he))
+        if params.dp is not None:
+            return dp_hybrid_release(ctx, alive, responders, tuple(cts))
         return RoundResult(tuple(alive), ciphertexts=tuple(cts))
     acc = ctx.acc
     kernels.add_masks(acc, masks)
@@ -393,22 +400,14 @@ def unmask(ctx: ServerContext, responders: frozenset[int]) -> RoundResult:
     return RoundResult(tuple(alive), sums, total, weighted_sum)
 
 
-def dp_release(ctx: ServerContext, alive: list[int], responders: frozenset[int]) -> RoundResult:
-    """DP rounds, after the masks are gone: rebuild the survivors' revealed noise seeds
-    (the first ``t`` committed shares each, as for ``b_u``), reduce the lanes mod ``2^b``,
-    subtract the removable components (``DPServer.release``), publish the released ring
-    sum (repacked into ``ctx.acc``) and decode it."""
-    from secagg.dp.calibration import round_rho
-    from secagg.dp.encoding import decode_sum, rounded_norm_bound_sq
-    from secagg.dp.packing import dp_lane_bits, pack_ring, unpack_ring
-    from secagg.dp.participants import DPServer, rotation_key
-    from secagg.dp.rotation import padded_dim
-
-    params = ctx.params
-    offer = params.dp
+def _dp_seeds(
+    ctx: ServerContext, alive: list[int], responders: frozenset[int]
+) -> dict[int, list[bytes]]:
+    """The survivors' revealed noise seeds ``0 .. j-1``, each from its first ``t`` committed
+    shares (the ``b_u`` path)."""
+    offer = ctx.params.dp
     assert offer is not None
-    plan, t, s = offer.plan, params.threshold, len(alive)
-    j = plan.level(s)
+    t, j = ctx.params.threshold, offer.plan.level(len(alive))
     tables = []
     for u in alive:
         for k in range(j):
@@ -423,22 +422,19 @@ def dp_release(ctx: ServerContext, alive: list[int], responders: frozenset[int])
     if any(seed is None for seed in found):
         bad = alive[found.index(None) // j]
         raise ReconstructionError(f"the DP noise-seed shares of client {bad} are inconsistent")
-    seeds = {u: [found[i * j + k] or b"" for k in range(j)] for i, u in enumerate(alive)}
-    d = padded_dim(offer.dim)
-    lane = dp_lane_bits(offer.bits, params.n_clients)
-    total = unpack_ring(ctx.acc, lane, d, offer.bits)
-    server = DPServer(offer, session_id=ctx.session_id)
-    released = server.release(total, alive, seeds)
-    ctx.acc = pack_ring(released, lane, params.words)
-    aggregate = decode_sum(
-        released,
-        bits=offer.bits,
-        gamma=offer.gamma,
-        rotation_key=rotation_key(ctx.session_id),
-        dim=offer.dim,
-    )
+    return {u: [found[i * j + k] or b"" for k in range(j)] for i, u in enumerate(alive)}
+
+
+def _dp_report(ctx: ServerContext, s: int) -> dict[str, object]:
+    from secagg.dp.calibration import round_rho
+    from secagg.dp.encoding import rounded_norm_bound_sq
+    from secagg.dp.rotation import padded_dim
+
+    offer = ctx.params.dp
+    assert offer is not None
+    plan, d = offer.plan, padded_dim(offer.dim)
     delta2_sq = rounded_norm_bound_sq(offer.clip, offer.gamma, d, offer.beta)
-    report: dict[str, object] = {
+    return {
         "mechanism": "distributed-discrete-gaussian+xnoise",
         "clip": offer.clip,
         "gamma": offer.gamma,
@@ -448,11 +444,72 @@ def dp_release(ctx: ServerContext, alive: list[int], responders: frozenset[int])
         "released_std": plan.residual_variance(s) ** 0.5 / offer.gamma,
         "honest_std": plan.honest_variance(s) ** 0.5 / offer.gamma,
         "contributors": s,
-        "removed_components": j,
+        "removed_components": plan.level(s),
         "components": plan.components,
         "levels": list(plan.levels),
         "max_release_ratio": plan.max_release_ratio,
         "max_withholders": plan.max_withholders,
         "rho_round": round_rho(plan, s, delta2_sq, d),
     }
-    return RoundResult(tuple(alive), released, s, aggregate, dp=report)
+
+
+def dp_release(ctx: ServerContext, alive: list[int], responders: frozenset[int]) -> RoundResult:
+    """Masked DP rounds, after the masks are gone: rebuild the survivors' revealed noise
+    seeds, reduce the lanes mod ``2^b``, subtract the removable components
+    (``DPServer.release``), publish the released ring sum (repacked into ``ctx.acc``) and
+    decode it."""
+    from secagg.dp.encoding import decode_sum
+    from secagg.dp.packing import dp_lane_bits, pack_ring, unpack_ring
+    from secagg.dp.participants import DPServer, rotation_key
+    from secagg.dp.rotation import padded_dim
+
+    params = ctx.params
+    offer = params.dp
+    assert offer is not None
+    seeds = _dp_seeds(ctx, alive, responders)
+    lane = dp_lane_bits(offer.bits, params.n_clients)
+    total = unpack_ring(ctx.acc, lane, padded_dim(offer.dim), offer.bits)
+    released = DPServer(offer, session_id=ctx.session_id).release(total, alive, seeds)
+    ctx.acc = pack_ring(released, lane, params.words)
+    aggregate = decode_sum(
+        released,
+        bits=offer.bits,
+        gamma=offer.gamma,
+        rotation_key=rotation_key(ctx.session_id),
+        dim=offer.dim,
+    )
+    s = len(alive)
+    return RoundResult(tuple(alive), released, s, aggregate, dp=_dp_report(ctx, s))
+
+
+def dp_hybrid_release(
+    ctx: ServerContext,
+    alive: list[int],
+    responders: frozenset[int],
+    ciphertexts: tuple[bytes, ...],
+) -> RoundResult:
+    """Hybrid DP rounds: the server cannot see the sum, so it publishes the removal beside
+    the encrypted sum: the survivors' removable components summed mod ``2^b``, packed. Key
+    holders subtract it after decrypting. It tells them nothing the release does not: they
+    only ever see the sum with every kept component in it."""
+    from secagg.dp.packing import dp_lane_bits, pack_ring
+    from secagg.dp.participants import DPServer
+    from secagg.dp.rotation import padded_dim
+
+    params = ctx.params
+    offer = params.dp
+    assert offer is not None
+    seeds = _dp_seeds(ctx, alive, responders)
+    d = padded_dim(offer.dim)
+    zero = np.zeros(d, dtype=np.uint64)
+    # release(0) = -removal mod 2^b; the key holders add it to their decrypted lane sums
+    minus = DPServer(offer, session_id=ctx.session_id).release(zero, alive, seeds)
+    lane = dp_lane_bits(offer.bits, params.n_clients)
+    words = pack_ring(minus, lane, -(-d // (64 // lane)))
+    s = len(alive)
+    return RoundResult(
+        tuple(alive),
+        ciphertexts=ciphertexts,
+        dp=_dp_report(ctx, s),
+        dp_removal=np.ascontiguousarray(words, dtype="<u8").tobytes(),
+    )

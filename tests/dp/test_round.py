@@ -54,7 +54,7 @@ def step(h: Harness, silent: dict[str, set[int]] | None = None) -> dict[str, lis
     seen: dict[str, list[Message]] = {}
     gone: set[int] = set()
     replies = h.start()
-    for stage in ("advertise", "share", "masked", "consistency", "unmask"):
+    for stage in ("advertise", "share", "masked", "consistency", "unmask", "verdict"):
         gone |= silent.get(stage, set())
         seen[stage] = [m for c, ms in replies.items() if c not in gone for m in ms]
         out = h.stage(replies, silent=gone)
@@ -111,9 +111,9 @@ def test_dp_messages_round_trip() -> None:
     assert isinstance(um, UnmaskShares) and um.dp_shares
 
 
-def test_dp_only_in_masked_unweighted_rounds_for_its_own_shape() -> None:
-    with pytest.raises(ConfigurationError, match="masked rounds only, not hybrid"):
-        make_params(N, DIM, mode="hybrid", neighbors="all", threshold=T, dp=offer())
+def test_dp_only_in_masked_or_hybrid_unweighted_rounds_for_its_own_shape() -> None:
+    with pytest.raises(ConfigurationError, match="masked and hybrid rounds only, not ckks"):
+        make_params(N, DIM, mode="ckks", neighbors="all", threshold=T, dp=offer())
     with pytest.raises(ConfigurationError, match="unweighted"):
         make_params(N, DIM, neighbors="all", threshold=T, max_weight=10, dp=offer())
     with pytest.raises(ConfigurationError, match="the round has dim"):
@@ -276,3 +276,43 @@ def test_attack_dealer_withholds_dp_bundle_costs_only_its_shares() -> None:
     replies = h.to_clients(out, tamper=strip)
     assert not any(replies.values())
     assert all(isinstance(e, ServerMisbehaviour) for e in h.errors)
+
+
+def test_hybrid_dp_round_key_holders_decode_the_release() -> None:
+    """Hybrid: the DP ring values in CKKS lanes of ``b + ceil(log2 n)`` bits; the server
+    publishes the removal beside the encrypted sum and every key holder decodes the same
+    release (noise of the plan's size, never below target)."""
+    h = Harness(N, DIM, mode="hybrid", neighbors="all", threshold=T, dp=offer(), policy=POLICY)
+    assert h.params.he.lane_bits == offer().bits + 4  # ceil(log2 10) = 4
+    step(h, {"masked": {4}})
+    res = h.server.result
+    assert res is not None, h.server.error
+    assert res.sums is None and res.ciphertexts is not None and res.dp_removal
+    assert res.dp is not None and res.dp["contributors"] == N - 1
+    exact = sum(clip_l2(h.xs[c], 1.0) for c in res.contributors)
+    first = h.clients[res.contributors[0]].result
+    assert first is not None
+    for c in res.contributors:
+        got = h.clients[c].result
+        assert got is not None and np.array_equal(got.weighted_sum, first.weighted_sum)
+    err = float(np.std(first.weighted_sum - exact))
+    assert 0.5 * res.dp["target_std"] < err < 2 * res.dp["target_std"]  # type: ignore[operator]
+
+
+def test_attack_hybrid_result_with_doctored_removal_length_refused() -> None:
+    """A hybrid DP result whose removal is not one packed DP vector is server misbehaviour
+    (failed before hybrid_dp_ring checked its length: numpy read past or short)."""
+    from secagg.messages import EncryptedResult
+
+    h = Harness(N, DIM, mode="hybrid", neighbors="all", threshold=T, dp=offer(), policy=POLICY)
+    replies = h.start()
+    for _ in ("advertise", "share", "masked", "consistency"):
+        replies = h.to_clients(h.stage(replies))
+    out = h.stage(replies)
+
+    def cut(cid: int, m: Message) -> Message:
+        assert isinstance(m, EncryptedResult)
+        return dataclasses.replace(m, dp_removal=m.dp_removal[:-8])
+
+    h.to_clients(out, tamper=cut)
+    assert h.errors and all(isinstance(e, ServerMisbehaviour) for e in h.errors)
