@@ -31,6 +31,7 @@ __all__ = [
     "Mode",
     "RoundParams",
     "make_params",
+    "with_dp",
 ]
 
 PROTOCOL_VERSION = 1
@@ -345,3 +346,38 @@ def make_params(
     if m is not Mode.MASKED:
         _ = params.he  # fail early when no CKKS parameter set fits (the DP shape with dp)
     return params
+
+
+def with_dp(
+    params: RoundParams,
+    epsilon: float,
+    delta: float,
+    rounds: int,
+    *,
+    clip: float,
+    max_withholders: int = 0,
+) -> RoundParams:
+    """``params`` with a distributed-DP offer calibrated for its ``n``, threshold and ``dim``
+    (:func:`secagg.dp.calibration.calibrate`): what a coordinator puts into a DP round.
+
+    Raises
+    ------
+    ConfigurationError
+        For a ckks or weighted round; InfeasibleParameters when no plan meets the budget.
+    """
+    import dataclasses
+
+    from secagg.dp.calibration import calibrate
+    from secagg.dp.policy import DPOffer
+
+    cal = calibrate(
+        epsilon,
+        delta,
+        rounds,
+        n_clients=params.n_clients,
+        min_survivors=params.threshold,
+        dim=params.dim,
+        clip=clip,
+        max_withholders=max_withholders,
+    )
+    return dataclasses.replace(params, dp=DPOffer.from_calibration(cal))

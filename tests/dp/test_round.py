@@ -316,3 +316,31 @@ def test_attack_hybrid_result_with_doctored_removal_length_refused() -> None:
 
     h.to_clients(out, tamper=cut)
     assert h.errors and all(isinstance(e, ServerMisbehaviour) for e in h.errors)
+
+
+def test_sparse_graph_dp_round_reveals_through_neighbours_only() -> None:
+    """SecAgg+ graph (k = 8 of 15 peers): noise-seed shares go to the same holders as b_u and
+    every survivor's removable seeds are rebuilt from its neighbours' reveals."""
+    n, t = 16, 5
+    cal = calibrate(3.0, 1e-5, 10, n_clients=n, min_survivors=t, dim=DIM, clip=1.0)
+    dp = DPOffer.from_calibration(cal)
+    h = Harness(n, DIM, neighbors="8", threshold=t, dp=dp, policy=POLICY)
+    assert h.params.degree == 8
+    seen = step(h, {"masked": {2, 9}})
+    res = h.server.result
+    assert res is not None, h.server.error
+    assert res.dp is not None and res.dp["removed_components"] == dp.plan.level(n - 2)
+    for m in seen["unmask"]:
+        assert isinstance(m, UnmaskShares)
+        owners = {o for o, _, _ in m.dp_shares}
+        assert owners <= h.server.ctx.holders(m.sender) - {2, 9}
+
+
+def test_with_dp_calibrates_for_the_rounds_own_threshold() -> None:
+    base = make_params(N, DIM, neighbors="all", threshold=T)
+    from secagg.params import with_dp
+
+    p = with_dp(base, 3.0, 1e-5, 10, clip=1.0)
+    assert p.dp == offer() or (p.dp is not None and p.dp.plan == offer().plan)
+    assert p.dp is not None and p.dp.plan.min_survivors == base.threshold
+    POLICY.check_params(p)
