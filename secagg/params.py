@@ -146,6 +146,10 @@ class RoundParams:
                 f"DP offer is for dim={dp.dim}, n={plan.n_clients}, t={plan.min_survivors}; "
                 f"the round has dim={self.dim}, n={self.n_clients}, t={self.threshold}"
             )
+        if plan.components - 1 > MAX_DP_SEEDS:
+            raise ConfigurationError(
+                f"DP plan has {plan.components} noise components; at most {MAX_DP_SEEDS + 1}"
+            )
         from secagg.dp.packing import dp_lane_bits
 
         dp_lane_bits(dp.bits, self.n_clients)  # raises when b + ceil(log2 n) > 64
@@ -219,7 +223,7 @@ class RoundParams:
         clip, bits, n, max_weight = r.f64(), r.u8(), r.u32(), r.u64()
         degree, threshold = r.u32(), r.u32()
         layout = r.fixed(r.u8())
-        dp = decode_dp_offer(r) if r.remaining else None
+        dp = decode_dp_offer(r, n, threshold) if r.remaining else None
         r.end()
         try:
             quant = QuantSpec(clip, bits, n, max_weight)
@@ -232,6 +236,8 @@ class RoundParams:
         return hashlib.sha256(b"secagg/v1/params" + self.encode()).digest()
 
 
+MAX_DP_SEEDS = 255
+"""Most removable noise seeds per client (one byte on the wire, ``messages.ShareKeys``)."""
 DP_MARKER = 1
 """Byte that opens the DP offer after the layout (nothing follows the layout without DP)."""
 
@@ -245,13 +251,14 @@ def encode_dp_offer(w: Writer, dp: DPOffer) -> None:
     w.u32(p.max_withholders).f64(p.max_excess)
 
 
-def decode_dp_offer(r: Reader) -> DPOffer:
-    """Inverse of :func:`encode_dp_offer`; the plan is rebuilt with ``make_plan``.
+def decode_dp_offer(r: Reader, n_clients: int, threshold: int) -> DPOffer:
+    """Inverse of :func:`encode_dp_offer`; the plan is rebuilt with ``make_plan``, only once
+    its ``n`` and ``t`` are the round's (so the rebuild costs at most ``n`` levels).
 
     Raises
     ------
     MalformedMessage
-        For another marker or numbers no plan has.
+        For another marker, another ``n`` or ``t``, or numbers no plan has.
     """
     from secagg.dp.policy import DPOffer
     from secagg.dp.xnoise import make_plan
@@ -261,6 +268,10 @@ def decode_dp_offer(r: Reader) -> DPOffer:
         raise MalformedMessage("unknown field after the layout of the round parameters")
     dim, clip, gamma, beta, bits = r.u64(), r.f64(), r.f64(), r.f64(), r.u8()
     rounds, target, n, t, w, xi = r.u32(), r.u64(), r.u32(), r.u32(), r.u32(), r.f64()
+    if (n, t) != (n_clients, threshold):
+        raise MalformedMessage(
+            f"DP plan for n={n}, t={t} in a round of n={n_clients}, t={threshold}"
+        )
     try:
         plan = make_plan(target, n, t, max_excess=xi, max_withholders=w)
     except (ConfigurationError, InfeasibleParameters) as exc:
