@@ -16,6 +16,10 @@ import numpy as np
 import numpy.typing as npt
 
 from secagg import ckks, graph, kernels, shamir
+from secagg.dp.encoding import decode_sum, to_ring
+from secagg.dp.packing import dp_lane_bits, pack_ring, unpack_ring
+from secagg.dp.participants import DPClient, rotation_key
+from secagg.dp.rotation import padded_dim
 from secagg.errors import (
     DecryptionBudgetExhausted,
     DecryptionError,
@@ -23,6 +27,7 @@ from secagg.errors import (
     InvalidPublicKey,
     InvalidSignature,
     KeyEpochMismatch,
+    MalformedMessage,
     ProtocolViolation,
     RoundAborted,
     SecAggError,
@@ -63,6 +68,7 @@ from secagg.messages import (
     blame_verdict_payload,
     consistency_payload,
     decode_message,
+    dp_share_kind,
     encrypted_input_payload,
     nonce_commitment,
     seed_commitment,
@@ -152,17 +158,23 @@ class _Ctx:
         self.result: ClientResult | None = None
         self.error: SecAggError | None = None
         self.warnings: list[str] = []
+        self.dp: DPClient | None = None
+        self.dp_own: tuple[bytes, ...] = ()
+        self.dp_peer: dict[int, tuple[bytes, ...]] = {}
+        """DP rounds: this client's noise state, its own and its peers' noise-seed shares."""
 
     @property
     def rid(self) -> bytes:
         return self.params.round_id
 
-    def share_key(self, peer: int, *, sender: int, recipient: int) -> bytes:
-        """AES key of the share bundle from ``sender`` to ``recipient`` (one of them is us)."""
+    def share_key(self, peer: int, *, sender: int, recipient: int, dp: bool = False) -> bytes:
+        """AES key of the share bundle from ``sender`` to ``recipient`` (one of them is us);
+        ``dp``: of the DP noise-seed bundle (its own single-use key: one more id, ``1``)."""
         shared = self.enc_shared.get(peer)
         if shared is None:
             shared = self.enc_shared[peer] = self.secrets.enc.agree(self.roster[peer].enc_pk)
-        return derive_key(shared, self.session_id, Purpose.SHARE_ENC, sender, recipient)
+        ids = (sender, recipient, 1) if dp else (sender, recipient)
+        return derive_key(shared, self.session_id, Purpose.SHARE_ENC, *ids)
 
     def misbehaviour(self, what: str) -> ServerMisbehaviour:
         return ServerMisbehaviour(what, client_id=self.cid)
@@ -293,30 +305,69 @@ def deal_shares(c: _Ctx) -> ShareKeys:
     against it, the server checks revealed shares against it, and shares that match it but
     do not reconstruct the committed seed or key convict this client (docs/protocol.md)."""
     holders = sorted(c.neighbours | {c.cid})
-    seed_sh, key_sh = shamir.split_many(
-        [c.secrets.seed, c.secrets.mask.private_bytes], c.params.threshold, holders
+    dp_seeds = start_dp(c)
+    seed_sh, key_sh, *dp_sh = shamir.split_many(
+        [c.secrets.seed, c.secrets.mask.private_bytes, *dp_seeds], c.params.threshold, holders
     )
     c.own_shares = (seed_sh[c.cid], key_sh[c.cid])
+    c.dp_own = tuple(sh[c.cid] for sh in dp_sh)
     sid = c.session_id
     commitments = []
+    dp_commits = []
     for v in holders:
         h_seed = share_commitment(sid, c.cid, v, b"seed", seed_sh[v])
         h_key = share_commitment(sid, c.cid, v, b"key", key_sh[v])
-        sig = c.identity.sign(share_commit_payload(sid, c.cid, v, h_seed, h_key))
+        h_dp = b"".join(
+            share_commitment(sid, c.cid, v, dp_share_kind(k), sh[v]) for k, sh in enumerate(dp_sh)
+        )
+        sig = c.identity.sign(share_commit_payload(sid, c.cid, v, h_seed, h_key, h_dp))
         commitments.append((v, h_seed + h_key + sig))
+        if dp_sh:
+            dp_commits.append((v, h_dp))
     bundles = []
+    dp_bundles = []
     for v in sorted(c.neighbours):
         key = c.share_key(v, sender=c.cid, recipient=v)
         pt = seed_sh[v] + key_sh[v]
         bundles.append((v, aead_encrypt(key, pt, share_aad(sid, c.cid, v))))
-    return ShareKeys(c.rid, c.cid, sid, tuple(bundles), tuple(commitments))
+        if dp_sh:
+            dp_key = c.share_key(v, sender=c.cid, recipient=v, dp=True)
+            dp_pt = b"".join(sh[v] for sh in dp_sh)
+            dp_bundles.append((v, aead_encrypt(dp_key, dp_pt, share_aad(sid, c.cid, v))))
+    return ShareKeys(
+        c.rid,
+        c.cid,
+        sid,
+        tuple(bundles),
+        tuple(commitments),
+        len(dp_sh),
+        tuple(dp_bundles),
+        tuple(dp_commits),
+    )
+
+
+def start_dp(c: _Ctx) -> list[bytes]:
+    """DP rounds: draw this client's noise seeds (the offer was checked against its policy
+    before the first message) and return the ``L`` removable ones to share with ``b_u``."""
+    offer = c.params.dp
+    if offer is None:
+        return []
+    c.dp = DPClient(offer, c.policy.dp, client_id=c.cid, session_id=c.session_id)
+    return c.dp.shared_seeds
 
 
 def accept_share(
-    c: _Ctx, dealer: int, ciphertext: bytes, commitment: bytes | None
+    c: _Ctx,
+    dealer: int,
+    ciphertext: bytes,
+    commitment: bytes | None,
+    dp: tuple[bytes | None, bytes | None] = (None, None),
 ) -> tuple[bytes, bytes] | None:
     """The two shares ``dealer`` sent this client, or ``None`` (with a warning naming the
     dealer) when they fail the AEAD, the dealer's signature or its commitments.
+
+    DP rounds: ``dp`` is the dealer's DP bundle and its ``L`` share commitments; they must
+    decrypt and match too (the signature covers them), and land in ``c.dp_peer``.
 
     Nothing here raises: a peer's bad bundle costs this client that one share, never the
     round (docs/protocol.md, "Shares with evidence").
@@ -326,16 +377,23 @@ def accept_share(
         c.warnings.append(f"share bundle from client {dealer} came without its commitment")
         return None
     h_seed, h_key, sig = commitment[:32], commitment[32:64], commitment[64:]
+    dp_ct, h_dp = dp
+    if c.dp is not None and (dp_ct is None or h_dp is None):
+        c.warnings.append(f"share bundle from client {dealer} came without its DP shares")
+        return None
     try:
         key = c.share_key(dealer, sender=dealer, recipient=c.cid)
         pt = aead_decrypt(key, ciphertext, share_aad(sid, dealer, c.cid), client_id=dealer)
+        dp_pt = b""
+        if dp_ct is not None:
+            dp_key = c.share_key(dealer, sender=dealer, recipient=c.cid, dp=True)
+            dp_pt = aead_decrypt(dp_key, dp_ct, share_aad(sid, dealer, c.cid), client_id=dealer)
     except DecryptionError:
         c.warnings.append(f"share bundle from client {dealer} failed authentication")
         return None
     try:
-        verify_signature(
-            c.directory[dealer], share_commit_payload(sid, dealer, c.cid, h_seed, h_key), sig
-        )
+        payload = share_commit_payload(sid, dealer, c.cid, h_seed, h_key, h_dp or b"")
+        verify_signature(c.directory[dealer], payload, sig)
     except InvalidSignature:
         c.warnings.append(f"share commitment of client {dealer} is not signed by it")
         return None
@@ -346,6 +404,19 @@ def accept_share(
     ):
         c.warnings.append(f"shares from client {dealer} do not match its signed commitment")
         return None
+    if h_dp is not None:
+        size = shamir.SHARE_BYTES
+        dp_shares = tuple(dp_pt[i : i + size] for i in range(0, len(dp_pt), size))
+        if not all(
+            constant_time_equal(
+                share_commitment(sid, dealer, c.cid, dp_share_kind(k), sh),
+                h_dp[32 * k : 32 * k + 32],
+            )
+            for k, sh in enumerate(dp_shares)
+        ):
+            c.warnings.append(f"DP shares from client {dealer} do not match its commitment")
+            return None
+        c.dp_peer[dealer] = dp_shares
     return seed_share, key_share
 
 
@@ -372,8 +443,16 @@ class ShareKeysState(_State):
         if len(set(committed)) != len(committed) or set(committed) != set(senders):
             raise c.misbehaviour("share delivery's commitments do not match its senders")
         commitments = dict(msg.commitments)
+        want_dp = 0 if c.dp is None else len(c.dp.shared_seeds)
+        if msg.dp_components != want_dp:
+            raise c.misbehaviour(
+                f"share delivery carries {msg.dp_components} DP seed shares; the round has"
+                f" {want_dp}"
+            )
+        dp_cts, dp_commits = dict(msg.dp_shares), dict(msg.dp_commitments)
         for u, ct in msg.shares:
-            got = accept_share(c, u, ct, commitments.get(u))
+            dp = (dp_cts.get(u), dp_commits.get(u)) if want_dp else (None, None)
+            got = accept_share(c, u, ct, commitments.get(u), dp)
             if got is not None:
                 c.peer_shares[u] = got
         c.u1_peers = frozenset(senders)
@@ -393,6 +472,8 @@ class ShareKeysState(_State):
         out: Message
         if c.he is not None:
             out = encrypted_input(c, c.session_id, masks)
+        elif c.dp is not None:
+            out = MaskedInput(c.rid, c.cid, c.session_id, dp_masked_words(c, masks))
         else:
             q = c.params.quant
             words = kernels.mask_vector(c.x, c.weight, q, c.secrets.rounding_key, masks)
@@ -402,13 +483,28 @@ class ShareKeysState(_State):
         return MaskedInputState(c), [out]
 
 
+def dp_masked_words(c: _Ctx, masks: list[StreamMask]) -> npt.NDArray[np.uint64]:
+    """DP rounds: ``DPClient.encode(x)`` (clip, rotate, round, noise, mod ``2^b``) packed
+    into lanes of ``b + ceil(log2 n)`` bits, then masked like any upload."""
+    assert c.dp is not None and c.x is not None
+    p = c.params
+    ring = c.dp.encode(kernels.to_host(c.x))
+    offer = c.dp.offer
+    words = pack_ring(ring, dp_lane_bits(offer.bits, p.n_clients), p.words)
+    kernels.add_masks(words, masks)
+    return words
+
+
 def encrypted_input(c: _Ctx, session_id: bytes, masks: list[StreamMask]) -> EncryptedInput:
     """CKKS ciphertexts of the client's packed slots, masked modulo ``2^mask_bits`` in
     ``hybrid`` mode (``masks`` empty in ``ckks`` mode), signed with the identity key."""
     assert c.he is not None and c.x is not None
     he = c.params.he
     # TenSEAL encrypts on the CPU, so a device update is copied to the host here.
-    values = lane_values(kernels.to_host(c.x), c.weight, c.params.quant, c.secrets.rounding_key)
+    if c.dp is not None:  # hybrid DP: the d' ring values mod 2^b in lanes of b + ceil(log2 n)
+        values = c.dp.encode(kernels.to_host(c.x))
+    else:
+        values = lane_values(kernels.to_host(c.x), c.weight, c.params.quant, c.secrets.rounding_key)
     slots = ckks.pack_lanes(values, he)
     if masks:
         stream = np.zeros(he.n_slots, dtype=np.uint64)
@@ -503,6 +599,7 @@ class ConsistencyState(_State):
         if not c.u1_peers <= alive | dropped:
             raise c.misbehaviour("unmask request leaves some neighbours unaccounted for")
         check_consistency(c, msg.signatures, alive)
+        dp_shares = reveal_dp_shares(c)
         seed_shares = []
         key_shares = []
         if c.cid in alive:
@@ -513,8 +610,26 @@ class ConsistencyState(_State):
             elif peer in dropped:
                 key_shares.append((peer, c.peer_shares[peer][1]))
         c.peer_shares.clear()
-        out = UnmaskShares(c.rid, c.cid, c.session_id, tuple(seed_shares), tuple(key_shares))
+        out = UnmaskShares(
+            c.rid, c.cid, c.session_id, tuple(seed_shares), tuple(key_shares), dp_shares
+        )
         return UnmaskingState(c), [out]
+
+
+def reveal_dp_shares(c: _Ctx) -> tuple[tuple[int, int, bytes], ...]:
+    """DP rounds: for every signed survivor this client holds shares of (itself included),
+    its shares of noise seeds ``k < j``, ``j`` computed from this client's OWN view of the
+    signed survivor set (``DPClient.reveal``), whatever the server would like removed."""
+    if c.dp is None:
+        return ()
+    alive = set(c.u2)
+    j = c.dp.reveal(c.u2, sorted(c.roster))
+    held = {c.cid: c.dp_own} if c.cid in alive else {}
+    held.update((u, sh) for u, sh in c.dp_peer.items() if u in alive and u in c.peer_shares)
+    out = tuple((u, k, held[u][k]) for u in sorted(held) for k in j)
+    c.dp_peer.clear()
+    c.dp_own = ()
+    return out
 
 
 def check_consistency(c: _Ctx, signatures: Sequence[tuple[int, bytes]], alive: set[int]) -> None:
@@ -562,6 +677,8 @@ class UnmaskingState(_State):
             p = c.params
             if msg.words.size != p.words:
                 raise c.misbehaviour("result has the wrong length")
+            if c.dp is not None:
+                return dp_result(c, msg), []
             sums = kernels.unpack(msg.words, p.quant, p.quant.values(p.dim))
         elif c.params.mode is Mode.HYBRID:
             return hybrid_verdict(c, msg)
@@ -589,7 +706,45 @@ def hybrid_verdict(c: _Ctx, msg: EncryptedResult) -> tuple[_State, list[Message]
         raise
     except SecAggError as exc:
         raise c.misbehaviour(f"encrypted result does not decrypt: {exc}") from None
+    if c.dp is not None:
+        return dp_hybrid_result(c, sums, msg), [verdict]
     return finish_result(c, sums, msg.contributors), [verdict]
+
+
+def hybrid_dp_ring(
+    params: RoundParams, sums: npt.NDArray[np.uint64], removal: bytes
+) -> npt.NDArray[np.uint64]:
+    """The released ring sum of a hybrid DP round: decrypted lane sums plus the published
+    removal, mod ``2^b``.
+
+    Raises
+    ------
+    MalformedMessage
+        If ``removal`` is not one packed DP vector.
+    """
+    o = params.dp
+    assert o is not None
+    d, lane = padded_dim(o.dim), dp_lane_bits(o.bits, params.n_clients)
+    if len(removal) != 8 * -(-d // (64 // lane)) or sums.size < d:
+        raise MalformedMessage(f"encrypted result carries {len(removal)} bytes of DP removal")
+    minus = unpack_ring(np.frombuffer(removal, dtype="<u8").astype(np.uint64), lane, d, o.bits)
+    return to_ring((sums[:d] + minus).astype(np.int64), o.bits)
+
+
+def dp_hybrid_result(c: _Ctx, sums: npt.NDArray[np.uint64], msg: EncryptedResult) -> _State:
+    """Hybrid DP: decrypted lane sums mod ``2^b`` plus the server's published removal
+    (``-sum of removable components mod 2^b``), decoded as in the masked round."""
+    assert c.dp is not None
+    o = c.dp.offer
+    try:
+        ring = hybrid_dp_ring(c.params, sums, msg.dp_removal)
+    except MalformedMessage as exc:
+        raise c.misbehaviour(str(exc)) from None
+    released = decode_sum(
+        ring, bits=o.bits, gamma=o.gamma, rotation_key=rotation_key(c.session_id), dim=o.dim
+    )
+    c.result = ClientResult(ring, msg.contributors, len(msg.contributors), released)
+    return _Final(c, Stage.COMPLETED)
 
 
 class BlameWaitState(_State):
@@ -627,6 +782,21 @@ class BlameWaitState(_State):
         sig = c.identity.sign(payload)
         verdict = BlameVerdict(c.rid, c.cid, c.session_id, report.checked, blamed, sig)
         return _Final(c, Stage.BLAME), [verdict]
+
+
+def dp_result(c: _Ctx, msg: AggregateResult) -> _State:
+    """DP rounds: the published released ring sum (lanes reduced mod ``2^b``), decoded:
+    centred, divided by ``gamma``, rotated back. ``sums`` holds the ``d'`` ring values."""
+    assert c.dp is not None
+    o = c.dp.offer
+    ring = unpack_ring(
+        msg.words, dp_lane_bits(o.bits, c.params.n_clients), padded_dim(o.dim), o.bits
+    )
+    released = decode_sum(
+        ring, bits=o.bits, gamma=o.gamma, rotation_key=rotation_key(c.session_id), dim=o.dim
+    )
+    c.result = ClientResult(ring, msg.contributors, len(msg.contributors), released)
+    return _Final(c, Stage.COMPLETED)
 
 
 def finish_result(c: _Ctx, sums: npt.NDArray[np.uint64], contributors: tuple[int, ...]) -> _State:

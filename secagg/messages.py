@@ -53,6 +53,8 @@ __all__ = [
     "blame_verdict_payload",
     "consistency_payload",
     "decode_message",
+    "dp_share_ciphertext_bytes",
+    "dp_share_kind",
     "encrypted_input_payload",
     "nonce_commitment",
     "seed_commitment",
@@ -136,9 +138,11 @@ def share_commitment(
 
 
 def share_commit_payload(
-    session_id: bytes, dealer: int, holder: int, h_seed: bytes, h_key: bytes
+    session_id: bytes, dealer: int, holder: int, h_seed: bytes, h_key: bytes, h_dp: bytes = b""
 ) -> bytes:
-    """Bytes the dealer signs for one holder: its commitments to that holder's two shares."""
+    """Bytes the dealer signs for one holder: its commitments to that holder's two shares,
+    and in DP rounds the ``L`` commitments ``h_dp`` to its DP noise-seed shares
+    (:func:`dp_share_kind`)."""
     return (
         b"secagg/v1/share-commits"
         + session_id
@@ -146,7 +150,13 @@ def share_commit_payload(
         + holder.to_bytes(4, "big")
         + h_seed
         + h_key
+        + h_dp
     )
+
+
+def dp_share_kind(component: int) -> bytes:
+    """The :func:`share_commitment` ``kind`` of the share of removable noise seed ``k``."""
+    return b"dp-noise/" + component.to_bytes(1, "big")
 
 
 @dataclass(frozen=True)
@@ -245,31 +255,75 @@ def _read_pairs(r: Reader, size: int) -> tuple[tuple[int, bytes], ...]:
     return tuple((r.u32(), r.fixed(size)) for _ in range(n))
 
 
+MAX_DP_COMPONENTS = 255
+"""Most removable DP noise seeds one client shares (a u8 on the wire)."""
+
+
+def dp_share_ciphertext_bytes(components: int) -> int:
+    """A DP share ciphertext: ``components`` Shamir shares and the AES-GCM tag."""
+    return components * SHARE_BYTES + 16
+
+
+def _dp_section(
+    w: Writer,
+    components: int,
+    shares: tuple[tuple[int, bytes], ...],
+    commitments: tuple[tuple[int, bytes], ...],
+) -> None:
+    """Trailing DP part of ShareKeys / ShareDelivery: absent (no byte) without DP, so the
+    encoding of a round without DP is unchanged."""
+    if components == 0:
+        if shares or commitments:
+            raise ValueError("DP shares need their component count")
+        return
+    w.u8(components)
+    _pairs(w, shares, dp_share_ciphertext_bytes(components))
+    _pairs(w, commitments, 32 * components)
+
+
+def _read_dp_section(
+    r: Reader,
+) -> tuple[int, tuple[tuple[int, bytes], ...], tuple[tuple[int, bytes], ...]]:
+    if not r.remaining:
+        return 0, (), ()
+    components = r.u8()
+    if components == 0:
+        raise MalformedMessage("a DP share section with no components")
+    shares = _read_pairs(r, dp_share_ciphertext_bytes(components))
+    return components, shares, _read_pairs(r, 32 * components)
+
+
 @dataclass(frozen=True)
 class ShareKeys(Message):
     """Round 1: one encrypted share bundle per neighbour, ``(recipient, ciphertext)``, and
     the dealer's signed share commitments for every holder ``N(u) ∪ {u}``,
-    ``(holder, H_seed || H_key || sig)`` (:data:`SHARE_COMMIT_BYTES`)."""
+    ``(holder, H_seed || H_key || sig)`` (:data:`SHARE_COMMIT_BYTES`).
+
+    DP rounds add the shares of the ``L = dp_components`` removable noise seeds: one more
+    ciphertext per neighbour (``dp_shares``, under its own pairwise key) and, per holder,
+    the ``L`` share commitments ``H_dp_0 || .. || H_dp_(L-1)`` (``dp_commitments``), which
+    the holder's ``sig`` also covers (:func:`share_commit_payload`)."""
 
     TYPE: ClassVar[int] = 2
     session_id: bytes
     shares: tuple[tuple[int, bytes], ...]
     commitments: tuple[tuple[int, bytes], ...] = ()
+    dp_components: int = 0
+    dp_shares: tuple[tuple[int, bytes], ...] = ()
+    dp_commitments: tuple[tuple[int, bytes], ...] = ()
 
     def _body(self, w: Writer) -> None:
         w.fixed(self.session_id, SESSION_ID_BYTES)
         _pairs(w, self.shares, SHARE_CIPHERTEXT_BYTES)
         _pairs(w, self.commitments, SHARE_COMMIT_BYTES)
+        _dp_section(w, self.dp_components, self.dp_shares, self.dp_commitments)
 
     @classmethod
     def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> ShareKeys:
-        return cls(
-            round_id,
-            sender,
-            r.fixed(SESSION_ID_BYTES),
-            _read_pairs(r, SHARE_CIPHERTEXT_BYTES),
-            _read_pairs(r, SHARE_COMMIT_BYTES),
-        )
+        sid = r.fixed(SESSION_ID_BYTES)
+        shares = _read_pairs(r, SHARE_CIPHERTEXT_BYTES)
+        commits = _read_pairs(r, SHARE_COMMIT_BYTES)
+        return cls(round_id, sender, sid, shares, commits, *_read_dp_section(r))
 
 
 @dataclass(frozen=True, eq=False)
@@ -312,27 +366,36 @@ class ConsistencySignature(Message):
 
 @dataclass(frozen=True)
 class UnmaskShares(Message):
-    """Round 4: self-seed shares of survivors and mask-key shares of dropped clients."""
+    """Round 4: self-seed shares of survivors and mask-key shares of dropped clients; in DP
+    rounds also ``dp_shares``, ``(owner, component, share)`` of the survivors' removable
+    noise seeds (a trailing section, absent without DP)."""
 
     TYPE: ClassVar[int] = 5
     session_id: bytes
     seed_shares: tuple[tuple[int, bytes], ...]
     key_shares: tuple[tuple[int, bytes], ...]
+    dp_shares: tuple[tuple[int, int, bytes], ...] = ()
 
     def _body(self, w: Writer) -> None:
         w.fixed(self.session_id, SESSION_ID_BYTES)
         _pairs(w, self.seed_shares, SHARE_BYTES)
         _pairs(w, self.key_shares, SHARE_BYTES)
+        if self.dp_shares:
+            w.u32(len(self.dp_shares))
+            for owner, k, share in self.dp_shares:
+                w.u32(owner).u8(k).fixed(share, SHARE_BYTES)
 
     @classmethod
     def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> UnmaskShares:
-        return cls(
-            round_id,
-            sender,
-            r.fixed(SESSION_ID_BYTES),
-            _read_pairs(r, SHARE_BYTES),
-            _read_pairs(r, SHARE_BYTES),
-        )
+        sid = r.fixed(SESSION_ID_BYTES)
+        seeds, keys = _read_pairs(r, SHARE_BYTES), _read_pairs(r, SHARE_BYTES)
+        dp: tuple[tuple[int, int, bytes], ...] = ()
+        if r.remaining:
+            n = r.u32()
+            if n == 0 or n * (5 + SHARE_BYTES) > r.remaining:
+                raise MalformedMessage(f"DP share list of {n} entries does not fit the message")
+            dp = tuple((r.u32(), r.u8(), r.fixed(SHARE_BYTES)) for _ in range(n))
+        return cls(round_id, sender, sid, seeds, keys, dp)
 
 
 MAX_CIPHERTEXTS = 1 << 16
@@ -514,27 +577,29 @@ class NonceReveals(Message):
 @dataclass(frozen=True)
 class ShareDelivery(Message):
     """End of round 1: the share ciphertexts addressed to this client, by sender, and each
-    sender's signed commitments to the shares inside, ``(sender, H_seed || H_key || sig)``."""
+    sender's signed commitments to the shares inside, ``(sender, H_seed || H_key || sig)``;
+    in DP rounds also each sender's DP share ciphertext and DP share commitments."""
 
     TYPE: ClassVar[int] = 17
     session_id: bytes
     shares: tuple[tuple[int, bytes], ...]
     commitments: tuple[tuple[int, bytes], ...] = ()
+    dp_components: int = 0
+    dp_shares: tuple[tuple[int, bytes], ...] = ()
+    dp_commitments: tuple[tuple[int, bytes], ...] = ()
 
     def _body(self, w: Writer) -> None:
         w.fixed(self.session_id, SESSION_ID_BYTES)
         _pairs(w, self.shares, SHARE_CIPHERTEXT_BYTES)
         _pairs(w, self.commitments, SHARE_COMMIT_BYTES)
+        _dp_section(w, self.dp_components, self.dp_shares, self.dp_commitments)
 
     @classmethod
     def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> ShareDelivery:
-        return cls(
-            round_id,
-            sender,
-            r.fixed(SESSION_ID_BYTES),
-            _read_pairs(r, SHARE_CIPHERTEXT_BYTES),
-            _read_pairs(r, SHARE_COMMIT_BYTES),
-        )
+        sid = r.fixed(SESSION_ID_BYTES)
+        shares = _read_pairs(r, SHARE_CIPHERTEXT_BYTES)
+        commits = _read_pairs(r, SHARE_COMMIT_BYTES)
+        return cls(round_id, sender, sid, shares, commits, *_read_dp_section(r))
 
 
 @dataclass(frozen=True)
@@ -605,20 +670,34 @@ class AggregateResult(Message):
 
 @dataclass(frozen=True)
 class EncryptedResult(Message):
-    """ckks and hybrid modes: the encrypted sum, for the key holders to decrypt."""
+    """ckks and hybrid modes: the encrypted sum, for the key holders to decrypt.
+
+    Hybrid DP rounds add ``dp_removal``: the survivors' removable noise components, summed
+    mod ``2^b`` and packed like the DP upload (little-endian uint64 words), which the key
+    holders subtract after decrypting (a trailing section, absent without DP)."""
 
     TYPE: ClassVar[int] = 22
     session_id: bytes
     contributors: tuple[int, ...]
     ciphertexts: tuple[bytes, ...]
+    dp_removal: bytes = b""
 
     def _body(self, w: Writer) -> None:
         w.fixed(self.session_id, SESSION_ID_BYTES).ids(self.contributors)
         _blobs(w, self.ciphertexts)
+        if self.dp_removal:
+            w.u64(len(self.dp_removal)).raw(self.dp_removal)
 
     @classmethod
     def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> EncryptedResult:
-        return cls(round_id, sender, r.fixed(SESSION_ID_BYTES), r.ids(MAX_CLIENTS), _read_blobs(r))
+        sid, ids, cts = r.fixed(SESSION_ID_BYTES), r.ids(MAX_CLIENTS), _read_blobs(r)
+        removal = b""
+        if r.remaining:
+            n = r.u64()
+            if n == 0 or n % 8 or n != r.remaining:
+                raise MalformedMessage(f"DP removal of {n} bytes does not fit the message")
+            removal = r.fixed(n)
+        return cls(round_id, sender, sid, ids, cts, removal)
 
 
 MAX_BLAME_UPLOADS = 64

@@ -19,6 +19,7 @@ from secagg.quantize import QuantSpec
 from secagg.wire import Reader, Writer
 
 if TYPE_CHECKING:
+    from secagg.dp.policy import DPOffer
     from secagg.he_params import HEParams
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "Mode",
     "RoundParams",
     "make_params",
+    "with_dp",
 ]
 
 PROTOCOL_VERSION = 1
@@ -83,6 +85,13 @@ class RoundParams:
         over leaf names, shapes, dtypes and order, :func:`secagg.service.tensors.fingerprint`);
         a client whose update has another layout refuses before sending anything
         (:func:`secagg.policy.check_layout`). Encoded as a length byte and the digest.
+    dp:
+        Distributed DP offer of the round (:class:`secagg.dp.policy.DPOffer`), or ``None``.
+        ``masked`` and ``hybrid`` rounds only, unweighted, for exactly this ``dim``, ``n``, ``t``
+        (the plan's ``min_survivors`` is the threshold). Encoded after the layout as a
+        marker byte and the offer's headline numbers (:func:`encode_dp_offer`); the plan's
+        levels and residuals are recomputed on decoding, never read from the wire. A
+        params encoding without it (the format before DP) decodes with ``dp=None``.
     """
 
     round_id: bytes
@@ -93,6 +102,7 @@ class RoundParams:
     threshold: int
     layout: bytes = b""
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    dp: DPOffer | None = None
 
     def __post_init__(self) -> None:
         if len(self.round_id) != ROUND_ID_BYTES:
@@ -112,6 +122,37 @@ class RoundParams:
             raise ConfigurationError(
                 f"layout fingerprint must be empty or {LAYOUT_BYTES} bytes, got {len(self.layout)}"
             )
+        if self.dp is not None:
+            self._check_dp(self.dp)
+
+    def _check_dp(self, dp: DPOffer) -> None:
+        """The offer must describe this round: masked, unweighted, same ``dim``, ``n``, ``t``."""
+        if self.mode is Mode.CKKS:
+            raise ConfigurationError(
+                "distributed DP is integrated in masked and hybrid rounds only, not ckks"
+                " (docs/dp.md)"
+            )
+        if self.quant.max_weight != 1:
+            raise ConfigurationError(
+                f"DP rounds sum clipped updates unweighted; max_weight={self.quant.max_weight}"
+            )
+        plan = dp.plan
+        if (dp.dim, plan.n_clients, plan.min_survivors) != (
+            self.dim,
+            self.n_clients,
+            self.threshold,
+        ):
+            raise ConfigurationError(
+                f"DP offer is for dim={dp.dim}, n={plan.n_clients}, t={plan.min_survivors}; "
+                f"the round has dim={self.dim}, n={self.n_clients}, t={self.threshold}"
+            )
+        if plan.components - 1 > MAX_DP_SEEDS:
+            raise ConfigurationError(
+                f"DP plan has {plan.components} noise components; at most {MAX_DP_SEEDS + 1}"
+            )
+        from secagg.dp.packing import dp_lane_bits
+
+        dp_lane_bits(dp.bits, self.n_clients)  # raises when b + ceil(log2 n) > 64
 
     @property
     def n_clients(self) -> int:
@@ -131,16 +172,25 @@ class RoundParams:
         if self.mode is Mode.MASKED:
             raise ConfigurationError("masked rounds have no CKKS parameters")
         q = self.quant
+        if self.dp is not None:
+            # hybrid DP: the d' ring values mod 2^b in lanes of b + ceil(log2 n) bits
+            from secagg.dp.rotation import padded_dim
+
+            return _he_params(q.n_clients, self.dp.bits, padded_dim(self.dim), "hybrid", 1)
         return _he_params(q.n_clients, q.bits, self.dim, self.mode.name.lower(), q.max_weight)
 
     @property
     def words(self) -> int:
-        """Length of a masked vector in uint64 words."""
+        """Length of a masked vector in uint64 words (the DP lanes' count in DP rounds)."""
+        if self.dp is not None:
+            from secagg.dp.packing import dp_words
+
+            return dp_words(self.dp, self.n_clients)
         return self.quant.words(self.dim)
 
     def encode(self) -> bytes:
         q = self.quant
-        return (
+        w = (
             Writer()
             .u8(PROTOCOL_VERSION)
             .fixed(self.round_id, ROUND_ID_BYTES)
@@ -154,8 +204,10 @@ class RoundParams:
             .u32(self.threshold)
             .u8(len(self.layout))
             .raw(self.layout)
-            .getvalue()
         )
+        if self.dp is not None:
+            encode_dp_offer(w, self.dp)
+        return w.getvalue()
 
     @classmethod
     def decode(cls, data: bytes) -> RoundParams:
@@ -171,16 +223,60 @@ class RoundParams:
         clip, bits, n, max_weight = r.f64(), r.u8(), r.u32(), r.u64()
         degree, threshold = r.u32(), r.u32()
         layout = r.fixed(r.u8())
+        dp = decode_dp_offer(r, n, threshold) if r.remaining else None
         r.end()
         try:
             quant = QuantSpec(clip, bits, n, max_weight)
-            return cls(round_id, mode, dim, quant, degree, threshold, layout)
+            return cls(round_id, mode, dim, quant, degree, threshold, layout, dp=dp)
         except ConfigurationError as exc:
             raise MalformedMessage(f"invalid round parameters: {exc}") from exc
 
     def digest(self) -> bytes:
         """SHA-256 of the canonical encoding, bound into the session id."""
         return hashlib.sha256(b"secagg/v1/params" + self.encode()).digest()
+
+
+MAX_DP_SEEDS = 255
+"""Most removable noise seeds per client (one byte on the wire, ``messages.ShareKeys``)."""
+DP_MARKER = 1
+"""Byte that opens the DP offer after the layout (nothing follows the layout without DP)."""
+
+
+def encode_dp_offer(w: Writer, dp: DPOffer) -> None:
+    """Append ``dp``: marker, dim u64, clip/gamma/beta f64, bits u8, rounds u32, then the
+    plan's ``T`` u64, ``n``/``t``/``w`` u32 and ``xi`` f64 (levels are recomputed)."""
+    p = dp.plan
+    w.u8(DP_MARKER).u64(dp.dim).f64(dp.clip).f64(dp.gamma).f64(dp.beta).u8(dp.bits)
+    w.u32(dp.rounds).u64(p.target_variance).u32(p.n_clients).u32(p.min_survivors)
+    w.u32(p.max_withholders).f64(p.max_excess)
+
+
+def decode_dp_offer(r: Reader, n_clients: int, threshold: int) -> DPOffer:
+    """Inverse of :func:`encode_dp_offer`; the plan is rebuilt with ``make_plan``, only once
+    its ``n`` and ``t`` are the round's (so the rebuild costs at most ``n`` levels).
+
+    Raises
+    ------
+    MalformedMessage
+        For another marker, another ``n`` or ``t``, or numbers no plan has.
+    """
+    from secagg.dp.policy import DPOffer
+    from secagg.dp.xnoise import make_plan
+    from secagg.errors import InfeasibleParameters
+
+    if r.u8() != DP_MARKER:
+        raise MalformedMessage("unknown field after the layout of the round parameters")
+    dim, clip, gamma, beta, bits = r.u64(), r.f64(), r.f64(), r.f64(), r.u8()
+    rounds, target, n, t, w, xi = r.u32(), r.u64(), r.u32(), r.u32(), r.u32(), r.f64()
+    if (n, t) != (n_clients, threshold):
+        raise MalformedMessage(
+            f"DP plan for n={n}, t={t} in a round of n={n_clients}, t={threshold}"
+        )
+    try:
+        plan = make_plan(target, n, t, max_excess=xi, max_withholders=w)
+    except (ConfigurationError, InfeasibleParameters) as exc:
+        raise MalformedMessage(f"invalid DP noise plan: {exc}") from exc
+    return DPOffer(dim, clip, gamma, beta, bits, rounds, plan)
 
 
 @functools.lru_cache(maxsize=64)
@@ -212,13 +308,16 @@ def make_params(
     threshold: int | str | None = "auto",
     round_id: bytes | None = None,
     layout: bytes = b"",
+    dp: DPOffer | None = None,
 ) -> RoundParams:
     """Build round parameters, choosing degree and threshold (see :mod:`secagg.graph`).
 
     ``neighbors`` is ``"auto"``, ``"all"`` (the full graph of classic SecAgg) or a number;
     ``threshold`` is ``"auto"`` or a number. Explicit choices that miss the security target
     are accepted and reported in ``warnings`` (every client's :class:`~secagg.policy.ClientPolicy`
-    refuses those that miss its targets). ``layout`` is the model-layout fingerprint.
+    refuses those that miss its targets). ``layout`` is the model-layout fingerprint;
+    ``dp`` the distributed-DP offer (:func:`secagg.dp.calibration.calibrate` then
+    :meth:`~secagg.dp.calibration.DPCalibration.offer`, for the ``t`` chosen here).
 
     Raises
     ------
@@ -253,7 +352,43 @@ def make_params(
         threshold=gp.threshold,
         layout=layout,
         warnings=gp.warnings,
+        dp=dp,
     )
     if m is not Mode.MASKED:
-        _ = params.he  # fail early when no CKKS parameter set fits
+        _ = params.he  # fail early when no CKKS parameter set fits (the DP shape with dp)
     return params
+
+
+def with_dp(
+    params: RoundParams,
+    epsilon: float,
+    delta: float,
+    rounds: int,
+    *,
+    clip: float,
+    max_withholders: int = 0,
+) -> RoundParams:
+    """``params`` with a distributed-DP offer calibrated for its ``n``, threshold and ``dim``
+    (:func:`secagg.dp.calibration.calibrate`): what a coordinator puts into a DP round.
+
+    Raises
+    ------
+    ConfigurationError
+        For a ckks or weighted round; InfeasibleParameters when no plan meets the budget.
+    """
+    import dataclasses
+
+    from secagg.dp.calibration import calibrate
+    from secagg.dp.policy import DPOffer
+
+    cal = calibrate(
+        epsilon,
+        delta,
+        rounds,
+        n_clients=params.n_clients,
+        min_survivors=params.threshold,
+        dim=params.dim,
+        clip=clip,
+        max_withholders=max_withholders,
+    )
+    return dataclasses.replace(params, dp=DPOffer.from_calibration(cal))

@@ -24,18 +24,28 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from secagg import graph
-from secagg.errors import ConfigurationError, InfeasibleParameters, PolicyViolation
+from secagg.errors import (
+    ConfigurationError,
+    InfeasibleParameters,
+    PolicyViolation,
+    ServerMisbehaviour,
+)
 from secagg.messages import MAX_BLAME_UPLOADS
 from secagg.params import MAX_CLIENTS, MAX_DIM, Mode, RoundParams
 from secagg.quantize import MAX_BITS
+
+if TYPE_CHECKING:
+    from secagg.dp.policy import DPOffer, DPPolicy
 
 __all__ = [
     "MAX_BLAME_CHECKS",
     "MIN_CONTRIBUTORS",
     "ClientPolicy",
     "check_contributors",
+    "check_dp_offer",
     "check_layout",
 ]
 
@@ -82,6 +92,12 @@ class ClientPolicy:
     max_blame_checks:
         Most uploads of others this client decrypts, one by one, to trace a spoiled hybrid
         sum (each costs one decryption of its CKKS budget; a request for more is refused).
+    dp:
+        The client's distributed-DP requirement (:class:`secagg.dp.policy.DPPolicy`). When
+        set, a round without DP, or whose offer is weaker (budget, clip, rounds, tolerated
+        withholders; :func:`secagg.dp.policy.check_offer`), is refused before any message.
+        When ``None``, a DP round is accepted (after a structural check of its plan): noise
+        the client did not ask for cannot hurt its privacy, it only changes the result.
     """
 
     security_bits: float = graph.SECURITY_BITS
@@ -99,6 +115,7 @@ class ClientPolicy:
     expected_dim: int | None = None
     allowed_modes: frozenset[Mode] = field(default=frozenset({Mode.MASKED, Mode.HYBRID, Mode.CKKS}))
     max_blame_checks: int = MAX_BLAME_CHECKS
+    dp: DPPolicy | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.max_blame_checks <= MAX_BLAME_UPLOADS:
@@ -162,6 +179,7 @@ class ClientPolicy:
             raise PolicyViolation(
                 f"max_weight={q.max_weight} exceeds the policy's {self.max_weight}"
             )
+        check_dp_offer(params.dp, self.dp)
         if params.mode is Mode.CKKS:
             # No Shamir sharing and no graph: t only bounds the contributors of the
             # published sum, which check_set enforces before decrypting.
@@ -234,9 +252,53 @@ def _graph_check(
     return gp
 
 
+def check_dp_offer(offer: DPOffer | None, policy: DPPolicy | None) -> float | None:
+    """The client's check of the round's DP offer; the job ``epsilon`` it computed, if any.
+
+    Raises
+    ------
+    PolicyViolation
+        ``policy`` is set and the round has no DP or a weaker offer; or the offer's plan is
+        not the one its headline numbers give (either way, before anything is sent).
+    """
+    if policy is None:
+        if offer is not None:
+            _dp_structure(offer)
+        return None
+    if offer is None:
+        raise PolicyViolation(
+            f"this client requires distributed DP (epsilon <= {policy.max_epsilon:g}, delta "
+            f"{policy.delta:g}); the round has none"
+        )
+    return _dp_verdict(offer, policy)
+
+
+@lru_cache(maxsize=64)
+def _dp_structure(offer: DPOffer) -> None:
+    from secagg.dp.xnoise import check_plan
+
+    try:
+        check_plan(offer.plan, min_target_variance=1, max_withholders=0)
+    except ServerMisbehaviour as exc:
+        raise PolicyViolation(f"DP offer refused: {exc}") from None
+
+
+@lru_cache(maxsize=64)
+def _dp_verdict(offer: DPOffer, policy: DPPolicy) -> float:
+    """:func:`secagg.dp.policy.check_offer`, cached per (offer, policy) like the graph bound."""
+    from secagg.dp.policy import check_offer
+
+    try:
+        return check_offer(offer, policy)
+    except ServerMisbehaviour as exc:
+        raise PolicyViolation(f"DP offer refused: {exc}") from None
+
+
 def clear_verdict_cache() -> None:
     """Forget the cached bound evaluations (a benchmark measuring the cold check uses it)."""
     _graph_check.cache_clear()
+    _dp_structure.cache_clear()
+    _dp_verdict.cache_clear()
 
 
 def check_contributors(

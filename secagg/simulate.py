@@ -8,6 +8,7 @@ to the stage deadline, as a real server's timer would fire.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import statistics
 import time
@@ -276,6 +277,14 @@ def simulate(cfg: SimulationConfig) -> dict[str, Any]:
         dropout=cfg.tolerated_dropout,
         corrupt=cfg.tolerated_corrupt,
     )
+    dp_cal = None
+    if cfg.dp_epsilon is not None and params.mode is not Mode.CKKS:
+        # The round itself carries DP: calibrated for its n and threshold, offered in params
+        # (hybrid: before the CKKS parameters, which follow the DP lanes).
+        from secagg.dp.policy import DPOffer
+
+        dp_cal = _calibrate(cfg, params.n_clients, params.threshold)
+        params = dataclasses.replace(params, dp=DPOffer.from_calibration(dp_cal))
     he_secret: ckks.SecretContext | None = None
     he_server: ckks.ServerContext | None = None
     he_report: dict[str, Any] = {}
@@ -302,6 +311,7 @@ def simulate(cfg: SimulationConfig) -> dict[str, Any]:
     policy = cfg.policy or ClientPolicy(
         dropout=graph.DEFAULT_DROPOUT if cfg.tolerated_dropout is None else cfg.tolerated_dropout,
         corrupt=graph.DEFAULT_CORRUPT if cfg.tolerated_corrupt is None else cfg.tolerated_corrupt,
+        dp=None if dp_cal is None else _dp_policy(cfg, dp_cal.clip),
     )
     if cfg.spoil and params.mode is not Mode.HYBRID:
         raise SecAggError("spoiled uploads are simulated in hybrid rounds only")
@@ -341,6 +351,17 @@ def simulate(cfg: SimulationConfig) -> dict[str, Any]:
             exact=False,
             max_abs_error=None,
         )
+    elif params.dp is not None:
+        dp_ring = _dp_ring(params, result, he_secret)
+        released = _dp_decode(params, dp_ring, server.session_id)
+        clipped = sum(_clip(inputs[c], params) for c in result.contributors)
+        report.update(
+            status="completed",
+            survivors=len(result.contributors),
+            exact=False,  # the release carries noise by design; see dp.measured_std
+            max_abs_error=float(np.max(np.abs(released - clipped))),
+            quantization_step=1.0 / params.dp.gamma,
+        )
     else:
         spec = params.quant
         expected = np.zeros(spec.values(cfg.dim), dtype=np.uint64)
@@ -361,9 +382,14 @@ def simulate(cfg: SimulationConfig) -> dict[str, Any]:
             max_abs_error=float(np.max(np.abs(weighted_sum - float_sum))),
             quantization_step=1.0 / spec.scale,
         )
-    if cfg.dp_epsilon is not None and result is not None:
-        report["dp"] = _dp_report(cfg, ids, inputs, list(result.contributors), params.threshold)
     senders = [c for c in ids if c not in plan] or ids
+    if dp_cal is not None and result is not None:
+        report["dp"] = _dp_round_report(dp_cal, server, inputs, dp_ring)
+        report["dp"]["seconds_per_client"] = statistics.median(
+            tally.client_seconds[c] for c in senders
+        )
+    elif cfg.dp_epsilon is not None and result is not None:
+        report["dp"] = _dp_report(cfg, ids, inputs, list(result.contributors), params.threshold)
     report["seconds"] = {
         "client_median": statistics.median(tally.client_seconds[c] for c in senders),
         "server": tally.server_seconds,
@@ -377,6 +403,92 @@ def simulate(cfg: SimulationConfig) -> dict[str, Any]:
     return report
 
 
+def _calibrate(cfg: SimulationConfig, n: int, threshold: int) -> Any:
+    from secagg.dp.calibration import calibrate
+
+    assert cfg.dp_epsilon is not None
+    return calibrate(
+        cfg.dp_epsilon,
+        cfg.dp_delta,
+        cfg.dp_rounds,
+        n_clients=n,
+        min_survivors=threshold,
+        dim=cfg.dim,
+        clip=cfg.dp_clip if cfg.dp_clip is not None else cfg.clip,
+    )
+
+
+def _dp_policy(cfg: SimulationConfig, clip: float) -> Any:
+    """The simulated clients' own DP requirement: the operator's budget, rounds and clip."""
+    from secagg.dp.policy import DPPolicy
+
+    assert cfg.dp_epsilon is not None
+    return DPPolicy(cfg.dp_epsilon, cfg.dp_delta, cfg.dp_rounds, clip)
+
+
+def _clip(x: np.ndarray[Any, Any], params: RoundParams) -> np.ndarray[Any, Any]:
+    from secagg.dp.encoding import clip_l2
+
+    assert params.dp is not None
+    return clip_l2(x, params.dp.clip)
+
+
+def _dp_ring(
+    params: RoundParams, result: Any, he_secret: ckks.SecretContext | None
+) -> np.ndarray[Any, Any]:
+    """The released ring sum: the server's (masked) or a key holder's decryption plus the
+    published removal (hybrid)."""
+    from secagg.client import hybrid_dp_ring
+
+    if result.sums is not None:
+        return np.asarray(result.sums, dtype=np.uint64)
+    assert result.ciphertexts is not None and he_secret is not None
+    sums = decrypt_lane_sums(he_secret, params, result.ciphertexts)
+    return hybrid_dp_ring(params, sums, result.dp_removal)
+
+
+def _dp_decode(
+    params: RoundParams, ring: np.ndarray[Any, Any], session_id: bytes
+) -> np.ndarray[Any, Any]:
+    from secagg.dp.encoding import decode_sum
+    from secagg.dp.participants import rotation_key
+
+    o = params.dp
+    assert o is not None
+    return decode_sum(
+        ring, bits=o.bits, gamma=o.gamma, rotation_key=rotation_key(session_id), dim=o.dim
+    )
+
+
+def _dp_round_report(
+    cal: Any,
+    server: SecAggServer | CkksServer,
+    inputs: dict[int, np.ndarray[Any, Any]],
+    ring: np.ndarray[Any, Any],
+) -> dict[str, Any]:
+    """The ``dp`` block from the masked round's OWN output (``path: "masked-round"``).
+
+    ``measured_std``: standard deviation over the ``d'`` coordinates of (released ring sum,
+    centred, minus ``gamma`` times the exact sum of the clipped, rotated inputs), divided by
+    ``gamma``: input units, like ``target_std`` (it includes rounding, variance <= 1/4 per
+    contributor and coordinate in integer units).
+    """
+    from secagg.dp.encoding import centre, clip_l2
+    from secagg.dp.participants import rotation_key
+    from secagg.dp.rotation import rotate
+
+    result = server.result
+    assert result is not None and result.dp is not None
+    key = rotation_key(server.session_id)
+    exact = cal.gamma * sum(rotate(clip_l2(inputs[c], cal.clip), key) for c in result.contributors)
+    residual = centre(ring, cal.bits).astype(np.float64) - exact
+    report: dict[str, Any] = cal.as_dict()
+    report.update(result.dp)
+    report["measured_std"] = float(residual.std()) / cal.gamma
+    report["path"] = f"{server.ctx.params.mode.name.lower()}-round"
+    return report
+
+
 def _dp_report(
     cfg: SimulationConfig,
     ids: list[int],
@@ -384,11 +496,10 @@ def _dp_report(
     contributors: list[int],
     threshold: int,
 ) -> dict[str, Any]:
-    """The ``dp`` block: the DP arithmetic (secagg.dp) run on this round's contributors.
-
-    Until the client and server carry the DP pipeline (docs/dp.md), it runs beside the masked
-    round on the same inputs and survivor set; masks cancel mod 2^b, so the figures are
-    those the integrated round will release.
+    """The ``dp`` block of a mode without DP integration (hybrid, ckks): the DP arithmetic
+    (secagg.dp) run beside the round on its inputs and contributors (``path:
+    "beside-masked-round"``); masks cancel mod 2^b, so the figures are those an integrated
+    round would release.
     """
     from secagg.dp.calibration import calibrate
     from secagg.dp.simulation import run_dp_aggregate

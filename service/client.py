@@ -29,6 +29,7 @@ import numpy.typing as npt
 from secagg import ckks, graph
 from secagg.client import ClientResult, SecAggClient
 from secagg.directory import Authority
+from secagg.dp.policy import DPPolicy
 from secagg.errors import (
     ConfigurationError,
     LayoutMismatch,
@@ -106,6 +107,9 @@ class Policy:
     allowed_modes:
         Privacy modes this client joins. ``ckks`` is off by default: there the server plus
         any one key holder can decrypt every upload (docs/threat-model.md).
+    dp:
+        Distributed-DP requirement (:class:`secagg.dp.policy.DPPolicy`), passed to the core
+        policy: a round without DP or with a weaker offer is refused before anything is sent.
     """
 
     expected_dim: int | None = None
@@ -125,6 +129,7 @@ class Policy:
     adversary: graph.Adversary = "active"
     min_contributors: int = MIN_CONTRIBUTORS
     max_weight: int = 1 << 32
+    dp: DPPolicy | None = None
 
     def core(self) -> ClientPolicy:
         """The protocol core's policy with this policy's targets."""
@@ -179,6 +184,7 @@ def _core_policy(policy: Policy) -> ClientPolicy:
             max_weight=policy.max_weight,
             expected_dim=policy.expected_dim,
             allowed_modes=frozenset(Mode.parse(m) for m in policy.allowed_modes),
+            dp=policy.dp,
         )
     except ConfigurationError as exc:
         raise PolicyRefused(f"invalid client policy: {exc}") from None

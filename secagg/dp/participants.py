@@ -19,8 +19,13 @@ from secagg.dp.encoding import decode_sum, encode_update, to_ring
 from secagg.dp.policy import DPOffer, DPPolicy, check_offer
 from secagg.dp.randomness import KeyStream
 from secagg.dp.rotation import padded_dim
-from secagg.dp.xnoise import client_noise, component_key, removal_noise, revealed_components
-from secagg.errors import ConfigurationError
+from secagg.dp.xnoise import (
+    check_plan,
+    client_noise,
+    component_key,
+    removal_noise,
+)
+from secagg.errors import ConfigurationError, ServerMisbehaviour
 from secagg.prg import KEY_BYTES, Purpose, derive_key
 
 __all__ = ["DPClient", "DPServer", "rotation_key"]
@@ -42,6 +47,9 @@ def rotation_key(session_id: bytes) -> bytes:
 class DPClient:
     """One client's DP state for one round.
 
+    ``policy=None`` (a client that did not ask for DP) checks only that the plan is the one
+    its headline numbers give; ``epsilon`` is then ``None``.
+
     Raises
     ------
     ServerMisbehaviour
@@ -51,9 +59,14 @@ class DPClient:
     __slots__ = ("_keys", "_seeds", "client_id", "epsilon", "offer", "session_id")
 
     def __init__(
-        self, offer: DPOffer, policy: DPPolicy, *, client_id: int, session_id: bytes
+        self, offer: DPOffer, policy: DPPolicy | None, *, client_id: int, session_id: bytes
     ) -> None:
-        self.epsilon = check_offer(offer, policy)
+        self.epsilon: float | None
+        if policy is None:
+            check_plan(offer.plan, min_target_variance=1, max_withholders=0)
+            self.epsilon = None
+        else:
+            self.epsilon = check_offer(offer, policy)
         self.offer = offer
         self.client_id = client_id
         self.session_id = session_id
@@ -85,8 +98,27 @@ class DPClient:
         return to_ring(r + client_noise(o.plan, self._keys, padded_dim(o.dim)), o.bits)
 
     def reveal(self, survivors: Sequence[int], roster: Sequence[int]) -> range:
-        """Components ``k`` whose seed shares to reveal for every survivor (checked ``U``)."""
-        return revealed_components(self.offer.plan, survivors, roster)
+        """Components ``k`` whose seed shares to reveal for every survivor (checked ``U``).
+
+        ``roster`` is the set the client itself accepted (its checked roster, at most
+        ``n``); ``survivors`` must be a duplicate-free subset of it with ``>= t`` members,
+        and ``k < j`` for ``j = max{j : s_j <= |U|}``, whatever the server asks for.
+
+        Raises
+        ------
+        ServerMisbehaviour
+            For duplicates, strangers, a roster over ``n`` or fewer than ``t`` survivors.
+        """
+        plan, ids = self.offer.plan, set(roster)
+        if len(set(survivors)) != len(survivors) or not set(survivors) <= ids:
+            raise ServerMisbehaviour("survivor set has duplicates or ids outside the roster")
+        if len(ids) > plan.n_clients:
+            raise ServerMisbehaviour(f"roster of {len(ids)} > plan's n={plan.n_clients}")
+        if len(survivors) < plan.min_survivors:
+            raise ServerMisbehaviour(
+                f"{len(survivors)} survivors < threshold {plan.min_survivors}: no noise removed"
+            )
+        return range(plan.level(len(survivors)))
 
 
 class DPServer:
@@ -106,6 +138,20 @@ class DPServer:
         ``seeds[u]`` are survivor ``u``'s reconstructed seeds of components ``0 .. j-1``.
         """
         o = self.offer
+        return decode_sum(
+            self.release(total, survivors, seeds),
+            bits=o.bits,
+            gamma=o.gamma,
+            rotation_key=rotation_key(self.session_id),
+            dim=o.dim,
+        )
+
+    def release(
+        self, total: U64, survivors: Sequence[int], seeds: Mapping[int, Sequence[bytes]]
+    ) -> U64:
+        """The released ring sum: ``total`` minus the survivors' removable components, mod
+        ``2^b`` (what the server publishes; :meth:`finish` decodes it)."""
+        o = self.offer
         s = len(survivors)
         if set(seeds) != set(survivors):
             raise ConfigurationError("need the removable seeds of exactly the survivors")
@@ -117,10 +163,4 @@ class DPServer:
         released = np.asarray(total, dtype=np.uint64) - to_ring(
             removal_noise(o.plan, keys, s, d), o.bits
         )
-        return decode_sum(
-            released,
-            bits=o.bits,
-            gamma=o.gamma,
-            rotation_key=rotation_key(self.session_id),
-            dim=o.dim,
-        )
+        return to_ring(released.astype(np.int64), o.bits)

@@ -11,6 +11,7 @@ with its own :class:`DPPolicy`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from secagg.dp.accountant import epsilon_rdp
 from secagg.dp.calibration import round_rho
@@ -18,6 +19,9 @@ from secagg.dp.encoding import rounded_norm_bound_sq
 from secagg.dp.rotation import padded_dim
 from secagg.dp.xnoise import XNoisePlan, check_plan
 from secagg.errors import ServerMisbehaviour
+
+if TYPE_CHECKING:
+    from secagg.dp.calibration import DPCalibration
 
 __all__ = ["DPOffer", "DPPolicy", "check_offer"]
 
@@ -56,6 +60,11 @@ class DPOffer:
     bits: int
     rounds: int
     plan: XNoisePlan
+
+    @classmethod
+    def from_calibration(cls, cal: DPCalibration) -> DPOffer:
+        """The offer a coordinator puts into :class:`secagg.params.RoundParams` (``dp=``)."""
+        return cls(cal.dim, cal.clip, cal.gamma, cal.beta, cal.bits, cal.rounds, cal.plan)
 
 
 def check_offer(offer: DPOffer, policy: DPPolicy) -> float:

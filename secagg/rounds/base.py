@@ -89,6 +89,11 @@ class RoundResult:
         Dequantized ``sum_u w_u x_u``; ``None`` likewise.
     ciphertexts:
         The encrypted sum (``ckks`` and ``hybrid``).
+    dp:
+        DP rounds: the figures of the release (``target_std``, ``released_std``,
+        ``honest_std``, ``contributors``, ``removed_components``, ``rho_round``, ...);
+        ``sums`` then holds the ``d'`` released ring values mod ``2^b`` and
+        ``weighted_sum`` the released (noisy) sum of the clipped updates.
     """
 
     contributors: tuple[int, ...]
@@ -96,6 +101,9 @@ class RoundResult:
     total_weight: int | None = None
     weighted_sum: npt.NDArray[np.float64] | None = None
     ciphertexts: tuple[bytes, ...] | None = None
+    dp: dict[str, object] | None = None
+    dp_removal: bytes = b""
+    """Hybrid DP: the packed removal (:class:`~secagg.messages.EncryptedResult`)."""
 
     @property
     def mean(self) -> npt.NDArray[np.float64]:
@@ -130,6 +138,12 @@ class ServerContext:
     u3: frozenset[int] = frozenset()
     seed_shares: dict[int, dict[int, bytes]] = field(default_factory=dict)
     key_shares: dict[int, dict[int, bytes]] = field(default_factory=dict)
+    dp_bundles: dict[int, dict[int, bytes]] = field(default_factory=dict)
+    """DP rounds: dealer -> neighbour -> DP noise-seed share ciphertext (until delivered)."""
+    dp_commits: dict[int, dict[int, bytes]] = field(default_factory=dict)
+    """DP rounds: dealer -> holder -> ``H_dp_0 || ..`` (covered by the dealer's signature)."""
+    dp_seed_shares: dict[tuple[int, int], dict[int, bytes]] = field(default_factory=dict)
+    """DP rounds: (survivor, component) -> holder -> revealed noise-seed share."""
     uploads: dict[int, EncryptedInput] = field(default_factory=dict)
     """hybrid: every accepted signed upload, kept for the blame step."""
     pending: RoundResult | None = None

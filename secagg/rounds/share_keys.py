@@ -39,11 +39,32 @@ class ShareKeysState(ServerState):
                 f"{len(self.ctx.holders(cid))} holders exactly once",
                 client_id=cid,
             )
+        offer = self.ctx.params.dp
+        want = 0 if offer is None else offer.plan.components - 1
+        if msg.dp_components != want:
+            raise ProtocolViolation(
+                f"client {cid} shared {msg.dp_components} DP noise seeds; the round has {want}",
+                client_id=cid,
+            )
+        if want:
+            to = [r for r, _ in msg.dp_shares]
+            at = [h for h, _ in msg.dp_commitments]
+            if len(set(to)) != len(to) or set(to) != self.ctx.graph[cid]:
+                raise ProtocolViolation(
+                    f"client {cid} must send one DP share bundle to each neighbour", client_id=cid
+                )
+            if len(set(at)) != len(at) or set(at) != self.ctx.holders(cid):
+                raise ProtocolViolation(
+                    f"client {cid} must commit to the DP shares of each holder", client_id=cid
+                )
 
     def store(self, cid: int, msg: Message) -> None:
         assert isinstance(msg, ShareKeys)
         self.ctx.shares[cid] = dict(msg.shares)
         self.ctx.share_commits[cid] = dict(msg.commitments)
+        if msg.dp_components:
+            self.ctx.dp_bundles[cid] = dict(msg.dp_shares)
+            self.ctx.dp_commits[cid] = dict(msg.dp_commitments)
 
     def finish(self, now: float) -> tuple[ServerState, list[Outgoing]]:
         from secagg.rounds.masked_input import MaskedInputState
@@ -56,10 +77,24 @@ class ShareKeysState(ServerState):
         out: list[Outgoing] = []
         for cid in set(ctx.share_commits) - u1:
             del ctx.share_commits[cid]
+        for cid in set(ctx.dp_commits) - u1:
+            del ctx.dp_commits[cid]
+        offer = ctx.params.dp
+        n_dp = 0 if offer is None else offer.plan.components - 1
         for v in sorted(u1):
             dealers = sorted(ctx.graph[v] & u1)
             bundle = tuple((u, ctx.shares[u][v]) for u in dealers)
             commits = tuple((u, ctx.share_commits[u][v]) for u in dealers)
-            out.append((v, ShareDelivery(rid, 0, ctx.session_id, bundle, commits)))
+            dp_bundle = tuple((u, ctx.dp_bundles[u][v]) for u in dealers) if n_dp else ()
+            dp_commits = tuple((u, ctx.dp_commits[u][v]) for u in dealers) if n_dp else ()
+            out.append(
+                (
+                    v,
+                    ShareDelivery(
+                        rid, 0, ctx.session_id, bundle, commits, n_dp, dp_bundle, dp_commits
+                    ),
+                )
+            )
         ctx.shares.clear()
+        ctx.dp_bundles.clear()
         return MaskedInputState(ctx, u1), out

@@ -38,6 +38,7 @@ from secagg.messages import (
     EncryptedResult,
     Message,
     UnmaskShares,
+    dp_share_kind,
     seed_commitment,
     share_commit_payload,
     share_commitment,
@@ -100,6 +101,8 @@ class UnmaskingState(ServerState):
                         "excluded",
                         client_id=cid,
                     )
+        if ctx.params.dp is not None or msg.dp_shares:
+            validate_dp_shares(ctx, cid, msg, set(seed_owners))
 
     def store(self, cid: int, msg: Message) -> None:
         assert isinstance(msg, UnmaskShares)
@@ -107,6 +110,8 @@ class UnmaskingState(ServerState):
             self.ctx.seed_shares.setdefault(owner, {})[cid] = share
         for owner, share in msg.key_shares:
             self.ctx.key_shares.setdefault(owner, {})[cid] = share
+        for owner, k, share in msg.dp_shares:
+            self.ctx.dp_seed_shares.setdefault((owner, k), {})[cid] = share
 
     def finish(self, now: float) -> tuple[ServerState, list[Outgoing]]:
         ctx = self.ctx
@@ -125,13 +130,53 @@ class UnmaskingState(ServerState):
         msg: Message
         if result.ciphertexts is not None:
             msg = EncryptedResult(
-                ctx.params.round_id, 0, ctx.session_id, result.contributors, result.ciphertexts
+                ctx.params.round_id,
+                0,
+                ctx.session_id,
+                result.contributors,
+                result.ciphertexts,
+                result.dp_removal,
             )
         else:
             msg = AggregateResult(
                 ctx.params.round_id, 0, ctx.session_id, result.contributors, ctx.acc
             )
         return after_result(ctx), [(cid, msg) for cid in sorted(ctx.active(ctx.u2))]
+
+
+def validate_dp_shares(
+    ctx: ServerContext, cid: int, msg: UnmaskShares, seed_owners: set[int]
+) -> None:
+    """DP rounds: ``cid`` reveals, for exactly the survivors it reveals seed shares of,
+    its shares of noise seeds ``0 .. j-1`` (``j`` from ``|U|``), each matching the dealer's
+    signed DP commitment (a liar is refused whole, like a bad seed share)."""
+    offer = ctx.params.dp
+    if offer is None:
+        raise ProtocolViolation("DP seed shares revealed in a round without DP", client_id=cid)
+    j = offer.plan.level(len(ctx.u2))
+    pairs = [(o, k) for o, k, _ in msg.dp_shares]
+    want = {(o, k) for o in seed_owners for k in range(j)}
+    if len(set(pairs)) != len(pairs) or set(pairs) != want:
+        raise ProtocolViolation(
+            f"client {cid} must reveal DP seed shares 0..{j - 1} of exactly the survivors it"
+            " reveals seed shares of",
+            client_id=cid,
+        )
+    sid = ctx.session_id
+    for owner, k, share in msg.dp_shares:
+        try:
+            shamir.decode_share(share)
+        except ReconstructionError as exc:
+            raise ProtocolViolation(f"malformed share: {exc}", client_id=cid) from None
+        signed = ctx.dp_commits[owner][cid][32 * k : 32 * k + 32]
+        if not constant_time_equal(
+            share_commitment(sid, owner, cid, dp_share_kind(k), share), signed
+        ):
+            raise ProtocolViolation(
+                f"client {cid} revealed a share of client {owner}'s DP noise seed {k} that "
+                f"does not match client {owner}'s signed commitment; all its shares are excluded",
+                client_id=cid,
+            )
 
 
 class _DealerBlamed(ReconstructionError):
@@ -147,7 +192,8 @@ class _DealerBlamed(ReconstructionError):
 def _commit_signed(ctx: ServerContext, owner: int, holder: int) -> bool:
     """Whether the stored commitment of ``owner`` for ``holder`` carries its signature."""
     sig = ctx.share_commits[owner][holder]
-    payload = share_commit_payload(ctx.session_id, owner, holder, sig[:32], sig[32:64])
+    h_dp = ctx.dp_commits.get(owner, {}).get(holder, b"")
+    payload = share_commit_payload(ctx.session_id, owner, holder, sig[:32], sig[32:64], h_dp)
     try:
         verify_signature(ctx.directory[owner], payload, sig[64:], client_id=owner)
     except InvalidSignature:
@@ -174,7 +220,12 @@ def _evidence(
             "signature": adv.signature.hex(),
         },
         "shares": [
-            {"holder": h, "share": share.hex(), "commitment": ctx.share_commits[owner][h].hex()}
+            {
+                "holder": h,
+                "share": share.hex(),
+                "commitment": ctx.share_commits[owner][h].hex(),
+                "dp_commitment": ctx.dp_commits.get(owner, {}).get(h, b"").hex(),
+            }
             for h, share in sorted(used.items())
         ],
     }
@@ -285,7 +336,8 @@ def check_dealer_evidence(evidence: Mapping[str, Any], directory: Mapping[int, b
         for item in evidence["shares"]:
             holder, share = int(item["holder"]), bytes.fromhex(item["share"])
             commit = bytes.fromhex(item["commitment"])
-            payload = share_commit_payload(sid, dealer, holder, commit[:32], commit[32:64])
+            h_dp = bytes.fromhex(item.get("dp_commitment", ""))
+            payload = share_commit_payload(sid, dealer, holder, commit[:32], commit[32:64], h_dp)
             verify_signature(pk, payload, commit[64:])
             if share_commitment(sid, dealer, holder, kind, share) != commit[at : at + 32]:
                 return False
@@ -336,9 +388,128 @@ def unmask(ctx: ServerContext, responders: frozenset[int]) -> RoundResult:
         removal = np.zeros(he.n_slots, dtype=np.uint64)
         kernels.add_masks(removal, masks)
         cts = ctx.he_sum.finish(ckks.masks_from_words(removal, he))
+        if params.dp is not None:
+            return dp_hybrid_release(ctx, alive, responders, tuple(cts))
         return RoundResult(tuple(alive), ciphertexts=tuple(cts))
     acc = ctx.acc
     kernels.add_masks(acc, masks)
+    if params.dp is not None:
+        return dp_release(ctx, alive, responders)
     sums = kernels.unpack(acc, params.quant, params.quant.values(params.dim))
     weighted_sum, total = kernels.dequantize(sums, params.quant, len(alive), params.dim)
     return RoundResult(tuple(alive), sums, total, weighted_sum)
+
+
+def _dp_seeds(
+    ctx: ServerContext, alive: list[int], responders: frozenset[int]
+) -> dict[int, list[bytes]]:
+    """The survivors' revealed noise seeds ``0 .. j-1``, each from its first ``t`` committed
+    shares (the ``b_u`` path)."""
+    offer = ctx.params.dp
+    assert offer is not None
+    t, j = ctx.params.threshold, offer.plan.level(len(alive))
+    tables = []
+    for u in alive:
+        for k in range(j):
+            got = {h: sh for h, sh in ctx.dp_seed_shares.get((u, k), {}).items() if h in responders}
+            if len(got) < t:
+                raise ReconstructionError(
+                    f"DP noise seed {k} of client {u} has {len(got)} revealed shares; the "
+                    f"threshold is {t}"
+                )
+            tables.append(got)
+    found = shamir.reconstruct_each(tables, t)
+    if any(seed is None for seed in found):
+        bad = alive[found.index(None) // j]
+        raise ReconstructionError(f"the DP noise-seed shares of client {bad} are inconsistent")
+    return {u: [found[i * j + k] or b"" for k in range(j)] for i, u in enumerate(alive)}
+
+
+def _dp_report(ctx: ServerContext, s: int) -> dict[str, object]:
+    from secagg.dp.calibration import round_rho
+    from secagg.dp.encoding import rounded_norm_bound_sq
+    from secagg.dp.rotation import padded_dim
+
+    offer = ctx.params.dp
+    assert offer is not None
+    plan, d = offer.plan, padded_dim(offer.dim)
+    delta2_sq = rounded_norm_bound_sq(offer.clip, offer.gamma, d, offer.beta)
+    return {
+        "mechanism": "distributed-discrete-gaussian+xnoise",
+        "clip": offer.clip,
+        "gamma": offer.gamma,
+        "bits": offer.bits,
+        "rounds": offer.rounds,
+        "target_std": plan.target_variance**0.5 / offer.gamma,
+        "released_std": plan.residual_variance(s) ** 0.5 / offer.gamma,
+        "honest_std": plan.honest_variance(s) ** 0.5 / offer.gamma,
+        "contributors": s,
+        "removed_components": plan.level(s),
+        "components": plan.components,
+        "levels": list(plan.levels),
+        "max_release_ratio": plan.max_release_ratio,
+        "max_withholders": plan.max_withholders,
+        "rho_round": round_rho(plan, s, delta2_sq, d),
+    }
+
+
+def dp_release(ctx: ServerContext, alive: list[int], responders: frozenset[int]) -> RoundResult:
+    """Masked DP rounds, after the masks are gone: rebuild the survivors' revealed noise
+    seeds, reduce the lanes mod ``2^b``, subtract the removable components
+    (``DPServer.release``), publish the released ring sum (repacked into ``ctx.acc``) and
+    decode it."""
+    from secagg.dp.encoding import decode_sum
+    from secagg.dp.packing import dp_lane_bits, pack_ring, unpack_ring
+    from secagg.dp.participants import DPServer, rotation_key
+    from secagg.dp.rotation import padded_dim
+
+    params = ctx.params
+    offer = params.dp
+    assert offer is not None
+    seeds = _dp_seeds(ctx, alive, responders)
+    lane = dp_lane_bits(offer.bits, params.n_clients)
+    total = unpack_ring(ctx.acc, lane, padded_dim(offer.dim), offer.bits)
+    released = DPServer(offer, session_id=ctx.session_id).release(total, alive, seeds)
+    ctx.acc = pack_ring(released, lane, params.words)
+    aggregate = decode_sum(
+        released,
+        bits=offer.bits,
+        gamma=offer.gamma,
+        rotation_key=rotation_key(ctx.session_id),
+        dim=offer.dim,
+    )
+    s = len(alive)
+    return RoundResult(tuple(alive), released, s, aggregate, dp=_dp_report(ctx, s))
+
+
+def dp_hybrid_release(
+    ctx: ServerContext,
+    alive: list[int],
+    responders: frozenset[int],
+    ciphertexts: tuple[bytes, ...],
+) -> RoundResult:
+    """Hybrid DP rounds: the server cannot see the sum, so it publishes the removal beside
+    the encrypted sum: the survivors' removable components summed mod ``2^b``, packed. Key
+    holders subtract it after decrypting. It tells them nothing the release does not: they
+    only ever see the sum with every kept component in it."""
+    from secagg.dp.packing import dp_lane_bits, pack_ring
+    from secagg.dp.participants import DPServer
+    from secagg.dp.rotation import padded_dim
+
+    params = ctx.params
+    offer = params.dp
+    assert offer is not None
+    seeds = _dp_seeds(ctx, alive, responders)
+    d = padded_dim(offer.dim)
+    zero = np.zeros(d, dtype=np.uint64)
+    # release(0) = -removal mod 2^b; the key holders add it to their decrypted lane sums
+    minus = DPServer(offer, session_id=ctx.session_id).release(zero, alive, seeds)
+    lane = dp_lane_bits(offer.bits, params.n_clients)
+    words = pack_ring(minus, lane, -(-d // (64 // lane)))
+    s = len(alive)
+    return RoundResult(
+        tuple(alive),
+        ciphertexts=ciphertexts,
+        dp=_dp_report(ctx, s),
+        dp_removal=np.ascontiguousarray(words, dtype="<u8").tobytes(),
+    )

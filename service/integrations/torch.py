@@ -30,16 +30,39 @@ PyTorch is imported on first use; it is not needed to import this module.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from secagg.dp.policy import DPPolicy
 from secagg.service.client import Client, HEContext
 from secagg.service.tensors import fingerprint
 
-__all__ = ["CUDA_ZERO_COPY", "SecureFedAvg", "StepResult", "floating_state"]
+__all__ = ["CUDA_ZERO_COPY", "DPConfig", "SecureFedAvg", "StepResult", "floating_state"]
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """A site's distributed-DP requirement for the job (docs/dp.md).
+
+    ``epsilon``/``delta``: the budget over ``rounds`` rounds (RDP accountant); ``clip``: the
+    largest L2 clip norm of the update (the delta when ``send="delta"``) the site accepts;
+    ``min_withholders``: noise withholders the server's plan must tolerate.
+    """
+
+    epsilon: float
+    delta: float = 1e-5
+    rounds: int = 1
+    clip: float = 1.0
+    min_withholders: int = 0
+
+    def policy(self) -> DPPolicy:
+        """The core :class:`~secagg.dp.policy.DPPolicy` the site's client checks offers with."""
+        return DPPolicy(self.epsilon, self.delta, self.rounds, self.clip, self.min_withholders)
+
 
 CUDA_ZERO_COPY = True
 """Whether a CUDA update reaches the CUDA masking kernels without a host copy (``masked``).
@@ -124,6 +147,11 @@ class SecureFedAvg:
     keys:
         ``state_dict`` entries to average (default: every floating-point entry). Every site
         of a round must use the same entries in the same order.
+    dp:
+        Require distributed DP (:class:`DPConfig`): the client's policy then refuses every
+        round without DP or with a weaker offer, before sending anything. DP rounds are
+        unweighted (each site's clipped update counts once; ``num_samples`` is not sent) and
+        the loaded mean is the released noisy sum over the contributors.
     """
 
     def __init__(
@@ -133,9 +161,13 @@ class SecureFedAvg:
         *,
         send: Send = "delta",
         keys: Sequence[str] | None = None,
+        dp: DPConfig | None = None,
     ) -> None:
         if send not in ("delta", "weights"):
             raise ValueError(f"send must be 'delta' or 'weights', not {send!r}")
+        self.dp = dp
+        if dp is not None:
+            client.policy = dataclasses.replace(client.policy, dp=dp.policy())
         self.client = client
         self.send: Send = send
         self.keys = None if keys is None else tuple(keys)
@@ -223,7 +255,7 @@ class SecureFedAvg:
             agg = self.client.aggregate(
                 round_id,
                 update,
-                weight=int(num_samples),
+                weight=1 if self.dp is not None else int(num_samples),
                 rounding_key=rounding_key,
                 he_context=he_context,
             )

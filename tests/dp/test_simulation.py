@@ -62,6 +62,11 @@ def test_simulate_reports_dp_block() -> None:
     assert dp["contributors"] == report["survivors"]
     assert dp["epsilon"] <= 5.0 and dp["rounds"] == 3 and dp["clip"] == 1.0
     assert dp["measured_std"] > 0 and dp["target_std"] > 0
+    # From the masked round's own release: the plan's noise for the actual survivors
+    # (d' = 512: the sample std has relative error ~3%; 30% is far outside it).
+    assert dp["path"] == "masked-round"
+    assert abs(dp["measured_std"] / dp["released_std"] - 1) < 0.3
+    assert dp["released_std"] >= dp["target_std"]
     assert "dp" not in simulate(SimulationConfig(clients=5, dim=50, dropout=0.0))
 
 
@@ -73,6 +78,6 @@ def test_cli_simulate_dp_flags(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*argv, *dp_flags]) == 0
     dp = json.loads(capsys.readouterr().out)["dp"]
     assert dp["delta"] == 1e-6 and dp["rounds"] == 2 and dp["clip"] == 0.5
-    assert dp["epsilon"] <= 4.0 and dp["path"] == "beside-masked-round"
+    assert dp["epsilon"] <= 4.0 and dp["path"] == "masked-round"
     # Not yet over gRPC: refused with the configuration exit code, not silently ignored.
     assert main([*argv, *dp_flags, "--transport", "grpc"]) != 0

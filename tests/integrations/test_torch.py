@@ -255,3 +255,21 @@ def test_site_with_another_layout_is_refused_before_sending(federation: Federati
     with pytest.raises(PolicyRefused, match="layout"):
         other.step(Transposed(), 1, rid)
     client.close()
+
+
+def test_dp_site_refuses_a_round_without_dp_before_sending(federation: Federation) -> None:
+    """Attack: the server runs the job's round without distributed DP for a site that asked
+    for it (``SecureFedAvg(..., dp=DPConfig(...))``). The site's policy refuses the round
+    before anything is sent (failed before SecureFedAvg passed ``dp`` into the policy)."""
+    from secagg.service.errors import PolicyRefused
+    from secagg.service.integrations.torch import DPConfig
+
+    names = federation.enroll(3, prefix="dp")
+    client = federation.client(names[0])
+    fa = SecureFedAvg(client, Mixed(), send="weights", dp=DPConfig(3.0, 1e-5, 10, clip=1.0))
+    assert client.policy.dp == DPConfig(3.0, 1e-5, 10, clip=1.0).policy()
+    assert client.policy.core().dp == client.policy.dp
+    rid = federation.round(names, DIM, job="torch-dp")
+    with pytest.raises(PolicyRefused, match="requires distributed DP"):
+        fa.step(Mixed(), 1, rid)
+    client.close()
