@@ -19,6 +19,7 @@ from secagg.errors import (
     InvalidSignature,
     LateMessage,
     MalformedMessage,
+    PrivacyBudgetExceeded,
     ProtocolViolation,
     RoundAborted,
     SecAggError,
@@ -31,6 +32,7 @@ from secagg.errors import (
 __all__ = [
     "EXIT_ABORTED",
     "EXIT_AUDIT",
+    "EXIT_BUDGET",
     "EXIT_CODES",
     "EXIT_CONFIG",
     "EXIT_DENIED",
@@ -39,8 +41,10 @@ __all__ = [
     "EXIT_NOT_FOUND",
     "EXIT_UNAVAILABLE",
     "AlreadyExists",
+    "BudgetExhausted",
     "Dropped",
     "HelloTimeout",
+    "LedgerMismatch",
     "NotFound",
     "PermissionDenied",
     "PolicyRefused",
@@ -129,6 +133,15 @@ class StoreLocked(StoreError):
     """Another server holds the store's writer lock; the message names it (pid, host)."""
 
 
+class BudgetExhausted(Refused, PrivacyBudgetExceeded):
+    """A DP round of a job whose worst case would take the job past its privacy budget
+    (``service/privacy.py``); nothing was recorded. FAILED_PRECONDITION: no retry helps."""
+
+
+class LedgerMismatch(StoreError):
+    """A stored privacy-ledger row disagrees with its recomputation or its audit entry."""
+
+
 _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     # Order matters: the first matching class wins, so subclasses come first.
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
@@ -139,6 +152,7 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (TooManyStreams, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (HelloTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
     (Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
+    (BudgetExhausted, grpc.StatusCode.FAILED_PRECONDITION),
     (Refused, grpc.StatusCode.FAILED_PRECONDITION),
     (DuplicateMessage, grpc.StatusCode.ALREADY_EXISTS),
     (UnknownClient, grpc.StatusCode.PERMISSION_DENIED),
@@ -212,12 +226,15 @@ EXIT_LOCKED = 5
 EXIT_NOT_FOUND = 6
 EXIT_DENIED = 7
 EXIT_UNAVAILABLE = 8
+EXIT_BUDGET = 9
 
 EXIT_CODES: tuple[tuple[type[BaseException], int, str], ...] = (
     # (class, exit status, meaning); the first matching class wins, subclasses first.
     # Exit 3 (a round that ended aborted) and 4 (the audit chain does not verify) are
     # outcomes, not exceptions: the commands return them.
     (StoreLocked, EXIT_LOCKED, "another server holds the store (the message names it)"),
+    (LedgerMismatch, EXIT_AUDIT, "the privacy ledger does not verify (the row is named)"),
+    (BudgetExhausted, EXIT_BUDGET, "the job's privacy budget cannot cover the round"),
     (TlsError, EXIT_UNAVAILABLE, "TLS failure: certificate, key, CA or server name"),
     (Unavailable, EXIT_UNAVAILABLE, "the server cannot be reached"),
     (NotFound, EXIT_NOT_FOUND, "no such round or participant (or audit entries for it)"),
