@@ -124,7 +124,8 @@ def _clipped_mean(clip: float) -> Aggregate:
     from secagg.dp.encoding import clip_l2
 
     def agg(_r: int, active: list[int], deltas: list[F64]) -> F64:
-        return np.sum([clip_l2(d, clip) for d in deltas], axis=0) / len(active)
+        total: F64 = np.sum([clip_l2(d, clip) for d in deltas], axis=0)
+        return total / len(active)
 
     return agg
 
@@ -136,8 +137,9 @@ def _central(clip: float, rho: float, seed: int) -> Aggregate:
     sigma = clip / math.sqrt(2.0 * rho)
 
     def agg(_r: int, active: list[int], deltas: list[F64]) -> F64:
-        total = np.sum([clip_l2(d, clip) for d in deltas], axis=0)
-        return (total + rng.normal(0.0, sigma, total.shape)) / len(active)
+        total: F64 = np.sum([clip_l2(d, clip) for d in deltas], axis=0)
+        noisy: F64 = total + rng.normal(0.0, sigma, total.shape)
+        return noisy / len(active)
 
     return agg
 
