@@ -41,6 +41,17 @@ flower: $(FVENV)/.flower
 demo: $(VENV)/.demo
 	$(BIN)/secagg demo --out demo-out
 
+# Accuracy against epsilon (docs/dp.md, "Accuracy against epsilon"): demo-out/dp_accuracy.png
+# and .json; about 1-2 min on 2 idle cores, so not part of `make demo`.
+.PHONY: demo-dp
+$(VENV)/.demo-dp: pyproject.toml | $(BIN)/python
+	$(PIP) $(TORCH)
+	$(PIP) -e '.[demo,dp]'
+	touch $@ $(VENV)/.demo
+
+demo-dp: $(VENV)/.demo-dp
+	$(BIN)/python -m secagg.service.demo.dp_plot --out demo-out
+
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check secagg kernels service tests benchmarks

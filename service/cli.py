@@ -1,5 +1,5 @@
 """The ``secagg`` command line: serve, enroll, keygen, authority, audit, round, job,
-simulate, provision, operator, site."""
+simulate, provision, operator, site, privacy."""
 
 from __future__ import annotations
 
@@ -998,6 +998,48 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run_args(args)
 
 
+# -- secagg privacy (service/privacy.py; docs/dp.md, "Ledger in the service") ---------------
+
+
+def _add_privacy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("privacy", help="print a job's DP ledger (rounds, rho, epsilon spent)")
+    p.add_argument("--job", required=True, help="the job whose ledger to print")
+    p.add_argument("--store", help="SQLite file (default: secagg.db; $SECAGG_STORE)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+
+
+def _cmd_privacy(args: argparse.Namespace) -> int:
+    from secagg.service.privacy import JobLedger
+    from secagg.service.store import Store
+
+    path = args.store or os.environ.get("SECAGG_STORE", "secagg.db")
+    if not Path(path).exists():
+        raise ConfigurationError(f"no store at {path} (give --store or $SECAGG_STORE)")
+    store = Store(path)
+    try:
+        doc = JobLedger(store, args.job).as_dict()
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(doc))
+        return 0
+    q = "" if doc["rigorous"] else f", sampling rate {doc['sampling_rate']} (Gaussian view)"
+    print(
+        f"job {doc['job']}: budget epsilon {doc['epsilon_budget']:g} at delta "
+        f"{doc['delta']:.3g}{q}; {doc['rounds_charged']} rounds, spent {doc['epsilon_spent']:.4f}"
+        f" (RDP), {doc['epsilon_pld']:.4f} (PLD), left {doc['budget_left']:.4f}"
+    )
+    head = f"{'round':<34} {'contrib':>7} {'target std':>10} {'rho':>10} "
+    print(head + f"{'eps (RDP)':>10} {'eps (PLD)':>10} {'left':>9}")
+    for r in doc["rounds"]:
+        print(
+            f"{r['round_id']:<34} {r['contributors']:>7} {r['target_std']:>10.4g} "
+            f"{r['rho']:>10.4g} {r['epsilon_rdp']:>10.4f} {r['epsilon_pld']:>10.4f} "
+            f"{r['budget_left']:>9.4f}"
+        )
+    return 0
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": _run_demo,
     "simulate": _run_simulate,
@@ -1011,6 +1053,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "provision": _run_provision,
     "operator": _run_operator,
     "site": _run_site,
+    "privacy": _cmd_privacy,
 }
 
 
@@ -1043,6 +1086,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_provision(sub)
     _add_operator(sub)
     _add_site(sub)
+    _add_privacy(sub)
     _add_demo(sub)
     args = parser.parse_args(argv)
     run = _COMMANDS.get(args.command)

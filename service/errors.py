@@ -19,6 +19,7 @@ from secagg.errors import (
     InvalidSignature,
     LateMessage,
     MalformedMessage,
+    PrivacyBudgetExceeded,
     ProtocolViolation,
     RoundAborted,
     SecAggError,
@@ -31,6 +32,7 @@ from secagg.errors import (
 __all__ = [
     "EXIT_ABORTED",
     "EXIT_AUDIT",
+    "EXIT_BUDGET",
     "EXIT_CODES",
     "EXIT_CONFIG",
     "EXIT_DENIED",
@@ -39,10 +41,12 @@ __all__ = [
     "EXIT_NOT_FOUND",
     "EXIT_UNAVAILABLE",
     "AlreadyExists",
+    "BudgetExhausted",
     "Dropped",
     "HelloTimeout",
     "JobAborted",
     "JobTimeout",
+    "LedgerMismatch",
     "NotFound",
     "PermissionDenied",
     "PolicyRefused",
@@ -145,6 +149,15 @@ class StoreLocked(StoreError):
     """Another server holds the store's writer lock; the message names it (pid, host)."""
 
 
+class BudgetExhausted(Refused, PrivacyBudgetExceeded):
+    """A DP round of a job whose worst case would take the job past its privacy budget
+    (``service/privacy.py``); nothing was recorded. FAILED_PRECONDITION: no retry helps."""
+
+
+class LedgerMismatch(StoreError):
+    """A stored privacy-ledger row disagrees with its recomputation or its audit entry."""
+
+
 _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     # Order matters: the first matching class wins, so subclasses come first.
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
@@ -157,6 +170,7 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (JobTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
     (JobAborted, grpc.StatusCode.ABORTED),
     (Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
+    (BudgetExhausted, grpc.StatusCode.FAILED_PRECONDITION),
     (Refused, grpc.StatusCode.FAILED_PRECONDITION),
     (DuplicateMessage, grpc.StatusCode.ALREADY_EXISTS),
     (UnknownClient, grpc.StatusCode.PERMISSION_DENIED),
@@ -230,12 +244,15 @@ EXIT_LOCKED = 5
 EXIT_NOT_FOUND = 6
 EXIT_DENIED = 7
 EXIT_UNAVAILABLE = 8
+EXIT_BUDGET = 9
 
 EXIT_CODES: tuple[tuple[type[BaseException], int, str], ...] = (
     # (class, exit status, meaning); the first matching class wins, subclasses first.
     # Exit 3 (a round that ended aborted) and 4 (the audit chain does not verify) are
     # outcomes, not exceptions: the commands return them.
     (StoreLocked, EXIT_LOCKED, "another server holds the store (the message names it)"),
+    (LedgerMismatch, EXIT_AUDIT, "the privacy ledger does not verify (the row is named)"),
+    (BudgetExhausted, EXIT_BUDGET, "the job's privacy budget cannot cover the round"),
     (TlsError, EXIT_UNAVAILABLE, "TLS failure: certificate, key, CA or server name"),
     (Unavailable, EXIT_UNAVAILABLE, "the server cannot be reached"),
     (JobAborted, EXIT_ABORTED, "the job was aborted (the message gives the reason)"),
