@@ -6,9 +6,10 @@ Coordinates ``c C .. c C + C - 1`` (``C =`` :data:`COORDS_PER_STREAM`) of a vect
 ``K`` are drawn, in order, from the keystream of ``K`` under nonce ``tag || LE88(c)`` read as
 consecutive little-endian ``uint32`` words from block 0, every word used. Uniform integers
 below ``m`` by Lemire's multiply-shift rejection (a division only when the low half of the
-product falls below ``m``): one word for ``m < 2^32``, two (low first) for ``m < 2^63``. CKS20 Algorithms 1-3 run in ``uint64`` arithmetic; where an integer would leave
-64 bits the kernel stops that (vector, chunk) and flags it; the caller recomputes flagged
-chunks with the reference, so the output never depends on a tail bound.
+product falls below ``m``): one word for ``m < 2^32``, two (low first) for ``m < 2^63``.
+CKS20 Algorithms 1-3 run in ``uint64`` arithmetic; where an integer would leave 64 bits
+the kernel stops that (vector, chunk) and flags it; the caller recomputes flagged chunks
+with the reference, so the output never depends on a tail bound.
 
 One call samples a *batch* of vectors (``m`` keys, each with its own integer variance) and
 returns their sum: the client's ``L + 1`` components, or every survivor's removable
@@ -78,7 +79,7 @@ def _refill(keys: Any, nonces: Any, buf: Any, st: Any) -> None:
     st[_POS] = _ZERO
 
 
-@register_jitable
+@register_jitable(inline="always")
 def _word(keys: Any, nonces: Any, buf: Any, st: Any) -> Any:
     """Next 32-bit keystream word (as ``uint64``); ``0`` with ``st[2]`` set past the stream."""
     if st[_POS] >= st[_FILL]:

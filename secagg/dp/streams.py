@@ -43,6 +43,7 @@ __all__ = [
     "dg_sample_reference",
     "discrete_gaussian_sum",
     "discrete_gaussian_vector",
+    "lemire",
 ]
 
 COORDS_PER_STREAM = 256
@@ -61,6 +62,15 @@ def chunk_nonce(c: int) -> bytes:
     if not 0 <= c < MAX_CHUNKS:
         raise ConfigurationError(f"chunk index {c} outside [0, 2^64)")
     return bytes([int(Purpose.DP_NOISE)]) + c.to_bytes(11, "little")
+
+
+def lemire(u: int, m: int, bits: int) -> int | None:
+    """Lemire's rule for an ``L``-bit ``u`` (``L = bits``): ``floor(u m / 2^L)``, or ``None``
+    (reject) when ``u m mod 2^L < 2^L mod m``. Exactly ``floor(2^L / m)`` of the ``2^L``
+    values of ``u`` map to each result in ``[0, m)`` (D. Lemire, "Fast random integer
+    generation in an interval", ACM TOMACS 2019)."""
+    prod = u * m
+    return prod >> bits if prod % (1 << bits) >= (1 << bits) % m else None
 
 
 class _Words:
@@ -92,15 +102,13 @@ class _Words:
         accepted preimages.
         """
         n = 1 if m < _TWO32 else max(2, -(-m.bit_length() // 32))
-        size = 1 << (32 * n)
-        floor_rem = size % m
         while True:
             u = 0
             for j in range(n):
                 u |= self.next() << (32 * j)
-            prod = u * m
-            if prod % size >= floor_rem:
-                return prod // size
+            r = lemire(u, m, 32 * n)
+            if r is not None:
+                return r
 
     def series(self, a: int, b: int) -> bool:
         """Bernoulli(exp(-a/b)), ``0 <= a <= b`` (CKS20 Algorithm 1; ``K = 2`` first if a = b)."""
