@@ -39,6 +39,7 @@ from secagg.prg import Purpose, derive_key
 __all__ = [
     "DEFAULT_MAX_EXCESS",
     "MIN_COMPONENT_VARIANCE",
+    "PRECOMPUTE_SALT_BYTES",
     "XNoisePlan",
     "check_plan",
     "client_noise",
@@ -218,9 +219,35 @@ def check_plan(plan: XNoisePlan, *, min_target_variance: int, max_withholders: i
         )
 
 
-def component_key(seed: bytes, session_id: bytes, client_id: int, component: int) -> bytes:
-    """Stream key of component ``k`` of client ``i``: HKDF(seed; session id; dp-noise, i, k)."""
-    return derive_key(seed, session_id, Purpose.DP_NOISE, client_id, component)
+PRECOMPUTE_SALT_BYTES = 32
+"""Length of the client-chosen salt of a precomputed (round-independent) noise key."""
+
+
+def component_key(
+    seed: bytes,
+    session_id: bytes,
+    client_id: int,
+    component: int,
+    *,
+    precompute_salt: bytes | None = None,
+) -> bytes:
+    """Stream key of component ``k`` of client ``i``: HKDF(seed; session id; dp-noise, i, k).
+
+    With ``precompute_salt`` (``PRECOMPUTE_SALT_BYTES`` from ``secrets``, chosen by the client
+    with its fresh seeds *before* the round's session id exists), the key is
+    ``HKDF(seed; salt; dp-noise, k)`` and ignores ``session_id`` and ``client_id``, so the
+    client can draw its noise ahead of the round (while it trains or waits for ShareKeys).
+    The salt is public: it travels with the client's shared seeds so that the server can
+    regenerate removed components. Each (salt, seeds) set is for one round only; the security
+    argument is in docs/dp.md ("Speed", drawing noise ahead of the round).
+    """
+    if precompute_salt is None:
+        return derive_key(seed, session_id, Purpose.DP_NOISE, client_id, component)
+    if len(precompute_salt) != PRECOMPUTE_SALT_BYTES:
+        raise ConfigurationError(
+            f"precompute salt is {len(precompute_salt)} bytes, need {PRECOMPUTE_SALT_BYTES}"
+        )
+    return derive_key(seed, precompute_salt, Purpose.DP_NOISE, component)
 
 
 def component_noise(variance: int, key: bytes, dim: int, *, backend: str = "cpu") -> I64:
