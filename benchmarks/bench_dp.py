@@ -80,6 +80,7 @@ def words_per_sample(sigma2: int, samples: int = 2000) -> float:
 
     class Counting(streams._Words):
         __slots__ = ("n",)
+        n: int
 
         def next(self) -> int:
             self.n += 1

@@ -36,7 +36,7 @@ from numba.extending import register_jitable
 
 from secagg.kernels.chacha import key_words
 from secagg.kernels.config import CPU_LANES
-from secagg.kernels.cpu import _blocks
+from secagg.kernels.cpu import _LAUNCH, _blocks
 
 __all__ = [
     "COORDS_PER_STREAM",
@@ -313,7 +313,9 @@ def discrete_gaussian_sum(
     out = np.zeros(count, dtype=np.int64)
     flags = np.zeros((keys.shape[0], n_chunks), dtype=np.bool_)
     if count and keys.shape[0]:
-        _dg_sum_kernel(np.ascontiguousarray(keys), tag, sampler_params(sigma2s), count, out, flags)
+        params = sampler_params(sigma2s)
+        with _LAUNCH:  # one parallel region at a time (kernels/cpu.py: workqueue layer)
+            _dg_sum_kernel(np.ascontiguousarray(keys), tag, params, count, out, flags)
     return out, flags
 
 
