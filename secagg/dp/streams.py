@@ -54,7 +54,6 @@ MAX_CHUNKS = 1 << 64
 """Chunk indices fit the 88 nonce bits; the kernel takes them as ``uint64``."""
 
 _TWO32 = 1 << 32
-_TWO64 = 1 << 64
 
 
 def chunk_nonce(c: int) -> bytes:
