@@ -32,13 +32,14 @@ import numpy as np
 import numpy.typing as npt
 
 from secagg.dp.sampling import max_integer_variance
-from secagg.dp.streams import discrete_gaussian_vector
+from secagg.dp.streams import discrete_gaussian_sum, discrete_gaussian_vector
 from secagg.errors import ConfigurationError, InfeasibleParameters, ServerMisbehaviour
 from secagg.prg import Purpose, derive_key
 
 __all__ = [
     "DEFAULT_MAX_EXCESS",
     "MIN_COMPONENT_VARIANCE",
+    "PRECOMPUTE_SALT_BYTES",
     "XNoisePlan",
     "check_plan",
     "client_noise",
@@ -218,29 +219,56 @@ def check_plan(plan: XNoisePlan, *, min_target_variance: int, max_withholders: i
         )
 
 
-def component_key(seed: bytes, session_id: bytes, client_id: int, component: int) -> bytes:
-    """Stream key of component ``k`` of client ``i``: HKDF(seed; session id; dp-noise, i, k)."""
-    return derive_key(seed, session_id, Purpose.DP_NOISE, client_id, component)
+PRECOMPUTE_SALT_BYTES = 32
+"""Length of the client-chosen salt of a precomputed (round-independent) noise key."""
 
 
-def component_noise(variance: int, key: bytes, dim: int) -> I64:
+def component_key(
+    seed: bytes,
+    session_id: bytes,
+    client_id: int,
+    component: int,
+    *,
+    precompute_salt: bytes | None = None,
+) -> bytes:
+    """Stream key of component ``k`` of client ``i``: HKDF(seed; session id; dp-noise, i, k).
+
+    With ``precompute_salt`` (``PRECOMPUTE_SALT_BYTES`` from ``secrets``, chosen by the client
+    with its fresh seeds *before* the round's session id exists), the key is
+    ``HKDF(seed; salt; dp-noise, k)`` and ignores ``session_id`` and ``client_id``, so the
+    client can draw its noise ahead of the round (while it trains or waits for ShareKeys).
+    The salt is public: it travels with the client's shared seeds so that the server can
+    regenerate removed components. Each (salt, seeds) set is for one round only; the security
+    argument is in docs/dp.md ("Speed", drawing noise ahead of the round).
+    """
+    if precompute_salt is None:
+        return derive_key(seed, session_id, Purpose.DP_NOISE, client_id, component)
+    if len(precompute_salt) != PRECOMPUTE_SALT_BYTES:
+        raise ConfigurationError(
+            f"precompute salt is {len(precompute_salt)} bytes, need {PRECOMPUTE_SALT_BYTES}"
+        )
+    return derive_key(seed, precompute_salt, Purpose.DP_NOISE, component)
+
+
+def component_noise(variance: int, key: bytes, dim: int, *, backend: str = "cpu") -> I64:
     """One component: ``dim`` exact draws of ``N_Z(0, variance)`` under ``key``.
 
-    Coordinate ``i`` is drawn from its own stream (:mod:`secagg.dp.streams`: nonce
-    ``DP_NOISE || LE88(i)``), by the parallel Numba kernel with exact fix-up, so the server
-    regenerates a removed component bit for bit.
+    Coordinates come in chunks of 256, each chunk from its own stream
+    (:mod:`secagg.dp.streams`: nonce ``DP_NOISE || LE88(chunk)``), by the parallel Numba
+    kernel with exact fix-up, so the server regenerates a removed component bit for bit.
     """
-    return discrete_gaussian_vector(key, variance, dim)
+    return discrete_gaussian_vector(key, variance, dim, backend=backend)
 
 
-def client_noise(plan: XNoisePlan, keys: Sequence[bytes], dim: int) -> I64:
-    """The total noise a client adds: the sum of its ``L + 1`` components (``keys[k]``)."""
+def client_noise(plan: XNoisePlan, keys: Sequence[bytes], dim: int, *, backend: str = "cpu") -> I64:
+    """The total noise a client adds: the sum of its ``L + 1`` components (``keys[k]``).
+
+    All components in one pass of the batched kernel (the same vector as summing
+    :func:`component_noise` over ``k``).
+    """
     if len(keys) != plan.components:
         raise ConfigurationError(f"need {plan.components} component keys, got {len(keys)}")
-    total = np.zeros(dim, dtype=np.int64)
-    for v, key in zip(plan.component_variances, keys, strict=True):
-        total += component_noise(v, key, dim)
-    return total
+    return discrete_gaussian_sum(list(keys), plan.component_variances, dim, backend=backend)
 
 
 def revealed_components(plan: XNoisePlan, survivors: Sequence[int], roster: Sequence[int]) -> range:
@@ -261,21 +289,27 @@ def revealed_components(plan: XNoisePlan, survivors: Sequence[int], roster: Sequ
 
 
 def removal_noise(
-    plan: XNoisePlan, removed_keys: Mapping[int, Sequence[bytes]], survivors: int, dim: int
+    plan: XNoisePlan,
+    removed_keys: Mapping[int, Sequence[bytes]],
+    survivors: int,
+    dim: int,
+    *,
+    backend: str = "cpu",
 ) -> I64:
     """Server side: the sum of the removable components of every survivor (to subtract).
 
     ``removed_keys[i]`` are the stream keys of survivor ``i``'s components ``0 .. j-1``,
-    rebuilt from the revealed seed shares.
+    rebuilt from the revealed seed shares. All ``s j`` vectors go through one pass of the
+    batched kernel (parallel over coordinate chunks, summed in place: no per-vector array).
     """
     j = plan.level(survivors)
     if len(removed_keys) != survivors:
         raise ConfigurationError(f"need removable keys of {survivors} survivors")
     variances = plan.component_variances
-    total = np.zeros(dim, dtype=np.int64)
+    flat: list[bytes] = []
     for cid, keys in removed_keys.items():
         if len(keys) != j:
             raise ConfigurationError(f"survivor {cid}: need {j} removable keys, got {len(keys)}")
-        for k, key in enumerate(keys):
-            total += component_noise(variances[k], key, dim)
-    return total
+        flat.extend(keys)
+    return discrete_gaussian_sum(flat, [variances[k] for k in range(j)] * survivors, dim,
+                                 backend=backend)  # fmt: skip

@@ -1,4 +1,4 @@
-"""Per-sample noise streams: the Numba kernel against the exact scalar reference, bit for bit.
+"""Chunked noise streams: the Numba kernel against the exact scalar reference, bit for bit.
 
 Statistical checks use fixed keys; thresholds at false-alarm rate 1e-4 (as test_sampling).
 """
@@ -12,7 +12,14 @@ import pytest
 
 from secagg.dp import streams
 from secagg.dp.sampling import discrete_gaussian_pmf, max_integer_variance
-from secagg.dp.streams import dg_sample_reference, discrete_gaussian_vector, sample_nonce
+from secagg.dp.streams import (
+    COORDS_PER_STREAM,
+    chunk_nonce,
+    dg_chunk_reference,
+    dg_sample_reference,
+    discrete_gaussian_sum,
+    discrete_gaussian_vector,
+)
 from secagg.errors import ConfigurationError
 from secagg.kernels import dp_noise
 from secagg.prg import Purpose, keystream_u64, nonce_for
@@ -23,46 +30,90 @@ KEY = bytes(range(32))
 
 
 def test_nonce_layout() -> None:
-    assert sample_nonce(0) == nonce_for(Purpose.DP_NOISE)
-    assert sample_nonce(1) == bytes([16, 1]) + bytes(10)
-    assert sample_nonce(2**64 - 1) == bytes([16]) + b"\xff" * 8 + bytes(3)
+    assert COORDS_PER_STREAM == dp_noise.COORDS_PER_STREAM == 256
+    assert chunk_nonce(0) == nonce_for(Purpose.DP_NOISE)
+    assert chunk_nonce(1) == bytes([16, 1]) + bytes(10)
+    assert chunk_nonce(2**64 - 1) == bytes([16]) + b"\xff" * 8 + bytes(3)
     with pytest.raises(ConfigurationError):
-        sample_nonce(2**64)
-    # Sample 0's words are the plain DP_NOISE keystream (first word = its first draw).
+        chunk_nonce(2**64)
+    # Chunk 0 reads the plain DP_NOISE keystream as 32-bit words, low half first.
     w = streams._Words(KEY, 0)
-    assert w.next() == int(keystream_u64(KEY, Purpose.DP_NOISE, 1)[0])
+    first = int(keystream_u64(KEY, Purpose.DP_NOISE, 1)[0])
+    assert (w.next(), w.next()) == (first & 0xFFFFFFFF, first >> 32)
+
+
+def test_known_answers() -> None:
+    """Pinned outputs of the layout (they change only with the specification, docs/dp.md)."""
+    assert dg_chunk_reference(KEY, 0, 1000, 8) == [-11, -12, -24, -5, 15, 21, 44, -44]
+    assert dg_chunk_reference(KEY, 3, 29_818_379, 4) == [3587, 10603, 6138, 3235]
+    got = discrete_gaussian_vector(KEY, 29_818_379, 3 * 256 + 4)
+    assert got[3 * 256 :].tolist() == [3587, 10603, 6138, 3235]
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 1000, 4095, 65535])
+def test_lemire_rule_is_exactly_uniform(m: int) -> None:
+    """Exhaustive at 16 bits (the sampler uses the same rule at 32 and 64): every value in
+    ``[0, m)`` has exactly ``floor(2^16 / m)`` accepted preimages."""
+    counts = [0] * m
+    for u in range(1 << 16):
+        r = streams.lemire(u, m, 16)
+        if r is not None:
+            counts[r] += 1
+    assert counts == [(1 << 16) // m] * m
 
 
 @pytest.mark.parametrize("sigma2", [1, 2, 7, 100, 10**6, max_integer_variance()])
 def test_kernel_matches_reference_bit_for_bit(sigma2: int) -> None:
-    got = discrete_gaussian_vector(KEY, sigma2, 1500)
-    want = [dg_sample_reference(KEY, i, sigma2) for i in range(1500)]
+    count = 2 * COORDS_PER_STREAM + 37  # two whole chunks and a partial one
+    got = discrete_gaussian_vector(KEY, sigma2, count)
+    want: list[int] = []
+    for c in range(3):
+        want += dg_chunk_reference(KEY, c, sigma2, min(COORDS_PER_STREAM, count - 256 * c))
     assert got.tolist() == want
+    assert int(got[300]) == dg_sample_reference(KEY, 300, sigma2)
 
 
-def test_flagged_samples_are_recomputed_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The kernel with ``amax = 0`` flags every nonzero candidate; the fix-up restores them."""
-    real = dp_noise.discrete_gaussian
+def test_batched_sum_equals_sum_of_vectors() -> None:
+    keys = [bytes([k]) * 32 for k in range(5)]
+    s2s = [4, 77, 10**4, 2_302_578, 29_818_379]
+    want = sum(discrete_gaussian_vector(k, s, 1000) for k, s in zip(keys, s2s, strict=True))
+    assert (discrete_gaussian_sum(keys, s2s, 1000) == want).all()
+    assert (discrete_gaussian_sum([], [], 10) == 0).all()
+    with pytest.raises(ConfigurationError):
+        discrete_gaussian_sum(keys, s2s[:2], 10)
 
-    def all_flagged(key: bytes, tag: int, sigma2: int, count: int):  # type: ignore[no-untyped-def]
-        out, _ = real(key, tag, sigma2, count)
-        return np.zeros_like(out), np.arange(count)
 
-    monkeypatch.setattr(dp_noise, "discrete_gaussian", all_flagged)
+def test_flagged_chunks_are_recomputed_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel that flags every chunk (and adds nothing) still yields the reference vector."""
+    real = dp_noise.discrete_gaussian_sum
+
+    def all_flagged(keys, tag, sigma2s, count):  # type: ignore[no-untyped-def]
+        out, flags = real(keys, tag, sigma2s, count)
+        return np.zeros_like(out), np.ones_like(flags)
+
+    monkeypatch.setattr(dp_noise, "discrete_gaussian_sum", all_flagged)
     got = discrete_gaussian_vector(KEY, 50, 300)
-    assert got.tolist() == [dg_sample_reference(KEY, i, 50) for i in range(300)]
-    # And the kernel really flags when told the products could overflow.
-    out = np.zeros(200, dtype=np.int64)
-    flags = np.zeros(200, dtype=np.bool_)
-    t = math.isqrt(50) + 1
-    dp_noise._dg_kernel(dp_noise.key_words(KEY), 16, 50, 1, t, 2 * 50 * t * t, 0, out, flags)
-    assert flags.mean() > 0.5
+    assert got.tolist() == [
+        *dg_chunk_reference(KEY, 0, 50, 256),
+        *dg_chunk_reference(KEY, 1, 50, 44),
+    ]
+    monkeypatch.undo()
+    # And the kernel really flags when told the products could overflow (amax = 0), leaving
+    # the flagged rows out of the sum.
+    params = dp_noise.sampler_params([50, 50])
+    params[0, 4] = 0
+    out = np.zeros(600, dtype=np.int64)
+    flags = np.zeros((2, 3), dtype=np.bool_)
+    keys = np.stack([dp_noise.key_words(KEY)] * 2)
+    dp_noise._dg_sum_kernel(keys, 16, params, 600, out, flags)
+    assert flags[0].all() and not flags[1].any()
+    assert (out == discrete_gaussian_vector(KEY, 50, 600)).all()
 
 
 def test_samples_do_not_depend_on_count_or_order() -> None:
     a = discrete_gaussian_vector(KEY, 1000, 5000)
-    b = discrete_gaussian_vector(KEY, 1000, 37)
-    assert (a[:37] == b).all()
+    for n in (37, 256, 700):
+        assert (a[:n] == discrete_gaussian_vector(KEY, 1000, n)).all()
     assert not (a == discrete_gaussian_vector(bytes(32), 1000, 5000)).all()
 
 

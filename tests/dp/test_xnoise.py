@@ -81,6 +81,19 @@ def test_components_are_independent_streams() -> None:
     assert (a == component_noise(plan.component_variances[0], keys[0], 32)).all()
 
 
+def test_precomputed_keys_do_not_depend_on_the_round() -> None:
+    """Keys drawn ahead of the round: fixed by (seed, salt, k), distinct per salt and k, and
+    never equal to a round-bound key of the same seed (different HKDF salt and info)."""
+    seed, salt = bytes(range(32)), b"\x11" * 32
+    pre = component_key(seed, SESSION, 3, 2, precompute_salt=salt)
+    assert pre == component_key(seed, b"\x00" * 32, 9, 2, precompute_salt=salt)
+    assert pre != component_key(seed, SESSION, 3, 1, precompute_salt=salt)
+    assert pre != component_key(seed, SESSION, 3, 2, precompute_salt=b"\x12" * 32)
+    assert pre != component_key(seed, SESSION, 3, 2)
+    with pytest.raises(ConfigurationError, match="salt"):
+        component_key(seed, SESSION, 3, 2, precompute_salt=b"short")
+
+
 def test_attack_server_pads_survivor_list_with_duplicates() -> None:
     """Attack: the server lists a survivor twice so clients reveal more excess seeds.
 
