@@ -28,7 +28,8 @@ policy
 participants
     ``DPClient`` / ``DPServer``: the calls the masked round's client and server make.
 streams
-    Chunked noise streams (one ChaCha20 stream per 256 coordinates) and their exact scalar reference (kernel: kernels/dp_noise).
+    Chunked noise streams (one ChaCha20 stream per 256 coordinates) and their exact
+    scalar reference (kernel: kernels/dp_noise).
 simulation
     One round's DP arithmetic in memory (what ``secagg simulate --dp-epsilon`` reports).
 """
