@@ -171,12 +171,12 @@ def test_real_contributors_are_charged(coarse: DPCalibration) -> None:
     six = ledger.charge("c", _offer(coarse), 6)
     assert (full.components_kept, nine.components_kept, six.components_kept) == (1, 2, 2)
     for row, s in [(full, 10), (nine, 9), (six, 6)]:
-        assert row.contributors == s
+        assert row.contributor_count == s
         assert row.rho == pytest.approx(_direct_rho(coarse, s), rel=1e-12)
         assert row.honest_variance >= coarse.plan.target_variance
     assert nine.rho < full.rho
     bodies = _audit_charges(store)
-    assert [b["contributors"] for b in bodies] == [10, 9, 6]
+    assert [b["contributor_count"] for b in bodies] == [10, 9, 6]
     for key in ("target_variance", "components_kept", "clip", "gamma", "bits", "delta2_sq"):
         assert key in bodies[0]
     assert bodies[-1]["budget_left"] == pytest.approx(10.0 - six.epsilon_rdp)
@@ -248,7 +248,7 @@ def _lower_epsilon(db: sqlite3.Connection) -> None:
 
 
 def _more_contributors(db: sqlite3.Connection) -> None:
-    _set_body(db, 2, {**_body(db, 2), "contributors": 8})
+    _set_body(db, 2, {**_body(db, 2), "contributor_count": 8})
 
 
 def _drop_row(db: sqlite3.Connection) -> None:
