@@ -79,7 +79,23 @@ CREATE TABLE IF NOT EXISTS privacy_ledger (
     PRIMARY KEY (job, seq),
     UNIQUE (job, round_id)
 );
+CREATE TRIGGER IF NOT EXISTS privacy_ledger_no_update BEFORE UPDATE ON privacy_ledger
+BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS privacy_ledger_no_delete BEFORE DELETE ON privacy_ledger
+BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS privacy_budgets_no_update BEFORE UPDATE ON privacy_budgets
+BEGIN SELECT RAISE(ABORT, 'a privacy budget never changes'); END;
+CREATE TRIGGER IF NOT EXISTS privacy_budgets_no_delete BEFORE DELETE ON privacy_budgets
+BEGIN SELECT RAISE(ABORT, 'a privacy budget never changes'); END;
 """
+_TRIGGERS = (
+    "privacy_ledger_no_update",
+    "privacy_ledger_no_delete",
+    "privacy_budgets_no_update",
+    "privacy_budgets_no_delete",
+)
+"""Triggers refuse edits of the tables (as of the audit log); the verification on open
+catches whoever drops them."""
 
 
 def ensure_schema(store: Store) -> None:

@@ -74,6 +74,7 @@ def _tampered(store_path: Path) -> Path:
     src, dst = sqlite3.connect(store_path), sqlite3.connect(copy)
     src.backup(dst)
     src.close()
+    dst.execute("DROP TRIGGER privacy_ledger_no_update")
     (body,) = dst.execute("SELECT body FROM privacy_ledger WHERE seq = 3").fetchone()
     doc = json.loads(body)
     doc["epsilon_rdp"] = 0.5  # hide what the job spent
