@@ -1033,7 +1033,7 @@ def _cmd_privacy(args: argparse.Namespace) -> int:
     print(head + f"{'eps (RDP)':>10} {'eps (PLD)':>10} {'left':>9}")
     for r in doc["rounds"]:
         print(
-            f"{r['round_id']:<34} {r['contributors']:>7} {r['target_std']:>10.4g} "
+            f"{r['round_id']:<34} {r['contributor_count']:>7} {r['target_std']:>10.4g} "
             f"{r['rho']:>10.4g} {r['epsilon_rdp']:>10.4f} {r['epsilon_pld']:>10.4f} "
             f"{r['budget_left']:>9.4f}"
         )

@@ -79,7 +79,23 @@ CREATE TABLE IF NOT EXISTS privacy_ledger (
     PRIMARY KEY (job, seq),
     UNIQUE (job, round_id)
 );
+CREATE TRIGGER IF NOT EXISTS privacy_ledger_no_update BEFORE UPDATE ON privacy_ledger
+BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS privacy_ledger_no_delete BEFORE DELETE ON privacy_ledger
+BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS privacy_budgets_no_update BEFORE UPDATE ON privacy_budgets
+BEGIN SELECT RAISE(ABORT, 'a privacy budget never changes'); END;
+CREATE TRIGGER IF NOT EXISTS privacy_budgets_no_delete BEFORE DELETE ON privacy_budgets
+BEGIN SELECT RAISE(ABORT, 'a privacy budget never changes'); END;
 """
+_TRIGGERS = (
+    "privacy_ledger_no_update",
+    "privacy_ledger_no_delete",
+    "privacy_budgets_no_update",
+    "privacy_budgets_no_delete",
+)
+"""Triggers refuse edits of the tables (as of the audit log); the verification on open
+catches whoever drops them."""
 
 
 def ensure_schema(store: Store) -> None:
@@ -104,13 +120,14 @@ class LedgerRow:
     Noise parameters are those of the offer the round ran with: ``target_variance`` (``T``,
     integer units), ``components_kept`` (per contributor, after the server's removal),
     ``clip``, ``gamma``, ``beta``, ``bits``, ``delta2_sq`` (``Delta_2^2``) and the plan's
-    headline numbers; ``rho`` is the round's zCDP cost for ``contributors``.
+    headline numbers; ``rho`` is the round's zCDP cost for ``contributor_count`` (named so in
+    the audit body too: ``contributors`` there is a list of ids, ``secagg audit`` counts it).
     """
 
     job: str
     round_id: str
     seq: int
-    contributors: int
+    contributor_count: int
     dim: int
     padded_dim: int
     clip: float
@@ -150,7 +167,7 @@ class LedgerRow:
             "job": str,
             "round_id": str,
             "seq": int,
-            "contributors": int,
+            "contributor_count": int,
             "dim": int,
             "padded_dim": int,
             "bits": int,
@@ -397,7 +414,7 @@ class JobLedger:
             job=self.job,
             round_id=rid,
             seq=len(self._rows) + 1,
-            contributors=contributors,
+            contributor_count=contributors,
             dim=offer.dim,
             padded_dim=d,
             clip=float(offer.clip),
@@ -491,7 +508,7 @@ class JobLedger:
                     RoundCharge(
                         r.round_id,
                         r.rho,
-                        r.contributors,
+                        r.contributor_count,
                         r.released_variance,
                         r.honest_variance,
                         r.epsilon_rdp,
@@ -573,15 +590,15 @@ class JobLedger:
         if (d, delta2_sq) != (row.padded_dim, row.delta2_sq):
             raise LedgerMismatch(f"{where}: Delta_2^2 {row.delta2_sq} != recomputed {delta2_sq}")
         try:
-            rho = round_rho(plan, row.contributors, delta2_sq, d)
+            rho = round_rho(plan, row.contributor_count, delta2_sq, d)
         except ConfigurationError as exc:
             raise LedgerMismatch(f"{where}: {exc}") from None
-        kept = plan.components - plan.level(row.contributors)
+        kept = plan.components - plan.level(row.contributor_count)
         derived = (
             kept,
             plan.components,
-            plan.residual_variance(row.contributors),
-            plan.honest_variance(row.contributors),
+            plan.residual_variance(row.contributor_count),
+            plan.honest_variance(row.contributor_count),
         )
         if derived != (
             row.components_kept,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -34,7 +35,7 @@ from secagg.service.errors import (  # noqa: E402
     exit_code_for,
     status_for,
 )
-from secagg.service.privacy import AUDIT_CHARGE, JobLedger  # noqa: E402
+from secagg.service.privacy import _TRIGGERS, AUDIT_CHARGE, JobLedger  # noqa: E402
 from secagg.service.store import Store  # noqa: E402
 
 DELTA = 1e-5
@@ -171,12 +172,12 @@ def test_real_contributors_are_charged(coarse: DPCalibration) -> None:
     six = ledger.charge("c", _offer(coarse), 6)
     assert (full.components_kept, nine.components_kept, six.components_kept) == (1, 2, 2)
     for row, s in [(full, 10), (nine, 9), (six, 6)]:
-        assert row.contributors == s
+        assert row.contributor_count == s
         assert row.rho == pytest.approx(_direct_rho(coarse, s), rel=1e-12)
         assert row.honest_variance >= coarse.plan.target_variance
     assert nine.rho < full.rho
     bodies = _audit_charges(store)
-    assert [b["contributors"] for b in bodies] == [10, 9, 6]
+    assert [b["contributor_count"] for b in bodies] == [10, 9, 6]
     for key in ("target_variance", "components_kept", "clip", "gamma", "bits", "delta2_sq"):
         assert key in bodies[0]
     assert bodies[-1]["budget_left"] == pytest.approx(10.0 - six.epsilon_rdp)
@@ -231,6 +232,11 @@ def test_two_ledger_objects_share_one_store(tmp_path: Path, cal: DPCalibration) 
     assert len(a.rows) == len(b.rows) == cal.rounds
 
 
+def _drop_triggers(db: sqlite3.Connection) -> None:
+    for name in _TRIGGERS:
+        db.execute(f"DROP TRIGGER {name}")
+
+
 def _body(db: sqlite3.Connection, seq: int) -> dict[str, object]:
     (text,) = db.execute("SELECT body FROM privacy_ledger WHERE seq = ?", (seq,)).fetchone()
     value = json.loads(text)
@@ -248,7 +254,7 @@ def _lower_epsilon(db: sqlite3.Connection) -> None:
 
 
 def _more_contributors(db: sqlite3.Connection) -> None:
-    _set_body(db, 2, {**_body(db, 2), "contributors": 8})
+    _set_body(db, 2, {**_body(db, 2), "contributor_count": 8})
 
 
 def _drop_row(db: sqlite3.Connection) -> None:
@@ -269,7 +275,7 @@ def _raise_budget(db: sqlite3.Connection) -> None:
     ],
 )
 def test_tampered_row_is_caught(
-    tmp_path: Path, cal: DPCalibration, tamper: object, match: str
+    tmp_path: Path, cal: DPCalibration, tamper: Callable[[sqlite3.Connection], None], match: str
 ) -> None:
     """Editing the ledger table behind the server's back (to hide spent budget) is named on
     the next open; without the verification the edited figures would be believed."""
@@ -280,7 +286,9 @@ def test_tampered_row_is_caught(
         ledger.charge(f"r{i}", _offer(cal), s)
     store.close()
     db = sqlite3.connect(path)
-    assert callable(tamper)
+    with pytest.raises(sqlite3.DatabaseError, match=r"append-only|never changes"):
+        tamper(db)  # the triggers refuse a plain edit...
+    _drop_triggers(db)  # ...so the attacker drops them first
     tamper(db)
     db.commit()
     db.close()
@@ -303,6 +311,7 @@ def test_consistent_rewrite_is_caught_by_the_audit_entries(
             ledger.charge(f"r{i}", _offer(cal), s)
         store.close()
     db = sqlite3.connect(real)
+    _drop_triggers(db)
     db.execute("ATTACH DATABASE ? AS fake", (str(fake),))
     db.execute("DELETE FROM privacy_ledger")
     rows = db.execute("SELECT job, seq, round_id, body FROM fake.privacy_ledger").fetchall()

@@ -62,7 +62,7 @@ def test_json(store_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["privacy", "--job", "dp-job", "--store", str(store_path), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["job"] == "dp-job" and doc["rounds_charged"] == 3
-    assert [r["contributors"] for r in doc["rounds"]] == [8, 7, 6]
+    assert [r["contributor_count"] for r in doc["rounds"]] == [8, 7, 6]
     assert doc["epsilon_spent"] == doc["rounds"][-1]["epsilon_rdp"] < 2.0
     assert doc["budget_left"] == pytest.approx(2.0 - doc["epsilon_spent"])
     for key in ("target_std", "rho", "epsilon_pld", "components_kept", "gamma", "bits"):
@@ -74,6 +74,7 @@ def _tampered(store_path: Path) -> Path:
     src, dst = sqlite3.connect(store_path), sqlite3.connect(copy)
     src.backup(dst)
     src.close()
+    dst.execute("DROP TRIGGER privacy_ledger_no_update")
     (body,) = dst.execute("SELECT body FROM privacy_ledger WHERE seq = 3").fetchone()
     doc = json.loads(body)
     doc["epsilon_rdp"] = 0.5  # hide what the job spent
@@ -105,3 +106,13 @@ def test_errors_are_one_line(store_path: Path, args: list[str], code: int, messa
     assert lines[0].startswith("secagg"), lines[0]
     assert message in lines[0], lines[0]
     assert not (store_path.parent / "missing.db").exists()  # a read never creates a store
+
+
+def test_audit_prints_the_dp_entries(store_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``secagg audit`` reads the ledger's entries: the count is ``contributor_count``, since
+    ``format_entry`` takes ``contributors`` for a list of ids (an int there crashed it)."""
+    assert cli.main(["audit", "--store", str(store_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    charges = [line for line in lines if " dp_charge " in line]
+    assert len(charges) == 3 and all("job=dp-job" in line for line in charges)
+    assert any(" dp_budget " in line for line in lines)
