@@ -43,6 +43,7 @@ __all__ = [
     "SECRET_BYTES",
     "SHARE_BYTES",
     "decode_share",
+    "decode_shares",
     "encode_share",
     "lagrange_at_zero",
     "reconstruct",
@@ -131,6 +132,11 @@ def decode_share(data: bytes) -> int:
         On a wrong length, a value ``>= PRIME`` or a non-bytes argument.
     """
     return _decode_values([data])[0]
+
+
+def decode_shares(values: Sequence[bytes]) -> list[int]:
+    """Decode many shares at once (C-level loops), raising as :func:`decode_share` does."""
+    return _decode_values(values)
 
 
 def _decode_values(values: Sequence[bytes]) -> list[int]:
