@@ -4,7 +4,9 @@ Dispatch (``SECAGG_KERNELS``, read on every call; see :mod:`secagg.kernels.confi
 
 * ``auto`` (default): a device array (anything with ``__cuda_array_interface__``, such as a
   torch CUDA tensor or a Numba device array, taken zero-copy) runs the CUDA kernels and
-  gets a Numba device array back; host data runs the Numba CPU kernels, or the reference
+  gets a Numba device array back; host data runs the CPU backend (Numba kernels for
+  quantizing, packing and unpacking, OpenSSL's ChaCha20 for the mask streams,
+  :mod:`secagg.kernels.openssl`), or the reference
   when the vector packs into fewer than :data:`~secagg.kernels.config.SMALL_WORDS` words.
 * ``cpu`` / ``reference``: that backend; device inputs are copied to the host and the
   result copied back, so the result is still a device array.
@@ -74,6 +76,10 @@ def _cuda() -> Any:
     if not config.cuda_available():
         raise KernelError("the CUDA backend needs numba-cuda and a CUDA device")
     return importlib.import_module("secagg.kernels.cuda")
+
+
+def _openssl() -> Any:
+    return importlib.import_module("secagg.kernels.openssl")
 
 
 def _chacha() -> Any:
@@ -265,9 +271,12 @@ def mask_vector(
     )  # fmt: skip
 
     if backend == "cpu":
-        out, nan = _cpu().mask_vector(on_host(), *args)
+        # Numba quantizes, rounds and packs; OpenSSL's ChaCha20 expands the masks.
+        none = (np.empty((0, 8), np.uint32), np.empty((0, 3), np.uint32), np.empty(0, np.int64))
+        out, nan = _cpu().mask_vector(on_host(), *args[:10], *none, n_words)
         if nan:
             raise InputError("input holds NaN")
+        _openssl().add_masks(out, masks)
         return _to_device(out) if device else out
 
     cuda = _cuda()
@@ -317,10 +326,10 @@ def add_masks(acc: Any, masks: Sequence[StreamMask]) -> None:
     if backend == "cpu":
         if device:
             host = _to_host(acc)
-            _cpu().add_masks(host, keys, nonces, signs)
+            _openssl().add_masks(host, masks)
             _as_device(acc).copy_to_device(host)
         else:
-            _cpu().add_masks(acc, keys, nonces, signs)
+            _openssl().add_masks(acc, masks)
         return
 
     cuda = _cuda()

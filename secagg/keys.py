@@ -1,9 +1,18 @@
-"""Key material and the primitives the protocol uses, all from pycryptodome.
+"""Key material and the primitives the protocol uses.
 
 * X25519 key agreement (RFC 7748) for share encryption and pairwise masks;
 * Ed25519 signatures (RFC 8032, pure EdDSA) for long-term identities;
 * AES-256-GCM (NIST SP 800-38D) to encrypt Shamir shares between clients;
 * HKDF-SHA256 (RFC 5869) for every derived key (see :func:`secagg.prg.derive_key`).
+
+The hot path (X25519 agreement, Ed25519 signing and verification, AES-GCM) runs in OpenSSL
+through ``cryptography``: 3-30x faster than pycryptodome's, which matters at O(k) operations
+per client and O(n k) per round. pycryptodome still decodes Ed25519 public keys (refusing
+malformed and non-canonical encodings once per key), runs ChaCha20 (:mod:`secagg.prg`) and
+serves as the independent implementation every hot-path primitive is cross-checked against
+in ``tests/test_primitives.py``. The refusals are ours and do not depend on either library:
+non-canonical and small-order X25519 keys (:func:`check_agreement_key`), small-order Ed25519
+keys, non-canonical ``S`` (both libraries refuse ``S >= L``).
 
 Private keys are generated from :mod:`secrets` (the OS CSPRNG) and never appear in ``repr``.
 """
@@ -14,10 +23,15 @@ import functools
 import hmac
 import secrets
 
-from Crypto.Cipher import AES
-from Crypto.Protocol.DH import import_x25519_private_key, import_x25519_public_key, key_agreement
-from Crypto.PublicKey import ECC
 from Crypto.Signature import eddsa
+from cryptography.exceptions import InvalidSignature as _OpenSSLInvalidSignature
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from secagg.errors import (
     ConfigurationError,
@@ -78,15 +92,31 @@ list is libsodium's blocklist less its non-canonical encodings (``p``, ``p + 1``
 high-bit variants), which :func:`check_agreement_key` refuses as non-canonical anyway."""
 
 
+_ED25519_SMALL_ORDER_Y = frozenset(
+    {
+        0,
+        1,
+        2707385501144840649318225287225658788936804267575313519463743609750303402022,
+        55188659117513257062467267217118295137698188065244968500265048394206261417927,
+        _P25519 - 1,
+    }
+)
+"""y-coordinates of the eight points of order 1, 2, 4 and 8 on edwards25519 (libsodium's
+``has_small_order`` blocklist, canonical encodings; a y fixes a point up to the sign of x,
+and both signs of these y are small-order). ``tests/test_primitives.py`` checks that these
+are exactly the y values ``P`` with ``8 P = 0``, against pycryptodome's point arithmetic."""
+
+
 def check_agreement_key(public: bytes, *, client_id: int | None = None) -> None:
     """Refuse an X25519 public key that could not serve in an honest key agreement.
 
     Refused: a length other than 32; a set top bit or a u-coordinate ``>= 2^255 - 19``
     (non-canonical: RFC 7748 section 5 masks the bit and reduces, so two encodings would
-    name one key, and pycryptodome never exports either); the five small-order
+    name one key, and neither library ever exports either); the five small-order
     u-coordinates, whose shared secret is all zero for every private key (RFC 7748
     section 6.1). An honest client's key never fails; a peer's key that does is its
-    sender's fault, never a crash.
+    sender's fault, never a crash. Pure integer checks: every 32-byte canonical
+    u-coordinate is a point of the curve or its twist, which X25519 accepts.
 
     Raises
     ------
@@ -102,10 +132,6 @@ def check_agreement_key(public: bytes, *, client_id: int | None = None) -> None:
         raise InvalidPublicKey("non-canonical X25519 public key", client_id=client_id)
     if u in _SMALL_ORDER_U:
         raise InvalidPublicKey("X25519 public key of small order", client_id=client_id)
-    try:
-        import_x25519_public_key(bytes(public))
-    except ValueError:
-        raise InvalidPublicKey("invalid X25519 public key", client_id=client_id) from None
 
 
 def random_seed() -> bytes:
@@ -119,23 +145,23 @@ def constant_time_equal(a: bytes, b: bytes) -> bool:
 
 
 class AgreementKey:
-    """An X25519 key pair (RFC 7748). ``repr`` shows the public key only."""
+    """An X25519 key pair (RFC 7748; OpenSSL). ``repr`` shows the public key only."""
 
-    __slots__ = ("_key", "public")
+    __slots__ = ("_key", "_seed", "public")
 
     def __init__(self, private: bytes | None = None) -> None:
-        seed = random_seed() if private is None else private
+        seed = random_seed() if private is None else bytes(private)
         if len(seed) != SEED_BYTES:
             raise ConfigurationError("X25519 private keys are 32 bytes")
-        self._key = import_x25519_private_key(seed)
-        self.public: bytes = self._key.public_key().export_key(format="raw")
+        self._seed = seed
+        self._key = X25519PrivateKey.from_private_bytes(seed)
+        self.public: bytes = self._key.public_key().public_bytes_raw()
 
     @property
     def private_bytes(self) -> bytes:
-        """The 32-byte private scalar encoding; handle with care (it gets Shamir-shared)."""
-        seed = self._key.seed
-        assert isinstance(seed, bytes)
-        return seed
+        """The 32-byte private scalar encoding (unclamped, as given or drawn); handle with
+        care (it gets Shamir-shared)."""
+        return self._seed
 
     def agree(self, peer_public: bytes) -> bytes:
         """Raw X25519 shared secret with ``peer_public`` (32 bytes).
@@ -148,11 +174,11 @@ class AgreementKey:
         """
         check_agreement_key(peer_public)
         try:
-            peer = import_x25519_public_key(bytes(peer_public))
-            shared = key_agreement(static_priv=self._key, static_pub=peer, kdf=lambda z: z)
-        except ValueError as exc:
-            raise InvalidPublicKey("invalid X25519 public key") from exc
-        assert isinstance(shared, bytes)
+            shared = self._key.exchange(X25519PublicKey.from_public_bytes(bytes(peer_public)))
+        except ValueError as exc:  # OpenSSL refuses an all-zero result itself
+            raise InvalidPublicKey(
+                "X25519 shared secret is all zero (small-order peer key)"
+            ) from exc
         if not any(shared):
             raise InvalidPublicKey("X25519 shared secret is all zero (small-order peer key)")
         return shared
@@ -167,52 +193,61 @@ def x25519_public(private: bytes) -> bytes:
 
 
 class IdentityKey:
-    """A long-term Ed25519 signing key (RFC 8032). ``repr`` shows the public key only."""
+    """A long-term Ed25519 signing key (RFC 8032; OpenSSL). ``repr`` shows the public key
+    only."""
 
-    __slots__ = ("_key", "public")
+    __slots__ = ("_key", "_seed", "public")
 
     def __init__(self, private: bytes | None = None) -> None:
-        seed = random_seed() if private is None else private
+        seed = random_seed() if private is None else bytes(private)
         if len(seed) != SEED_BYTES:
             raise ConfigurationError("Ed25519 private keys are 32 bytes")
-        self._key = eddsa.import_private_key(seed)
-        self.public: bytes = self._key.public_key().export_key(format="raw")
+        self._seed = seed
+        self._key = Ed25519PrivateKey.from_private_bytes(seed)
+        self.public: bytes = self._key.public_key().public_bytes_raw()
 
     @property
     def private_bytes(self) -> bytes:
         """The 32-byte Ed25519 seed (for writing the key file)."""
-        seed = self._key.seed
-        assert isinstance(seed, bytes)
-        return seed
+        return self._seed
 
     def sign(self, data: bytes) -> bytes:
-        """Ed25519 signature of ``data``."""
-        sig = eddsa.new(self._key, "rfc8032").sign(data)
-        assert isinstance(sig, bytes)
-        return sig
+        """Ed25519 signature of ``data`` (deterministic, RFC 8032 section 5.1.6)."""
+        return self._key.sign(bytes(data))
 
     def __repr__(self) -> str:
         return f"IdentityKey(public={self.public.hex()})"
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _import_identity_key(public: bytes) -> ECC.EccKey | str:
-    """Decoded key, or why it is refused (cached: directories are verified many times)."""
+def _import_identity_key(public: bytes) -> Ed25519PublicKey | str:
+    """Decoded key, or why it is refused (cached: directories are verified many times).
+
+    pycryptodome decodes the point (refusing encodings that are off the curve or
+    non-canonical, RFC 8032 section 5.1.3); the small-order test is a lookup of the
+    y-coordinate; OpenSSL then holds the key for verification.
+    """
     if len(public) != PUBLIC_KEY_BYTES:
         return "Ed25519 public keys are 32 bytes"
     try:
-        key: ECC.EccKey = eddsa.import_public_key(public)
+        eddsa.import_public_key(public)
     except ValueError:
         return "malformed Ed25519 public key"
-    if (key.pointQ * 8).is_point_at_infinity():
+    if int.from_bytes(public, "little") & ((1 << 255) - 1) in _ED25519_SMALL_ORDER_Y:
         return "Ed25519 public key of small order"
-    return key
+    try:
+        return Ed25519PublicKey.from_public_bytes(public)
+    except ValueError:
+        return "malformed Ed25519 public key"
 
 
-def _decode_identity_key(public: bytes, client_id: int | None) -> ECC.EccKey:
+def _decode_identity_key(public: bytes, client_id: int | None) -> Ed25519PublicKey:
     """Decode an Ed25519 public key, refusing small-order points (RFC 8032 allows them,
     but under such a key one forged signature verifies for every message)."""
-    key = _import_identity_key(bytes(public))
+    try:
+        key = _import_identity_key(bytes(public))
+    except TypeError:
+        raise InvalidSignature("an Ed25519 public key must be bytes", client_id=client_id) from None
     if isinstance(key, str):
         raise InvalidSignature(key, client_id=client_id)
     return key
@@ -232,7 +267,11 @@ def check_identity_key(public: bytes) -> None:
 def verify_signature(
     public: bytes, data: bytes, signature: bytes, *, client_id: int | None = None
 ) -> None:
-    """Verify an Ed25519 signature (RFC 8032, pure EdDSA).
+    """Verify an Ed25519 signature (RFC 8032, pure EdDSA; OpenSSL).
+
+    OpenSSL checks the cofactorless equation ``[S]B = R + [k]A`` and refuses ``S >= L``;
+    pycryptodome (the cross-check in the tests) checks the cofactored one. Every signature
+    OpenSSL accepts, pycryptodome accepts too; honest signatures pass both.
 
     Raises
     ------
@@ -244,19 +283,17 @@ def verify_signature(
     if len(signature) != SIGNATURE_BYTES:
         raise InvalidSignature("Ed25519 signatures are 64 bytes", client_id=client_id)
     try:
-        eddsa.new(key, "rfc8032").verify(data, signature)
-    except ValueError as exc:
-        raise InvalidSignature("signature does not verify", client_id=client_id) from exc
+        key.verify(bytes(signature), bytes(data))
+    except _OpenSSLInvalidSignature:
+        raise InvalidSignature("signature does not verify", client_id=client_id) from None
 
 
 def aead_encrypt(key: bytes, plaintext: bytes, associated_data: bytes) -> bytes:
-    """AES-256-GCM encryption; returns ``ciphertext || tag``. ``key`` must be single-use."""
+    """AES-256-GCM encryption (OpenSSL); returns ``ciphertext || tag``. ``key`` must be
+    single-use."""
     if len(key) != 32:
         raise ConfigurationError("AES-256 keys are 32 bytes")
-    cipher = AES.new(key, AES.MODE_GCM, nonce=AEAD_NONCE, mac_len=AEAD_TAG_BYTES)
-    cipher.update(associated_data)
-    ct, tag = cipher.encrypt_and_digest(plaintext)
-    return bytes(ct) + bytes(tag)
+    return AESGCM(bytes(key)).encrypt(AEAD_NONCE, bytes(plaintext), bytes(associated_data))
 
 
 def aead_decrypt(
@@ -273,12 +310,9 @@ def aead_decrypt(
         raise ConfigurationError("AES-256 keys are 32 bytes")
     if len(data) < AEAD_TAG_BYTES:
         raise DecryptionError("ciphertext too short", client_id=client_id)
-    cipher = AES.new(key, AES.MODE_GCM, nonce=AEAD_NONCE, mac_len=AEAD_TAG_BYTES)
-    cipher.update(associated_data)
     try:
-        pt = cipher.decrypt_and_verify(data[:-AEAD_TAG_BYTES], data[-AEAD_TAG_BYTES:])
-    except ValueError as exc:
+        return AESGCM(bytes(key)).decrypt(AEAD_NONCE, bytes(data), bytes(associated_data))
+    except InvalidTag:
         raise DecryptionError(
             "share ciphertext failed authentication", client_id=client_id
-        ) from exc
-    return bytes(pt)
+        ) from None

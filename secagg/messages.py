@@ -12,6 +12,8 @@ and out-of-range values with :class:`~secagg.errors.MalformedMessage`.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import struct
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -243,16 +245,20 @@ class NonceReveal(Message):
 
 
 def _pairs(w: Writer, pairs: tuple[tuple[int, bytes], ...], size: int) -> None:
+    """``count u32 | (peer u32 | blob[size])*``, packed in one C-level pass."""
+    if any(len(blob) != size for _, blob in pairs):
+        raise ValueError(f"expected {size}-byte entries")
     w.u32(len(pairs))
-    for peer, blob in pairs:
-        w.u32(peer).fixed(blob, size)
+    flat = itertools.chain.from_iterable((peer, bytes(blob)) for peer, blob in pairs)
+    w.raw(struct.pack(">" + f"I{size}s" * len(pairs), *flat))
 
 
 def _read_pairs(r: Reader, size: int) -> tuple[tuple[int, bytes], ...]:
+    """Inverse of :func:`_pairs` (one ``struct.iter_unpack`` over the records)."""
     n = r.u32()
     if n > MAX_CLIENTS or n * (4 + size) > r.remaining:
         raise MalformedMessage(f"list of {n} entries does not fit the message")
-    return tuple((r.u32(), r.fixed(size)) for _ in range(n))
+    return tuple(struct.iter_unpack(f">I{size}s", r.view(n * (4 + size))))
 
 
 MAX_DP_COMPONENTS = 255

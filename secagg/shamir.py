@@ -17,7 +17,10 @@ over both):
   instead of 256-bit powers); reduction modulo p is deferred and done with the identity
   ``2^256 = -297 (mod p)`` every 7 steps;
 * Lagrange denominators are formed column by column for all points at once and inverted
-  together with Montgomery's trick (one modular inversion per point set);
+  together with Montgomery's trick (one modular inversion per batch of point sets); a large
+  batch of point sets (a SecAgg+ server's one holder set per client) forms them in the
+  Numba kernel of :mod:`secagg.kernels.field`, exact fixed-width limb arithmetic, every set
+  in parallel;
 * :func:`reconstruct_verified` decodes with Gao's Reed-Solomon decoder (Gao 2003, "A new
   algorithm for decoding Reed-Solomon codes"), which corrects up to ``(n - t) // 2`` wrong
   shares, before falling back to erasure guesses and pseudo-random subsets.
@@ -40,6 +43,7 @@ __all__ = [
     "SECRET_BYTES",
     "SHARE_BYTES",
     "decode_share",
+    "decode_shares",
     "encode_share",
     "lagrange_at_zero",
     "reconstruct",
@@ -128,6 +132,11 @@ def decode_share(data: bytes) -> int:
         On a wrong length, a value ``>= PRIME`` or a non-bytes argument.
     """
     return _decode_values([data])[0]
+
+
+def decode_shares(values: Sequence[bytes]) -> list[int]:
+    """Decode many shares at once (C-level loops), raising as :func:`decode_share` does."""
+    return _decode_values(values)
 
 
 def _decode_values(values: Sequence[bytes]) -> list[int]:
@@ -246,6 +255,46 @@ def _lagrange(xs: Sequence[int]) -> list[int]:
     if len(xs) % 2 == 0:
         n_prod = PRIME - n_prod
     return [n_prod * v % PRIME for v in inv]
+
+
+_KERNEL_MIN_WORK = 1 << 17
+"""Point-difference products (``sets x t^2``) from which :func:`_lagrange_many` hands the
+denominators to the Numba kernel (:mod:`secagg.kernels.field`); below it, thread start-up
+costs more than Python's ``O(t^2)`` big-integer loop."""
+
+
+def _lagrange_many(sets: Sequence[Sequence[int]]) -> list[list[int]]:
+    """:func:`_lagrange` of many validated point sets, with one modular inversion in all.
+
+    Large batches of equal-size sets form their denominators ``x_i prod (x_i - x_j)`` in the
+    Numba kernel of :mod:`secagg.kernels.field` (exact, the same values as
+    :func:`_scaled_derivatives`), all sets in parallel: a SecAgg+ server reconstructs one
+    secret per client from that client's own holders, so no two sets need be alike.
+    """
+    if not sets:
+        return []
+    sizes = {len(xs) for xs in sets}
+    work = sum(len(xs) ** 2 for xs in sets)
+    if len(sizes) == 1 and work >= _KERNEL_MIN_WORK:
+        import numpy as np
+
+        from secagg.kernels import field
+
+        derivs = field.scaled_derivatives(np.array(sets, dtype=np.int64))
+    else:
+        derivs = [_scaled_derivatives(xs) for xs in sets]
+    flat = _batch_inverse([v for row in derivs for v in row])
+    out: list[list[int]] = []
+    at = 0
+    for xs in sets:
+        n_prod = 1
+        for x in xs:
+            n_prod = n_prod * x % PRIME
+        if len(xs) % 2 == 0:
+            n_prod = PRIME - n_prod
+        out.append([n_prod * v % PRIME for v in flat[at : at + len(xs)]])
+        at += len(xs)
+    return out
 
 
 def _eval_polys(polys: Sequence[Sequence[int]], zs: Sequence[int]) -> list[list[int]]:
@@ -544,8 +593,9 @@ def reconstruct(shares: Mapping[int, bytes], threshold: int) -> bytes:
 def reconstruct_many(shares: Sequence[Mapping[int, bytes]], threshold: int) -> list[bytes]:
     """Reconstruct many secrets, each as :func:`reconstruct` does.
 
-    Lagrange coefficients are computed once per distinct chosen point set, so secrets whose
-    shares come from the same holders cost one dot product each.
+    Lagrange coefficients are computed once per distinct chosen point set, all sets in one
+    batch (:func:`_lagrange_many`), so secrets whose shares come from the same holders cost
+    one dot product each.
 
     Parameters
     ----------
@@ -565,18 +615,34 @@ def reconstruct_many(shares: Sequence[Mapping[int, bytes]], threshold: int) -> l
         As for :func:`reconstruct`; the message names the failing secret's index.
     """
     t = _check_threshold(threshold)
-    cache: dict[tuple[int, ...], list[int]] = {}
+    picked = _pick_all(shares, t)
+    bases = _bases([chosen for chosen, _ in picked])
     out: list[bytes] = []
-    for index, table in enumerate(shares):
+    for index, (chosen, ys) in enumerate(picked):
         try:
-            chosen, ys = _chosen(table, t)
-            lam = cache.get(chosen)
-            if lam is None:
-                lam = cache[chosen] = _lagrange(chosen)
-            out.append(_secret_bytes(sum(map(operator.mul, lam, ys)) % PRIME))
+            out.append(_secret_bytes(sum(map(operator.mul, bases[chosen], ys)) % PRIME))
         except ReconstructionError as exc:
             raise ReconstructionError(f"secret {index}: {exc}") from None
     return out
+
+
+def _pick_all(
+    shares: Sequence[Mapping[int, bytes]], t: int
+) -> list[tuple[tuple[int, ...], list[int]]]:
+    """:func:`_chosen` of every mapping, naming the failing one's index."""
+    picked = []
+    for index, table in enumerate(shares):
+        try:
+            picked.append(_chosen(table, t))
+        except ReconstructionError as exc:
+            raise ReconstructionError(f"secret {index}: {exc}") from None
+    return picked
+
+
+def _bases(sets: Sequence[tuple[int, ...]]) -> dict[tuple[int, ...], list[int]]:
+    """Lagrange coefficients at zero of each distinct point set (one batch)."""
+    distinct = list(dict.fromkeys(sets))
+    return dict(zip(distinct, _lagrange_many(distinct), strict=True))
 
 
 def reconstruct_each(shares: Sequence[Mapping[int, bytes]], threshold: int) -> list[bytes | None]:
@@ -594,17 +660,11 @@ def reconstruct_each(shares: Sequence[Mapping[int, bytes]], threshold: int) -> l
         one (the message names its index).
     """
     t = _check_threshold(threshold)
-    cache: dict[tuple[int, ...], list[int]] = {}
+    picked = _pick_all(shares, t)
+    bases = _bases([chosen for chosen, _ in picked])
     out: list[bytes | None] = []
-    for index, table in enumerate(shares):
-        try:
-            chosen, ys = _chosen(table, t)
-        except ReconstructionError as exc:
-            raise ReconstructionError(f"secret {index}: {exc}") from None
-        lam = cache.get(chosen)
-        if lam is None:
-            lam = cache[chosen] = _lagrange(chosen)
-        value = sum(map(operator.mul, lam, ys)) % PRIME
+    for chosen, ys in picked:
+        value = sum(map(operator.mul, bases[chosen], ys)) % PRIME
         out.append(None if value >> (8 * SECRET_BYTES) else value.to_bytes(SECRET_BYTES, "big"))
     return out
 

@@ -252,7 +252,9 @@ def test_mask_vector_errors_match_reference(backend: str, use) -> None:  # type:
 # --- fused unmask -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("words", [0, 1, 7, 8, 9, 63, 64, 1000, 2032, 2033, 4101])
+@pytest.mark.parametrize(
+    "words", [0, 1, 7, 8, 9, 63, 64, 1000, 2032, 2033, 4101, 32768, 32769, 70001]
+)
 def test_add_masks_matches_reference(words: int, use, rng) -> None:  # type: ignore[no-untyped-def]
     use("cpu")
     for k in (0, 1, 4):
@@ -338,8 +340,15 @@ def _spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             calls.append("cpu")
             return getattr(real_cpu(), name)
 
+    class OpenSSLSpy:  # the CPU backend's mask streams (secagg.kernels.openssl)
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            calls.append("openssl")
+            return getattr(real_openssl(), name)
+
+    real_openssl = api._openssl
     monkeypatch.setattr(api, "_reference", RefSpy())
     monkeypatch.setattr(api, "_cpu", lambda: CpuSpy())
+    monkeypatch.setattr(api, "_openssl", lambda: OpenSSLSpy())
     return calls
 
 
@@ -353,7 +362,7 @@ def test_auto_dispatch_by_size(monkeypatch: pytest.MonkeyPatch) -> None:
     kernels.mask_vector(large, 1, spec, bytes(32), [])
     kernels.add_masks(np.zeros(config.SMALL_WORDS - 1, np.uint64), [])
     kernels.add_masks(np.zeros(config.SMALL_WORDS, np.uint64), [])
-    assert calls == ["reference", "cpu", "reference", "cpu"]
+    assert calls == ["reference", "cpu", "openssl", "reference", "openssl"]
 
 
 @pytest.mark.parametrize("name", ["cpu", "reference"])
@@ -363,7 +372,8 @@ def test_forced_backend_is_used(name: str, monkeypatch: pytest.MonkeyPatch) -> N
     kernels.mask_vector(np.ones(5), 1, SPECS[0], bytes(32), [])
     kernels.mask_vector(np.ones(50_000), 1, SPECS[0], bytes(32), [])
     kernels.add_masks(np.zeros(3, np.uint64), [])
-    assert calls == [name] * 3
+    expected = ["cpu", "openssl", "cpu", "openssl", "openssl"] if name == "cpu" else [name] * 3
+    assert calls == expected
 
 
 def test_forced_cuda_without_device_is_kernel_error(monkeypatch: pytest.MonkeyPatch) -> None:

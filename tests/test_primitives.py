@@ -26,7 +26,12 @@ from Crypto.Cipher import AES, ChaCha20
 from Crypto.Hash import SHA256
 from Crypto.Protocol.DH import import_x25519_private_key, import_x25519_public_key, key_agreement
 from Crypto.Protocol.KDF import HKDF
+from Crypto.Signature import eddsa
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from hypothesis import given
+from hypothesis import strategies as st
 
+from secagg import keys as keys_module
 from secagg.errors import ConfigurationError, CryptoError, DecryptionError, InvalidSignature
 from secagg.keys import (
     AEAD_NONCE,
@@ -37,6 +42,7 @@ from secagg.keys import (
     IdentityKey,
     aead_decrypt,
     aead_encrypt,
+    check_identity_key,
     random_seed,
     verify_signature,
     x25519_public,
@@ -691,3 +697,169 @@ def test_keystream_outside_counter_space_is_rejected(nbytes: int, offset: int) -
 def test_keystream_rejects_wrong_length_key(length: int) -> None:
     with pytest.raises(ConfigurationError):
         keystream_bytes(bytes(length), Purpose.SELF_MASK, 8)
+
+
+# --- OpenSSL hot path against pycryptodome ----------------------------------------------------
+#
+# secagg.keys runs X25519, Ed25519 and AES-GCM through OpenSSL (``cryptography``) and HKDF
+# through OpenSSL too (secagg.prg); pycryptodome is the independent implementation each is
+# checked against here, on the RFC vectors and on random inputs both ways.
+
+_ED_L = 2**252 + 27742317777372353535851937790883648493
+"""Order of the Ed25519 base point (RFC 8032 section 5.1)."""
+
+
+@pytest.mark.parametrize(
+    "vec", X25519_KAT["scalar_mult"], ids=[v["name"] for v in X25519_KAT["scalar_mult"]]
+)
+def test_rfc7748_5_2_scalar_mult_openssl_matches_pycryptodome(vec: dict[str, str]) -> None:
+    scalar, u = h(vec["scalar"]), h(vec["u"])
+    ours = X25519PrivateKey.from_private_bytes(scalar).exchange(
+        X25519PublicKey.from_public_bytes(u)
+    )
+    assert ours == _x25519_pycryptodome(scalar, u) == h(vec["output"])
+    canonical = int.from_bytes(u, "little") & ((1 << 255) - 1)
+    if canonical < _P25519 and canonical == int.from_bytes(u, "little"):
+        assert AgreementKey(private=scalar).agree(u) == h(vec["output"])
+
+
+def test_rfc7748_6_1_public_keys_match_pycryptodome() -> None:
+    dh = X25519_KAT["diffie_hellman"]
+    for who in ("alice", "bob"):
+        private = h(dh[f"{who}_private"])
+        theirs = import_x25519_private_key(private).public_key().export_key(format="raw")
+        assert AgreementKey(private=private).public == theirs == h(dh[f"{who}_public"])
+
+
+@given(a=st.binary(min_size=32, max_size=32), b=st.binary(min_size=32, max_size=32))
+def test_x25519_openssl_and_pycryptodome_agree_both_ways(a: bytes, b: bytes) -> None:
+    ours = AgreementKey(private=a)
+    theirs = import_x25519_private_key(b)
+    their_public = theirs.public_key().export_key(format="raw")
+    assert ours.public == import_x25519_private_key(a).public_key().export_key(format="raw")
+    expected = _x25519_pycryptodome(b, ours.public)
+    assert ours.agree(their_public) == expected
+    assert AgreementKey(private=b).agree(ours.public) == expected
+
+
+@pytest.mark.parametrize("vec", ED_VECTORS, ids=ED_IDS)
+def test_rfc8032_7_1_openssl_matches_pycryptodome(vec: dict[str, str]) -> None:
+    """Ed25519 is deterministic: both libraries give the RFC's signature byte for byte."""
+    seed, msg, sig = h(vec["secret_key"]), h(vec["message"]), h(vec["signature"])
+    theirs = eddsa.new(eddsa.import_private_key(seed), "rfc8032")
+    assert IdentityKey(private=seed).sign(msg) == theirs.sign(msg) == sig
+    assert eddsa.import_private_key(seed).public_key().export_key(format="raw") == h(
+        vec["public_key"]
+    )
+
+
+@given(seed=st.binary(min_size=32, max_size=32), msg=st.binary(max_size=300))
+def test_ed25519_openssl_and_pycryptodome_cross_verify(seed: bytes, msg: bytes) -> None:
+    ours = IdentityKey(private=seed)
+    theirs = eddsa.import_private_key(seed)
+    assert ours.public == theirs.public_key().export_key(format="raw")
+    sig = ours.sign(msg)
+    assert sig == eddsa.new(theirs, "rfc8032").sign(msg)
+    eddsa.new(theirs.public_key(), "rfc8032").verify(msg, sig)  # pycryptodome accepts ours
+    verify_signature(ours.public, msg, sig)  # and we accept pycryptodome's (the same bytes)
+    bad = _flip(sig, len(msg) % 512)
+    with pytest.raises(ValueError):
+        eddsa.new(theirs.public_key(), "rfc8032").verify(msg, bad)
+    with pytest.raises(InvalidSignature):
+        verify_signature(ours.public, msg, bad)
+
+
+def _edwards_point(y: int, sign: int) -> Any:
+    """pycryptodome's decoding of ``y`` with x sign bit ``sign`` (or None if it refuses)."""
+    try:
+        return eddsa.import_public_key((y | sign << 255).to_bytes(32, "little")).pointQ
+    except ValueError:
+        return None
+
+
+def test_ed25519_small_order_blocklist_is_exactly_the_eight_torsion_points() -> None:
+    """The y-coordinate lookup in keys._import_identity_key replaces a scalar multiplication
+    by 8; here pycryptodome's point arithmetic shows the list is complete and exact: the
+    points generated by an order-8 point have exactly these y values, each decodable point
+    with one of them has ``8 P = 0``."""
+    blocklist = keys_module._ED25519_SMALL_ORDER_Y
+    y8 = min(y for y in blocklist if y > 1 and y != _P25519 - 1)
+    p = _edwards_point(y8, 0)
+    assert p is not None and not (p * 4).is_point_at_infinity()
+    assert (p * 8).is_point_at_infinity()
+    ys = {int((p * i).xy[1]) for i in range(8)}
+    assert ys == set(blocklist)
+    for y in blocklist:
+        for sign in (0, 1):
+            point = _edwards_point(y, sign)
+            if point is not None:
+                assert (point * 8).is_point_at_infinity()
+                encoded = (y | sign << 255).to_bytes(32, "little")
+                with pytest.raises(InvalidSignature):
+                    check_identity_key(encoded)
+
+
+@given(seed=st.binary(min_size=32, max_size=32))
+def test_ed25519_honest_keys_are_not_small_order(seed: bytes) -> None:
+    public = IdentityKey(private=seed).public
+    check_identity_key(public)
+    assert not (eddsa.import_public_key(public).pointQ * 8).is_point_at_infinity()
+
+
+def test_ed25519_mixed_order_key_is_decoded_and_its_signatures_checked() -> None:
+    """A key with a small-order component (A + T) is not small order: it passes the
+    blocklist, and a signature made under A does not verify under A + T."""
+    vec = ED_VECTORS[1]
+    a = eddsa.import_public_key(h(vec["public_key"])).pointQ
+    y8 = min(y for y in keys_module._ED25519_SMALL_ORDER_Y if y > 1 and y != _P25519 - 1)
+    t = _edwards_point(y8, 0)
+    mixed = eddsa.EccKey(curve="ed25519", point=a + t).export_key(format="raw")
+    check_identity_key(mixed)
+    with pytest.raises(InvalidSignature):
+        verify_signature(mixed, h(vec["message"]), h(vec["signature"]))
+
+
+def test_openssl_refuses_s_plus_l_too() -> None:
+    """Both libraries refuse a non-canonical ``S`` (RFC 8032 section 5.1.7)."""
+    vec = ED_VECTORS[2]
+    sig = h(vec["signature"])
+    s = int.from_bytes(sig[32:], "little") + _ED_L
+    forged = sig[:32] + s.to_bytes(32, "little")
+    with pytest.raises(InvalidSignature):
+        verify_signature(h(vec["public_key"]), h(vec["message"]), forged)
+    with pytest.raises(ValueError):
+        eddsa.new(eddsa.import_public_key(h(vec["public_key"])), "rfc8032").verify(
+            h(vec["message"]), forged
+        )
+
+
+@given(
+    key=st.binary(min_size=32, max_size=32),
+    plaintext=st.binary(max_size=200),
+    aad=st.binary(max_size=80),
+)
+def test_aes_gcm_openssl_and_pycryptodome_both_ways(
+    key: bytes, plaintext: bytes, aad: bytes
+) -> None:
+    ours = aead_encrypt(key, plaintext, aad)
+    cipher = AES.new(key, AES.MODE_GCM, nonce=AEAD_NONCE, mac_len=AEAD_TAG_BYTES)
+    cipher.update(aad)
+    ct, tag = cipher.encrypt_and_digest(plaintext)
+    assert ours == ct + tag
+    check = AES.new(key, AES.MODE_GCM, nonce=AEAD_NONCE, mac_len=AEAD_TAG_BYTES)
+    check.update(aad)
+    assert check.decrypt_and_verify(ours[:-AEAD_TAG_BYTES], ours[-AEAD_TAG_BYTES:]) == plaintext
+    assert aead_decrypt(key, ct + tag, aad) == plaintext
+
+
+@given(
+    secret=st.binary(min_size=32, max_size=64),
+    salt=st.binary(max_size=64),
+    ids=st.lists(st.integers(0, 2**32 - 1), max_size=3),
+)
+def test_derive_key_openssl_matches_pycryptodome_hkdf(
+    secret: bytes, salt: bytes, ids: list[int]
+) -> None:
+    info = _expected_info(Purpose.PAIR_MASK, tuple(ids))
+    expected = HKDF(secret, KEY_BYTES, salt, SHA256, context=info)
+    assert derive_key(secret, salt, Purpose.PAIR_MASK, *ids) == expected

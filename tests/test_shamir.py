@@ -7,6 +7,7 @@ import itertools
 import random
 import secrets
 
+import numpy as np
 import pytest
 from Crypto.Math import Primality
 from Crypto.Protocol.SecretSharing import Shamir
@@ -403,6 +404,74 @@ def test_reconstruct_many_mixed_point_sets() -> None:
         tables.append({x: shares[x] for x in keep})
     assert reconstruct_many(tables, 5) == sec
     assert reconstruct_many([], 5) == []
+
+
+def _naive_scaled_derivatives(xs: list[int]) -> list[int]:
+    """``x_i prod_{j != i} (x_i - x_j) mod p``, one product at a time (obviously right)."""
+    out = []
+    for xi in xs:
+        v = xi
+        for xj in xs:
+            if xj != xi:
+                v = v * (xi - xj) % PRIME
+        out.append(v)
+    return out
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    st.integers(min_value=1, max_value=40),
+    st.integers(min_value=1, max_value=4),
+    st.sampled_from([50, 2**16, MAX_X]),
+    st.randoms(use_true_random=False),
+)
+def test_field_kernel_matches_python(t: int, rows: int, top: int, rnd: random.Random) -> None:
+    """The Numba limb kernel gives exactly the Python big-integer denominators, also with
+    ids at the ends of the uint32 range (the largest differences and products)."""
+    from secagg.kernels import field
+
+    t = min(t, top)
+    sets = [sorted(rnd.sample(range(1, top + 1), t)) for _ in range(rows)]
+    if t >= 2:
+        sets[0] = sorted({1, top, *sets[0][2:]})
+        t = len(sets[0])
+        sets = [sets[0]] + [sorted(rnd.sample(range(1, top + 1), t)) for _ in range(rows - 1)]
+    got = field.scaled_derivatives(np.array(sets, dtype=np.int64))
+    assert got == [_naive_scaled_derivatives(xs) for xs in sets]
+    assert got == [shamir._scaled_derivatives(xs) for xs in sets]
+
+
+def test_field_kernel_worst_case_ids() -> None:
+    """All ids near 2^32 and near 1: every factor about 2^32, the limb overflow at its
+    largest; and the two largest-magnitude differences of the range."""
+    from secagg.kernels import field
+
+    sets = [
+        [1, 2, 3, MAX_X - 2, MAX_X - 1, MAX_X],
+        [1, 2**31, MAX_X, 2**31 + 1, 7, 2**31 - 1],
+    ]
+    sets = [sorted(xs) for xs in sets]
+    assert field.scaled_derivatives(np.array(sets, dtype=np.int64)) == [
+        _naive_scaled_derivatives(xs) for xs in sets
+    ]
+
+
+def test_reconstruct_many_kernel_path_with_distinct_holder_sets() -> None:
+    """A SecAgg+ server's case: every secret held by a different set of 60 holders among
+    ids 1..200 (above the kernel's work threshold), reconstructed exactly; the bases equal
+    the Python path's."""
+    rnd = random.Random(14)
+    t = 60
+    sec = [secrets.token_bytes(32) for _ in range(40)]
+    tables = []
+    for secret in sec:
+        holders = sorted(rnd.sample(range(1, 201), t + 5))
+        tables.append(split(secret, t, holders))
+    assert 40 * t * t >= shamir._KERNEL_MIN_WORK
+    assert reconstruct_many(tables, t) == sec
+    assert shamir.reconstruct_each(tables, t) == sec
+    chosen = [tuple(sorted(tb)[:t]) for tb in tables]
+    assert shamir._lagrange_many(chosen) == [shamir._lagrange(xs) for xs in chosen]
 
 
 # --- robust reconstruction ---------------------------------------------------------------

@@ -84,11 +84,10 @@ class UnmaskingState(ServerState):
             raise ProtocolViolation(
                 "key shares revealed for clients that did not drop", client_id=cid
             )
-        for _, share in (*msg.seed_shares, *msg.key_shares):
-            try:
-                shamir.decode_share(share)
-            except ReconstructionError as exc:
-                raise ProtocolViolation(f"malformed share: {exc}", client_id=cid) from None
+        try:  # every share at once: C-level length, type and range checks
+            shamir.decode_shares([share for _, share in (*msg.seed_shares, *msg.key_shares)])
+        except ReconstructionError as exc:
+            raise ProtocolViolation(f"malformed share: {exc}", client_id=cid) from None
         sid = ctx.session_id
         for kind, pairs, at in ((_SEED, msg.seed_shares, 0), (_KEY, msg.key_shares, 32)):
             for owner, share in pairs:
