@@ -112,9 +112,9 @@ def test_reveal_nonces_wire_layout() -> None:
     """Byte layout of the reveal_nonces messages and of the commitment in AdvertiseKeys
     (docs/protocol.md): written out by hand, not produced by the codec under test."""
     nonce = bytes(range(32))
-    header = b"SAGG\x01" + b"\x07" + RID + (7).to_bytes(4, "big")
+    header = b"SAGG\x02" + b"\x07" + RID + (7).to_bytes(4, "big")
     assert NonceReveal(RID, 7, SID, nonce).encode() == header + SID + nonce
-    header = b"SAGG\x01" + b"\x17" + RID + bytes(4)
+    header = b"SAGG\x02" + b"\x17" + RID + bytes(4)
     pairs = (2).to_bytes(4, "big") + (1).to_bytes(4, "big") + nonce + (9).to_bytes(4, "big")
     reveals = NonceReveals(RID, 0, SID, ((1, nonce), (9, bytes(32))))
     assert reveals.encode() == header + SID + pairs + bytes(32)
