@@ -523,7 +523,8 @@ def simulate_sharded(
     elif len(contributors) < min_contributors:
         abort = (
             "sharded",
-            f"{len(contributors)} contributors in completed groups; the round needs at least {min_contributors}",
+            f"{len(contributors)} contributors in completed groups; the round needs at least"
+            f" {min_contributors}",
         )
     if abort is not None:
         err = ShardedRoundAborted(*abort)
