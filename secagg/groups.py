@@ -468,8 +468,12 @@ class GroupJoinClient:
         roster, h, index = _decode_roster(data)
         if roster.round_id != self.round_id:
             raise ServerMisbehaviour("the join roster is for another round", client_id=self.cid)
-        if self.cid not in index:
-            raise ServerMisbehaviour("the join roster leaves this client out", client_id=self.cid)
+        k = index.get(self.cid)
+        if k is None or roster.entries[k].encode() != self.sent:
+            raise ServerMisbehaviour(
+                "the join roster does not carry this client's commitment as sent",
+                client_id=self.cid,
+            )
         self._roster = data
         sig = self.identity.sign(_open_payload(self.round_id, h, self.cid, self.nonce))
         return NonceOpen(self.round_id, self.cid, h, self.nonce, sig).encode()
