@@ -513,6 +513,7 @@ class GroupCoordinator:
         self.opens: dict[int, NonceOpen] = {}
         self.roster: JoinRoster | None = None
         self.roster_bytes = b""
+        self.roster_hash = b""
         self.opens_bytes = b""
         self.assignment: Assignment | None = None
         self.error: AssignmentAborted | None = None
@@ -542,7 +543,7 @@ class GroupCoordinator:
             o = NonceOpen.decode(data)
             if o.sender != cid or cid not in self.commits or cid in self.opens:
                 raise ProtocolViolation(f"unexpected opening from client {cid}", client_id=cid)
-            if o.roster_hash != self.roster.digest():
+            if o.roster_hash != self.roster_hash:
                 raise ProtocolViolation(f"client {cid} opened for another roster", client_id=cid)
             if join_commitment(self.round_id, cid, o.nonce) != self.commits[cid].commit:
                 raise ProtocolViolation(
@@ -573,6 +574,7 @@ class GroupCoordinator:
                 self.round_id, self.groups, tuple(self.commits[c] for c in ids)
             )
             self.roster_bytes = self.roster.encode()
+            self.roster_hash = self.roster.digest()
             self.phase, self.deadline = Phase.OPENING, now + self.timeout
             return [(c, self.roster_bytes) for c in ids]
         if self.phase is Phase.OPENING and (
@@ -587,9 +589,7 @@ class GroupCoordinator:
                 )
             assert self.roster is not None
             ids = sorted(self.commits)
-            opens = NonceOpens(
-                self.round_id, self.roster.digest(), tuple(self.opens[c] for c in ids)
-            )
+            opens = NonceOpens(self.round_id, self.roster_hash, tuple(self.opens[c] for c in ids))
             self.opens_bytes = opens.encode()
             _, self.assignment = _transcript(self.roster_bytes, self.opens_bytes)
             self.phase = Phase.ASSIGNED
