@@ -85,7 +85,7 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--kill-worker",
         type=int,
         default=None,
-        help="fault drill: ray.kill this worker index after its first steps",
+        help="fault drill: ray.kill this worker after its first steps (local: fail this group)",
     )
     d = p.add_argument_group("distributed DP (docs/dp.md; needs secagg[dp])")
     d.add_argument("--dp-epsilon", type=float, default=None, help="target epsilon (enables DP)")
@@ -178,7 +178,9 @@ def _run_sharded(args: argparse.Namespace, cfg: SimulationConfig) -> dict[str, A
     else:
         if args.ray_address is not None:
             raise ConfigurationError("--ray-address needs --engine ray")
-        engine = LocalEngine(fail=frozenset() if args.kill_worker is None else frozenset({0}))
+        engine = LocalEngine(
+            fail=frozenset() if args.kill_worker is None else frozenset({args.kill_worker})
+        )
     return simulate_sharded(cfg, args.groups or 1, engine, on_group_abort=args.on_group_abort)
 
 
