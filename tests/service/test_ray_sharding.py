@@ -38,15 +38,13 @@ def test_thousand_clients_in_twenty_groups_exact(cluster: Any) -> None:
     assert r["survivors"] == 1000 and r["engine"] == "ray" and r["workers"] == 2
     assert [g["size"] for g in r["groups"]] == [50] * 20
     assert all(g["status"] == "completed" and g["survivors"] == 50 for g in r["groups"])
-    members = r["groups"]
-    assert len(members) == 20
 
 
 def test_killed_worker_aborts_its_groups_and_the_next_round_runs(cluster: Any) -> None:
     """A worker killed mid-round (ray.kill after its first steps, between stages): its
     groups are aborted with Ray's actor-death error, the other groups' sum is published
-    (exact, above min_contributors), the job's abort policy is obeyed, and the next round
-    runs on fresh workers."""
+    (exact, above min_contributors), and the next round runs on fresh workers. (The
+    ``abort`` policy and the min_contributors floor: tests/test_sharding.py.)"""
     cfg = _cfg(80)
     r = simulate_sharded(cfg, 4, RayEngine(n_workers=2, kill={0: 3}))
     dead = [g for g in r["groups"] if g["status"] == "aborted"]
@@ -54,9 +52,6 @@ def test_killed_worker_aborts_its_groups_and_the_next_round_runs(cluster: Any) -
     assert all("ActorDiedError" in g["reason"] for g in dead)
     assert r["status"] == "completed" and r["partial"] is True and r["exact"] is True
     assert r["survivors"] == 40
-
-    strict = simulate_sharded(cfg, 4, RayEngine(n_workers=2, kill={1: 3}), on_group_abort="abort")
-    assert strict["status"] == "aborted" and "groups [1, 3] aborted" in strict["abort"]["reason"]
 
     again = simulate_sharded(cfg, 4, RayEngine(n_workers=2))
     assert again["status"] == "completed" and again["exact"] is True
