@@ -346,3 +346,39 @@ def test_engine_ray_without_ray_is_one_line_exit_2(
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install 'secagg[ray]'" in err[0]
+
+
+def test_wrong_member_list_is_refused_by_the_clients_inside_the_group_round() -> None:
+    """Attack: the coordinator hands an aggregator group 0 with one member swapped for a
+    client of group 1. Every simulated client, in the group round itself, recomputes its
+    group from the transcript and refuses; the group round gets no message and aborts, so
+    no sum of this grouping exists. Without the clients' checks (verify_transcript,
+    check_group_invite) it would complete."""
+    from secagg.simulate_sharded import (
+        GroupOutcome,
+        GroupRound,
+        GroupSpec,
+        Member,
+        _group_params,
+        _join,
+    )
+
+    coord, clients, keys, _ = _join(CFG, 3, list(range(1, 61)), 3)
+    asg = coord.assignment
+    assert asg is not None
+    wrong = [*asg.groups[0][1:], asg.groups[1][0]]
+    params = _group_params(CFG, len(wrong), group_round_id(asg.seed, 0))
+    members = tuple(
+        Member(c, keys[c].public, keys[c].private_bytes, clients[c].nonce, clients[c].sent, 1, 255)
+        for c in wrong
+    )
+    spec = GroupSpec(
+        0, params.encode(), coord.roster_bytes, coord.opens_bytes, 10.0, 0, 0.01, 0.05, 3, members
+    )
+    rnd = GroupRound(spec.encode())
+    assert set(rnd.refused) == set(wrong)
+    # the member left out is absent from the group's directory, the intruder's own group
+    # is not this one: each client names what the coordinator got wrong
+    assert all(why.startswith("ServerMisbehaviour") for why in rnd.refused.values())
+    out = GroupOutcome.decode(rnd.run())
+    assert not out.completed and out.contributors == ()
