@@ -20,6 +20,7 @@ EXIT_CONFIG, EXIT_ABORTED, EXIT_AUDIT = 2, 3, 4
 if TYPE_CHECKING:
     from secagg.service._gen.admin_pb2 import JobStatus, RoundStatus
     from secagg.service.admin import AdminClient
+    from secagg.simulate import SimulationConfig
 
 __all__ = ["DEFAULT_MAX_WEIGHT", "main"]
 
@@ -64,6 +65,28 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="hybrid: comma-separated client ids that upload out-of-range ciphertexts",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    e = p.add_argument_group("sharded rounds (docs/sharding.md; --engine ray needs secagg[ray])")
+    e.add_argument(
+        "--engine",
+        default=None,
+        choices=["local", "ray"],
+        help="run a sharded round: groups in this process (local) or on Ray actors (ray)",
+    )
+    e.add_argument("--groups", type=int, default=None, help="number of groups (default 1)")
+    e.add_argument("--ray-address", default=None, help="attach to this Ray cluster")
+    e.add_argument("--ray-workers", type=int, default=2, help="aggregator actors (default 2)")
+    e.add_argument(
+        "--on-group-abort",
+        default="publish",
+        choices=["publish", "abort"],
+        help="job policy when a group aborts: publish the others' sum or abort the round",
+    )
+    e.add_argument(
+        "--kill-worker",
+        type=int,
+        default=None,
+        help="fault drill: ray.kill this worker after its first steps (local: fail this group)",
+    )
     d = p.add_argument_group("distributed DP (docs/dp.md; needs secagg[dp])")
     d.add_argument("--dp-epsilon", type=float, default=None, help="target epsilon (enables DP)")
     d.add_argument("--dp-delta", type=float, default=1e-5)
@@ -104,11 +127,13 @@ def _run_simulate(args: argparse.Namespace) -> int:
         dp_clip=args.dp_clip,
         spoil=args.spoil,
     )
-    if args.dp_epsilon is not None and args.transport != "inprocess":
+    if args.engine is not None or args.groups is not None or args.kill_worker is not None:
+        report = _run_sharded(args, cfg)
+    elif args.dp_epsilon is not None and args.transport != "inprocess":
         raise ConfigurationError("--dp-epsilon runs with --transport inprocess only (for now)")
-    if args.spoil and args.transport != "inprocess":
+    elif args.spoil and args.transport != "inprocess":
         raise ConfigurationError("--spoil runs in process only (--transport inprocess)")
-    if args.transport == "grpc":
+    elif args.transport == "grpc":
         from secagg.server import StageTimeouts
         from secagg.service.loopback import simulate_grpc
 
@@ -134,6 +159,31 @@ def _run_simulate(args: argparse.Namespace) -> int:
     return 0 if report["status"] == "completed" else EXIT_ABORTED
 
 
+def _run_sharded(args: argparse.Namespace, cfg: SimulationConfig) -> dict[str, Any]:
+    """``simulate --engine local|ray --groups G``: one sharded round (docs/sharding.md)."""
+    from secagg.simulate_sharded import GroupEngine, LocalEngine, simulate_sharded
+
+    if args.engine is None:
+        raise ConfigurationError("--groups and --kill-worker need --engine local or ray")
+    if args.transport != "inprocess" or args.insecure_plaintext:
+        raise ConfigurationError(
+            "--engine runs the groups in process or on Ray, not over --transport grpc"
+        )
+    engine: GroupEngine
+    kill = {} if args.kill_worker is None else {args.kill_worker: 2}
+    if args.engine == "ray":
+        from secagg.service.ray_engine import RayEngine
+
+        engine = RayEngine(n_workers=args.ray_workers, address=args.ray_address, kill=kill)
+    else:
+        if args.ray_address is not None:
+            raise ConfigurationError("--ray-address needs --engine ray")
+        engine = LocalEngine(
+            fail=frozenset() if args.kill_worker is None else frozenset({args.kill_worker})
+        )
+    return simulate_sharded(cfg, args.groups or 1, engine, on_group_abort=args.on_group_abort)
+
+
 def _print_report(r: dict[str, object]) -> None:
     lines = [
         f"mode {r['mode']}: {r['clients']} clients x {r['dim']} parameters, "
@@ -150,6 +200,11 @@ def _print_report(r: dict[str, object]) -> None:
     if "stage_seconds" in r:
         lines.append(f"stage seconds: {r['stage_seconds']}")
     lines.append(f"bytes: {r['bytes']}")
+    for g in r.get("groups", []) or []:  # type: ignore[attr-defined]
+        lines.append(
+            f"group {g['group']}: {g['size']} clients, {g['survivors']} survivors,"
+            f" {g['status']}" + (f" ({g['reason']})" if "reason" in g else "")
+        )
     print("\n".join(lines))
 
 
