@@ -607,6 +607,45 @@ def _add_round_shape(p: argparse.ArgumentParser) -> None:
         " clients whose update has another layout refuse the round",
     )
     p.add_argument("--stage-timeout", type=float, help="seconds per stage (server default)")
+    g = p.add_argument_group("distributed differential privacy (docs/dp.md)")
+    g.add_argument("--dp-epsilon", type=float, help="DP: the job's epsilon (enables DP)")
+    g.add_argument("--dp-delta", type=float, help="DP: the job's delta (default 1e-5)")
+    g.add_argument(
+        "--dp-rounds", type=int, help="DP: rounds the budget is split over (job: --rounds)"
+    )
+    g.add_argument("--dp-clip", type=float, help="DP: L2 clip norm (default --clip)")
+    g.add_argument(
+        "--dp-max-withholders", type=int, help="DP: contributors counted as adding no noise"
+    )
+
+
+_DP_FLAGS = ("epsilon", "delta", "rounds", "clip", "max_withholders")
+
+
+def _dp_arg(args: argparse.Namespace, *, rounds: int | None = None) -> Any:
+    """The DP spec of ``--dp-*`` (or ``job create --dp JSON``), or ``None``."""
+    from secagg.service.dpspec import DPSpec
+
+    given = {k: getattr(args, f"dp_{k}") for k in _DP_FLAGS if getattr(args, f"dp_{k}") is not None}
+    doc: dict[str, Any] | None = None
+    if getattr(args, "dp", None):
+        if given:
+            raise ConfigurationError("give --dp JSON or the --dp-* flags, not both")
+        try:
+            doc = json.loads(args.dp)
+        except ValueError as exc:
+            raise ConfigurationError(f"--dp must be a JSON object: {exc}") from None
+        if not isinstance(doc, dict):
+            raise ConfigurationError("--dp must be a JSON object")
+    elif given:
+        if "epsilon" not in given:
+            raise ConfigurationError("--dp-* flags need --dp-epsilon")
+        if "rounds" not in given and rounds is None:
+            raise ConfigurationError("--dp-epsilon needs --dp-rounds (the rounds of the budget)")
+        doc = given
+    if doc is None:
+        return None
+    return DPSpec.from_json(doc, rounds=rounds, clip=args.clip)
 
 
 def _round_shape(args: argparse.Namespace) -> dict[str, Any]:
@@ -649,7 +688,7 @@ def _run_round(args: argparse.Namespace) -> int:
             print(json.dumps([_round_row(st) for st in admin.rounds(args.job or None)]))
         return 0
     if args.action == "create":
-        spec = RoundSpec(job=_need(args.job, "--job"), **_round_shape(args))
+        spec = RoundSpec(job=_need(args.job, "--job"), dp=_dp_arg(args), **_round_shape(args))
     else:
         rid = _round_id_arg(_need(args.round_id, "round_id"))
     with _admin(args) as admin:
@@ -697,7 +736,11 @@ def _add_job(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="seconds between round openings (default: the next round opens when the "
         "previous one ended)",
     )
-    p.add_argument("--dp", help="differential-privacy settings (JSON object), carried as is")
+    p.add_argument(
+        "--dp",
+        help='distributed DP budget as a JSON object {"epsilon", "delta", "rounds", "clip", '
+        '"max_withholders", "max_excess", "sampling_rate"} (or the --dp-* flags)',
+    )
     _add_round_shape(p)
     p.add_argument("--reason", default="", help="abort reason")
     p.add_argument("--wait", action="store_true", help="status: wait until the job ends")
@@ -716,14 +759,7 @@ def _run_job(args: argparse.Namespace) -> int:
         return 0
     name = _need(args.name, "a job name")
     if args.action == "create":
-        dp = None
-        if args.dp:
-            try:
-                dp = json.loads(args.dp)
-            except ValueError as exc:
-                raise ConfigurationError(f"--dp must be a JSON object: {exc}") from None
-            if not isinstance(dp, dict):
-                raise ConfigurationError("--dp must be a JSON object")
+        dp = _dp_arg(args, rounds=args.rounds)
         spec = JobSpec(name=name, rounds=args.rounds, every=args.every, dp=dp, **_round_shape(args))
     with _admin(args) as admin:
         if args.action == "create":
