@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -356,11 +357,7 @@ class Coordinator:
             if spec.dp is not None:
                 task = loop.create_task(self._charge(runner, spec))
                 self._charges[spec.job] = task
-                task.add_done_callback(
-                    lambda t, job=spec.job: (
-                        self._charges.pop(job, None) if self._charges.get(job) is t else None
-                    )
-                )
+                task.add_done_callback(functools.partial(self._charged, spec.job))
         event(
             log,
             logging.INFO,
@@ -489,6 +486,10 @@ class Coordinator:
             "worst_case_epsilon_after": eps,
             "spent_before": ledger.spent(),
         }
+
+    def _charged(self, job: str, task: asyncio.Task[None]) -> None:
+        if self._charges.get(job) is task:
+            del self._charges[job]
 
     async def _charge(self, runner: RoundRunner, spec: RoundSpec) -> None:
         """When the DP round ends with a result, charge it with its real contributors."""
