@@ -172,8 +172,8 @@ class SecureFedAvg:
             raise ValueError(f"send must be 'delta' or 'weights', not {send!r}")
         self.dp = dp
         if dp is not None:
-            extra = {} if dp.state is None else {"dp_state": os.fspath(dp.state)}
-            client.policy = dataclasses.replace(client.policy, dp=dp.policy(), **extra)
+            state = client.policy.dp_state if dp.state is None else os.fspath(dp.state)
+            client.policy = dataclasses.replace(client.policy, dp=dp.policy(), dp_state=state)
         self.client = client
         self.send: Send = send
         self.keys = None if keys is None else tuple(keys)
