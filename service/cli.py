@@ -342,6 +342,14 @@ def _add_keygen(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         default=32,
         help="decryptions each key holder may make under this key (1..64; docs/ckks.md)",
     )
+    ck.add_argument(
+        "--threshold",
+        default="auto",
+        type=_threshold,
+        help="with --dp-*: the rounds' threshold (auto or t; the DP lanes depend on it)",
+    )
+    ck.add_argument("--clip", type=float, default=8.0, help="with --dp-*: --dp-clip's default")
+    _add_dp_flags(p)
 
 
 def _run_keygen(args: argparse.Namespace) -> int:
@@ -352,7 +360,11 @@ def _run_keygen(args: argparse.Namespace) -> int:
 
         if not args.clients or not args.dim:
             raise ConfigurationError("keygen --ckks needs --clients and --dim")
-        he = select_params(args.clients, args.bits, args.dim, args.mode, args.max_weight)
+        dp = _dp_arg(args)
+        if dp is not None:  # the DP shape: d' lanes of the offer's bits, unweighted
+            he = _dp_he_params(args, dp)
+        else:
+            he = select_params(args.clients, args.bits, args.dim, args.mode, args.max_weight)
         from secagg import ckks
 
         budget = args.decryption_budget
@@ -369,8 +381,10 @@ def _run_keygen(args: argparse.Namespace) -> int:
             "clients": args.clients,
             "dim": args.dim,
             "bits": args.bits,
-            "max_weight": args.max_weight,
+            "max_weight": 1 if dp is not None else args.max_weight,
         }
+        if dp is not None:
+            shape.update(dp=dp.to_json(), threshold=args.threshold)
         sidecar = _he_shape_path(server)
         sidecar.write_text(json.dumps(shape) + "\n")
         print(
@@ -607,6 +621,11 @@ def _add_round_shape(p: argparse.ArgumentParser) -> None:
         " clients whose update has another layout refuse the round",
     )
     p.add_argument("--stage-timeout", type=float, help="seconds per stage (server default)")
+    _add_dp_flags(p)
+
+
+def _add_dp_flags(p: argparse.ArgumentParser) -> None:
+    """``--dp-*`` (``round create``, ``job create``, ``keygen --ckks``)."""
     g = p.add_argument_group("distributed differential privacy (docs/dp.md)")
     g.add_argument("--dp-epsilon", type=float, help="DP: the job's epsilon (enables DP)")
     g.add_argument("--dp-delta", type=float, help="DP: the job's delta (default 1e-5)")
@@ -848,6 +867,17 @@ def _read_file(path: str, what: str) -> bytes:
         raise ConfigurationError(f"cannot read {what} {path}: {exc.strerror}") from None
 
 
+def _dp_he_params(args: argparse.Namespace, dp: Any) -> Any:
+    """The CKKS parameters of a hybrid DP round of this shape (as the server computes them)."""
+    from secagg.service.coordinator import Coordinator, RoundSpec
+
+    if args.mode != "hybrid":
+        raise ConfigurationError("keygen --ckks --dp-*: distributed DP runs in hybrid rounds only")
+    names = [f"p{i}" for i in range(args.clients)]
+    spec = RoundSpec("keygen", names, args.dim, mode="hybrid", threshold=args.threshold, dp=dp)
+    return Coordinator._params(spec, args.clients).he
+
+
 def _he_shape_path(server_context: Path | str) -> Path:
     """``PREFIX.ckks-params.json`` beside ``PREFIX.ckks-server``: the shape keygen made it for."""
     p = Path(server_context)
@@ -885,6 +915,23 @@ def _he_shape(args: argparse.Namespace, clients: int, dim: int) -> tuple[int | N
         made = {k: shape[k] for k in ("mode", "clients", "dim", "bits", "max_weight")}
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigurationError(f"{side}: malformed ({exc})") from None
+    dp = _dp_arg(args, rounds=getattr(args, "rounds", None))
+    made_dp = shape.get("dp")
+    if (dp is None) != (made_dp is None):
+        raise ConfigurationError(
+            f"{args.he_context} was made {'with' if made_dp else 'without'} DP and the round "
+            f"has {'DP' if dp else 'none'}: rerun `secagg keygen --ckks` with the round's --dp-*"
+        )
+    if dp is not None:
+        asked_dp = {"dp": dp.to_json(), "threshold": args.threshold, "dim": dim, "clients": clients}
+        had = {k: shape.get(k) for k in asked_dp}
+        diff = [f"{k} {asked_dp[k]} (keygen: {had[k]})" for k in asked_dp if asked_dp[k] != had[k]]
+        if diff:
+            raise ConfigurationError(
+                f"{args.he_context} was made for another DP round shape: {', '.join(diff)}; "
+                "rerun `secagg keygen --ckks` with this round's --clients/--dim/--threshold/--dp-*"
+            )
+        return int(made["bits"]), 1
     asked = {
         "mode": args.mode,
         "clients": clients,

@@ -361,3 +361,49 @@ def test_standalone_dp_rounds_use_the_ledger_of_their_job_name(deployment: Deplo
     with pytest.raises(Exception, match="budget") as info:
         deployment.create(names, DIM, job="solo", dp=dp)
     assert exit_code_for(info.value) == 9, type(info.value)
+
+
+def test_keygen_ckks_for_a_hybrid_dp_round(deployment: Deployment, tmp_path: Path) -> None:
+    """``keygen --ckks --dp-*`` makes the contexts for the DP shape of a hybrid round (d'
+    lanes of the offer's bits, unweighted): the server opens the round with that context and
+    a context made without DP is refused for a DP round. Before, keygen knew only the plain
+    shape and the server refused every context for a hybrid DP round."""
+    out = tmp_path / "fed"
+    dp_flags = ["--dp-epsilon", str(EPS), "--dp-rounds", "3", "--dp-clip", str(CLIP)]
+    made = run_cli(
+        ["keygen", "--ckks", "--out", str(out), "--mode", "hybrid", "--clients", "4",
+         "--dim", str(DIM), *dp_flags],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    shape = json.loads((tmp_path / "fed.ckks-params.json").read_text())
+    assert shape["dp"]["epsilon"] == EPS and shape["max_weight"] == 1
+    names = deployment.enroll(4, prefix="hy")
+    dp = DPSpec(epsilon=EPS, delta=DELTA, rounds=3, clip=CLIP)
+    server_ctx = (tmp_path / "fed.ckks-server").read_bytes()
+    rid = deployment.create(names, DIM, job="hy", mode="hybrid", he_context=server_ctx, dp=dp)
+    assert deployment.admin is not None
+    st = deployment.admin.status(rid)
+    assert st.status == "running" and st.mode == "hybrid"  # the server took the context
+    deployment.admin.abort(rid, "test over")  # a full hybrid DP round: docs/dp.md (22 s here)
+    with pytest.raises(Exception, match="made without DP"):
+        plain = tmp_path / "plain"
+        run_cli(["keygen", "--ckks", "--out", str(plain), "--clients", "4", "--dim", str(DIM)],
+                cwd=tmp_path)  # fmt: skip
+        from types import SimpleNamespace
+
+        ns = SimpleNamespace(
+            he_context=str(tmp_path / "plain.ckks-server"), mode="hybrid", bits=None,
+            max_weight=None, threshold="auto", dp=None, dp_epsilon=EPS, dp_delta=None,
+            dp_rounds=3, dp_clip=None, dp_max_withholders=None, clip=CLIP,
+        )  # fmt: skip
+        cli._he_shape(ns, 4, DIM)  # type: ignore[arg-type]
+    with pytest.raises(Exception, match="made with DP and the round has none"):
+        from types import SimpleNamespace
+
+        ns = SimpleNamespace(
+            he_context=str(tmp_path / "fed.ckks-server"), mode="hybrid", bits=None,
+            max_weight=None, threshold="auto", dp=None, dp_epsilon=None, dp_delta=None,
+            dp_rounds=None, dp_clip=None, dp_max_withholders=None, clip=CLIP,
+        )  # fmt: skip
+        cli._he_shape(ns, 4, DIM)  # type: ignore[arg-type]
