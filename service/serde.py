@@ -500,7 +500,9 @@ def job_spec_from_proto(
     inner.CopyFrom(req.round)
     inner.dp_json = ""  # the job's DP is parsed with the job's rounds as its default
     r = round_spec_from_proto(inner, default_deadlines)
-    dp = _dp_doc(req.dp_json, "dp_json") or _dp_doc(req.round.dp_json, "round.dp_json")
+    dp = _dp_doc(req.dp_json, "dp_json")
+    if dp is None:
+        dp = _dp_doc(req.round.dp_json, "round.dp_json")
     if not (req.every == req.every and req.every >= 0):
         raise ConfigurationError(f"every must be >= 0 seconds, got {req.every}")
     return JobSpec(
