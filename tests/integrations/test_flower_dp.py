@@ -11,10 +11,10 @@ import pytest
 
 from secagg.dp.policy import DPPolicy
 from secagg.errors import ConfigurationError
-from secagg.service.dpbudget import STATE_FILE
+from secagg.service.dpbudget import STATE_FILE, SiteBudget
 from secagg.service.dpspec import DPSpec
 
-from .conftest import Kits
+from .conftest import Federation, Kits
 
 flwr = pytest.importorskip("flwr")
 
@@ -138,3 +138,42 @@ def test_site_kit_keeps_the_dp_ledger_in_the_kit(kits: Kits) -> None:
         assert mode == 0o600
     finally:
         client.close()
+
+
+def test_flower_app_runs_dp_rounds(federation: Federation, tmp_path: Path) -> None:
+    """A Flower app (real ServerApp, strategy, ClientApp, mod) with ``SecAggFedAvg(dp=...)``
+    and nodes holding a DP policy in their node config: three DP rounds (node 4 crashes in
+    round 2), each charged to the job's ledger with its real contributors, and each node's
+    own ledger file holding the rounds it joined."""
+    pytest.importorskip("dp_accounting")  # secagg[dp]: the Flower env installs it
+    from secagg.service.privacy import JobLedger
+
+    from .flower_app import CRASH, DEADLINES, NODES, ROUNDS, client_app, enroll_nodes, run
+    from .flower_local import LocalGrid
+
+    configs = enroll_nodes(federation, tmp_path)
+    for i, cfg in enumerate(configs.values(), start=1):
+        cfg.update(
+            {
+                "secagg-dp-max-epsilon": "3",
+                "secagg-dp-max-rounds": str(ROUNDS),
+                "secagg-dp-max-clip": "1",
+                "secagg-dp-state": str(tmp_path / f"dp-{i}.json"),
+            }
+        )
+    strategy = SecAggFedAvg(
+        federation.admin,
+        job="flower-dp",
+        clip=1.0,
+        deadlines=DEADLINES,
+        fraction_evaluate=0.0,
+        min_available_nodes=4,
+        dp=DPSpec(epsilon=3.0, delta=1e-5, rounds=ROUNDS, clip=1.0),
+    )
+    run(strategy, LocalGrid(client_app(), configs))
+    assert [r.status for r in strategy.rounds] == ["completed"] * ROUNDS
+    rows = JobLedger(federation.store, "flower-dp").rows
+    assert [r.contributors for r in rows] == [3 if i + 1 == CRASH[1] else 4 for i in range(ROUNDS)]
+    for i, nid in enumerate(NODES, start=1):
+        joined = SiteBudget(tmp_path / f"dp-{i}.json").rounds()
+        assert len(joined) == (ROUNDS - 1 if nid == CRASH[0] else ROUNDS)
