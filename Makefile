@@ -69,7 +69,7 @@ typecheck: $(VENV)/.dev
 # (pycryptodome 3.x, protobuf 6 at run time).
 FLOWER_TESTS = tests/integrations/test_flower.py tests/integrations/test_flower_config.py \
 	tests/integrations/test_flower_he.py tests/integrations/test_flower_example.py \
-	tests/service/test_codegen.py tests/test_ckks_codegen.py \
+	tests/integrations/test_flower_dp.py tests/service/test_codegen.py tests/test_ckks_codegen.py \
 	tests/test_primitives.py tests/test_protocol.py
 
 unit: $(VENV)/.dev $(FVENV)/.flower
