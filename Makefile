@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install -q
-# The Flower environment: `secagg[flower,codegen]` as pip resolves it (protobuf 6,
+# The Flower environment: `secagg[flower,codegen,dp]` as pip resolves it (protobuf 6,
 # pycryptodome 3, the floor of our ranges), beside dev's newest versions.
 FVENV  := .venv-flower
 FBIN   := $(FVENV)/bin
@@ -33,7 +33,7 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 $(FVENV)/.flower: pyproject.toml
 	$(PYTHON) -m venv $(FVENV)
 	$(FBIN)/python -m pip install -q --upgrade pip
-	$(FBIN)/python -m pip install -q -e '.[flower,codegen]' 'pytest>=8' 'hypothesis>=6.100'
+	$(FBIN)/python -m pip install -q -e '.[flower,codegen,dp]' 'pytest>=8' 'hypothesis>=6.100'
 	touch $@
 
 flower: $(FVENV)/.flower
@@ -69,7 +69,7 @@ typecheck: $(VENV)/.dev
 # (pycryptodome 3.x, protobuf 6 at run time).
 FLOWER_TESTS = tests/integrations/test_flower.py tests/integrations/test_flower_config.py \
 	tests/integrations/test_flower_he.py tests/integrations/test_flower_example.py \
-	tests/service/test_codegen.py tests/test_ckks_codegen.py \
+	tests/integrations/test_flower_dp.py tests/service/test_codegen.py tests/test_ckks_codegen.py \
 	tests/test_primitives.py tests/test_protocol.py
 
 unit: $(VENV)/.dev $(FVENV)/.flower

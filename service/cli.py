@@ -397,6 +397,14 @@ def _add_keygen(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         default=32,
         help="decryptions each key holder may make under this key (1..64; docs/ckks.md)",
     )
+    ck.add_argument(
+        "--threshold",
+        default="auto",
+        type=_threshold,
+        help="with --dp-*: the rounds' threshold (auto or t; the DP lanes depend on it)",
+    )
+    ck.add_argument("--clip", type=float, default=8.0, help="with --dp-*: --dp-clip's default")
+    _add_dp_flags(p)
 
 
 def _run_keygen(args: argparse.Namespace) -> int:
@@ -407,7 +415,11 @@ def _run_keygen(args: argparse.Namespace) -> int:
 
         if not args.clients or not args.dim:
             raise ConfigurationError("keygen --ckks needs --clients and --dim")
-        he = select_params(args.clients, args.bits, args.dim, args.mode, args.max_weight)
+        dp = _dp_arg(args)
+        if dp is not None:  # the DP shape: d' lanes of the offer's bits, unweighted
+            he = _dp_he_params(args, dp)
+        else:
+            he = select_params(args.clients, args.bits, args.dim, args.mode, args.max_weight)
         from secagg import ckks
 
         budget = args.decryption_budget
@@ -424,8 +436,10 @@ def _run_keygen(args: argparse.Namespace) -> int:
             "clients": args.clients,
             "dim": args.dim,
             "bits": args.bits,
-            "max_weight": args.max_weight,
+            "max_weight": 1 if dp is not None else args.max_weight,
         }
+        if dp is not None:
+            shape.update(dp=dp.to_json(), threshold=args.threshold)
         sidecar = _he_shape_path(server)
         sidecar.write_text(json.dumps(shape) + "\n")
         print(
@@ -662,6 +676,50 @@ def _add_round_shape(p: argparse.ArgumentParser) -> None:
         " clients whose update has another layout refuse the round",
     )
     p.add_argument("--stage-timeout", type=float, help="seconds per stage (server default)")
+    _add_dp_flags(p)
+
+
+def _add_dp_flags(p: argparse.ArgumentParser) -> None:
+    """``--dp-*`` (``round create``, ``job create``, ``keygen --ckks``)."""
+    g = p.add_argument_group("distributed differential privacy (docs/dp.md)")
+    g.add_argument("--dp-epsilon", type=float, help="DP: the job's epsilon (enables DP)")
+    g.add_argument("--dp-delta", type=float, help="DP: the job's delta (default 1e-5)")
+    g.add_argument(
+        "--dp-rounds", type=int, help="DP: rounds the budget is split over (job: --rounds)"
+    )
+    g.add_argument("--dp-clip", type=float, help="DP: L2 clip norm (default --clip)")
+    g.add_argument(
+        "--dp-max-withholders", type=int, help="DP: contributors counted as adding no noise"
+    )
+
+
+_DP_FLAGS = ("epsilon", "delta", "rounds", "clip", "max_withholders")
+
+
+def _dp_arg(args: argparse.Namespace, *, rounds: int | None = None) -> Any:
+    """The DP spec of ``--dp-*`` (or ``job create --dp JSON``), or ``None``."""
+    from secagg.service.dpspec import DPSpec
+
+    given = {k: getattr(args, f"dp_{k}") for k in _DP_FLAGS if getattr(args, f"dp_{k}") is not None}
+    doc: dict[str, Any] | None = None
+    if getattr(args, "dp", None):
+        if given:
+            raise ConfigurationError("give --dp JSON or the --dp-* flags, not both")
+        try:
+            doc = json.loads(args.dp)
+        except ValueError as exc:
+            raise ConfigurationError(f"--dp must be a JSON object: {exc}") from None
+        if not isinstance(doc, dict):
+            raise ConfigurationError("--dp must be a JSON object")
+    elif given:
+        if "epsilon" not in given:
+            raise ConfigurationError("--dp-* flags need --dp-epsilon")
+        if "rounds" not in given and rounds is None:
+            raise ConfigurationError("--dp-epsilon needs --dp-rounds (the rounds of the budget)")
+        doc = given
+    if doc is None:
+        return None
+    return DPSpec.from_json(doc, rounds=rounds, clip=args.clip)
 
 
 def _round_shape(args: argparse.Namespace) -> dict[str, Any]:
@@ -704,7 +762,7 @@ def _run_round(args: argparse.Namespace) -> int:
             print(json.dumps([_round_row(st) for st in admin.rounds(args.job or None)]))
         return 0
     if args.action == "create":
-        spec = RoundSpec(job=_need(args.job, "--job"), **_round_shape(args))
+        spec = RoundSpec(job=_need(args.job, "--job"), dp=_dp_arg(args), **_round_shape(args))
     else:
         rid = _round_id_arg(_need(args.round_id, "round_id"))
     with _admin(args) as admin:
@@ -752,7 +810,11 @@ def _add_job(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="seconds between round openings (default: the next round opens when the "
         "previous one ended)",
     )
-    p.add_argument("--dp", help="differential-privacy settings (JSON object), carried as is")
+    p.add_argument(
+        "--dp",
+        help='distributed DP budget as a JSON object {"epsilon", "delta", "rounds", "clip", '
+        '"max_withholders", "max_excess", "sampling_rate"} (or the --dp-* flags)',
+    )
     _add_round_shape(p)
     p.add_argument("--reason", default="", help="abort reason")
     p.add_argument("--wait", action="store_true", help="status: wait until the job ends")
@@ -771,14 +833,7 @@ def _run_job(args: argparse.Namespace) -> int:
         return 0
     name = _need(args.name, "a job name")
     if args.action == "create":
-        dp = None
-        if args.dp:
-            try:
-                dp = json.loads(args.dp)
-            except ValueError as exc:
-                raise ConfigurationError(f"--dp must be a JSON object: {exc}") from None
-            if not isinstance(dp, dict):
-                raise ConfigurationError("--dp must be a JSON object")
+        dp = _dp_arg(args, rounds=args.rounds)
         spec = JobSpec(name=name, rounds=args.rounds, every=args.every, dp=dp, **_round_shape(args))
     with _admin(args) as admin:
         if args.action == "create":
@@ -867,6 +922,17 @@ def _read_file(path: str, what: str) -> bytes:
         raise ConfigurationError(f"cannot read {what} {path}: {exc.strerror}") from None
 
 
+def _dp_he_params(args: argparse.Namespace, dp: Any) -> Any:
+    """The CKKS parameters of a hybrid DP round of this shape (as the server computes them)."""
+    from secagg.service.coordinator import Coordinator, RoundSpec
+
+    if args.mode != "hybrid":
+        raise ConfigurationError("keygen --ckks --dp-*: distributed DP runs in hybrid rounds only")
+    names = [f"p{i}" for i in range(args.clients)]
+    spec = RoundSpec("keygen", names, args.dim, mode="hybrid", threshold=args.threshold, dp=dp)
+    return Coordinator._params(spec, args.clients).he
+
+
 def _he_shape_path(server_context: Path | str) -> Path:
     """``PREFIX.ckks-params.json`` beside ``PREFIX.ckks-server``: the shape keygen made it for."""
     p = Path(server_context)
@@ -904,6 +970,23 @@ def _he_shape(args: argparse.Namespace, clients: int, dim: int) -> tuple[int | N
         made = {k: shape[k] for k in ("mode", "clients", "dim", "bits", "max_weight")}
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigurationError(f"{side}: malformed ({exc})") from None
+    dp = _dp_arg(args, rounds=getattr(args, "rounds", None))
+    made_dp = shape.get("dp")
+    if (dp is None) != (made_dp is None):
+        raise ConfigurationError(
+            f"{args.he_context} was made {'with' if made_dp else 'without'} DP and the round "
+            f"has {'DP' if dp else 'none'}: rerun `secagg keygen --ckks` with the round's --dp-*"
+        )
+    if dp is not None:
+        asked_dp = {"dp": dp.to_json(), "threshold": args.threshold, "dim": dim, "clients": clients}
+        had = {k: shape.get(k) for k in asked_dp}
+        diff = [f"{k} {asked_dp[k]} (keygen: {had[k]})" for k in asked_dp if asked_dp[k] != had[k]]
+        if diff:
+            raise ConfigurationError(
+                f"{args.he_context} was made for another DP round shape: {', '.join(diff)}; "
+                "rerun `secagg keygen --ckks` with this round's --clients/--dim/--threshold/--dp-*"
+            )
+        return int(made["bits"]), 1
     asked = {
         "mode": args.mode,
         "clients": clients,

@@ -44,6 +44,7 @@ from secagg.params import ROUND_ID_BYTES, Mode
 from secagg.policy import MIN_CONTRIBUTORS, ClientPolicy, check_layout
 from secagg.service._gen import aggregation_pb2, aggregation_pb2_grpc
 from secagg.service.auth import call_metadata
+from secagg.service.dpbudget import ANY_JOB, SiteBudget
 from secagg.service.errors import (
     JobAborted,
     JobTimeout,
@@ -110,6 +111,12 @@ class Policy:
     dp:
         Distributed-DP requirement (:class:`secagg.dp.policy.DPPolicy`), passed to the core
         policy: a round without DP or with a weaker offer is refused before anything is sent.
+        The client also keeps its own ledger of the DP rounds it joined
+        (:mod:`secagg.service.dpbudget`) and refuses a round that would take it past
+        ``dp.max_epsilon`` or ``dp.max_rounds`` whatever the server announces.
+    dp_state:
+        File of that ledger (JSON, 0600); ``None`` keeps it in memory for the client's life.
+        :meth:`Client.from_kit` defaults it to ``dp_state.json`` in the kit directory.
     """
 
     expected_dim: int | None = None
@@ -130,6 +137,7 @@ class Policy:
     min_contributors: int = MIN_CONTRIBUTORS
     max_weight: int = 1 << 32
     dp: DPPolicy | None = None
+    dp_state: str | Path | None = None
 
     def core(self) -> ClientPolicy:
         """The protocol core's policy with this policy's targets."""
@@ -307,6 +315,7 @@ class Client:
         self.retry = retry or RetryPolicy()
         self.chunk_bytes = chunk_bytes
         self.stats = TransferStats()
+        self._dp_budget = SiteBudget(self.policy.dp_state)
         opts = [
             ("grpc.max_receive_message_length", chunk_bytes + 64 * 1024),
             ("grpc.max_send_message_length", -1),
@@ -356,6 +365,10 @@ class Client:
             raise ConfigurationError(f"unknown policy fields {sorted(set(merged) - fields_)}")
         if "allowed_modes" in merged:
             merged["allowed_modes"] = frozenset(merged["allowed_modes"])
+        if merged.get("dp_state") is None:
+            from secagg.service.dpbudget import STATE_FILE
+
+            merged["dp_state"] = Path(kit_dir) / STATE_FILE
         tls = ClientTls(
             ca=k.path(kf.CA),
             cert=k.path(kf.CERT),
@@ -372,6 +385,15 @@ class Client:
         if k.key_holder:
             client.he_secret_path = k.path(kf.CKKS_SECRET)
         return client
+
+    @property
+    def dp_budget(self) -> SiteBudget:
+        """This site's own ledger of the DP rounds it joined (:mod:`secagg.service.dpbudget`),
+        in ``policy.dp_state`` (follows a policy replaced after construction)."""
+        want = Path(self.policy.dp_state) if self.policy.dp_state is not None else None
+        if self._dp_budget.path != want:
+            self._dp_budget = SiteBudget(want)
+        return self._dp_budget
 
     def close(self) -> None:
         self._channel.close()
@@ -610,7 +632,15 @@ class Client:
                 policy=self.policy.core(),
                 key_epoch=key_epoch,
             )
-        return _Session(self, joined, core, on_send).run()
+        offer, dp_key = p.dp, None
+        if offer is not None and self.policy.dp is not None and not joined.insecure_plaintext:
+            # The site's own count, whatever the server announces; before anything is sent.
+            dp_key = self.policy.expected_job or ANY_JOB
+            self.dp_budget.reserve(dp_key, joined.round_id, offer, self.policy.dp)
+        result = _Session(self, joined, core, on_send).run()
+        if dp_key is not None and offer is not None and result is not None:
+            self.dp_budget.settle(dp_key, joined.round_id, offer, len(result.contributors))
+        return result
 
     def _unary(self, call: Callable[[], Any]) -> Any:
         deadline = time.monotonic() + self.retry.connect_budget

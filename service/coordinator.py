@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from secagg import ckks
@@ -16,6 +17,7 @@ from secagg.he_round import CkksServer
 from secagg.params import PROTOCOL_VERSION, Mode, RoundParams, make_params
 from secagg.quantize import FEDAVG_MAX_WEIGHT
 from secagg.server import SecAggServer, StageTimeouts
+from secagg.service.dpspec import DPSpec
 from secagg.service.errors import AlreadyExists, NotFound, PermissionDenied
 from secagg.service.logs import event
 from secagg.service.metrics import Metrics
@@ -26,6 +28,7 @@ from secagg.service.store import ABORTED, Member, Store
 
 if TYPE_CHECKING:
     from secagg.service.jobs import JobScheduler
+    from secagg.service.privacy import JobLedger
 
 __all__ = ["CRYPTO_SUITE", "Coordinator", "JobSpec", "RoundSpec"]
 
@@ -66,6 +69,14 @@ class RoundSpec:
     """``ckks``: publish after this many uploads (FedBuff-style); ``None`` waits for all."""
     layout: bytes = b""
     """Model-layout fingerprint (:func:`secagg.service.tensors.fingerprint`), or ``b""``."""
+    dp: DPSpec | None = None
+    """Distributed DP: the budget the round is calibrated for (for its own ``n`` and ``t``)
+    and charged to in the ledger of ``job`` (:mod:`secagg.service.privacy`). DP rounds are
+    unweighted (``max_weight`` 1)."""
+
+    def __post_init__(self) -> None:
+        if self.dp is not None and not isinstance(self.dp, DPSpec):
+            object.__setattr__(self, "dp", DPSpec.from_json(self.dp, clip=self.clip))
 
 
 _ROUND_FIELDS = (
@@ -97,7 +108,9 @@ class JobSpec:
         Seconds between round openings (``None``: the next round opens as soon as the
         previous one ended; a round that outlasts ``every`` delays the next one).
     dp:
-        Differential-privacy settings, stored and forwarded to each round as they are.
+        Distributed-DP budget of the whole job (:class:`~secagg.service.dpspec.DPSpec`, or
+        its JSON object: ``rounds`` defaults to the job's, ``clip`` to the round's); each
+        round is calibrated for it, admitted against and charged to the job's ledger.
     """
 
     name: str = ""
@@ -117,7 +130,7 @@ class JobSpec:
     layout: bytes = b""
     rounds: int | None = None
     every: float | None = None
-    dp: Mapping[str, Any] | None = None
+    dp: DPSpec | Mapping[str, Any] | None = None
     job: str = ""
 
     def __post_init__(self) -> None:
@@ -132,14 +145,21 @@ class JobSpec:
             raise ConfigurationError(f"a job runs at least 1 round, got rounds={self.rounds}")
         if self.every is not None and not 0 < self.every < float("inf"):
             raise ConfigurationError(f"every must be > 0 seconds, got {self.every}")
-        if self.dp is not None and not isinstance(self.dp, Mapping):
-            raise ConfigurationError("dp must be a mapping (JSON object)")
+        if self.dp is not None:
+            object.__setattr__(
+                self, "dp", DPSpec.from_json(self.dp, rounds=self.rounds, clip=self.clip)
+            )
+
+    @property
+    def dp_spec(self) -> DPSpec | None:
+        """``dp`` as its typed form (``__post_init__`` parsed it)."""
+        return self.dp if isinstance(self.dp, DPSpec) else None
 
     def round_spec(self) -> RoundSpec:
-        """The spec of each of the job's rounds (``dp`` goes along where RoundSpec has it)."""
+        """The spec of each of the job's rounds (with the job's ``dp``)."""
         extra: dict[str, Any] = {}
-        if self.dp is not None and "dp" in {f.name for f in fields(RoundSpec)}:
-            extra["dp"] = dict(self.dp)
+        if self.dp_spec is not None:
+            extra["dp"] = self.dp_spec
         return RoundSpec(
             job=self.name,
             deadlines=self.deadlines,
@@ -160,7 +180,7 @@ class JobSpec:
             layout=self.layout.hex(),
             rounds=self.rounds,
             every=self.every,
-            dp=dict(self.dp) if self.dp is not None else None,
+            dp=self.dp_spec.to_json() if self.dp_spec is not None else None,
         )
         return doc
 
@@ -207,6 +227,8 @@ class Coordinator:
         self._retain = retain_seconds
         self._rounds: dict[bytes, RoundRunner] = {}
         self._create_lock = asyncio.Lock()
+        self._charges: dict[str, asyncio.Task[None]] = {}
+        """Job -> the DP charge of its last round, awaited before its next round is admitted."""
         from secagg.service.jobs import JobScheduler
 
         self.jobs: JobScheduler = JobScheduler(self)
@@ -274,6 +296,12 @@ class Coordinator:
             if await loop.run_in_executor(self._pool, self.store.running_job, spec.job):
                 raise AlreadyExists(f"job {spec.job!r} already has a running round")
             params = await loop.run_in_executor(self._pool, self._params, spec, len(members))
+            dp_audit: dict[str, object] | None = None
+            if spec.dp is not None:
+                pending = self._charges.get(spec.job)
+                if pending is not None:  # the previous round's charge comes first
+                    await asyncio.shield(pending)
+                dp_audit = await loop.run_in_executor(self._pool, self._admit, spec, params)
             # Stages left at their default deadline grow with the round (n, n * dim).
             spec = replace(spec, deadlines=spec.deadlines.for_round(len(members), params.dim))
             directory = {m.client_id: m.public_key for m in members}
@@ -285,6 +313,8 @@ class Coordinator:
                 body["operator"] = operator
             if job_index is not None:
                 body["job_index"] = job_index
+            if dp_audit is not None:
+                body["dp"] = dp_audit
             await loop.run_in_executor(
                 self._pool,
                 lambda: self.store.create_round(
@@ -324,6 +354,10 @@ class Coordinator:
             runner.job_index = job_index
             self._rounds[params.round_id] = runner
             runner.start()
+            if spec.dp is not None:
+                task = loop.create_task(self._charge(runner, spec))
+                self._charges[spec.job] = task
+                task.add_done_callback(functools.partial(self._charged, spec.job))
         event(
             log,
             logging.INFO,
@@ -381,19 +415,109 @@ class Coordinator:
 
     @staticmethod
     def _params(spec: RoundSpec, n: int) -> RoundParams:
+        """The round's parameters; with ``spec.dp`` the DP offer calibrated for this
+        round's ``n`` and threshold (:meth:`secagg.service.dpspec.DPSpec.offer`)."""
         mode = spec.mode.lower()
-        return make_params(
+        if spec.dp is not None and mode not in ("masked", "hybrid"):
+            raise ConfigurationError(
+                f"distributed DP runs in masked and hybrid rounds only, not {mode} (docs/dp.md)"
+            )
+        params = make_params(
             n,
             spec.dim,
             mode=Mode.MASKED if mode == "plaintext" else Mode.parse(mode),
-            clip=spec.clip,
+            clip=spec.dp.clip if spec.dp is not None else spec.clip,
             bits=spec.bits,
-            max_weight=spec.max_weight,
+            max_weight=1 if spec.dp is not None else spec.max_weight,
             neighbors=spec.neighbors,
             threshold=spec.threshold,
             dropout=spec.tolerate_dropout,
             corrupt=spec.tolerate_corrupt,
             layout=spec.layout,
+        )
+        if spec.dp is None:
+            return params
+        if params.threshold >= params.n_clients:
+            # A plan of one noise component (t = n): the core's unmasking refuses the
+            # holders' shares then (reported to secagg/rounds; see changes/dpservice.md).
+            raise ConfigurationError(
+                f"a DP round needs threshold t < n (t={params.threshold}, n={params.n_clients}):"
+                " add participants or lower --threshold"
+            )
+        offer = spec.dp.offer(params.n_clients, params.threshold, params.dim)
+        params = replace(params, dp=offer)
+        if params.mode is Mode.HYBRID:
+            _ = params.he  # fail early when no CKKS parameter set fits the DP shape
+        return params
+
+    def _ledger(self, spec: RoundSpec) -> JobLedger:
+        """The ledger of ``spec.job`` with the round's budget (created on first use)."""
+        from secagg.service.privacy import JobLedger
+
+        assert spec.dp is not None
+        return JobLedger(
+            self.store,
+            spec.job,
+            epsilon=spec.dp.epsilon,
+            delta=spec.dp.delta,
+            sampling_rate=spec.dp.sampling_rate,
+        )
+
+    def _admit(self, spec: RoundSpec, params: RoundParams) -> dict[str, object]:
+        """Admit a DP round against its job's ledger, worst case ``n`` contributors; the
+        figures for the ``round_created`` audit entry.
+
+        Raises
+        ------
+        BudgetExhausted
+            The round's worst case would take the job past its budget.
+        """
+        assert spec.dp is not None and params.dp is not None
+        ledger = self._ledger(spec)
+        offer = params.dp
+        eps = ledger.admit(offer, worst_case_contributors=params.n_clients)
+        return {
+            **spec.dp.to_json(),
+            "gamma": offer.gamma,
+            "beta": offer.beta,
+            "lane_bits": offer.bits,
+            "target_variance": offer.plan.target_variance,
+            "components": offer.plan.components,
+            "worst_case_epsilon_after": eps,
+            "spent_before": ledger.spent(),
+        }
+
+    def _charged(self, job: str, task: asyncio.Task[None]) -> None:
+        if self._charges.get(job) is task:
+            del self._charges[job]
+
+    async def _charge(self, runner: RoundRunner, spec: RoundSpec) -> None:
+        """When the DP round ends with a result, charge it with its real contributors."""
+        await runner.finished.wait()
+        result = runner.core.result
+        offer = runner.params.dp
+        if result is None or offer is None:
+            return  # nothing was released
+        contributors = len(result.contributors)
+        loop = asyncio.get_running_loop()
+        try:
+            row = await loop.run_in_executor(
+                self._pool,
+                lambda: self._ledger(spec).charge(runner.round_id, offer, contributors),
+            )
+        except Exception:  # the round ran; the failure to record it must be seen
+            log.exception("round %s: its DP charge failed", runner.round_id.hex())
+            return
+        event(
+            log,
+            logging.INFO,
+            "dp round charged",
+            round=runner.round_id.hex(),
+            job=spec.job,
+            contributors=contributors,
+            rho=row.rho,
+            epsilon=row.epsilon_rdp,
+            left=row.budget_left,
         )
 
     @staticmethod

@@ -53,6 +53,7 @@ __all__ = [
     "Refused",
     "RemoteError",
     "ServiceError",
+    "SiteBudgetExhausted",
     "StoreLocked",
     "TlsError",
     "TooLarge",
@@ -154,6 +155,11 @@ class BudgetExhausted(Refused, PrivacyBudgetExceeded):
     (``service/privacy.py``); nothing was recorded. FAILED_PRECONDITION: no retry helps."""
 
 
+class SiteBudgetExhausted(PolicyRefused, PrivacyBudgetExceeded):
+    """A site refuses a DP round that its *own* ledger (``service/dpbudget.py``) says would
+    pass its policy's ``max_epsilon`` or ``max_rounds``; nothing was sent."""
+
+
 class LedgerMismatch(StoreError):
     """A stored privacy-ledger row disagrees with its recomputation or its audit entry."""
 
@@ -230,6 +236,8 @@ def from_rpc_error(err: grpc.RpcError) -> SecAggError:
     if code == grpc.StatusCode.ABORTED:
         return RoundAborted("unknown", details)
     cls = _FROM_CODE.get(code, RemoteError)
+    if code == grpc.StatusCode.FAILED_PRECONDITION and details.startswith("BudgetExhausted:"):
+        cls = BudgetExhausted  # the operator's exit 9 (the server names the refusal)
     exc = cls(f"{code.name}: {details}")
     if isinstance(exc, RemoteError):
         exc.code = code
@@ -253,6 +261,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int, str], ...] = (
     (StoreLocked, EXIT_LOCKED, "another server holds the store (the message names it)"),
     (LedgerMismatch, EXIT_AUDIT, "the privacy ledger does not verify (the row is named)"),
     (BudgetExhausted, EXIT_BUDGET, "the job's privacy budget cannot cover the round"),
+    (SiteBudgetExhausted, EXIT_BUDGET, "this site's own privacy budget cannot cover the round"),
     (TlsError, EXIT_UNAVAILABLE, "TLS failure: certificate, key, CA or server name"),
     (Unavailable, EXIT_UNAVAILABLE, "the server cannot be reached"),
     (JobAborted, EXIT_ABORTED, "the job was aborted (the message gives the reason)"),

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from secagg.errors import ConfigurationError, SecAggError
 from secagg.service._gen import aggregation_pb2
-from secagg.service.errors import NotFound, PermissionDenied
+from secagg.service.errors import BudgetExhausted, NotFound, PermissionDenied
 from secagg.service.logs import event
 from secagg.service.store import ABORTED, FINISHED, PAUSED, RUNNING, JobRecord
 
@@ -35,12 +35,14 @@ if TYPE_CHECKING:
     from secagg.service.coordinator import Coordinator, JobSpec
     from secagg.service.rounds import RoundRunner
 
-__all__ = ["SERVER_OPERATOR", "JobScheduler"]
+__all__ = ["BUDGET_EXHAUSTED", "SERVER_OPERATOR", "JobScheduler"]
 
 log = logging.getLogger("secagg.service.jobs")
 
 SERVER_OPERATOR = "server"
 """Operator named in the log for what the server decides itself (a job it had to abort)."""
+BUDGET_EXHAUSTED = "privacy budget exhausted"
+"""Start of the reason of a DP job that ended because its next round would pass its budget."""
 WATCH_RECHECK = 30.0
 """Seconds a ``WatchRounds`` stream sleeps at most before it looks at the store again."""
 
@@ -98,6 +100,9 @@ class JobScheduler:
         params = await asyncio.to_thread(Coordinator._params, rspec, len(members))
         if mode in ("ckks", "hybrid"):
             await asyncio.to_thread(Coordinator._he_context, rspec, params)
+        if await asyncio.to_thread(self._store.job, spec.name) is None and rspec.dp is not None:
+            # The job's ledger, with its budget (an existing ledger must have the same one).
+            await asyncio.to_thread(self._coord._ledger, rspec)
         doc = spec.to_json()
         audit = {
             "participants": list(spec.participants),
@@ -219,6 +224,16 @@ class JobScheduler:
                     runner = await self._coord.create(
                         spec.round_spec(), operator=rec.created_by, job_index=rec.next_index
                     )
+                except BudgetExhausted as exc:
+                    # The budget is spent: the job is over, not broken (sites' rounds() ends).
+                    reason = f"{BUDGET_EXHAUSTED} before round {rec.next_index}: {exc}"
+                    await asyncio.to_thread(
+                        functools.partial(
+                            self._store.end_job, name, FINISHED, reason, operator=SERVER_OPERATOR
+                        )
+                    )
+                    event(log, logging.WARNING, "job finished", job=name, reason=reason)
+                    return
                 except SecAggError as exc:
                     reason = f"round {rec.next_index} could not open: {type(exc).__name__}: {exc}"
                     await asyncio.to_thread(

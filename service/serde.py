@@ -59,6 +59,8 @@ def max_client_message_bytes(params: RoundParams) -> int:
     """Largest message an honest client of this round can send (bounds what we allocate)."""
     n, deg = params.n_clients, params.degree
     pair_list = 4 + (deg + 1) * (4 + SHARE_BYTES)
+    k = min(deg, n - 1)
+    dp_seeds = _dp_seeds(params)
     sizes = (
         4 * PUBLIC_KEY_BYTES + SIGNATURE_BYTES,  # AdvertiseKeys (keys, two commitments)
         SESSION_ID_BYTES + NONCE_BYTES,  # NonceReveal
@@ -66,16 +68,35 @@ def max_client_message_bytes(params: RoundParams) -> int:
         + 4
         + min(deg, n - 1) * (4 + SHARE_CIPHERTEXT_BYTES)
         + 4
-        + min(deg + 1, n) * (4 + SHARE_COMMIT_BYTES),
+        + min(deg + 1, n) * (4 + SHARE_COMMIT_BYTES)
+        + _dp_share_section(k, dp_seeds),
         SESSION_ID_BYTES + 8 + 8 * params.words,  # MaskedInput
         SESSION_ID_BYTES + SIGNATURE_BYTES,  # ConsistencySignature
-        SESSION_ID_BYTES + 2 * pair_list,  # UnmaskShares
+        SESSION_ID_BYTES + 2 * pair_list + _dp_unmask_section(k, dp_seeds),  # UnmaskShares
         _encrypted_bytes(params, seeded=True) + SIGNATURE_BYTES,  # EncryptedInput
         SESSION_ID_BYTES + 1,  # ResultVerdict
         # BlameVerdict: checked ids, (id, reason) pairs, signature
         SESSION_ID_BYTES + 4 + 4 * n + 4 + n * (8 + MAX_TEXT) + SIGNATURE_BYTES,
     )
     return HEADER_BYTES + max(sizes)
+
+
+def _dp_seeds(params: RoundParams) -> int:
+    """``L``: removable DP noise seeds each client shares (0 without DP; docs/dp.md)."""
+    return 0 if params.dp is None else params.dp.plan.components - 1
+
+
+def _dp_share_section(k: int, seeds: int) -> int:
+    """Trailing DP part of ShareKeys / ShareDelivery with ``k`` share ciphertexts:
+    ``1 + 4 + k (4 + 33 L + 16) + 4 + (k + 1)(4 + 32 L)`` (0 without DP)."""
+    if seeds == 0:
+        return 0
+    return 1 + 4 + k * (4 + SHARE_BYTES * seeds + 16) + 4 + (k + 1) * (4 + 32 * seeds)
+
+
+def _dp_unmask_section(k: int, seeds: int) -> int:
+    """DP part of UnmaskShares: ``4 + (k + 1) L 38`` (0 without DP)."""
+    return 0 if seeds == 0 else 4 + (k + 1) * seeds * 38
 
 
 def _encrypted_bytes(params: RoundParams, *, seeded: bool) -> int:
@@ -106,7 +127,8 @@ def max_server_message_bytes(params: RoundParams) -> int:
         + 4
         + n * (4 + SHARE_CIPHERTEXT_BYTES)
         + 4
-        + n * (4 + SHARE_COMMIT_BYTES),
+        + n * (4 + SHARE_COMMIT_BYTES)
+        + _dp_share_section(n, _dp_seeds(params)),
         SESSION_ID_BYTES + ids,  # ConsistencyRequest
         SESSION_ID_BYTES + 2 * ids + 4 + n * (4 + SIGNATURE_BYTES),  # UnmaskRequest
         SESSION_ID_BYTES + ids + 8 + 8 * params.words,  # AggregateResult (packed words)
@@ -369,18 +391,34 @@ def _choice(value: str, default: str = "auto") -> str:
     return value.strip() or default
 
 
+def _dp_doc(text: str, name: str) -> dict[str, Any] | None:
+    """A ``dp_json`` field: empty, or a JSON object (one-line error otherwise)."""
+    if not text:
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise ConfigurationError(f"{name} is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigurationError(f"{name} must be a JSON object")
+    return doc
+
+
 def round_spec_from_proto(
     req: admin_pb2.CreateRoundRequest, default_deadlines: StageTimeouts
 ) -> RoundSpec:
     from secagg.service.coordinator import RoundSpec
+    from secagg.service.dpspec import DPSpec
 
+    clip = req.clip or 8.0
+    dp_doc = _dp_doc(req.dp_json, "dp_json")
     return RoundSpec(
         job=req.job,
         participants=list(req.participants),
         dim=req.dim,
         mode=_choice(req.mode, "masked"),
         bits=req.bits or 16,
-        clip=req.clip or 8.0,
+        clip=clip,
         max_weight=req.max_weight or 1,
         neighbors=_choice(req.neighbors),
         threshold=_choice(req.threshold),
@@ -392,6 +430,7 @@ def round_spec_from_proto(
         he_context=bytes(req.he_context) or None,
         publish_after=req.publish_after or None,
         layout=bytes(req.layout),
+        dp=DPSpec.from_json(dp_doc, clip=clip) if dp_doc is not None else None,
     )
 
 
@@ -412,6 +451,7 @@ def round_spec_to_proto(spec: RoundSpec) -> admin_pb2.CreateRoundRequest:
         he_context=spec.he_context or b"",
         publish_after=spec.publish_after or 0,
         layout=spec.layout,
+        dp_json=json.dumps(spec.dp.to_json()) if spec.dp is not None else "",
     )
 
 
@@ -456,15 +496,13 @@ def job_spec_from_proto(
     """The job an operator asked for (``CreateJob``); zero fields take the defaults."""
     from secagg.service.coordinator import JobSpec
 
-    r = round_spec_from_proto(req.round, default_deadlines)
-    dp = None
-    if req.dp_json:
-        try:
-            dp = json.loads(req.dp_json)
-        except ValueError as exc:
-            raise ConfigurationError(f"dp_json is not JSON: {exc}") from None
-        if not isinstance(dp, dict):
-            raise ConfigurationError("dp_json must be a JSON object")
+    inner = admin_pb2.CreateRoundRequest()
+    inner.CopyFrom(req.round)
+    inner.dp_json = ""  # the job's DP is parsed with the job's rounds as its default
+    r = round_spec_from_proto(inner, default_deadlines)
+    dp = _dp_doc(req.dp_json, "dp_json")
+    if dp is None:
+        dp = _dp_doc(req.round.dp_json, "round.dp_json")
     if not (req.every == req.every and req.every >= 0):
         raise ConfigurationError(f"every must be >= 0 seconds, got {req.every}")
     return JobSpec(
@@ -495,7 +533,7 @@ def job_spec_to_proto(spec: JobSpec) -> admin_pb2.CreateJobRequest:
         round=round_spec_to_proto(spec.round_spec()),
         rounds=spec.rounds or 0,
         every=spec.every or 0.0,
-        dp_json=json.dumps(dict(spec.dp)) if spec.dp is not None else "",
+        dp_json=json.dumps(spec.dp_spec.to_json()) if spec.dp_spec is not None else "",
     )
 
 

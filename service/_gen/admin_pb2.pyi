@@ -204,6 +204,7 @@ class CreateRoundRequest(_message.Message):
     HE_CONTEXT_FIELD_NUMBER: _builtins.int
     PUBLISH_AFTER_FIELD_NUMBER: _builtins.int
     LAYOUT_FIELD_NUMBER: _builtins.int
+    DP_JSON_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     """Federation or job the round belongs to; at most one running round per job."""
     dim: _builtins.int
@@ -236,6 +237,11 @@ class CreateRoundRequest(_message.Message):
     dtypes, canonical order; secagg.service.tensors.fingerprint). It becomes part of the
     round parameters; a client whose update has another layout refuses before sending.
     """
+    dp_json: _builtins.str
+    """Distributed DP (docs/dp.md), a JSON object: {"epsilon", "delta", "rounds", "clip",
+    "max_withholders", "max_excess", "sampling_rate"} (empty: no DP). The server calibrates
+    the round's noise for its n and threshold and charges it to the job's privacy ledger.
+    """
     @_builtins.property
     def participants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Enrolled participant names; the server assigns client ids 1..n in this order."""
@@ -260,10 +266,11 @@ class CreateRoundRequest(_message.Message):
         he_context: _builtins.bytes = ...,
         publish_after: _builtins.int = ...,
         layout: _builtins.bytes = ...,
+        dp_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadlines", b"deadlines"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "clip", b"clip", "deadlines", b"deadlines", "dim", b"dim", "he_context", b"he_context", "job", b"job", "layout", b"layout", "max_weight", b"max_weight", "mode", b"mode", "neighbors", b"neighbors", "participants", b"participants", "publish_after", b"publish_after", "threshold", b"threshold", "tolerate_corrupt", b"tolerate_corrupt", "tolerate_dropout", b"tolerate_dropout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "clip", b"clip", "deadlines", b"deadlines", "dim", b"dim", "dp_json", b"dp_json", "he_context", b"he_context", "job", b"job", "layout", b"layout", "max_weight", b"max_weight", "mode", b"mode", "neighbors", b"neighbors", "participants", b"participants", "publish_after", b"publish_after", "threshold", b"threshold", "tolerate_corrupt", b"tolerate_corrupt", "tolerate_dropout", b"tolerate_dropout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

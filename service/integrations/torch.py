@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,7 +51,10 @@ class DPConfig:
 
     ``epsilon``/``delta``: the budget over ``rounds`` rounds (RDP accountant); ``clip``: the
     largest L2 clip norm of the update (the delta when ``send="delta"``) the site accepts;
-    ``min_withholders``: noise withholders the server's plan must tolerate.
+    ``min_withholders``: noise withholders the server's plan must tolerate; ``state``: the
+    file of the site's own ledger of the DP rounds it joined (``Policy.dp_state``; ``None``
+    keeps the client's, a kit's ``dp_state.json`` with ``Client.from_kit``). The site
+    refuses, before sending, a round that would take it past ``epsilon`` or ``rounds``.
     """
 
     epsilon: float
@@ -58,6 +62,7 @@ class DPConfig:
     rounds: int = 1
     clip: float = 1.0
     min_withholders: int = 0
+    state: str | os.PathLike[str] | None = None
 
     def policy(self) -> DPPolicy:
         """The core :class:`~secagg.dp.policy.DPPolicy` the site's client checks offers with."""
@@ -167,7 +172,8 @@ class SecureFedAvg:
             raise ValueError(f"send must be 'delta' or 'weights', not {send!r}")
         self.dp = dp
         if dp is not None:
-            client.policy = dataclasses.replace(client.policy, dp=dp.policy())
+            state = client.policy.dp_state if dp.state is None else os.fspath(dp.state)
+            client.policy = dataclasses.replace(client.policy, dp=dp.policy(), dp_state=state)
         self.client = client
         self.send: Send = send
         self.keys = None if keys is None else tuple(keys)

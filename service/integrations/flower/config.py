@@ -21,6 +21,7 @@ from secagg.errors import ConfigurationError
 from secagg.quantize import MAX_BITS
 from secagg.server import StageTimeouts
 from secagg.service.admin import AdminClient
+from secagg.service.dpspec import DPSpec
 from secagg.service.keyfile import read_identity
 from secagg.service.tls import ClientTls
 
@@ -30,8 +31,10 @@ from .mod import MODES, NODE_KEYS
 from .strategy import SecAggFedAvg
 
 __all__ = [
+    "DP_KEYS",
     "RUN_CONFIG_KEYS",
     "admin_from_run_config",
+    "dp_from_run_config",
     "round_options_from_run_config",
     "strategy_from_run_config",
 ]
@@ -69,7 +72,17 @@ ROUND_KEYS = frozenset(
         *_STAGE_KEYS,
     }
 )
-RUN_CONFIG_KEYS = ADMIN_KEYS | ROUND_KEYS
+DP_KEYS = frozenset(
+    {
+        "secagg-dp-epsilon",
+        "secagg-dp-delta",
+        "secagg-dp-rounds",
+        "secagg-dp-clip",
+        "secagg-dp-max-withholders",
+    }
+)
+"""Distributed DP of every round (docs/dp.md): the budget the server calibrates and charges."""
+RUN_CONFIG_KEYS = ADMIN_KEYS | ROUND_KEYS | DP_KEYS
 """Every ``secagg-*`` key the server side reads (docs/integrations.md lists them)."""
 
 
@@ -205,6 +218,9 @@ def round_options_from_run_config(run_config: Mapping[str, Any]) -> dict[str, An
     if every is not None or stages:
         base = StageTimeouts.uniform(every) if every is not None else StageTimeouts()
         opts["deadlines"] = StageTimeouts(**{s: stages.get(s, getattr(base, s)) for s in _STAGES})
+    dp = dp_from_run_config(run_config)
+    if dp is not None:
+        opts["dp"] = dp
     ckks_server = _str(run_config, "secagg-ckks-server")
     if mode in ("hybrid", "ckks"):
         if ckks_server is None:
@@ -220,6 +236,41 @@ def round_options_from_run_config(run_config: Mapping[str, Any]) -> dict[str, An
                 f"run config secagg-ckks-server: cannot read {ckks_server}: {exc.strerror}"
             ) from None
     return opts
+
+
+def dp_from_run_config(run_config: Mapping[str, Any]) -> DPSpec | None:
+    """The rounds' DP budget: ``secagg-dp-epsilon`` (> 0; enables DP), ``secagg-dp-delta``
+    (default 1e-5), ``secagg-dp-rounds`` (rounds the budget covers, required with DP),
+    ``secagg-dp-clip`` (default ``secagg-clip``), ``secagg-dp-max-withholders`` (default 0).
+
+    Raises
+    ------
+    ConfigurationError
+        Starting with ``run config KEY:``.
+    """
+    eps = _float(run_config, "secagg-dp-epsilon", None, "a positive number", _positive)
+    others = [k for k in sorted(DP_KEYS) if _get(run_config, k, None) is not None]
+    if eps is None:
+        if others:
+            raise ConfigurationError(f"run config {others[0]}: needs secagg-dp-epsilon")
+        return None
+    if _get(run_config, "secagg-dp-rounds", None) is None:
+        raise ConfigurationError(
+            "run config secagg-dp-rounds: needed with secagg-dp-epsilon (the rounds the "
+            "budget covers)"
+        )
+    delta = _float(run_config, "secagg-dp-delta", 1e-5, "a number in (0, 1)", lambda x: 0 < x < 1)
+    clip = _float(run_config, "secagg-dp-clip", None, "a positive number", _positive)
+    if clip is None:
+        clip = _float(run_config, "secagg-clip", 1.0, "a positive number", _positive)
+    assert delta is not None and clip is not None
+    return DPSpec(
+        epsilon=eps,
+        delta=delta,
+        rounds=_int(run_config, "secagg-dp-rounds", 1, 1, 1 << 20),
+        clip=clip,
+        max_withholders=_int(run_config, "secagg-dp-max-withholders", 0, 0, 1 << 20),
+    )
 
 
 def admin_from_run_config(run_config: Mapping[str, Any]) -> AdminClient:

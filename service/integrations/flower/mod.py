@@ -11,12 +11,14 @@ node's CA still authenticates whatever answers) may come from the run config.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from secagg.dp.policy import DPPolicy
 from secagg.errors import ConfigurationError, SecAggError
 from secagg.service.client import Client, Policy
 from secagg.service.keyfile import read_identity
@@ -25,7 +27,14 @@ from secagg.service.tls import ClientTls
 from ._common import ERROR_CODE, IDENTITY_QUERY, ROUND_ID_KEY, SECAGG_RECORD, flag, log, sums_digest
 from ._common import flwr_app as _app
 
-__all__ = ["HE_CONTEXT_KEY", "NODE_KEYS", "SITE_KIT_KEY", "SecAggMod", "connect_from_config"]
+__all__ = [
+    "HE_CONTEXT_KEY",
+    "NODE_KEYS",
+    "SITE_KIT_KEY",
+    "SecAggMod",
+    "connect_from_config",
+    "dp_policy_from_config",
+]
 
 HE_CONTEXT_KEY = "secagg-ckks-secret"
 """Node config key of the secret CKKS context file's path (ckks and hybrid rounds)."""
@@ -46,6 +55,12 @@ NODE_KEYS = frozenset(
         "secagg-trust-server-directory",
         HE_CONTEXT_KEY,
         SITE_KIT_KEY,
+        "secagg-dp-max-epsilon",
+        "secagg-dp-delta",
+        "secagg-dp-max-rounds",
+        "secagg-dp-max-clip",
+        "secagg-dp-min-withholders",
+        "secagg-dp-state",
     }
 )
 """Keys read from the node config only: a run config that sets one is ignored (logged)."""
@@ -87,6 +102,64 @@ def allowed_modes(value: str | None) -> frozenset[str] | None:
     return modes
 
 
+def _node_number(context: Any, key: str, default: float | None, ok: Any, what: str) -> float | None:
+    text = _node(context, key)
+    if text is None:
+        return default
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ConfigurationError(f"node config {key}: expected {what}, got {text!r}") from None
+    if not math.isfinite(value) or not ok(value):
+        raise ConfigurationError(f"node config {key}: expected {what}, got {text!r}")
+    return value
+
+
+def _node_int(context: Any, key: str, default: int | None) -> int | None:
+    value = _node_number(context, key, default, lambda x: x >= 0 and x == int(x), "an integer >= 0")
+    return None if value is None else int(value)
+
+
+def dp_policy_from_config(context: Any) -> tuple[DPPolicy | None, str | None]:
+    """The site's DP requirement (node config only) and its state file.
+
+    ``secagg-dp-max-epsilon`` (> 0; enables it), ``secagg-dp-delta`` (default 1e-5),
+    ``secagg-dp-max-rounds`` (required), ``secagg-dp-max-clip`` (required),
+    ``secagg-dp-min-withholders`` (default 0), ``secagg-dp-state`` (the site's own ledger
+    file; required without a site kit, whose directory holds it by default: the client is
+    rebuilt every round, so a ledger in memory would forget the rounds).
+
+    Raises
+    ------
+    ConfigurationError
+        Starting with ``node config KEY:``.
+    """
+    state = _node(context, "secagg-dp-state")
+    eps = _node_number(context, "secagg-dp-max-epsilon", None, lambda x: x > 0, "a number > 0")
+    if eps is None:
+        for key in ("secagg-dp-max-rounds", "secagg-dp-max-clip", "secagg-dp-delta"):
+            if _node(context, key) is not None:
+                raise ConfigurationError(f"node config {key}: needs secagg-dp-max-epsilon")
+        return None, state
+    rounds = _node_int(context, "secagg-dp-max-rounds", None)
+    clip = _node_number(context, "secagg-dp-max-clip", None, lambda x: x > 0, "a number > 0")
+    for key, value in (("secagg-dp-max-rounds", rounds), ("secagg-dp-max-clip", clip)):
+        if value is None or value == 0:
+            raise ConfigurationError(f"node config {key}: needed with secagg-dp-max-epsilon")
+    delta = _node_number(
+        context, "secagg-dp-delta", 1e-5, lambda x: 0 < x < 1, "a number in (0, 1)"
+    )
+    assert rounds is not None and clip is not None and delta is not None
+    policy = DPPolicy(
+        max_epsilon=eps,
+        delta=delta,
+        max_rounds=rounds,
+        max_clip=clip,
+        min_withholders=_node_int(context, "secagg-dp-min-withholders", 0) or 0,
+    )
+    return policy, state
+
+
 def connect_from_config(context: Any) -> Client:
     """A :class:`Client` from a node's Flower config (the default of :class:`SecAggMod`).
 
@@ -105,9 +178,14 @@ def connect_from_config(context: Any) -> Client:
     authority). See the module docstring for why the run config cannot set these.
     """
     modes = allowed_modes(_node(context, "secagg-allowed-modes"))
+    dp, dp_state = dp_policy_from_config(context)
     kit = _node(context, SITE_KIT_KEY)
     if kit is not None:  # the kit's address unless the node itself names another
         extra: dict[str, Any] = {} if modes is None else {"allowed_modes": sorted(modes)}
+        if dp is not None:
+            extra["dp"] = dp
+        if dp_state is not None:
+            extra["dp_state"] = dp_state
         own = context.node_config.get("secagg-server", "")
         return Client.from_kit(
             kit,
@@ -130,6 +208,13 @@ def connect_from_config(context: Any) -> Client:
             "only for loopback tests"
         )
     fields: dict[str, Any] = {} if modes is None else {"allowed_modes": modes}
+    if dp is not None:
+        if dp_state is None:
+            raise ConfigurationError(
+                "node config secagg-dp-state: a DP policy needs the site's ledger file "
+                "(the client is rebuilt every round; a site kit keeps it by default)"
+            )
+        fields.update(dp=dp, dp_state=dp_state)
     policy = Policy(
         authority=_node(context, "secagg-authority"),
         trust_server_directory=flag(_node(context, "secagg-trust-server-directory")),
@@ -243,6 +328,8 @@ class SecAggMod:
         if self.policy is not None:
             client.policy = self.policy
         try:
+            if client.join(round_id).params.dp is not None:
+                weight = 1  # DP rounds sum clipped updates unweighted
             agg = client.aggregate(
                 round_id, update, weight=int(weight), he_context=self._he_context(context)
             )

@@ -12,6 +12,7 @@ from secagg.errors import ConfigurationError, SecAggError
 from secagg.server import StageTimeouts
 from secagg.service.admin import AdminClient
 from secagg.service.coordinator import RoundSpec
+from secagg.service.dpspec import DPSpec
 
 from ._common import IDENTITY_QUERY, ROUND_ID_KEY, SECAGG_RECORD, fingerprint, log
 from ._common import flwr_app as _app
@@ -69,6 +70,11 @@ class SecAggFedAvg(_FedAvg):
         key epoch, no key of any kind. It is made for one round shape (mode, number of
         participants, ``dim``, ``bits``, ``max_weight``), so every Flower round must sample
         that many nodes.
+    dp:
+        Distributed DP of every round (:class:`~secagg.service.dpspec.DPSpec`; run config
+        ``secagg-dp-*``): the server calibrates each round's noise for its ``n`` and
+        threshold and charges it to the ledger of ``job``; the rounds are unweighted (each
+        site's clipped update counts once).
     **fedavg:
         Arguments of ``flwr.serverapp.strategy.FedAvg`` (sampling, record keys, metric
         aggregation).
@@ -100,6 +106,7 @@ class SecAggFedAvg(_FedAvg):
         names: Mapping[int, str] | None = None,
         round_timeout: float = 600.0,
         he_context: bytes | None = None,
+        dp: DPSpec | None = None,
         **fedavg: Any,
     ) -> None:
         if mode in ("ckks", "hybrid") and not he_context:
@@ -121,6 +128,7 @@ class SecAggFedAvg(_FedAvg):
         self.names: dict[int, str] = dict(names or {})
         self.round_timeout = round_timeout
         self.he_context = he_context
+        self.dp = dp
         self.rounds: list[SecAggRound] = []
         self._pending: dict[int, tuple[bytes, tuple[int, ...]]] = {}
 
@@ -174,6 +182,7 @@ class SecAggFedAvg(_FedAvg):
             deadlines=self.deadlines,
             tolerate_dropout=self.tolerate_dropout,
             he_context=self.he_context if self.mode in ("ckks", "hybrid") else None,
+            dp=self.dp,
         )
         rid = bytes(self.admin.create_round(spec).round_id)
         self._pending[server_round] = (rid, nodes)
