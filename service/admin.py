@@ -15,11 +15,11 @@ from secagg.service import kit as kf
 from secagg.service._gen import admin_pb2, admin_pb2_grpc
 from secagg.service.auth import admin_call_metadata, admin_metadata
 from secagg.service.config import is_loopback
-from secagg.service.coordinator import RoundSpec
+from secagg.service.coordinator import JobSpec, RoundSpec
 from secagg.service.errors import from_rpc_error
 from secagg.service.keyfile import read_identity
 from secagg.service.kit import load_kit
-from secagg.service.serde import round_spec_to_proto
+from secagg.service.serde import job_spec_to_proto, round_spec_to_proto
 from secagg.service.servicer import ADMIN_SERVICE
 from secagg.service.tls import ClientTls, tls_failure
 
@@ -159,5 +159,46 @@ class AdminClient:
         while True:
             st = self.status(round_id)
             if st.status != "running" or time.monotonic() > end:
+                return st
+            time.sleep(poll)
+
+    # -- jobs -----------------------------------------------------------------------------------
+
+    def create_job(self, spec: JobSpec) -> admin_pb2.JobStatus:
+        """Create a job: the server opens its rounds one after another (docs/service.md)."""
+        result: admin_pb2.JobStatus = self._call(
+            self._stub.CreateJob, job_spec_to_proto(spec), "CreateJob"
+        )
+        return result
+
+    def job(self, name: str) -> admin_pb2.JobStatus:
+        result: admin_pb2.JobStatus = self._call(
+            self._stub.GetJob, admin_pb2.JobRequest(name=name), "GetJob"
+        )
+        return result
+
+    def jobs(self) -> list[admin_pb2.JobStatus]:
+        resp = self._call(self._stub.ListJobs, admin_pb2.ListJobsRequest(), "ListJobs")
+        return list(resp.jobs)
+
+    def abort_job(self, name: str, reason: str = "") -> admin_pb2.JobStatus:
+        """Abort job ``name`` and its running round; a job that ended is left as it is."""
+        req = admin_pb2.AbortJobRequest(name=name, reason=reason)
+        result: admin_pb2.JobStatus = self._call(self._stub.AbortJob, req, "AbortJob")
+        return result
+
+    def rounds(self, job: str | None = None) -> list[admin_pb2.RoundStatus]:
+        """Every round the store knows (or those of ``job``), oldest first; entries carry
+        no directory or params (:meth:`status` has them)."""
+        req = admin_pb2.ListRoundsRequest(job=job or "")
+        resp = self._call(self._stub.ListRounds, req, "ListRounds")
+        return list(resp.rounds)
+
+    def wait_job(self, name: str, timeout: float = 600.0, poll: float = 0.1) -> admin_pb2.JobStatus:
+        """Poll until the job is no longer running or paused (or ``timeout`` passes)."""
+        end = time.monotonic() + timeout
+        while True:
+            st = self.job(name)
+            if st.status not in ("running", "paused") or time.monotonic() > end:
                 return st
             time.sleep(poll)

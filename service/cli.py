@@ -1,5 +1,5 @@
-"""The ``secagg`` command line: serve, enroll, keygen, authority, audit, round, simulate,
-provision, operator, site."""
+"""The ``secagg`` command line: serve, enroll, keygen, authority, audit, round, job,
+simulate, provision, operator, site."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from secagg.errors import ConfigurationError, SecAggError, StoreError
 
@@ -18,7 +18,7 @@ from secagg.errors import ConfigurationError, SecAggError, StoreError
 EXIT_CONFIG, EXIT_ABORTED, EXIT_AUDIT = 2, 3, 4
 
 if TYPE_CHECKING:
-    from secagg.service._gen.admin_pb2 import RoundStatus
+    from secagg.service._gen.admin_pb2 import JobStatus, RoundStatus
     from secagg.service.admin import AdminClient
 
 __all__ = ["DEFAULT_MAX_WEIGHT", "main"]
@@ -208,6 +208,11 @@ def _server(args: argparse.Namespace) -> str:
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run the gRPC server (SIGTERM stops it gracefully)")
     p.add_argument("--config", help="TOML config file (see docs/operations.md)")
+    p.add_argument(
+        "--kit",
+        help="the server kit of `secagg provision` (its server.toml, TLS files and store; "
+        "paths in it are relative to the kit)",
+    )
     p.add_argument("--listen", help="host:port (default 127.0.0.1:50051)")
     p.add_argument("--store", help="SQLite file (default secagg.db; $SECAGG_STORE)")
     p.add_argument("--tls-cert", help="server certificate (PEM)")
@@ -251,6 +256,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     from secagg.service.server import serve
     from secagg.service.tls import ServerTls
 
+    if args.kit:
+        _enter_server_kit(args)
     tls = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
@@ -278,6 +285,25 @@ def _run_serve(args: argparse.Namespace) -> int:
         admin_token_file=args.admin_token_file,
     )
     return serve(config)
+
+
+def _enter_server_kit(args: argparse.Namespace) -> None:
+    """``serve --kit DIR``: run from the kit, whose ``server.toml`` names files relative to
+    it; path flags given beside ``--kit`` stay relative to where the command was run."""
+    from secagg.service import kit as kf
+
+    if args.config:
+        raise ConfigurationError("give --kit or --config, not both (a kit has its server.toml)")
+    kit = kf.load_kit(args.kit, "server")
+    config = kit.path(kf.SERVER_CONFIG)
+    for flag in ("store", "tls_cert", "tls_key", "client_ca", "admin_token_file"):
+        value = getattr(args, flag)
+        if value:
+            setattr(args, flag, os.path.abspath(value))
+    if "SECAGG_STORE" in os.environ:
+        os.environ["SECAGG_STORE"] = os.path.abspath(os.environ["SECAGG_STORE"])
+    os.chdir(kit.root)
+    args.config = config.name
 
 
 def _add_keygen(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -547,10 +573,18 @@ def _run_audit(args: argparse.Namespace) -> int:
 
 
 def _add_round(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("round", help="create, inspect or abort rounds on a running server")
-    p.add_argument("action", choices=["create", "status", "abort"])
+    p = sub.add_parser("round", help="create, inspect, list or abort rounds on a running server")
+    p.add_argument("action", choices=["create", "status", "abort", "list"])
     p.add_argument("round_id", nargs="?", help="hex round id (status, abort)")
-    p.add_argument("--job", help="federation or job name")
+    p.add_argument("--job", help="federation or job name (list: only this job's rounds)")
+    _add_round_shape(p)
+    p.add_argument("--reason", default="", help="abort reason")
+    p.add_argument("--wait", action="store_true", help="wait until the round ends")
+    _add_remote(p)
+
+
+def _add_round_shape(p: argparse.ArgumentParser) -> None:
+    """The flags that shape a round (``round create``, ``job create``)."""
     p.add_argument("--participants", help="comma-separated enrolled names (ids 1..n in order)")
     p.add_argument("--dim", type=int)
     p.add_argument("--mode", default="masked", choices=["masked", "hybrid", "ckks", "plaintext"])
@@ -573,41 +607,49 @@ def _add_round(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         " clients whose update has another layout refuse the round",
     )
     p.add_argument("--stage-timeout", type=float, help="seconds per stage (server default)")
-    p.add_argument("--reason", default="", help="abort reason")
-    p.add_argument("--wait", action="store_true", help="wait until the round ends")
-    _add_remote(p)
+
+
+def _round_shape(args: argparse.Namespace) -> dict[str, Any]:
+    """RoundSpec / JobSpec keywords from the round-shape flags (``job`` left out)."""
+    from secagg.server import StageTimeouts
+
+    participants = [n.strip() for n in _need(args.participants, "--participants").split(",")]
+    dim = int(_need(str(args.dim or ""), "--dim"))
+    he_context = _read_file(args.he_context, "--he-context") if args.he_context else None
+    bits, max_weight = args.bits, args.max_weight
+    if args.he_context:
+        bits, max_weight = _he_shape(args, len(participants), dim)
+    if args.stage_timeout is not None and not 0 <= args.stage_timeout < float("inf"):
+        raise ConfigurationError(f"--stage-timeout must be >= 0 seconds, got {args.stage_timeout}")
+    return {
+        "participants": participants,
+        "dim": dim,
+        "mode": args.mode,
+        "bits": 16 if bits is None else bits,
+        "clip": args.clip,
+        "max_weight": DEFAULT_MAX_WEIGHT if max_weight is None else max_weight,
+        "neighbors": args.neighbors,
+        "threshold": args.threshold,
+        "deadlines": StageTimeouts.uniform(args.stage_timeout)
+        if args.stage_timeout
+        else StageTimeouts(0, 0, 0, 0, 0),
+        "he_context": he_context,
+        "publish_after": args.publish_after,
+        "layout": _layout_arg(args.layout),
+    }
 
 
 def _run_round(args: argparse.Namespace) -> int:
-    from secagg.server import StageTimeouts
     from secagg.service.coordinator import RoundSpec
 
     spec = None
     rid = b""
+    if args.action == "list":
+        with _admin(args) as admin:
+            print(json.dumps([_round_row(st) for st in admin.rounds(args.job or None)]))
+        return 0
     if args.action == "create":
-        participants = [n.strip() for n in _need(args.participants, "--participants").split(",")]
-        dim = int(_need(str(args.dim or ""), "--dim"))
-        he_context = _read_file(args.he_context, "--he-context") if args.he_context else None
-        bits, max_weight = args.bits, args.max_weight
-        if args.he_context:
-            bits, max_weight = _he_shape(args, len(participants), dim)
-        spec = RoundSpec(
-            job=_need(args.job, "--job"),
-            participants=participants,
-            dim=dim,
-            mode=args.mode,
-            bits=16 if bits is None else bits,
-            clip=args.clip,
-            max_weight=DEFAULT_MAX_WEIGHT if max_weight is None else max_weight,
-            neighbors=args.neighbors,
-            threshold=args.threshold,
-            deadlines=StageTimeouts.uniform(args.stage_timeout)
-            if args.stage_timeout
-            else StageTimeouts(0, 0, 0, 0, 0),
-            he_context=he_context,
-            publish_after=args.publish_after,
-            layout=_layout_arg(args.layout),
-        )
+        spec = RoundSpec(job=_need(args.job, "--job"), **_round_shape(args))
     else:
         rid = _round_id_arg(_need(args.round_id, "round_id"))
     with _admin(args) as admin:
@@ -621,6 +663,115 @@ def _run_round(args: argparse.Namespace) -> int:
     if args.action == "abort" and not args.wait:
         return 0  # the abort the operator asked for happened
     return 0 if st.status != "aborted" else EXIT_ABORTED
+
+
+def _round_row(st: RoundStatus) -> dict[str, object]:
+    """One ``round list`` entry."""
+    return {
+        "round_id": st.round_id.hex(),
+        "job": st.job,
+        "index": st.job_index if st.in_job else None,
+        "mode": st.mode,
+        "status": st.status,
+        "stage": st.stage,
+        "opened_at": st.opened_at,
+        "finished_at": st.finished_at or None,
+        "survivors": len(st.contributors),
+    }
+
+
+def _add_job(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "job",
+        help="jobs on a running server: rounds the server opens one after another",
+        description="create: a job of fixed participants and round shape whose rounds the "
+        "server opens itself (sites follow it with Client.rounds(job)); status, list, abort.",
+    )
+    p.add_argument("action", choices=["create", "status", "list", "abort"])
+    p.add_argument("name", nargs="?", help="job name (create, status, abort)")
+    p.add_argument("--rounds", type=_positive_int, help="rounds to run (default: until aborted)")
+    p.add_argument(
+        "--every",
+        type=_positive_seconds,
+        help="seconds between round openings (default: the next round opens when the "
+        "previous one ended)",
+    )
+    p.add_argument("--dp", help="differential-privacy settings (JSON object), carried as is")
+    _add_round_shape(p)
+    p.add_argument("--reason", default="", help="abort reason")
+    p.add_argument("--wait", action="store_true", help="status: wait until the job ends")
+    p.add_argument(
+        "--timeout", type=_positive_seconds, default=3600.0, help="--wait: at most this long"
+    )
+    _add_remote(p)
+
+
+def _run_job(args: argparse.Namespace) -> int:
+    from secagg.service.coordinator import JobSpec
+
+    if args.action == "list":
+        with _admin(args) as admin:
+            print(json.dumps([_job_dict(st) for st in admin.jobs()]))
+        return 0
+    name = _need(args.name, "a job name")
+    if args.action == "create":
+        dp = None
+        if args.dp:
+            try:
+                dp = json.loads(args.dp)
+            except ValueError as exc:
+                raise ConfigurationError(f"--dp must be a JSON object: {exc}") from None
+            if not isinstance(dp, dict):
+                raise ConfigurationError("--dp must be a JSON object")
+        spec = JobSpec(name=name, rounds=args.rounds, every=args.every, dp=dp, **_round_shape(args))
+    with _admin(args) as admin:
+        if args.action == "create":
+            st = admin.create_job(spec)
+        elif args.action == "abort":
+            st = admin.abort_job(name, args.reason)
+        else:
+            st = admin.wait_job(name, args.timeout) if args.wait else admin.job(name)
+    print(json.dumps(_job_dict(st)))
+    if args.action == "status" and st.status == "aborted":
+        return EXIT_ABORTED
+    return 0
+
+
+def _job_dict(st: JobStatus) -> dict[str, object]:
+    return {
+        "name": st.name,
+        "status": st.status,
+        "rounds_total": st.rounds_total or None,
+        "rounds_done": st.rounds_done,
+        "rounds_completed": st.rounds_completed,
+        "rounds_aborted": st.rounds_aborted,
+        "next_index": st.next_index,
+        "current_round": st.current_round.hex() or None,
+        "every": st.every or None,
+        "participants": list(st.participants),
+        "mode": st.mode,
+        "dim": st.dim,
+        "created_at": st.created_at,
+        "created_by": st.created_by,
+        "ended_at": st.ended_at or None,
+        "reason": st.reason or None,
+    }
+
+
+def _positive_int(value: str) -> int:
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value!r}")
+
+
+def _positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if 0 < seconds < float("inf"):
+        return seconds
+    raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {value!r}")
 
 
 def _neighbors(value: str) -> str:
@@ -850,6 +1001,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "enroll": _run_enroll,
     "audit": _run_audit,
     "round": _run_round,
+    "job": _run_job,
     "authority": _run_authority,
     "provision": _run_provision,
     "operator": _run_operator,
@@ -881,6 +1033,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_keygen(sub)
     _add_audit(sub)
     _add_round(sub)
+    _add_job(sub)
     _add_authority(sub)
     _add_provision(sub)
     _add_operator(sub)

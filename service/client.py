@@ -39,11 +39,11 @@ from secagg.he_params import HEParams
 from secagg.he_round import CkksClient
 from secagg.keys import IdentityKey
 from secagg.messages import Message
-from secagg.params import Mode
+from secagg.params import ROUND_ID_BYTES, Mode
 from secagg.policy import MIN_CONTRIBUTORS, ClientPolicy, check_layout
 from secagg.service._gen import aggregation_pb2, aggregation_pb2_grpc
 from secagg.service.auth import call_metadata
-from secagg.service.errors import PolicyRefused, from_rpc_error
+from secagg.service.errors import JobAborted, JobTimeout, PolicyRefused, from_rpc_error
 from secagg.service.plaintext import PlaintextClient
 from secagg.service.serde import (
     DEFAULT_CHUNK_BYTES,
@@ -53,7 +53,7 @@ from secagg.service.serde import (
     max_server_message_bytes,
     round_info_from_proto,
 )
-from secagg.service.servicer import GET_ROUND, SESSION
+from secagg.service.servicer import GET_ROUND, SESSION, WATCH_ROUNDS
 from secagg.service.tensors import Layout, flatten, unflatten
 from secagg.service.tls import ClientTls, tls_failure
 from secagg.service.trust import check_directory
@@ -310,6 +310,9 @@ class Client:
         """A key holder's CKKS secret context file (set by :meth:`from_kit`): ckks and
         hybrid rounds use it when no ``he_context`` is given, counting decryptions in the
         ledger beside it."""
+        self._announced: dict[bytes, tuple[str, int]] = {}
+        """Round id -> (job, index) of every round :meth:`rounds` yielded: :meth:`join`
+        refuses such a round if the server then describes it as another job's."""
 
     @classmethod
     def from_kit(
@@ -380,8 +383,103 @@ class Client:
         joined = round_info_from_proto(info)
         if joined.round_id != rid:
             raise ServerMisbehaviour("the server described another round")
+        announced = self._announced.get(rid)
+        if announced is not None and joined.job != announced[0]:
+            raise PolicyRefused(
+                f"the server announced round {rid.hex()} as round {announced[1]} of job "
+                f"{announced[0]!r}, but describes it as a round of job {joined.job!r}"
+            )
         self.policy.check(joined, self.identity.public)
         return joined
+
+    def rounds(self, job: str, *, timeout: float | None = None) -> Iterator[str]:
+        """Yield the id (hex) of each round of ``job`` this site participates in, as it
+        opens; the round open when called comes first.
+
+        >>> for round_id in client.rounds("fed"):
+        ...     fedavg.step(model, num_samples=len(train_set), round_id=round_id)
+
+        Stops when the job finishes. The server is not trusted with what it announces:
+        every event must name ``job``, carry a well-formed round id and a round index
+        above the last one yielded (a repeat of the same round after a reconnect is
+        skipped), and :meth:`join` later refuses a yielded round that the server then
+        describes as another job's; each round's parameters are checked against this
+        client's policy at join, as any round's. A dropped stream is reopened, with
+        backoff, for up to ``retry.connect_budget`` seconds without a connection.
+
+        Parameters
+        ----------
+        timeout:
+            Seconds to wait for the next round (``None``: as long as the job runs).
+
+        Raises
+        ------
+        JobAborted
+            The job was aborted; no further round will open.
+        JobTimeout
+            No round opened within ``timeout`` seconds.
+        ServerMisbehaviour
+            An event an honest server never sends.
+        ServiceError
+            The server refused the call (no such job: ``NotFound``; not a participant of
+            it: ``PermissionDenied``).
+        """
+        last_index = -1
+        yielded: dict[bytes, int] = {}
+        retry = self.retry
+        backoff = retry.initial_backoff
+        connected_at = time.monotonic()
+        wait_from = time.monotonic()
+        while True:
+            remaining = None if timeout is None else wait_from + timeout - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise JobTimeout(f"no round of job {job!r} opened within {timeout:g} s")
+            call = self._stub.WatchRounds(
+                aggregation_pb2.WatchRoundsRequest(job=job),
+                metadata=call_metadata(self.identity, WATCH_ROUNDS),
+                timeout=remaining,
+            )
+            try:
+                for ev in call:
+                    connected_at = time.monotonic()
+                    backoff = retry.initial_backoff
+                    kind = _job_event_kind(ev, job)
+                    if kind == "finished":
+                        return
+                    if kind == "aborted":
+                        raise JobAborted(job, ev.reason)
+                    rid = bytes(ev.round_id)
+                    if rid in yielded:
+                        if yielded[rid] != ev.index:
+                            raise ServerMisbehaviour(
+                                f"round {rid.hex()} was announced as round {yielded[rid]} of "
+                                f"job {job!r} and now as round {ev.index}"
+                            )
+                        continue  # the open round again, after a reconnect
+                    if ev.index <= last_index:
+                        raise ServerMisbehaviour(
+                            f"job {job!r}: round {ev.index} announced after round {last_index}"
+                        )
+                    last_index = ev.index
+                    yielded[rid] = ev.index
+                    self._announced[rid] = (job, ev.index)
+                    yield rid.hex()
+                    wait_from = time.monotonic()
+                # The stream ended without the job's end: reconnect.
+                err: grpc.RpcError = _Unavailable("the server ended WatchRounds early")
+            except grpc.RpcError as exc:
+                err = exc
+            finally:
+                call.cancel()
+            if (tls_err := tls_failure(err, self.tls)) is not None:
+                raise tls_err from None
+            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
+                continue  # the loop's check raises JobTimeout
+            down = time.monotonic() - connected_at
+            if err.code() not in TRANSIENT or down + backoff > retry.connect_budget:
+                raise from_rpc_error(err) from None
+            time.sleep(backoff)
+            backoff = min(2 * backoff, retry.max_backoff)
 
     def aggregate(
         self,
@@ -508,6 +606,23 @@ class Client:
                     raise from_rpc_error(err) from None
                 time.sleep(backoff)
                 backoff = min(2 * backoff, self.retry.max_backoff)
+
+
+JOB_EVENT_KINDS = frozenset({"round", "finished", "aborted"})
+
+
+def _job_event_kind(ev: aggregation_pb2.JobEvent, job: str) -> str:
+    """Check one ``WatchRounds`` event for ``job``; its kind."""
+    if ev.job != job:
+        raise ServerMisbehaviour(f"WatchRounds({job!r}) announced an event of job {ev.job!r}")
+    if ev.kind not in JOB_EVENT_KINDS:
+        raise ServerMisbehaviour(f"WatchRounds({job!r}) sent an unknown event {ev.kind[:40]!r}")
+    if ev.kind == "round" and len(ev.round_id) != ROUND_ID_BYTES:
+        raise ServerMisbehaviour(
+            f"WatchRounds({job!r}) announced a round id of {len(ev.round_id)} bytes, "
+            f"not {ROUND_ID_BYTES}"
+        )
+    return str(ev.kind)
 
 
 HEContext: TypeAlias = "str | os.PathLike[str] | bytes | ckks.SecretContext"

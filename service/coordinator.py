@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any
 
 from secagg import ckks
 from secagg.errors import ConfigurationError
 from secagg.he_round import CkksServer
 from secagg.params import PROTOCOL_VERSION, Mode, RoundParams, make_params
+from secagg.quantize import FEDAVG_MAX_WEIGHT
 from secagg.server import SecAggServer, StageTimeouts
 from secagg.service.errors import AlreadyExists, NotFound, PermissionDenied
 from secagg.service.logs import event
@@ -20,9 +22,12 @@ from secagg.service.metrics import Metrics
 from secagg.service.plaintext import PlaintextServer
 from secagg.service.rounds import RoundCore, RoundRunner
 from secagg.service.serde import deadlines_dict
-from secagg.service.store import Member, Store
+from secagg.service.store import ABORTED, Member, Store
 
-__all__ = ["CRYPTO_SUITE", "Coordinator", "RoundSpec"]
+if TYPE_CHECKING:
+    from secagg.service.jobs import JobScheduler
+
+__all__ = ["CRYPTO_SUITE", "Coordinator", "JobSpec", "RoundSpec"]
 
 log = logging.getLogger("secagg.service.coordinator")
 
@@ -63,6 +68,120 @@ class RoundSpec:
     """Model-layout fingerprint (:func:`secagg.service.tensors.fingerprint`), or ``b""``."""
 
 
+_ROUND_FIELDS = (
+    "participants",
+    "dim",
+    "mode",
+    "bits",
+    "clip",
+    "max_weight",
+    "neighbors",
+    "threshold",
+    "tolerate_dropout",
+    "tolerate_corrupt",
+    "publish_after",
+)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """An operator's request for a job (``CreateJob``): the shape of every round, how many
+    rounds, and how often. Everything :class:`RoundSpec` has, plus ``rounds``, ``every``
+    and ``dp``; the rounds belong to job ``name`` (``job`` is accepted as its alias).
+
+    Attributes
+    ----------
+    rounds:
+        Rounds to open, whatever each one's outcome (``None``: until aborted).
+    every:
+        Seconds between round openings (``None``: the next round opens as soon as the
+        previous one ended; a round that outlasts ``every`` delays the next one).
+    dp:
+        Differential-privacy settings, stored and forwarded to each round as they are.
+    """
+
+    name: str = ""
+    participants: Sequence[str] = ()
+    dim: int = 0
+    mode: str = "masked"
+    bits: int = 16
+    clip: float = 8.0
+    max_weight: int = FEDAVG_MAX_WEIGHT
+    neighbors: str = "auto"
+    threshold: str = "auto"
+    deadlines: StageTimeouts = field(default_factory=StageTimeouts)
+    tolerate_dropout: float | None = None
+    tolerate_corrupt: float | None = None
+    he_context: bytes | None = field(default=None, repr=False)
+    publish_after: int | None = None
+    layout: bytes = b""
+    rounds: int | None = None
+    every: float | None = None
+    dp: Mapping[str, Any] | None = None
+    job: str = ""
+
+    def __post_init__(self) -> None:
+        if self.name and self.job and self.name != self.job:
+            raise ConfigurationError(f"JobSpec(name={self.name!r}, job={self.job!r}) disagree")
+        object.__setattr__(self, "name", self.name or self.job)
+        object.__setattr__(self, "job", self.name)
+        object.__setattr__(self, "participants", tuple(self.participants))
+        if not self.name:
+            raise ConfigurationError("a job needs a name")
+        if self.rounds is not None and (isinstance(self.rounds, bool) or self.rounds < 1):
+            raise ConfigurationError(f"a job runs at least 1 round, got rounds={self.rounds}")
+        if self.every is not None and not 0 < self.every < float("inf"):
+            raise ConfigurationError(f"every must be > 0 seconds, got {self.every}")
+        if self.dp is not None and not isinstance(self.dp, Mapping):
+            raise ConfigurationError("dp must be a mapping (JSON object)")
+
+    def round_spec(self) -> RoundSpec:
+        """The spec of each of the job's rounds (``dp`` goes along where RoundSpec has it)."""
+        extra: dict[str, Any] = {}
+        if self.dp is not None and "dp" in {f.name for f in fields(RoundSpec)}:
+            extra["dp"] = dict(self.dp)
+        return RoundSpec(
+            job=self.name,
+            deadlines=self.deadlines,
+            he_context=self.he_context,
+            layout=self.layout,
+            **{k: getattr(self, k) for k in _ROUND_FIELDS},
+            **extra,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The spec as the ``jobs`` table stores it (bytes as hex)."""
+        doc: dict[str, Any] = {k: getattr(self, k) for k in _ROUND_FIELDS}
+        doc["participants"] = list(self.participants)
+        doc.update(
+            name=self.name,
+            deadlines=deadlines_dict(self.deadlines),
+            he_context=self.he_context.hex() if self.he_context else None,
+            layout=self.layout.hex(),
+            rounds=self.rounds,
+            every=self.every,
+            dp=dict(self.dp) if self.dp is not None else None,
+        )
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> JobSpec:
+        try:
+            he = doc.get("he_context")
+            return cls(
+                name=str(doc["name"]),
+                deadlines=StageTimeouts(**doc["deadlines"]),
+                he_context=bytes.fromhex(he) if he else None,
+                layout=bytes.fromhex(doc.get("layout", "")),
+                rounds=doc.get("rounds"),
+                every=doc.get("every"),
+                dp=doc.get("dp"),
+                **{k: doc[k] for k in _ROUND_FIELDS},
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigurationError(f"malformed job spec in the store: {exc}") from None
+
+
 HE_SUITE = {
     "homomorphic_encryption": "CKKS (Microsoft SEAL via TenSEAL), symmetric, seeded",
 }
@@ -88,6 +207,10 @@ class Coordinator:
         self._retain = retain_seconds
         self._rounds: dict[bytes, RoundRunner] = {}
         self._create_lock = asyncio.Lock()
+        from secagg.service.jobs import JobScheduler
+
+        self.jobs: JobScheduler = JobScheduler(self)
+        """The jobs: their rounds opened one after another (:mod:`secagg.service.jobs`)."""
 
     def recover(self) -> list[bytes]:
         """Mark rounds the previous process left running as aborted (in the audit log)."""
@@ -109,9 +232,16 @@ class Coordinator:
     def runners(self) -> list[RoundRunner]:
         return list(self._rounds.values())
 
-    async def create(self, spec: RoundSpec, *, operator: str | None = None) -> RoundRunner:
-        """Validate ``spec``, record the round and start it (``operator``, who asked for
-        it, is named in the ``round_created`` audit entry).
+    async def create(
+        self, spec: RoundSpec, *, operator: str | None = None, job_index: int | None = None
+    ) -> RoundRunner:
+        """Validate ``spec``, record the round and open it (``operator``, who asked for
+        it, is named in the ``round_created`` audit entry). ``job_index`` makes it round
+        ``job_index`` of the job ``spec.job`` (:mod:`secagg.service.jobs`); without it a
+        job's name is refused (its rounds are the server's to open).
+
+        The round *opens* when it is recorded: its first stage's deadline counts from then,
+        not from before the work of creating it (an HE context to load, a store write).
 
         Raises
         ------
@@ -135,25 +265,27 @@ class Coordinator:
         async with self._create_lock:
             self._evict()
             members = await loop.run_in_executor(self._pool, self._members, spec.participants)
+            if job_index is None and await loop.run_in_executor(
+                self._pool, self.store.job, spec.job
+            ):
+                raise AlreadyExists(
+                    f"{spec.job!r} is a job (secagg job create): the server opens its rounds; "
+                    "give this round another --job"
+                )
             if await loop.run_in_executor(self._pool, self.store.running_job, spec.job):
                 raise AlreadyExists(f"job {spec.job!r} already has a running round")
             params = await loop.run_in_executor(self._pool, self._params, spec, len(members))
             # Stages left at their default deadline grow with the round (n, n * dim).
             spec = replace(spec, deadlines=spec.deadlines.for_round(len(members), params.dim))
             directory = {m.client_id: m.public_key for m in members}
-            now = time.monotonic()
-            core: RoundCore
-            if mode == "plaintext":
-                core = PlaintextServer(params, directory, timeouts=spec.deadlines, now=now)
-            elif mode == "masked":
-                core = SecAggServer(params, directory, timeouts=spec.deadlines, now=now)
-            else:
-                core = await loop.run_in_executor(
-                    self._pool, self._he_core, spec, params, directory, now
-                )
+            he_ctx = None
+            if mode in ("ckks", "hybrid"):
+                he_ctx = await loop.run_in_executor(self._pool, self._he_context, spec, params)
             body = self._audit_body(spec, params, members, mode == "plaintext")
             if operator is not None:
                 body["operator"] = operator
+            if job_index is not None:
+                body["job_index"] = job_index
             await loop.run_in_executor(
                 self._pool,
                 lambda: self.store.create_round(
@@ -164,8 +296,18 @@ class Coordinator:
                     deadlines_dict(spec.deadlines),
                     members,
                     body,
+                    job_index,
                 ),
             )
+            try:  # the round opens now: its first deadline counts from here
+                core = self._core(mode, spec, params, directory, he_ctx, time.monotonic())
+            except Exception as exc:  # recorded as aborted: the log shows it never ran
+                reason = f"the round could not open: {type(exc).__name__}: {exc}"
+                outcome = {"status": ABORTED, "stage": "open", "reason": reason}
+                await loop.run_in_executor(
+                    self._pool, self.store.finish_round, params.round_id, ABORTED, outcome
+                )
+                raise
             runner = RoundRunner(
                 round_id=params.round_id,
                 job=spec.job,
@@ -180,6 +322,7 @@ class Coordinator:
                 pool=self._pool,
                 disconnect_grace=self._grace,
             )
+            runner.job_index = job_index
             self._rounds[params.round_id] = runner
             runner.start()
         event(
@@ -206,12 +349,26 @@ class Coordinator:
         return members
 
     @staticmethod
-    def _he_core(
-        spec: RoundSpec, params: RoundParams, directory: dict[int, bytes], now: float
-    ) -> RoundCore:
-        """A ckks or hybrid core; the context is refused if it carries any key."""
+    def _he_context(spec: RoundSpec, params: RoundParams) -> ckks.ServerContext:
+        """The round's CKKS context; refused if it carries any key."""
         assert spec.he_context is not None
-        ctx = ckks.load_server_context(spec.he_context, params.he)
+        return ckks.load_server_context(spec.he_context, params.he)
+
+    @staticmethod
+    def _core(
+        mode: str,
+        spec: RoundSpec,
+        params: RoundParams,
+        directory: dict[int, bytes],
+        ctx: ckks.ServerContext | None,
+        now: float,
+    ) -> RoundCore:
+        """The sans-I/O server of one round, its first stage starting at ``now``."""
+        if mode == "plaintext":
+            return PlaintextServer(params, directory, timeouts=spec.deadlines, now=now)
+        if mode == "masked":
+            return SecAggServer(params, directory, timeouts=spec.deadlines, now=now)
+        assert ctx is not None
         if params.mode is Mode.CKKS:
             return CkksServer(
                 params,
@@ -293,6 +450,7 @@ class Coordinator:
 
     async def abort_all(self, reason: str) -> None:
         """Abort every running round (shutdown); each abort is recorded."""
+        await self.jobs.stop()
         for r in self.runners():
             if not r.core.done:
                 await r.abort(reason)

@@ -41,6 +41,8 @@ __all__ = [
     "AlreadyExists",
     "Dropped",
     "HelloTimeout",
+    "JobAborted",
+    "JobTimeout",
     "NotFound",
     "PermissionDenied",
     "PolicyRefused",
@@ -73,7 +75,7 @@ class PermissionDenied(ServiceError):
 
 
 class NotFound(ServiceError):
-    """No such round or participant."""
+    """No such round, job or participant."""
 
 
 class AlreadyExists(ServiceError):
@@ -125,6 +127,20 @@ class TlsError(Unavailable, ConfigurationError):
     a client certificate the server refuses, a certificate and key that do not match."""
 
 
+class JobAborted(ServiceError):
+    """The job was aborted (by an operator, or by the server when a round could not open):
+    no further round of it opens. ``reason`` is what the server gave."""
+
+    def __init__(self, job: str, reason: str) -> None:
+        super().__init__(f"job {job!r} was aborted: {reason or 'no reason given'}")
+        self.job = job
+        self.reason = reason
+
+
+class JobTimeout(ServiceError, TimeoutError):
+    """No round of the job opened within the ``timeout`` the caller gave."""
+
+
 class StoreLocked(StoreError):
     """Another server holds the store's writer lock; the message names it (pid, host)."""
 
@@ -138,6 +154,8 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TooManyStreams, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (HelloTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (JobTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (JobAborted, grpc.StatusCode.ABORTED),
     (Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
     (Refused, grpc.StatusCode.FAILED_PRECONDITION),
     (DuplicateMessage, grpc.StatusCode.ALREADY_EXISTS),
@@ -220,7 +238,8 @@ EXIT_CODES: tuple[tuple[type[BaseException], int, str], ...] = (
     (StoreLocked, EXIT_LOCKED, "another server holds the store (the message names it)"),
     (TlsError, EXIT_UNAVAILABLE, "TLS failure: certificate, key, CA or server name"),
     (Unavailable, EXIT_UNAVAILABLE, "the server cannot be reached"),
-    (NotFound, EXIT_NOT_FOUND, "no such round or participant (or audit entries for it)"),
+    (JobAborted, EXIT_ABORTED, "the job was aborted (the message gives the reason)"),
+    (NotFound, EXIT_NOT_FOUND, "no such round, job or participant (or audit entries for it)"),
     (Unauthenticated, EXIT_DENIED, "bad or missing admin token or credentials"),
     (PermissionDenied, EXIT_DENIED, "the caller may not do this"),
     (ConfigurationError, EXIT_CONFIG, "bad flag, config file, key file or parameters"),

@@ -128,6 +128,10 @@ class RoundRunner:
     ) -> None:
         self.round_id = round_id
         self.job = job
+        self.job_index: int | None = None
+        """The round's index in its job (set by the coordinator; ``None``: not a job's)."""
+        self.opened_at = time.time()
+        """Unix seconds the round opened at (its first deadline counts from then)."""
         self.params = params
         self.members = tuple(members)
         self.by_name = {m.name: m for m in members}

@@ -7,11 +7,13 @@ against the round's bounds *before* it allocates the message buffer.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from secagg.errors import MalformedMessage
+from secagg.errors import ConfigurationError, MalformedMessage
 from secagg.keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES
 from secagg.messages import (
     MAX_TEXT,
@@ -22,14 +24,15 @@ from secagg.messages import (
 )
 from secagg.params import ROUND_ID_BYTES, Mode, RoundParams
 from secagg.policy import MAX_BLAME_CHECKS
+from secagg.quantize import FEDAVG_MAX_WEIGHT
 from secagg.server import StageTimeouts
 from secagg.service._gen import admin_pb2, aggregation_pb2, common_pb2
 from secagg.service.errors import TooLarge
-from secagg.service.store import Member, ParticipantRecord
+from secagg.service.store import JobRecord, Member, ParticipantRecord, RoundRecord
 from secagg.shamir import SHARE_BYTES
 
 if TYPE_CHECKING:
-    from secagg.service.coordinator import RoundSpec
+    from secagg.service.coordinator import JobSpec, RoundSpec
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -409,4 +412,114 @@ def round_spec_to_proto(spec: RoundSpec) -> admin_pb2.CreateRoundRequest:
         he_context=spec.he_context or b"",
         publish_after=spec.publish_after or 0,
         layout=spec.layout,
+    )
+
+
+def _mode_name(params: bytes, plaintext: bool) -> str:
+    if plaintext:
+        return "plaintext"
+    try:
+        return RoundParams.decode(params).mode.name.lower()
+    except Exception:  # a stored round the core no longer decodes: say so, do not fail
+        return "unknown"
+
+
+def set_round_place(st: admin_pb2.RoundStatus, rec: RoundRecord) -> None:
+    """Fill the fields of ``st`` that only the store knows: job index, mode, times."""
+    st.in_job = rec.job_index is not None
+    st.job_index = rec.job_index or 0
+    st.mode = _mode_name(rec.params, rec.plaintext)
+    st.opened_at = rec.created_at
+    st.finished_at = rec.ended_at or 0.0
+
+
+def round_summary_to_proto(
+    rec: RoundRecord, stage: str, outcome: Mapping[str, Any]
+) -> admin_pb2.RoundStatus:
+    """A ``ListRounds`` entry: outcome and place, without directory or params."""
+    st = round_status_to_proto(
+        round_id=rec.round_id,
+        job=rec.job,
+        stage=stage,
+        members=(),
+        outcome=outcome,
+        params=b"",
+        plaintext=rec.plaintext,
+    )
+    set_round_place(st, rec)
+    return st
+
+
+def job_spec_from_proto(
+    req: admin_pb2.CreateJobRequest, default_deadlines: StageTimeouts
+) -> JobSpec:
+    """The job an operator asked for (``CreateJob``); zero fields take the defaults."""
+    from secagg.service.coordinator import JobSpec
+
+    r = round_spec_from_proto(req.round, default_deadlines)
+    dp = None
+    if req.dp_json:
+        try:
+            dp = json.loads(req.dp_json)
+        except ValueError as exc:
+            raise ConfigurationError(f"dp_json is not JSON: {exc}") from None
+        if not isinstance(dp, dict):
+            raise ConfigurationError("dp_json must be a JSON object")
+    if not (req.every == req.every and req.every >= 0):
+        raise ConfigurationError(f"every must be >= 0 seconds, got {req.every}")
+    return JobSpec(
+        name=req.name,
+        participants=r.participants,
+        dim=r.dim,
+        mode=r.mode,
+        bits=r.bits,
+        clip=r.clip,
+        max_weight=req.round.max_weight or FEDAVG_MAX_WEIGHT,
+        neighbors=r.neighbors,
+        threshold=r.threshold,
+        deadlines=r.deadlines,
+        tolerate_dropout=r.tolerate_dropout,
+        tolerate_corrupt=r.tolerate_corrupt,
+        he_context=r.he_context,
+        publish_after=r.publish_after,
+        layout=r.layout,
+        rounds=req.rounds or None,
+        every=req.every or None,
+        dp=dp,
+    )
+
+
+def job_spec_to_proto(spec: JobSpec) -> admin_pb2.CreateJobRequest:
+    return admin_pb2.CreateJobRequest(
+        name=spec.name,
+        round=round_spec_to_proto(spec.round_spec()),
+        rounds=spec.rounds or 0,
+        every=spec.every or 0.0,
+        dp_json=json.dumps(dict(spec.dp)) if spec.dp is not None else "",
+    )
+
+
+def job_status_to_proto(rec: JobRecord, spec: JobSpec, current_round: bytes) -> admin_pb2.JobStatus:
+    doc = dict(rec.spec)
+    if doc.get("he_context"):
+        doc["he_context"] = None
+        doc["he_context_sha256"] = hashlib.sha256(spec.he_context or b"").hexdigest()
+    return admin_pb2.JobStatus(
+        name=rec.name,
+        status=rec.status,
+        rounds_total=rec.rounds_total or 0,
+        rounds_done=rec.rounds_done,
+        rounds_completed=rec.rounds_completed,
+        rounds_aborted=rec.rounds_aborted,
+        next_index=rec.next_index,
+        current_round=current_round,
+        created_at=rec.created_at,
+        created_by=rec.created_by,
+        ended_at=rec.ended_at or 0.0,
+        reason=rec.reason,
+        every=spec.every or 0.0,
+        participants=list(spec.participants),
+        mode=spec.mode,
+        dim=spec.dim,
+        spec_json=json.dumps(doc, sort_keys=True),
     )

@@ -143,6 +143,24 @@ class AccessLog(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return grpc.unary_unary_rpc_method_handler(
                 observed_unary, handler.request_deserializer, handler.response_serializer
             )
+        if handler.unary_stream:
+            watch = handler.unary_stream
+
+            async def observed_watch(request: Any, context: Any) -> AsyncIterator[Any]:
+                t0, peer, cn = time.monotonic(), context.peer(), _cert_cn(context)
+                code: grpc.StatusCode | str = grpc.StatusCode.OK
+                try:
+                    async for item in watch(request, context):
+                        yield item
+                except BaseException as exc:
+                    code = failed(context, exc)
+                    raise
+                finally:
+                    done(peer, t0, code, cn)
+
+            return grpc.unary_stream_rpc_method_handler(
+                observed_watch, handler.request_deserializer, handler.response_serializer
+            )
         stream = handler.stream_stream
 
         async def observed_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
@@ -244,6 +262,7 @@ class SecAggService:
 
     async def _start(self, cfg: ServerConfig, warnings: list[str]) -> int:
         self.coordinator.recover()
+        self.coordinator.jobs.resume()  # each running job opens its next round
         limit = cfg.max_chunk_bytes + FRAME_SLACK
         server = grpc.aio.server(
             interceptors=[AccessLog(self.metrics, self._participant_name), FrameGuard()],
@@ -314,6 +333,7 @@ class SecAggService:
         if self._server is None:
             return
         await self._health.enter_graceful_shutdown()
+        await self.coordinator.jobs.stop()  # no job opens another round
         running = [r for r in self.coordinator.runners() if not r.core.done]
         if running and grace > 0:
             waits = [asyncio.ensure_future(r.finished.wait()) for r in running]
@@ -327,6 +347,7 @@ class SecAggService:
     async def crash(self) -> None:
         """Stop at once without recording anything (tests: a killed process)."""
         if self._server is not None:
+            await self.coordinator.jobs.stop()
             for r in self.coordinator.runners():
                 await r.close()
             await self._server.stop(0)

@@ -16,13 +16,20 @@ from secagg.service import serde
 from secagg.service._gen import admin_pb2, admin_pb2_grpc, aggregation_pb2
 from secagg.service.auth import AdminVerifier, Caller, CallVerifier
 from secagg.service.config import ServerConfig
-from secagg.service.coordinator import Coordinator
-from secagg.service.errors import TooManyStreams, Unauthenticated, status_for
+from secagg.service.coordinator import Coordinator, JobSpec
+from secagg.service.errors import NotFound, TooManyStreams, Unauthenticated, status_for
 from secagg.service.rounds import RoundRunner
 from secagg.service.session import StreamSession
-from secagg.service.store import RUNNING
+from secagg.service.store import RUNNING, JobRecord, RoundRecord
 
-__all__ = ["ADMIN_SERVICE", "GET_ROUND", "SESSION", "AdminServicer", "AggregationServicer"]
+__all__ = [
+    "ADMIN_SERVICE",
+    "GET_ROUND",
+    "SESSION",
+    "WATCH_ROUNDS",
+    "AdminServicer",
+    "AggregationServicer",
+]
 
 log = logging.getLogger("secagg.service.servicer")
 
@@ -30,6 +37,9 @@ SERVICE = aggregation_pb2.DESCRIPTOR.services_by_name["Aggregation"].full_name
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 GET_ROUND = f"/{SERVICE}/GetRound"
 SESSION = f"/{SERVICE}/Session"
+WATCH_ROUNDS = f"/{SERVICE}/WatchRounds"
+MAX_WATCHES_PER_PARTICIPANT = 4
+"""Open ``WatchRounds`` streams one participant may hold on one job (more are refused)."""
 
 
 async def _fail(context: Any, exc: Exception) -> NoReturn:
@@ -57,6 +67,7 @@ class AggregationServicer:
         self._verifier = verifier
         self._config = config
         self._open: collections.Counter[tuple[bytes, int]] = collections.Counter()
+        self._watching: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def register(self, server: Any) -> None:
         """Add this servicer's handlers to a ``grpc.aio`` server."""
@@ -70,6 +81,11 @@ class AggregationServicer:
                 self.Session,
                 request_deserializer=aggregation_pb2.ClientFrame.FromString,
                 response_serializer=_frame_bytes,
+            ),
+            "WatchRounds": grpc.unary_stream_rpc_method_handler(
+                self.WatchRounds,
+                request_deserializer=aggregation_pb2.WatchRoundsRequest.FromString,
+                response_serializer=aggregation_pb2.JobEvent.SerializeToString,
             ),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
@@ -137,6 +153,34 @@ class AggregationServicer:
                 self._open[seat] -= 1
                 if self._open[seat] <= 0:
                     del self._open[seat]
+
+    async def WatchRounds(  # noqa: N802
+        self, request: aggregation_pb2.WatchRoundsRequest, context: Any
+    ) -> AsyncIterator[aggregation_pb2.JobEvent]:
+        """The rounds of one job as they open, for an authenticated participant of it."""
+        seat: tuple[str, str] | None = None
+        try:
+            caller = self._caller(context, WATCH_ROUNDS)
+            if any(caller.round_id):
+                raise Unauthenticated("a WatchRounds call is signed with a zero round id")
+            name = caller.participant.name
+            key = (request.job, name)
+            if self._watching[key] >= MAX_WATCHES_PER_PARTICIPANT:
+                raise TooManyStreams(
+                    f"participant {name!r} already watches job {request.job!r} on "
+                    f"{MAX_WATCHES_PER_PARTICIPANT} streams (the limit)"
+                )
+            seat = key
+            self._watching[key] += 1
+            async for ev in self._coord.jobs.watch(request.job, name):
+                yield ev
+        except Exception as exc:
+            await _fail(context, exc)
+        finally:
+            if seat is not None:
+                self._watching[seat] -= 1
+                if self._watching[seat] <= 0:
+                    del self._watching[seat]
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
@@ -269,14 +313,84 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         except Exception as exc:
             await _fail(context, exc)
 
+    async def CreateJob(  # noqa: N802
+        self, request: admin_pb2.CreateJobRequest, context: Any
+    ) -> admin_pb2.JobStatus:
+        try:
+            operator = self._check(context, "CreateJob")
+            spec = serde.job_spec_from_proto(request, self._config.deadlines)
+            rec = await self._coord.jobs.create(spec, operator=operator)
+            return self._job_status(rec)
+        except Exception as exc:
+            await _fail(context, exc)
+
+    async def GetJob(self, request: admin_pb2.JobRequest, context: Any) -> admin_pb2.JobStatus:  # noqa: N802
+        try:
+            self._check(context, "GetJob")
+            rec = await asyncio.to_thread(self._store.job, request.name)
+            if rec is None:
+                raise NotFound(f"no job {request.name!r}")
+            return self._job_status(rec)
+        except Exception as exc:
+            await _fail(context, exc)
+
+    async def ListJobs(  # noqa: N802
+        self, request: admin_pb2.ListJobsRequest, context: Any
+    ) -> admin_pb2.ListJobsResponse:
+        try:
+            self._check(context, "ListJobs")
+            recs = await asyncio.to_thread(self._store.jobs)
+            return admin_pb2.ListJobsResponse(jobs=[self._job_status(r) for r in recs])
+        except Exception as exc:
+            await _fail(context, exc)
+
+    async def AbortJob(  # noqa: N802
+        self, request: admin_pb2.AbortJobRequest, context: Any
+    ) -> admin_pb2.JobStatus:
+        try:
+            operator = self._check(context, "AbortJob")
+            rec = await self._coord.jobs.abort(request.name, request.reason, operator=operator)
+            return self._job_status(rec)
+        except Exception as exc:
+            await _fail(context, exc)
+
+    async def ListRounds(  # noqa: N802
+        self, request: admin_pb2.ListRoundsRequest, context: Any
+    ) -> admin_pb2.ListRoundsResponse:
+        try:
+            self._check(context, "ListRounds")
+            recs = await asyncio.to_thread(self._store.rounds, request.job or None)
+            return admin_pb2.ListRoundsResponse(rounds=[self._round_summary(r) for r in recs])
+        except Exception as exc:
+            await _fail(context, exc)
+
+    def _job_status(self, rec: JobRecord) -> admin_pb2.JobStatus:
+        runner = self._coord.jobs.current(rec.name)
+        return serde.job_status_to_proto(
+            rec, JobSpec.from_json(rec.spec), runner.round_id if runner else b""
+        )
+
+    def _round_summary(self, rec: RoundRecord) -> admin_pb2.RoundStatus:
+        """A list entry: the stored outcome, or the live stage of a running round."""
+        outcome = rec.outcome or {"status": rec.status}
+        stage = rec.status if rec.status != RUNNING else "unknown"
+        try:
+            runner = self._coord.runner(rec.round_id)
+        except SecAggError:
+            runner = None
+        if runner is not None and rec.status == RUNNING:
+            stage = runner.core.stage.value
+        return serde.round_summary_to_proto(rec, stage, outcome)
+
     async def _status(self, round_id: bytes) -> admin_pb2.RoundStatus:
         try:
             runner = self._coord.runner(round_id)
         except SecAggError:
             runner = None
+        rec = await asyncio.to_thread(self._store.round, round_id)
         if runner is not None:
             stage, outcome = await asyncio.to_thread(runner.snapshot)
-            return serde.round_status_to_proto(
+            st = serde.round_status_to_proto(
                 round_id=runner.round_id,
                 job=runner.job,
                 stage=stage,
@@ -285,17 +399,19 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 params=runner.params.encode(),
                 plaintext=runner.plaintext,
             )
-        rec = await asyncio.to_thread(self._store.round, round_id)
-        if rec is None:
+        elif rec is None:
             self._coord.runner(round_id)  # raises NotFound with the reason
             raise AssertionError("unreachable")  # pragma: no cover
-        outcome = rec.outcome or {"status": rec.status}
-        return serde.round_status_to_proto(
-            round_id=rec.round_id,
-            job=rec.job,
-            stage=rec.status if rec.status != RUNNING else "unknown",
-            members=rec.members,
-            outcome=outcome,
-            params=rec.params,
-            plaintext=rec.plaintext,
-        )
+        else:
+            st = serde.round_status_to_proto(
+                round_id=rec.round_id,
+                job=rec.job,
+                stage=rec.status if rec.status != RUNNING else "unknown",
+                members=rec.members,
+                outcome=rec.outcome or {"status": rec.status},
+                params=rec.params,
+                plaintext=rec.plaintext,
+            )
+        if rec is not None:
+            serde.set_round_place(st, rec)
+        return st

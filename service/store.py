@@ -1,4 +1,4 @@
-"""The embedded store (SQLite): participants, rounds and the audit log.
+"""The embedded store (SQLite): participants, operators, jobs, rounds and the audit log.
 
 One connection guarded by a lock; every write that appends to the audit log runs in one
 ``BEGIN IMMEDIATE`` transaction, so two processes sharing the file (``secagg enroll``
@@ -32,6 +32,7 @@ from secagg.service.errors import AlreadyExists, NotFound, StoreLocked
 
 __all__ = [
     "LOCAL_OPERATOR",
+    "JobRecord",
     "Member",
     "OperatorRecord",
     "ParticipantRecord",
@@ -72,6 +73,18 @@ CREATE TABLE IF NOT EXISTS rounds (
     ended_at REAL,
     outcome TEXT
 );
+CREATE TABLE IF NOT EXISTS jobs (
+    name TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    created_by TEXT NOT NULL,
+    status TEXT NOT NULL,
+    rounds_total INTEGER,
+    rounds_done INTEGER NOT NULL DEFAULT 0,
+    next_index INTEGER NOT NULL DEFAULT 0,
+    ended_at REAL,
+    reason TEXT NOT NULL DEFAULT ''
+);
 CREATE TABLE IF NOT EXISTS round_members (
     round_id BLOB NOT NULL,
     client_id INTEGER NOT NULL,
@@ -95,6 +108,9 @@ BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
 
 RUNNING, COMPLETED, ABORTED = "running", "completed", "aborted"
+FINISHED, PAUSED = "finished", "paused"
+"""Job statuses are ``RUNNING``, ``FINISHED``, ``ABORTED`` and ``PAUSED``."""
+JOB_STATUSES = (RUNNING, FINISHED, ABORTED, PAUSED)
 
 
 class WriterLock:
@@ -198,6 +214,28 @@ class RoundRecord:
     ended_at: float | None
     outcome: dict[str, Any]
     members: tuple[Member, ...]
+    job_index: int | None = None
+    """The round's index in its job (from 0); ``None`` for a round made by ``CreateRound``."""
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job as stored: its spec (JSON object), who made it, and how far it got."""
+
+    name: str
+    spec: dict[str, Any]
+    created_at: float
+    created_by: str
+    status: str
+    rounds_total: int | None
+    rounds_done: int
+    next_index: int
+    ended_at: float | None
+    reason: str
+    rounds_completed: int = 0
+    rounds_aborted: int = 0
+    last_opened_at: float | None = None
+    """When the job's newest round opened (Unix seconds), ``None`` before the first."""
 
 
 class Store:
@@ -212,6 +250,9 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(rounds)")}
+            if "job_index" not in columns:  # a store written before jobs existed
+                self._db.execute("ALTER TABLE rounds ADD COLUMN job_index INTEGER")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the store at {self.path}: {exc}") from exc
         self._lock = threading.RLock()
@@ -504,14 +545,39 @@ class Store:
         deadlines: Mapping[str, float],
         members: Sequence[Member],
         audit_body: Mapping[str, Any],
+        job_index: int | None = None,
     ) -> None:
-        """Record a new running round and its ``round_created`` audit entry, atomically."""
+        """Record a new running round and its ``round_created`` audit entry, atomically.
+
+        ``job_index`` places the round in job ``job`` (which must be running, with this as
+        its next index); the job's next index moves on in the same transaction.
+        """
         now = time.time()
         with self._tx() as db:
+            if job_index is not None:
+                row = db.execute(
+                    "SELECT status, next_index FROM jobs WHERE name = ?", (job,)
+                ).fetchone()
+                if row is None:
+                    raise NotFound(f"no job {job!r}")
+                if row[0] != RUNNING or row[1] != job_index:
+                    raise AlreadyExists(
+                        f"job {job!r} is {row[0]} at round {row[1]}: round {job_index} cannot open"
+                    )
+                db.execute("UPDATE jobs SET next_index = ? WHERE name = ?", (job_index + 1, job))
             db.execute(
                 "INSERT INTO rounds (round_id, job, status, params, plaintext, deadlines, "
-                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (round_id, job, RUNNING, params, int(plaintext), json.dumps(dict(deadlines)), now),
+                "created_at, job_index) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    round_id,
+                    job,
+                    RUNNING,
+                    params,
+                    int(plaintext),
+                    json.dumps(dict(deadlines)),
+                    now,
+                    job_index,
+                ),
             )
             db.executemany(
                 "INSERT INTO round_members (round_id, client_id, name, public_key) "
@@ -523,16 +589,32 @@ class Store:
     def finish_round(self, round_id: bytes, status: str, outcome: Mapping[str, Any]) -> None:
         """Mark a running round completed or aborted and log its outcome, atomically."""
         with self._tx() as db:
-            row = db.execute("SELECT status FROM rounds WHERE round_id = ?", (round_id,)).fetchone()
+            row = db.execute(
+                "SELECT status, job, job_index FROM rounds WHERE round_id = ?", (round_id,)
+            ).fetchone()
             if row is None:
                 raise NotFound(f"no round {round_id.hex()}")
             if row[0] != RUNNING:
                 return
+            now = time.time()
             db.execute(
                 "UPDATE rounds SET status = ?, ended_at = ?, outcome = ? WHERE round_id = ?",
-                (status, time.time(), canonical_json(outcome), round_id),
+                (status, now, canonical_json(outcome), round_id),
             )
             self._append(db, f"round_{status}", round_id.hex(), outcome)
+            if row[2] is not None:
+                self._round_of_job_ended(db, row[1], now)
+
+    def _round_of_job_ended(self, db: sqlite3.Connection, job: str, now: float) -> None:
+        """Count one more ended round of ``job``; a job that reached its rounds finishes."""
+        db.execute("UPDATE jobs SET rounds_done = rounds_done + 1 WHERE name = ?", (job,))
+        row = db.execute(
+            "SELECT status, rounds_total, rounds_done FROM jobs WHERE name = ?", (job,)
+        ).fetchone()
+        if row is None or row[0] not in (RUNNING, PAUSED) or row[1] is None or row[2] < row[1]:
+            return
+        db.execute("UPDATE jobs SET status = ?, ended_at = ? WHERE name = ?", (FINISHED, now, job))
+        self._append(db, "job_finished", "", {"job": job, "rounds_done": row[2]})
 
     def set_stage(self, round_id: bytes, stage: str) -> None:
         """Remember the stage a running round reached (reported if the server dies)."""
@@ -548,6 +630,157 @@ class Store:
             )
         return [bytes(r[0]) for r in rows]
 
+    # -- jobs -------------------------------------------------------------------------------------
+
+    def create_job(
+        self,
+        name: str,
+        spec: Mapping[str, Any],
+        rounds_total: int | None,
+        *,
+        operator: str = LOCAL_OPERATOR,
+        audit: Mapping[str, Any] | None = None,
+    ) -> JobRecord:
+        """Record a new running job (``job_created`` names ``operator``); names are unique
+        forever, so a job's audit entries never mix with an older job's."""
+        _check_name(name, "job")
+        if rounds_total is not None and rounds_total < 1:
+            raise ConfigurationError(f"a job runs at least 1 round, got {rounds_total}")
+        now = time.time()
+        text = canonical_json(spec)
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM jobs WHERE name = ?", (name,)).fetchone():
+                raise AlreadyExists(f"a job named {name!r} exists (job names are never reused)")
+            if db.execute(
+                "SELECT 1 FROM rounds WHERE job = ? AND status = ?", (name, RUNNING)
+            ).fetchone():
+                raise AlreadyExists(f"{name!r} already has a running round (round create)")
+            db.execute(
+                "INSERT INTO jobs (name, spec, created_at, created_by, status, rounds_total) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (name, text, now, operator, RUNNING, rounds_total),
+            )
+            body = {"job": name, "rounds": rounds_total, "operator": operator, **(audit or {})}
+            self._append(db, "job_created", "", body)
+        record = self.job(name)
+        assert record is not None
+        return record
+
+    def end_job(
+        self, name: str, status: str, reason: str = "", *, operator: str = LOCAL_OPERATOR
+    ) -> JobRecord:
+        """Mark a running or paused job ``status`` (``aborted`` or ``finished``), logged as
+        ``job_<status>`` naming ``operator``; a job that already ended is left as it is."""
+        if status not in (ABORTED, FINISHED):
+            raise ConfigurationError(f"a job ends finished or aborted, not {status!r}")
+        with self._tx() as db:
+            row = db.execute("SELECT status FROM jobs WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise NotFound(f"no job {name!r}")
+            if row[0] in (RUNNING, PAUSED):
+                db.execute(
+                    "UPDATE jobs SET status = ?, ended_at = ?, reason = ? WHERE name = ?",
+                    (status, time.time(), reason, name),
+                )
+                body = {"job": name, "reason": reason, "operator": operator}
+                self._append(db, f"job_{status}", "", body)
+        record = self.job(name)
+        assert record is not None
+        return record
+
+    def set_job_status(
+        self, name: str, status: str, *, operator: str = LOCAL_OPERATOR
+    ) -> JobRecord:
+        """Pause a running job or resume a paused one (``job_paused`` / ``job_resumed``)."""
+        if status not in (RUNNING, PAUSED):
+            raise ConfigurationError(f"a job is paused or resumed, not set to {status!r}")
+        with self._tx() as db:
+            row = db.execute("SELECT status FROM jobs WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise NotFound(f"no job {name!r}")
+            if row[0] not in (RUNNING, PAUSED):
+                raise AlreadyExists(f"job {name!r} is {row[0]}")
+            if row[0] != status:
+                db.execute("UPDATE jobs SET status = ? WHERE name = ?", (status, name))
+                kind = "job_paused" if status == PAUSED else "job_resumed"
+                self._append(db, kind, "", {"job": name, "operator": operator})
+        record = self.job(name)
+        assert record is not None
+        return record
+
+    _JOB_SQL = (
+        "SELECT j.name, j.spec, j.created_at, j.created_by, j.status, j.rounds_total, "
+        "j.rounds_done, j.next_index, j.ended_at, j.reason, "
+        "(SELECT COUNT(*) FROM rounds r WHERE r.job = j.name AND r.job_index IS NOT NULL "
+        " AND r.status = 'completed'), "
+        "(SELECT COUNT(*) FROM rounds r WHERE r.job = j.name AND r.job_index IS NOT NULL "
+        " AND r.status = 'aborted'), "
+        "(SELECT MAX(r.created_at) FROM rounds r WHERE r.job = j.name "
+        " AND r.job_index IS NOT NULL) "
+        "FROM jobs j"
+    )
+
+    @staticmethod
+    def _job_record(row: Sequence[Any]) -> JobRecord:
+        return JobRecord(
+            name=row[0],
+            spec=json.loads(row[1]),
+            created_at=row[2],
+            created_by=row[3],
+            status=row[4],
+            rounds_total=row[5],
+            rounds_done=row[6],
+            next_index=row[7],
+            ended_at=row[8],
+            reason=row[9],
+            rounds_completed=row[10],
+            rounds_aborted=row[11],
+            last_opened_at=row[12],
+        )
+
+    def job(self, name: str) -> JobRecord | None:
+        rows = self._query(self._JOB_SQL + " WHERE j.name = ?", (name,))
+        return self._job_record(rows[0]) if rows else None
+
+    def jobs(self, status: str | None = None) -> list[JobRecord]:
+        """Every job (or those with ``status``), oldest first."""
+        if status is None:
+            rows = self._query(self._JOB_SQL + " ORDER BY j.created_at, j.name")
+        else:
+            rows = self._query(
+                self._JOB_SQL + " WHERE j.status = ? ORDER BY j.created_at, j.name", (status,)
+            )
+        return [self._job_record(r) for r in rows]
+
+    def rounds(self, job: str | None = None) -> list[RoundRecord]:
+        """Every round (or those labelled ``job``), oldest first, without their members."""
+        sql = (
+            "SELECT round_id, job, status, params, plaintext, deadlines, created_at, ended_at, "
+            "outcome, job_index FROM rounds"
+        )
+        args: tuple[Any, ...] = ()
+        if job is not None:
+            sql += " WHERE job = ?"
+            args = (job,)
+        rows = self._query(sql + " ORDER BY created_at, rowid", args)
+        return [self._round_record(r, ()) for r in rows]
+
+    @staticmethod
+    def _round_record(r: Sequence[Any], members: tuple[Member, ...]) -> RoundRecord:
+        return RoundRecord(
+            bytes(r[0]),
+            r[1],
+            r[2],
+            bytes(r[3]),
+            bool(r[4]),
+            json.loads(r[5]),
+            r[6],
+            r[7],
+            json.loads(r[8]) if r[8] else {},
+            members,
+            r[9],
+        )
+
     def running_job(self, job: str) -> bytes | None:
         rows = self._query(
             "SELECT round_id FROM rounds WHERE job = ? AND status = ?", (job, RUNNING)
@@ -557,7 +790,7 @@ class Store:
     def round(self, round_id: bytes) -> RoundRecord | None:
         rows = self._query(
             "SELECT round_id, job, status, params, plaintext, deadlines, created_at, ended_at, "
-            "outcome FROM rounds WHERE round_id = ?",
+            "outcome, job_index FROM rounds WHERE round_id = ?",
             (round_id,),
         )
         if not rows:
@@ -571,18 +804,7 @@ class Store:
                 (round_id,),
             )
         )
-        return RoundRecord(
-            bytes(r[0]),
-            r[1],
-            r[2],
-            bytes(r[3]),
-            bool(r[4]),
-            json.loads(r[5]),
-            r[6],
-            r[7],
-            json.loads(r[8]) if r[8] else {},
-            members,
-        )
+        return self._round_record(r, members)
 
 
 def _check_name(name: str, what: str) -> None:

@@ -347,6 +347,11 @@ class RoundStatus(_message.Message):
     STAGE_SECONDS_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
     INSECURE_PLAINTEXT_FIELD_NUMBER: _builtins.int
+    IN_JOB_FIELD_NUMBER: _builtins.int
+    JOB_INDEX_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    OPENED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
     round_id: _builtins.bytes
     job: _builtins.str
     status: _builtins.str
@@ -359,6 +364,16 @@ class RoundStatus(_message.Message):
     """SHA-256 of the published aggregate (hex), as written to the audit log."""
     params: _builtins.bytes
     insecure_plaintext: _builtins.bool
+    in_job: _builtins.bool
+    """The round's place in its job: `in_job` is false for a round made by CreateRound."""
+    job_index: _builtins.int
+    mode: _builtins.str
+    """"masked", "hybrid", "ckks" or "plaintext"."""
+    opened_at: _builtins.float
+    """Unix seconds: when the round opened (its first stage's deadline counts from here) and
+    when it ended (0 while it runs).
+    """
+    finished_at: _builtins.float
     @_builtins.property
     def directory(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.DirectoryEntry]: ...
     @_builtins.property
@@ -383,11 +398,252 @@ class RoundStatus(_message.Message):
         stage_seconds: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         params: _builtins.bytes = ...,
         insecure_plaintext: _builtins.bool = ...,
+        in_job: _builtins.bool = ...,
+        job_index: _builtins.int = ...,
+        mode: _builtins.str = ...,
+        opened_at: _builtins.float = ...,
+        finished_at: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort_reason", b"abort_reason", "abort_stage", b"abort_stage", "aggregate_sha256", b"aggregate_sha256", "contributors", b"contributors", "directory", b"directory", "dropouts", b"dropouts", "insecure_plaintext", b"insecure_plaintext", "job", b"job", "params", b"params", "round_id", b"round_id", "stage", b"stage", "stage_seconds", b"stage_seconds", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort_reason", b"abort_reason", "abort_stage", b"abort_stage", "aggregate_sha256", b"aggregate_sha256", "contributors", b"contributors", "directory", b"directory", "dropouts", b"dropouts", "finished_at", b"finished_at", "in_job", b"in_job", "insecure_plaintext", b"insecure_plaintext", "job", b"job", "job_index", b"job_index", "mode", b"mode", "opened_at", b"opened_at", "params", b"params", "round_id", b"round_id", "stage", b"stage", "stage_seconds", b"stage_seconds", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RoundStatus: _TypeAlias = RoundStatus  # noqa: Y015
+
+@_typing.final
+class CreateJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    ROUNDS_FIELD_NUMBER: _builtins.int
+    EVERY_FIELD_NUMBER: _builtins.int
+    DP_JSON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The job's name: unique in the store, forever (a finished job's name is not reused)."""
+    rounds: _builtins.int
+    """Rounds to run; 0 = until aborted."""
+    every: _builtins.float
+    """Seconds between round openings; 0 = the next round opens as soon as the previous one
+    ended.
+    """
+    dp_json: _builtins.str
+    """Differential-privacy settings as JSON, carried opaquely to each round (empty: none)."""
+    @_builtins.property
+    def round(self) -> Global___CreateRoundRequest:
+        """The shape of every round (participants, dim, mode, layout, deadlines...); its `job`
+        field is ignored (the rounds belong to `name`).
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        round: Global___CreateRoundRequest | None = ...,
+        rounds: _builtins.int = ...,
+        every: _builtins.float = ...,
+        dp_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["round", b"round"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dp_json", b"dp_json", "every", b"every", "name", b"name", "round", b"round", "rounds", b"rounds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateJobRequest: _TypeAlias = CreateJobRequest  # noqa: Y015
+
+@_typing.final
+class JobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobRequest: _TypeAlias = JobRequest  # noqa: Y015
+
+@_typing.final
+class ListJobsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobsRequest: _TypeAlias = ListJobsRequest  # noqa: Y015
+
+@_typing.final
+class ListJobsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobStatus]: ...
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[Global___JobStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobsResponse: _TypeAlias = ListJobsResponse  # noqa: Y015
+
+@_typing.final
+class AbortJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortJobRequest: _TypeAlias = AbortJobRequest  # noqa: Y015
+
+@_typing.final
+class ListRoundsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    job: _builtins.str
+    """Empty: every round; else the rounds labelled with this job (CreateRound's job label
+    included).
+    """
+    def __init__(
+        self,
+        *,
+        job: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRoundsRequest: _TypeAlias = ListRoundsRequest  # noqa: Y015
+
+@_typing.final
+class ListRoundsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUNDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rounds(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoundStatus]: ...
+    def __init__(
+        self,
+        *,
+        rounds: _abc.Iterable[Global___RoundStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rounds", b"rounds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRoundsResponse: _TypeAlias = ListRoundsResponse  # noqa: Y015
+
+@_typing.final
+class JobStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    ROUNDS_TOTAL_FIELD_NUMBER: _builtins.int
+    ROUNDS_DONE_FIELD_NUMBER: _builtins.int
+    ROUNDS_COMPLETED_FIELD_NUMBER: _builtins.int
+    ROUNDS_ABORTED_FIELD_NUMBER: _builtins.int
+    NEXT_INDEX_FIELD_NUMBER: _builtins.int
+    CURRENT_ROUND_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
+    ENDED_AT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    EVERY_FIELD_NUMBER: _builtins.int
+    PARTICIPANTS_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    DIM_FIELD_NUMBER: _builtins.int
+    SPEC_JSON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    status: _builtins.str
+    """"running", "finished", "aborted" or "paused"."""
+    rounds_total: _builtins.int
+    """0 = unbounded (until aborted)."""
+    rounds_done: _builtins.int
+    """Rounds that ended (completed or aborted)."""
+    rounds_completed: _builtins.int
+    rounds_aborted: _builtins.int
+    next_index: _builtins.int
+    """Index the next round will get (rounds are numbered from 0)."""
+    current_round: _builtins.bytes
+    """The running round (empty when none is open)."""
+    created_at: _builtins.float
+    created_by: _builtins.str
+    """The operator who created the job."""
+    ended_at: _builtins.float
+    reason: _builtins.str
+    """Why the job was aborted."""
+    every: _builtins.float
+    mode: _builtins.str
+    dim: _builtins.int
+    spec_json: _builtins.str
+    """The stored spec (JSON; the CKKS context as its SHA-256 only)."""
+    @_builtins.property
+    def participants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        status: _builtins.str = ...,
+        rounds_total: _builtins.int = ...,
+        rounds_done: _builtins.int = ...,
+        rounds_completed: _builtins.int = ...,
+        rounds_aborted: _builtins.int = ...,
+        next_index: _builtins.int = ...,
+        current_round: _builtins.bytes = ...,
+        created_at: _builtins.float = ...,
+        created_by: _builtins.str = ...,
+        ended_at: _builtins.float = ...,
+        reason: _builtins.str = ...,
+        every: _builtins.float = ...,
+        participants: _abc.Iterable[_builtins.str] | None = ...,
+        mode: _builtins.str = ...,
+        dim: _builtins.int = ...,
+        spec_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "created_by", b"created_by", "current_round", b"current_round", "dim", b"dim", "ended_at", b"ended_at", "every", b"every", "mode", b"mode", "name", b"name", "next_index", b"next_index", "participants", b"participants", "reason", b"reason", "rounds_aborted", b"rounds_aborted", "rounds_completed", b"rounds_completed", "rounds_done", b"rounds_done", "rounds_total", b"rounds_total", "spec_json", b"spec_json", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobStatus: _TypeAlias = JobStatus  # noqa: Y015

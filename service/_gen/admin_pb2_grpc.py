@@ -74,6 +74,31 @@ class AdminStub(object):
                 request_serializer=secagg_dot_v1_dot_admin__pb2.RotateKeyRequest.SerializeToString,
                 response_deserializer=secagg_dot_v1_dot_admin__pb2.Participant.FromString,
                 _registered_method=True)
+        self.CreateJob = channel.unary_unary(
+                '/secagg.v1.Admin/CreateJob',
+                request_serializer=secagg_dot_v1_dot_admin__pb2.CreateJobRequest.SerializeToString,
+                response_deserializer=secagg_dot_v1_dot_admin__pb2.JobStatus.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/secagg.v1.Admin/GetJob',
+                request_serializer=secagg_dot_v1_dot_admin__pb2.JobRequest.SerializeToString,
+                response_deserializer=secagg_dot_v1_dot_admin__pb2.JobStatus.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/secagg.v1.Admin/ListJobs',
+                request_serializer=secagg_dot_v1_dot_admin__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=secagg_dot_v1_dot_admin__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.AbortJob = channel.unary_unary(
+                '/secagg.v1.Admin/AbortJob',
+                request_serializer=secagg_dot_v1_dot_admin__pb2.AbortJobRequest.SerializeToString,
+                response_deserializer=secagg_dot_v1_dot_admin__pb2.JobStatus.FromString,
+                _registered_method=True)
+        self.ListRounds = channel.unary_unary(
+                '/secagg.v1.Admin/ListRounds',
+                request_serializer=secagg_dot_v1_dot_admin__pb2.ListRoundsRequest.SerializeToString,
+                response_deserializer=secagg_dot_v1_dot_admin__pb2.ListRoundsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer(object):
@@ -131,6 +156,42 @@ class AdminServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateJob(self, request, context):
+        """Jobs: a fixed federation (participants, mode, layout, policy) whose rounds the server
+        opens one after another (or every `every` seconds) without an operator creating each.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortJob(self, request, context):
+        """Abort a job: its running round is aborted and no further round opens. A job that has
+        already ended is left as it is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRounds(self, request, context):
+        """Rounds the store knows, newest last (all, or those of one job). Entries carry no
+        directory and no params: GetRoundStatus has them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -173,6 +234,31 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RotateKey,
                     request_deserializer=secagg_dot_v1_dot_admin__pb2.RotateKeyRequest.FromString,
                     response_serializer=secagg_dot_v1_dot_admin__pb2.Participant.SerializeToString,
+            ),
+            'CreateJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateJob,
+                    request_deserializer=secagg_dot_v1_dot_admin__pb2.CreateJobRequest.FromString,
+                    response_serializer=secagg_dot_v1_dot_admin__pb2.JobStatus.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=secagg_dot_v1_dot_admin__pb2.JobRequest.FromString,
+                    response_serializer=secagg_dot_v1_dot_admin__pb2.JobStatus.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=secagg_dot_v1_dot_admin__pb2.ListJobsRequest.FromString,
+                    response_serializer=secagg_dot_v1_dot_admin__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'AbortJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortJob,
+                    request_deserializer=secagg_dot_v1_dot_admin__pb2.AbortJobRequest.FromString,
+                    response_serializer=secagg_dot_v1_dot_admin__pb2.JobStatus.SerializeToString,
+            ),
+            'ListRounds': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRounds,
+                    request_deserializer=secagg_dot_v1_dot_admin__pb2.ListRoundsRequest.FromString,
+                    response_serializer=secagg_dot_v1_dot_admin__pb2.ListRoundsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -391,6 +477,141 @@ class Admin(object):
             '/secagg.v1.Admin/RotateKey',
             secagg_dot_v1_dot_admin__pb2.RotateKeyRequest.SerializeToString,
             secagg_dot_v1_dot_admin__pb2.Participant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secagg.v1.Admin/CreateJob',
+            secagg_dot_v1_dot_admin__pb2.CreateJobRequest.SerializeToString,
+            secagg_dot_v1_dot_admin__pb2.JobStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secagg.v1.Admin/GetJob',
+            secagg_dot_v1_dot_admin__pb2.JobRequest.SerializeToString,
+            secagg_dot_v1_dot_admin__pb2.JobStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secagg.v1.Admin/ListJobs',
+            secagg_dot_v1_dot_admin__pb2.ListJobsRequest.SerializeToString,
+            secagg_dot_v1_dot_admin__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secagg.v1.Admin/AbortJob',
+            secagg_dot_v1_dot_admin__pb2.AbortJobRequest.SerializeToString,
+            secagg_dot_v1_dot_admin__pb2.JobStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRounds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secagg.v1.Admin/ListRounds',
+            secagg_dot_v1_dot_admin__pb2.ListRoundsRequest.SerializeToString,
+            secagg_dot_v1_dot_admin__pb2.ListRoundsResponse.FromString,
             options,
             channel_credentials,
             insecure,

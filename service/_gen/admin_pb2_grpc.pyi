@@ -49,6 +49,20 @@ class AdminStub:
     """Give an enrolled participant a new identity key under the same name (a revoked one is
     reinstated); a participant with a signed entry needs one for the new key.
     """
+    CreateJob: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateJobRequest, _admin_pb2.JobStatus]
+    """Jobs: a fixed federation (participants, mode, layout, policy) whose rounds the server
+    opens one after another (or every `every` seconds) without an operator creating each.
+    """
+    GetJob: _grpc.UnaryUnaryMultiCallable[_admin_pb2.JobRequest, _admin_pb2.JobStatus]
+    ListJobs: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListJobsRequest, _admin_pb2.ListJobsResponse]
+    AbortJob: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AbortJobRequest, _admin_pb2.JobStatus]
+    """Abort a job: its running round is aborted and no further round opens. A job that has
+    already ended is left as it is.
+    """
+    ListRounds: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListRoundsRequest, _admin_pb2.ListRoundsResponse]
+    """Rounds the store knows, newest last (all, or those of one job). Entries carry no
+    directory and no params: GetRoundStatus has them.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -66,6 +80,20 @@ class AdminAsyncStub(AdminStub):
     RotateKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.RotateKeyRequest, _admin_pb2.Participant]  # type: ignore[assignment]
     """Give an enrolled participant a new identity key under the same name (a revoked one is
     reinstated); a participant with a signed entry needs one for the new key.
+    """
+    CreateJob: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateJobRequest, _admin_pb2.JobStatus]  # type: ignore[assignment]
+    """Jobs: a fixed federation (participants, mode, layout, policy) whose rounds the server
+    opens one after another (or every `every` seconds) without an operator creating each.
+    """
+    GetJob: _aio.UnaryUnaryMultiCallable[_admin_pb2.JobRequest, _admin_pb2.JobStatus]  # type: ignore[assignment]
+    ListJobs: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListJobsRequest, _admin_pb2.ListJobsResponse]  # type: ignore[assignment]
+    AbortJob: _aio.UnaryUnaryMultiCallable[_admin_pb2.AbortJobRequest, _admin_pb2.JobStatus]  # type: ignore[assignment]
+    """Abort a job: its running round is aborted and no further round opens. A job that has
+    already ended is left as it is.
+    """
+    ListRounds: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListRoundsRequest, _admin_pb2.ListRoundsResponse]  # type: ignore[assignment]
+    """Rounds the store knows, newest last (all, or those of one job). Entries carry no
+    directory and no params: GetRoundStatus has them.
     """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
@@ -129,6 +157,50 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.Participant, _abc.Awaitable[_admin_pb2.Participant]]:
         """Give an enrolled participant a new identity key under the same name (a revoked one is
         reinstated); a participant with a signed entry needs one for the new key.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateJob(
+        self,
+        request: _admin_pb2.CreateJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.JobStatus, _abc.Awaitable[_admin_pb2.JobStatus]]:
+        """Jobs: a fixed federation (participants, mode, layout, policy) whose rounds the server
+        opens one after another (or every `every` seconds) without an operator creating each.
+        """
+
+    @_abc_1.abstractmethod
+    def GetJob(
+        self,
+        request: _admin_pb2.JobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.JobStatus, _abc.Awaitable[_admin_pb2.JobStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def ListJobs(
+        self,
+        request: _admin_pb2.ListJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListJobsResponse, _abc.Awaitable[_admin_pb2.ListJobsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def AbortJob(
+        self,
+        request: _admin_pb2.AbortJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.JobStatus, _abc.Awaitable[_admin_pb2.JobStatus]]:
+        """Abort a job: its running round is aborted and no further round opens. A job that has
+        already ended is left as it is.
+        """
+
+    @_abc_1.abstractmethod
+    def ListRounds(
+        self,
+        request: _admin_pb2.ListRoundsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListRoundsResponse, _abc.Awaitable[_admin_pb2.ListRoundsResponse]]:
+        """Rounds the store knows, newest last (all, or those of one job). Entries carry no
+        directory and no params: GetRoundStatus has them.
         """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

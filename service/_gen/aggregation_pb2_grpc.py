@@ -44,6 +44,11 @@ class AggregationStub(object):
                 request_serializer=secagg_dot_v1_dot_aggregation__pb2.ClientFrame.SerializeToString,
                 response_deserializer=secagg_dot_v1_dot_aggregation__pb2.ServerFrame.FromString,
                 _registered_method=True)
+        self.WatchRounds = channel.unary_stream(
+                '/secagg.v1.Aggregation/WatchRounds',
+                request_serializer=secagg_dot_v1_dot_aggregation__pb2.WatchRoundsRequest.SerializeToString,
+                response_deserializer=secagg_dot_v1_dot_aggregation__pb2.JobEvent.FromString,
+                _registered_method=True)
 
 
 class AggregationServicer(object):
@@ -65,6 +70,15 @@ class AggregationServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchRounds(self, request, context):
+        """The rounds of one job as they open, for a participant of the job (the call is signed
+        with a zero round id). The currently open round comes first; the stream ends with a
+        "finished" or "aborted" event. Clients check every event (docs/service.md, "Jobs").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +91,11 @@ def add_AggregationServicer_to_server(servicer, server):
                     servicer.Session,
                     request_deserializer=secagg_dot_v1_dot_aggregation__pb2.ClientFrame.FromString,
                     response_serializer=secagg_dot_v1_dot_aggregation__pb2.ServerFrame.SerializeToString,
+            ),
+            'WatchRounds': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRounds,
+                    request_deserializer=secagg_dot_v1_dot_aggregation__pb2.WatchRoundsRequest.FromString,
+                    response_serializer=secagg_dot_v1_dot_aggregation__pb2.JobEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +152,33 @@ class Aggregation(object):
             '/secagg.v1.Aggregation/Session',
             secagg_dot_v1_dot_aggregation__pb2.ClientFrame.SerializeToString,
             secagg_dot_v1_dot_aggregation__pb2.ServerFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRounds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/secagg.v1.Aggregation/WatchRounds',
+            secagg_dot_v1_dot_aggregation__pb2.WatchRoundsRequest.SerializeToString,
+            secagg_dot_v1_dot_aggregation__pb2.JobEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,11 @@ class AggregationStub:
     as chunks; the server acknowledges each message and streams its own messages back.
     A broken session is resumed by opening a new one (Hello.resume_from).
     """
+    WatchRounds: _grpc.UnaryStreamMultiCallable[_aggregation_pb2.WatchRoundsRequest, _aggregation_pb2.JobEvent]
+    """The rounds of one job as they open, for a participant of the job (the call is signed
+    with a zero round id). The currently open round comes first; the stream ends with a
+    "finished" or "aborted" event. Clients check every event (docs/service.md, "Jobs").
+    """
 
 @_typing.type_check_only
 class AggregationAsyncStub(AggregationStub):
@@ -53,6 +58,11 @@ class AggregationAsyncStub(AggregationStub):
     """One participant's protocol session. The client sends Hello, then its protocol messages
     as chunks; the server acknowledges each message and streams its own messages back.
     A broken session is resumed by opening a new one (Hello.resume_from).
+    """
+    WatchRounds: _aio.UnaryStreamMultiCallable[_aggregation_pb2.WatchRoundsRequest, _aggregation_pb2.JobEvent]  # type: ignore[assignment]
+    """The rounds of one job as they open, for a participant of the job (the call is signed
+    with a zero round id). The currently open round comes first; the stream ends with a
+    "finished" or "aborted" event. Clients check every event (docs/service.md, "Jobs").
     """
 
 class AggregationServicer(metaclass=_abc_1.ABCMeta):
@@ -73,6 +83,17 @@ class AggregationServicer(metaclass=_abc_1.ABCMeta):
         """One participant's protocol session. The client sends Hello, then its protocol messages
         as chunks; the server acknowledges each message and streams its own messages back.
         A broken session is resumed by opening a new one (Hello.resume_from).
+        """
+
+    @_abc_1.abstractmethod
+    def WatchRounds(
+        self,
+        request: _aggregation_pb2.WatchRoundsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_aggregation_pb2.JobEvent], _abc.AsyncIterator[_aggregation_pb2.JobEvent]]:
+        """The rounds of one job as they open, for a participant of the job (the call is signed
+        with a zero round id). The currently open round comes first; the stream ends with a
+        "finished" or "aborted" event. Clients check every event (docs/service.md, "Jobs").
         """
 
 def add_AggregationServicer_to_server(servicer: AggregationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

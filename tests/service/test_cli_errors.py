@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,7 @@ from secagg.service.errors import (
     EXIT_CODES,
     EXIT_CONFIG,
     EXIT_DENIED,
+    EXIT_ERROR,
     EXIT_LOCKED,
     EXIT_NOT_FOUND,
     EXIT_UNAVAILABLE,
@@ -41,6 +42,7 @@ class World:
     mtls: ServeProc  # mutual-TLS server
     round_id: str = ""
     busy_port: int = 0
+    names: list[str] = field(default_factory=list)
 
     @property
     def plain_target(self) -> str:
@@ -414,6 +416,130 @@ CASES: list[tuple[str, Case, int, str]] = [
         "cannot read CA certificate missing-ca.pem",
     ),
     (
+        "job status of an unknown job",
+        lambda w: (["job", "status", "nope", "--server", w.plain_target], _token_env()),
+        EXIT_NOT_FOUND,
+        "no job 'nope'",
+    ),
+    (
+        "job abort of an unknown job",
+        lambda w: (["job", "abort", "nope", "--server", w.plain_target], _token_env()),
+        EXIT_NOT_FOUND,
+        "no job 'nope'",
+    ),
+    (
+        "job create --rounds 0",
+        lambda w: (
+            ["job", "create", "j", "--participants", "a", "--dim", "4", "--rounds", "0"],
+            _token_env(),
+        ),
+        EXIT_CONFIG,
+        "--rounds: must be a whole number >= 1, got '0'",
+    ),
+    (
+        "job create --every abc",
+        lambda w: (
+            ["job", "create", "j", "--participants", "a", "--dim", "4", "--every", "abc"],
+            _token_env(),
+        ),
+        EXIT_CONFIG,
+        "--every: must be a number of seconds > 0, got 'abc'",
+    ),
+    (
+        "job create without a name",
+        lambda w: (
+            ["job", "create", "--participants", "a", "--dim", "4", "--server", w.plain_target],
+            _token_env(),
+        ),
+        EXIT_CONFIG,
+        "a job name is required",
+    ),
+    (
+        "job create without --participants",
+        lambda w: (["job", "create", "j", "--dim", "4", "--server", w.plain_target], _token_env()),
+        EXIT_CONFIG,
+        "--participants is required",
+    ),
+    (
+        "job create --dp that is not JSON",
+        lambda w: (
+            ["job", "create", "j", "--participants", "a", "--dim", "4", "--dp", "eps=1"],
+            _token_env(),
+        ),
+        EXIT_CONFIG,
+        "--dp must be a JSON object",
+    ),
+    (
+        "job create of unknown participants",
+        lambda w: (
+            [
+                "job",
+                "create",
+                "j",
+                "--participants",
+                "ghost-1,ghost-2,ghost-3",
+                "--dim",
+                "4",
+                "--server",
+                w.plain_target,
+            ],
+            _token_env(),
+        ),
+        EXIT_NOT_FOUND,
+        "participant 'ghost-1' is not enrolled",
+    ),
+    (
+        "job create with a name in use",
+        lambda w: (
+            [
+                "job",
+                "create",
+                "dup-job",
+                "--participants",
+                ",".join(w.names),
+                "--dim",
+                "4",
+                "--server",
+                w.plain_target,
+            ],
+            _token_env(),
+        ),
+        EXIT_ERROR,
+        "AlreadyExists: a job named 'dup-job' exists (job names are never reused)",
+    ),
+    (
+        "round create in a job's name",
+        lambda w: (
+            [
+                "round",
+                "create",
+                "--job",
+                "dup-job",
+                "--participants",
+                ",".join(w.names),
+                "--dim",
+                "4",
+                "--server",
+                w.plain_target,
+            ],
+            _token_env(),
+        ),
+        EXIT_ERROR,
+        "'dup-job' is a job (secagg job create): the server opens its rounds",
+    ),
+    (
+        "serve --kit of a directory that is no kit",
+        lambda w: (["serve", "--kit", "no-such-kit"], None),
+        EXIT_CONFIG,
+        "no-such-kit/kit.toml: cannot read the kit manifest",
+    ),
+    (
+        "serve --kit with --config",
+        lambda w: (["serve", "--kit", "no-such-kit", "--config", "server.toml"], None),
+        EXIT_CONFIG,
+        "give --kit or --config, not both",
+    ),
+    (
         "round abort succeeds",
         lambda w: (
             ["round", "abort", w.round_id, "--reason", "test", "--server", w.plain_target],
@@ -432,6 +558,8 @@ def test_mistake_is_one_line(world: World, what: str, case: Case, code: int, mes
     world.busy_port = port
     if what == "round abort succeeds":
         world.round_id = _create_round(world)
+    if what in ("job create with a name in use", "round create in a job's name"):
+        world.names = _job(world, "dup-job")
     try:
         args, env = case(world)
         t0 = time.monotonic()
@@ -484,6 +612,81 @@ def _create_round(w: World) -> str:
     )
     assert made.returncode == 0, made.stderr
     return str(json.loads(made.stdout)["round_id"])
+
+
+def _enroll(w: World, prefix: str, n: int = 3) -> list[str]:
+    env, remote = _token_env(), ["--server", w.plain_target]
+    names = []
+    for i in range(n):
+        name = f"{prefix}-{i}-{time.monotonic_ns()}"
+        key = IdentityKey().public.hex()
+        done = run_cli(["enroll", name, "--public-key", key, *remote], cwd=w.root, env=env)
+        assert done.returncode == 0, done.stderr
+        names.append(name)
+    return names
+
+
+def _job(w: World, name: str) -> list[str]:
+    """Job ``name`` on the plain server (made once; its participants never come)."""
+    import json
+
+    env, remote = _token_env(), ["--server", w.plain_target]
+    known = run_cli(["job", "status", name, *remote], cwd=w.root, env=env)
+    if known.returncode == 0:
+        return list(json.loads(known.stdout)["participants"])
+    names = _enroll(w, name)
+    made = run_cli(
+        ["job", "create", name, "--participants", ",".join(names), "--dim", "4", *remote],
+        cwd=w.root,
+        env=env,
+    )
+    assert made.returncode == 0, made.stderr
+    return names
+
+
+def test_job_commands(world: World) -> None:
+    """``job create|status|list|abort`` and ``round list`` print JSON; the status of an
+    aborted job exits 3, like ``round status`` of an aborted round."""
+    import json
+
+    env, remote = _token_env(), ["--server", world.plain_target]
+    names = _enroll(world, "cli-job")
+    create = [
+        "job", "create", "cli-job", "--participants", ",".join(names), "--dim", "4",
+        "--rounds", "5", "--every", "3600", "--stage-timeout", "60", "--dp", '{"epsilon": 1}',
+    ]  # fmt: skip
+    made = run_cli([*create, *remote], cwd=world.root, env=env)
+    assert made.returncode == 0, made.stderr
+    job = json.loads(made.stdout)
+    assert (job["name"], job["status"], job["rounds_total"], job["every"]) == (
+        "cli-job", "running", 5, 3600.0,
+    )  # fmt: skip
+    assert job["participants"] == names and job["created_by"] == "admin-token"
+    listed = run_cli(["job", "list", *remote], cwd=world.root, env=env)
+    assert "cli-job" in [j["name"] for j in json.loads(listed.stdout)]
+    deadline = time.monotonic() + 20
+    rounds: list[dict[str, object]] = []
+    while not rounds and time.monotonic() < deadline:
+        out = run_cli(["round", "list", "--job", "cli-job", *remote], cwd=world.root, env=env)
+        assert out.returncode == 0, out.stderr
+        rounds = json.loads(out.stdout)
+    assert len(rounds) == 1
+    assert {k: rounds[0][k] for k in ("job", "index", "mode", "status", "survivors")} == {
+        "job": "cli-job", "index": 0, "mode": "masked", "status": "running", "survivors": 0,
+    }  # fmt: skip
+    assert set(rounds[0]) == {
+        "round_id", "job", "index", "mode", "status", "stage", "opened_at", "finished_at",
+        "survivors",
+    }  # fmt: skip
+    aborted = run_cli(
+        ["job", "abort", "cli-job", "--reason", "done testing", *remote], cwd=world.root, env=env
+    )
+    assert aborted.returncode == 0, aborted.stderr
+    assert json.loads(aborted.stdout)["status"] == "aborted"
+    status = run_cli(["job", "status", "cli-job", "--wait", *remote], cwd=world.root, env=env)
+    assert status.returncode == 3 and json.loads(status.stdout)["reason"] == "done testing"
+    out = run_cli(["round", "list", "--job", "cli-job", *remote], cwd=world.root, env=env)
+    assert [r["status"] for r in json.loads(out.stdout)] == ["aborted"]
 
 
 def test_every_exit_code_is_documented() -> None:

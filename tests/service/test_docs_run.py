@@ -4,10 +4,12 @@ docs/service.md, executed as written on loopback.
 The only substitutions (documented in the README and in docs/service.md): the variables
 ``LISTEN``, ``SERVER``, ``STATE``, ``PKI`` and ``SITES`` are set in the environment (a free
 port, temporary directories, a throwaway CA from :mod:`.pki`), bash runs the blocks with
-``set -euo pipefail``, and the sites' snippet has its line marked ``# from the job
-scheduler`` replaced by the site's name, the server and the round id. Before issue 12 the
-README's commands failed (``round create`` without ``--server`` raised ``AttributeError``;
-``enroll`` wrote ``./secagg.db``; the hybrid round needed unwritten keygen flags).
+``set -euo pipefail``, and the sites' snippet has its line marked ``# from the site's kit``
+replaced by the site's name and the server. Before issue 12 the README's commands failed
+(``round create`` without ``--server`` raised ``AttributeError``; ``enroll`` wrote
+``./secagg.db``; the hybrid round needed unwritten keygen flags), and an operator had to
+create each round and hand its id to every site: now a job of two rounds runs as written,
+its sites driven by the SDK loop ``for round_id in client.rounds("fed")``.
 """
 
 from __future__ import annotations
@@ -43,15 +45,16 @@ def block(doc: Path, marker: str) -> str:
 SITE_RUNNER = """
 import os, sys, threading
 snippet = open(sys.argv[1]).read()
-line = next(x for x in snippet.splitlines() if x.endswith("# from the job scheduler"))
+line = next(x for x in snippet.splitlines() if x.endswith("# from the site's kit"))
 errors = []
 
 def site(i):
-    code = snippet.replace(line, "site, server, round_id = SITE, SERVER, ROUND")
-    scope = {"SITE": f"site-{i}", "SERVER": os.environ["SERVER"], "ROUND": os.environ["ROUND"]}
+    code = snippet.replace(line, "site, server = SITE, SERVER")
+    scope = {"SITE": f"site-{i}", "SERVER": os.environ["SERVER"]}
     try:
         exec(compile(code, "docs/service.md", "exec"), scope)
         assert abs(float(scope["result"].mean[0]) - 0.25) < 1e-3, scope["result"].mean[:3]
+        print(f"site-{i}: last round {scope['round_id']}", file=sys.stderr)
     except BaseException as exc:
         errors.append(f"site-{i}: {type(exc).__name__}: {exc}")
 
@@ -82,7 +85,7 @@ def test_readme_deployment_runs_as_written(tmp_path: Path) -> None:
             "set -euo pipefail",
             block(ROOT / "README.md", "deployment"),
             'echo "SERVE_PID=$SERVE_PID"',
-            f'ROUND="$ROUND" "{sys.executable}" sites.py site_snippet.py',
+            f'"{sys.executable}" sites.py site_snippet.py',
             block(ROOT / "README.md", "deployment-end"),
         ]
     )
@@ -105,16 +108,29 @@ def test_readme_deployment_runs_as_written(tmp_path: Path) -> None:
     stdout, stderr = out.read_text(), err.read_text()
     assert rc == 0, f"stdout:\n{stdout}\nstderr:\n{stderr}"
     assert "Traceback" not in stderr
-    statuses = [json.loads(x) for x in stdout.splitlines() if x.startswith('{"round_id"')]
-    assert statuses[0]["status"] == "running" and len(statuses[0]["participants"]) == SITES
-    assert statuses[-1]["status"] == "completed", statuses[-1]
-    assert len(statuses[-1]["contributors"]) == SITES
+    jobs = [json.loads(x) for x in stdout.splitlines() if x.startswith('{"name": "fed"')]
+    assert jobs[0]["status"] == "running" and jobs[0]["participants"] == [
+        f"site-{i}" for i in range(1, SITES + 1)
+    ]
+    assert (jobs[-1]["status"], jobs[-1]["rounds_done"], jobs[-1]["rounds_completed"]) == (
+        "finished",
+        2,
+        2,
+    ), jobs[-1]
+    listed = json.loads(next(x for x in stdout.splitlines() if x.startswith("[")))
+    assert [(r["index"], r["status"], r["survivors"]) for r in listed] == [
+        (0, "completed", SITES),
+        (1, "completed", SITES),
+    ]
+    # every site ran both rounds through client.rounds and ended on the last one
+    assert stderr.count(f"last round {listed[1]['round_id']}") == SITES, stderr
     assert "audit chain OK" in stderr and "round_completed" in stdout
     # The server's log is one JSON stream, and every rpc line names its caller.
     records = [json.loads(x) for x in (state / "secagg.log").read_text().splitlines()]
     rpcs = [r for r in records if r["msg"] == "rpc"]
     assert rpcs and all(r["caller"] for r in rpcs)
     assert {r["caller"] for r in rpcs} >= {"admin", *(f"site-{i}" for i in range(1, SITES + 1))}
+    assert any(r["method"].endswith("/WatchRounds") for r in rpcs)
     assert any(r["msg"] == "serving" and r["admin_api"] for r in records)
 
 
