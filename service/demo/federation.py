@@ -203,14 +203,13 @@ class Deployment:
         )
 
     def _start_server(self, kits: Kits) -> None:
-        """``secagg serve --config server.toml`` in the server kit (the kit's listen address;
-        JSON log to ``out/server.log``)."""
+        """``secagg serve --kit kits/server`` (the kit's listen address; JSON log to
+        ``out/server.log``)."""
         log_path = self.out / "server.log"
-        args = ["serve", "--config", "server.toml", "--log-format", "json"]
+        args = ["serve", "--kit", str(kits.server), "--log-format", "json"]
         with open(log_path, "wb") as log_file:
             self._server = subprocess.Popen(  # noqa: S603 -- our own interpreter and CLI
                 [*secagg_command(*args), "--shutdown-grace", "2"],
-                cwd=kits.server,
                 env={k: v for k, v in os.environ.items() if k != "SECAGG_ADMIN_TOKEN"},
                 stdout=subprocess.DEVNULL,
                 stderr=log_file,
@@ -218,7 +217,7 @@ class Deployment:
         port = self._wait_for_port(log_path)
         self.target = f"localhost:{port}"
         self.log(
-            f"(cd {kits.server} && secagg {' '.join(args)}): listening on {self.target} "
+            f"secagg {' '.join(args)}: listening on {self.target} "
             f"(mutual TLS), store {self.store_path}"
         )
 
@@ -307,6 +306,19 @@ class Deployment:
         admin = self.admin
         assert admin is not None
         server_job = self.server_jobs and not warmup
+        if server_job:  # the job exists before any site asks for its rounds
+            from secagg.service.coordinator import JobSpec
+
+            admin.create_job(
+                JobSpec(
+                    name=job,
+                    participants=self.names,
+                    dim=task.dim,
+                    mode=mode,
+                    rounds=rounds,
+                    **spec,
+                )
+            )
         for i, (_, conn) in enumerate(self._sites):
             ipc.send(
                 conn,
@@ -322,7 +334,7 @@ class Deployment:
                 },
             )
         if server_job:
-            yield from self._server_job(task, mode, job, spec, rounds)
+            yield from self._server_job(job, rounds)
             return
         try:
             for _ in range(rounds):
@@ -338,30 +350,24 @@ class Deployment:
                 with contextlib.suppress(OSError):
                     ipc.send(conn, {"end": True})
 
-    def _server_job(
-        self, task: Task, mode: str, job: str, spec: Mapping[str, Any], rounds: int
-    ) -> Iterator[tuple[str, list[dict[str, Any]], Any]]:
+    def _server_job(self, job: str, rounds: int) -> Iterator[tuple[str, list[dict[str, Any]], Any]]:
         """The jobs API: the server opens the rounds; the sites follow ``Client.rounds``."""
-        from secagg.service import jobs  # type: ignore[attr-defined,unused-ignore]
-
-        admin: Any = self.admin
-        admin.create_job(
-            jobs.JobSpec(
-                job=job,
-                participants=self.names,
-                dim=task.dim,
-                mode=mode,
-                rounds=rounds,
-                **spec,
-            )
-        )
-        for _ in range(rounds):
-            replies = [self._recv(p, c) for p, c in self._sites]
-            rid = str(replies[0]["round_id"])
-            if any(str(r["round_id"]) != rid for r in replies):
-                raise SecAggError(f"{job}: the sites followed different rounds")
-            yield rid, replies, self._final(rid)
-        admin.wait_job(job, timeout=60.0)
+        admin = self.admin
+        assert admin is not None
+        try:
+            for _ in range(rounds):
+                replies = [self._recv(p, c) for p, c in self._sites]
+                rid = str(replies[0]["round_id"])
+                if any(str(r["round_id"]) != rid for r in replies):
+                    raise SecAggError(f"{job}: the sites followed different rounds")
+                yield rid, replies, self._final(rid)
+            status = admin.wait_job(job, timeout=60.0)
+        except BaseException:
+            with contextlib.suppress(SecAggError):
+                admin.abort_job(job, "the demo's coordinator stopped")
+            raise
+        if status.status != "finished":
+            raise SecAggError(f"job {job} ended {status.status}: {status.reason}")
 
     def _collect(self, rid: str) -> tuple[str, list[dict[str, Any]], Any]:
         replies = [self._recv(p, c) for p, c in self._sites]
