@@ -357,8 +357,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "drop_schedule": {"site": names[-1], "rounds": sorted(dropped)},
         "methods": {},
     }
-    methods, plain_state = _baselines(progress, split, train, cfg.seed, cfg.rounds, dropped, dim)
-    summary["methods"] = methods
     tasks = [Task("tabular", split, train, cfg.modes, dim, cfg.bits)]
 
     second: dict[str, Any] | None = None
@@ -395,9 +393,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             "parameters": parameter_count(model2),
             "drop_schedule": {"site": names[-1], "rounds": sorted(dropped2)},
         }
-        second["methods"], plain_state2 = _baselines(
-            progress, split2, train2, cfg.seed, cfg.cnn_rounds, dropped2, dim2, "cnn: "
-        )
         tasks.append(Task("cnn", split2, train2, cfg.cnn_modes, dim2, cfg.bits))
 
     def spec_for(s: Any, deadline: float) -> dict[str, Any]:
@@ -416,6 +411,15 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         }
 
     with Deployment(cfg.out, tasks, cfg.seed, cfg.sites, log=progress.message) as dep:
+        # the site processes start up (imports) while the baselines train here
+        methods, plain_state = _baselines(
+            progress, split, train, cfg.seed, cfg.rounds, dropped, dim
+        )
+        summary["methods"] = methods
+        if second is not None:
+            second["methods"], plain_state2 = _baselines(
+                progress, split2, train2, cfg.seed, cfg.cnn_rounds, dropped2, dim2, "cnn: "
+            )
         _secure_runs(
             progress,
             dep,

@@ -131,6 +131,7 @@ class Deployment:
         self.admin: AdminClient | None = None
         self.target = ""
         self.kits: Kits | None = None
+        self._ready = False
 
     @property
     def store_path(self) -> Path:
@@ -148,6 +149,7 @@ class Deployment:
         self.stop()
 
     def start(self) -> None:
+        """Provision, start the server and launch the sites (see :meth:`wait_ready`)."""
         kits_dir = self.out / "kits"
         if kits_dir.exists():  # a previous run's federation: provisioning never overwrites
             import shutil
@@ -195,8 +197,16 @@ class Deployment:
             child.close()
             ipc.send(parent, setup.to_message())
             self._sites.append((proc, parent))
+        self._ready = False
+
+    def wait_ready(self) -> None:
+        """Wait for every site to have started (imports, its kit checked). :meth:`start`
+        does not wait, so the coordinator can work meanwhile (the demo's baselines)."""
+        if self._ready:
+            return
         for site, conn in self._sites:
             self._recv(site, conn)
+        self._ready = True
         self.log(
             f"{len(self._sites)} site processes ready (each with Client.from_kit); "
             f"jobs: {'run by the server' if self.server_jobs else 'one round created at a time'}"
@@ -422,6 +432,7 @@ class Deployment:
     ) -> ModeRun:
         """Train ``rounds`` secure rounds of a task in ``mode`` as one job, after a warm-up
         round; a mode the server or the SDK refuses is reported as not available."""
+        self.wait_ready()
         task = self.tasks[task_name]
         spec = self._spec(task, mode, base_spec)
         reason = self.probe(task, mode, spec)
