@@ -187,6 +187,17 @@ class AdminClient:
         result: admin_pb2.JobStatus = self._call(self._stub.AbortJob, req, "AbortJob")
         return result
 
+    def pause_job(self, name: str) -> admin_pb2.JobStatus:
+        """Open no further round of ``name`` until :meth:`resume_job`."""
+        req = admin_pb2.JobRequest(name=name)
+        result: admin_pb2.JobStatus = self._call(self._stub.PauseJob, req, "PauseJob")
+        return result
+
+    def resume_job(self, name: str) -> admin_pb2.JobStatus:
+        req = admin_pb2.JobRequest(name=name)
+        result: admin_pb2.JobStatus = self._call(self._stub.ResumeJob, req, "ResumeJob")
+        return result
+
     def rounds(self, job: str | None = None) -> list[admin_pb2.RoundStatus]:
         """Every round the store knows (or those of ``job``), oldest first; entries carry
         no directory or params (:meth:`status` has them)."""

@@ -685,10 +685,11 @@ def _add_job(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "job",
         help="jobs on a running server: rounds the server opens one after another",
         description="create: a job of fixed participants and round shape whose rounds the "
-        "server opens itself (sites follow it with Client.rounds(job)); status, list, abort.",
+        "server opens itself (sites follow it with Client.rounds(job)); status, list, abort, "
+        "pause (the running round ends, no new one opens), resume.",
     )
-    p.add_argument("action", choices=["create", "status", "list", "abort"])
-    p.add_argument("name", nargs="?", help="job name (create, status, abort)")
+    p.add_argument("action", choices=["create", "status", "list", "abort", "pause", "resume"])
+    p.add_argument("name", nargs="?", help="job name (all but list)")
     p.add_argument("--rounds", type=_positive_int, help="rounds to run (default: until aborted)")
     p.add_argument(
         "--every",
@@ -729,6 +730,10 @@ def _run_job(args: argparse.Namespace) -> int:
             st = admin.create_job(spec)
         elif args.action == "abort":
             st = admin.abort_job(name, args.reason)
+        elif args.action == "pause":
+            st = admin.pause_job(name)
+        elif args.action == "resume":
+            st = admin.resume_job(name)
         else:
             st = admin.wait_job(name, args.timeout) if args.wait else admin.job(name)
     print(json.dumps(_job_dict(st)))

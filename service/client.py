@@ -43,7 +43,13 @@ from secagg.params import ROUND_ID_BYTES, Mode
 from secagg.policy import MIN_CONTRIBUTORS, ClientPolicy, check_layout
 from secagg.service._gen import aggregation_pb2, aggregation_pb2_grpc
 from secagg.service.auth import call_metadata
-from secagg.service.errors import JobAborted, JobTimeout, PolicyRefused, from_rpc_error
+from secagg.service.errors import (
+    JobAborted,
+    JobTimeout,
+    PolicyRefused,
+    Unavailable,
+    from_rpc_error,
+)
 from secagg.service.plaintext import PlaintextClient
 from secagg.service.serde import (
     DEFAULT_CHUNK_BYTES,
@@ -405,7 +411,7 @@ class Client:
         skipped), and :meth:`join` later refuses a yielded round that the server then
         describes as another job's; each round's parameters are checked against this
         client's policy at join, as any round's. A dropped stream is reopened, with
-        backoff, for up to ``retry.connect_budget`` seconds without a connection.
+        backoff, for up to ``retry.connect_budget`` seconds of failures in a row.
 
         Parameters
         ----------
@@ -428,11 +434,16 @@ class Client:
         yielded: dict[bytes, int] = {}
         retry = self.retry
         backoff = retry.initial_backoff
-        connected_at = time.monotonic()
+        failing_since: float | None = None
         wait_from = time.monotonic()
         while True:
             remaining = None if timeout is None else wait_from + timeout - time.monotonic()
             if remaining is not None and remaining <= 0:
+                if failing_since is not None:
+                    raise Unavailable(
+                        f"UNAVAILABLE: the server stayed unreachable while waiting {timeout:g} s "
+                        f"for a round of job {job!r}"
+                    )
                 raise JobTimeout(f"no round of job {job!r} opened within {timeout:g} s")
             call = self._stub.WatchRounds(
                 aggregation_pb2.WatchRoundsRequest(job=job),
@@ -441,7 +452,7 @@ class Client:
             )
             try:
                 for ev in call:
-                    connected_at = time.monotonic()
+                    failing_since = None
                     backoff = retry.initial_backoff
                     kind = _job_event_kind(ev, job)
                     if kind == "finished":
@@ -475,7 +486,9 @@ class Client:
                 raise tls_err from None
             if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
                 continue  # the loop's check raises JobTimeout
-            down = time.monotonic() - connected_at
+            if failing_since is None:
+                failing_since = time.monotonic()
+            down = time.monotonic() - failing_since
             if err.code() not in TRANSIENT or down + backoff > retry.connect_budget:
                 raise from_rpc_error(err) from None
             time.sleep(backoff)

@@ -265,9 +265,8 @@ class Coordinator:
         async with self._create_lock:
             self._evict()
             members = await loop.run_in_executor(self._pool, self._members, spec.participants)
-            if job_index is None and await loop.run_in_executor(
-                self._pool, self.store.job, spec.job
-            ):
+            job = await loop.run_in_executor(self._pool, self.store.job, spec.job)
+            if job_index is None and job is not None:
                 raise AlreadyExists(
                     f"{spec.job!r} is a job (secagg job create): the server opens its rounds; "
                     "give this round another --job"

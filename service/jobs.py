@@ -142,6 +142,26 @@ class JobScheduler:
         event(log, logging.INFO, "job aborted", job=name, reason=reason, operator=operator)
         return record
 
+    async def pause(self, name: str, *, operator: str) -> JobRecord:
+        """Open no further round of ``name`` until :meth:`resume` (``job_paused``); its
+        running round goes on to its end."""
+        record = await asyncio.to_thread(
+            functools.partial(self._store.set_job_status, name, PAUSED, operator=operator)
+        )
+        self._signal(name).fire()
+        event(log, logging.INFO, "job paused", job=name, operator=operator)
+        return record
+
+    async def resume(self, name: str, *, operator: str) -> JobRecord:
+        """Let a paused job open its next round (``job_resumed``)."""
+        record = await asyncio.to_thread(
+            functools.partial(self._store.set_job_status, name, RUNNING, operator=operator)
+        )
+        self._start(name)
+        self._signal(name).fire()
+        event(log, logging.INFO, "job resumed", job=name, operator=operator)
+        return record
+
     def current(self, name: str) -> RoundRunner | None:
         """The job's running round, if one is open."""
         runner = self._current.get(name)
@@ -149,11 +169,11 @@ class JobScheduler:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def resume(self) -> list[str]:
+    def start_all(self) -> list[str]:
         """Start opening rounds for every job the store has running (server start)."""
         names = [j.name for j in self._store.jobs() if j.status in (RUNNING, PAUSED)]
         for name in names:
-            event(log, logging.INFO, "job resumed", job=name)
+            event(log, logging.INFO, "job resumed by restart", job=name)
             self._start(name)
         return names
 

@@ -262,7 +262,7 @@ class SecAggService:
 
     async def _start(self, cfg: ServerConfig, warnings: list[str]) -> int:
         self.coordinator.recover()
-        self.coordinator.jobs.resume()  # each running job opens its next round
+        self.coordinator.jobs.start_all()  # each running job opens its next round
         limit = cfg.max_chunk_bytes + FRAME_SLACK
         server = grpc.aio.server(
             interceptors=[AccessLog(self.metrics, self._participant_name), FrameGuard()],

@@ -354,6 +354,21 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         except Exception as exc:
             await _fail(context, exc)
 
+    async def PauseJob(self, request: admin_pb2.JobRequest, context: Any) -> admin_pb2.JobStatus:  # noqa: N802
+        try:
+            operator = self._check(context, "PauseJob")
+            return self._job_status(await self._coord.jobs.pause(request.name, operator=operator))
+        except Exception as exc:
+            await _fail(context, exc)
+
+    async def ResumeJob(self, request: admin_pb2.JobRequest, context: Any) -> admin_pb2.JobStatus:  # noqa: N802
+        try:
+            operator = self._check(context, "ResumeJob")
+            rec = await self._coord.jobs.resume(request.name, operator=operator)
+            return self._job_status(rec)
+        except Exception as exc:
+            await _fail(context, exc)
+
     async def ListRounds(  # noqa: N802
         self, request: admin_pb2.ListRoundsRequest, context: Any
     ) -> admin_pb2.ListRoundsResponse:

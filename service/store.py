@@ -253,6 +253,7 @@ class Store:
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(rounds)")}
             if "job_index" not in columns:  # a store written before jobs existed
                 self._db.execute("ALTER TABLE rounds ADD COLUMN job_index INTEGER")
+            self._db.execute("CREATE INDEX IF NOT EXISTS rounds_by_job ON rounds (job, job_index)")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the store at {self.path}: {exc}") from exc
         self._lock = threading.RLock()

@@ -94,6 +94,16 @@ class AdminStub(object):
                 request_serializer=secagg_dot_v1_dot_admin__pb2.AbortJobRequest.SerializeToString,
                 response_deserializer=secagg_dot_v1_dot_admin__pb2.JobStatus.FromString,
                 _registered_method=True)
+        self.PauseJob = channel.unary_unary(
+                '/secagg.v1.Admin/PauseJob',
+                request_serializer=secagg_dot_v1_dot_admin__pb2.JobRequest.SerializeToString,
+                response_deserializer=secagg_dot_v1_dot_admin__pb2.JobStatus.FromString,
+                _registered_method=True)
+        self.ResumeJob = channel.unary_unary(
+                '/secagg.v1.Admin/ResumeJob',
+                request_serializer=secagg_dot_v1_dot_admin__pb2.JobRequest.SerializeToString,
+                response_deserializer=secagg_dot_v1_dot_admin__pb2.JobStatus.FromString,
+                _registered_method=True)
         self.ListRounds = channel.unary_unary(
                 '/secagg.v1.Admin/ListRounds',
                 request_serializer=secagg_dot_v1_dot_admin__pb2.ListRoundsRequest.SerializeToString,
@@ -184,6 +194,20 @@ class AdminServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PauseJob(self, request, context):
+        """Pause a running job: its running round goes on to its end, no further round opens
+        until ResumeJob.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListRounds(self, request, context):
         """Rounds the store knows, newest last (all, or those of one job). Entries carry no
         directory and no params: GetRoundStatus has them.
@@ -253,6 +277,16 @@ def add_AdminServicer_to_server(servicer, server):
             'AbortJob': grpc.unary_unary_rpc_method_handler(
                     servicer.AbortJob,
                     request_deserializer=secagg_dot_v1_dot_admin__pb2.AbortJobRequest.FromString,
+                    response_serializer=secagg_dot_v1_dot_admin__pb2.JobStatus.SerializeToString,
+            ),
+            'PauseJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseJob,
+                    request_deserializer=secagg_dot_v1_dot_admin__pb2.JobRequest.FromString,
+                    response_serializer=secagg_dot_v1_dot_admin__pb2.JobStatus.SerializeToString,
+            ),
+            'ResumeJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeJob,
+                    request_deserializer=secagg_dot_v1_dot_admin__pb2.JobRequest.FromString,
                     response_serializer=secagg_dot_v1_dot_admin__pb2.JobStatus.SerializeToString,
             ),
             'ListRounds': grpc.unary_unary_rpc_method_handler(
@@ -584,6 +618,60 @@ class Admin(object):
             target,
             '/secagg.v1.Admin/AbortJob',
             secagg_dot_v1_dot_admin__pb2.AbortJobRequest.SerializeToString,
+            secagg_dot_v1_dot_admin__pb2.JobStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secagg.v1.Admin/PauseJob',
+            secagg_dot_v1_dot_admin__pb2.JobRequest.SerializeToString,
+            secagg_dot_v1_dot_admin__pb2.JobStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secagg.v1.Admin/ResumeJob',
+            secagg_dot_v1_dot_admin__pb2.JobRequest.SerializeToString,
             secagg_dot_v1_dot_admin__pb2.JobStatus.FromString,
             options,
             channel_credentials,

@@ -59,6 +59,11 @@ class AdminStub:
     """Abort a job: its running round is aborted and no further round opens. A job that has
     already ended is left as it is.
     """
+    PauseJob: _grpc.UnaryUnaryMultiCallable[_admin_pb2.JobRequest, _admin_pb2.JobStatus]
+    """Pause a running job: its running round goes on to its end, no further round opens
+    until ResumeJob.
+    """
+    ResumeJob: _grpc.UnaryUnaryMultiCallable[_admin_pb2.JobRequest, _admin_pb2.JobStatus]
     ListRounds: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListRoundsRequest, _admin_pb2.ListRoundsResponse]
     """Rounds the store knows, newest last (all, or those of one job). Entries carry no
     directory and no params: GetRoundStatus has them.
@@ -91,6 +96,11 @@ class AdminAsyncStub(AdminStub):
     """Abort a job: its running round is aborted and no further round opens. A job that has
     already ended is left as it is.
     """
+    PauseJob: _aio.UnaryUnaryMultiCallable[_admin_pb2.JobRequest, _admin_pb2.JobStatus]  # type: ignore[assignment]
+    """Pause a running job: its running round goes on to its end, no further round opens
+    until ResumeJob.
+    """
+    ResumeJob: _aio.UnaryUnaryMultiCallable[_admin_pb2.JobRequest, _admin_pb2.JobStatus]  # type: ignore[assignment]
     ListRounds: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListRoundsRequest, _admin_pb2.ListRoundsResponse]  # type: ignore[assignment]
     """Rounds the store knows, newest last (all, or those of one job). Entries carry no
     directory and no params: GetRoundStatus has them.
@@ -192,6 +202,23 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         """Abort a job: its running round is aborted and no further round opens. A job that has
         already ended is left as it is.
         """
+
+    @_abc_1.abstractmethod
+    def PauseJob(
+        self,
+        request: _admin_pb2.JobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.JobStatus, _abc.Awaitable[_admin_pb2.JobStatus]]:
+        """Pause a running job: its running round goes on to its end, no further round opens
+        until ResumeJob.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeJob(
+        self,
+        request: _admin_pb2.JobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.JobStatus, _abc.Awaitable[_admin_pb2.JobStatus]]: ...
 
     @_abc_1.abstractmethod
     def ListRounds(

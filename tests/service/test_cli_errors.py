@@ -678,6 +678,9 @@ def test_job_commands(world: World) -> None:
         "round_id", "job", "index", "mode", "status", "stage", "opened_at", "finished_at",
         "survivors",
     }  # fmt: skip
+    for action, status in (("pause", "paused"), ("resume", "running")):
+        done = run_cli(["job", action, "cli-job", *remote], cwd=world.root, env=env)
+        assert done.returncode == 0 and json.loads(done.stdout)["status"] == status, done.stderr
     aborted = run_cli(
         ["job", "abort", "cli-job", "--reason", "done testing", *remote], cwd=world.root, env=env
     )

@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -140,3 +141,79 @@ def _kill_server(stdout: str) -> None:
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(int(m.group(1)), signal.SIGKILL)
+
+
+def test_readme_pytorch_loop_runs_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's PyTorch block, as written, for three sites of a two-round job: only
+    the server address and the key file name are substituted, and ``model``,
+    ``train_one_epoch``, ``loader``, ``optimizer`` and ``train_set`` are given (the
+    reader's own). Before, the loop iterated over ``rounds``, which nothing provided."""
+    torch = pytest.importorskip("torch")
+    import copy
+
+    from secagg.server import StageTimeouts
+    from secagg.service.admin import AdminClient
+    from secagg.service.authority import init_authority, sign_site
+    from secagg.service.config import ServerConfig
+    from secagg.service.coordinator import JobSpec
+    from secagg.service.keyfile import write_identity
+    from secagg.service.server import BackgroundServer
+    from secagg.service.tls import ClientTls, ServerTls
+
+    from .helpers import TOKEN, run_threads
+
+    code = block(ROOT / "README.md", "pytorch")
+    pki = make_pki(tmp_path / "pki", [])
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(pki / "ca.pem", work / "ca.pem")
+    shutil.copy(init_authority(work / "offline", "fed"), work / "authority.pub")
+    monkeypatch.chdir(work)  # the snippet names ca.pem, authority.pub and its key file
+    tls = ServerTls(str(pki / "server.pem"), str(pki / "server.key"))
+    cfg = ServerConfig(
+        listen="127.0.0.1:0", store=str(tmp_path / "s.db"), admin_token=TOKEN, tls=tls
+    )
+    torch.manual_seed(0)
+    model0 = torch.nn.Linear(4, 1)  # the global model every site starts from
+    names = [f"site-{i}" for i in (1, 2, 3)]
+    with BackgroundServer(cfg) as server:
+        target = f"127.0.0.1:{server.port}"  # server.pem names 127.0.0.1
+        with AdminClient(target, TOKEN, tls=ClientTls(ca=str(pki / "ca.pem"))) as admin:
+            for n in names:
+                key = write_identity(work / f"{n}.key")
+                entry = sign_site(work / "offline" / "authority.key", n, key.public)
+                admin.enroll(n, key.public, entry.encode())
+            admin.create_job(
+                JobSpec(name="fed", participants=names, dim=5, rounds=2,
+                        deadlines=StageTimeouts.uniform(30.0))
+            )  # fmt: skip
+
+            def site(i: int) -> Any:
+                def train_one_epoch(model: Any, loader: Any, optimizer: Any) -> None:
+                    with torch.no_grad():
+                        for p in model.parameters():
+                            p.add_(0.1 * i)  # this site's local update
+
+                scope = {
+                    "model": copy.deepcopy(model0),
+                    "train_one_epoch": train_one_epoch,
+                    "loader": None,
+                    "optimizer": None,
+                    "train_set": range(10 * i),  # num_samples: 10, 20, 30
+                }
+                src = code.replace('"secagg.example.org:443"', repr(target))
+                src = src.replace('"site-3.key"', repr(f"site-{i}.key"))
+                assert src != code
+                exec(compile(src, "README.md", "exec"), scope)
+                scope["client"].close()
+                return scope["model"]
+
+            out = run_threads({str(i): (lambda i=i: site(i)) for i in (1, 2, 3)})
+            assert not {k: o.error for k, o in out.items() if o.error}
+            assert admin.job("fed").rounds_completed == 2
+    step = (10 * 0.1 + 20 * 0.2 + 30 * 0.3) / (10 + 20 + 30)  # weighted mean of the deltas
+    for o in out.values():
+        for got, start in zip(o.result.parameters(), model0.parameters(), strict=True):
+            assert torch.allclose(got, start + 2 * step, atol=1e-3), (got, start + 2 * step)

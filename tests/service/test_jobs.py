@@ -337,3 +337,178 @@ def test_sdk_refuses_a_round_announced_for_another_job(deployment: Deployment) -
             client.aggregate(round_id, np.zeros(DIM))
     assert deployment.admin is not None
     deployment.admin.abort(other)
+
+
+def test_watching_sites_follow_the_job_across_a_restart(tmp_path: Path) -> None:
+    """The sites' ``rounds`` streams break when the server dies; they reconnect to the
+    restarted server (same address) and get the round it opened on resuming the job."""
+    import socket
+    import threading
+
+    from secagg.service.admin import AdminClient
+    from secagg.service.config import ServerConfig
+    from secagg.service.server import BackgroundServer
+
+    from .helpers import TOKEN
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = ServerConfig(listen=f"127.0.0.1:{port}", store=str(tmp_path / "s.db"), admin_token=TOKEN)
+    d = Deployment(tmp_path / "s.db")
+    d.server = BackgroundServer(cfg).start()
+    d.admin = AdminClient(d.target, TOKEN)
+    names = d.enroll(3)
+    d.admin.create_job(
+        JobSpec(name="on", participants=names, dim=DIM, rounds=2,
+                deadlines=StageTimeouts.uniform(20.0))
+    )  # fmt: skip
+    first = _wait_open(d, "on", 0)
+    watching = threading.Barrier(len(names) + 1, timeout=30)
+
+    def site(name: str) -> list[str]:
+        seen = []
+        with d.client(name) as client:
+            for round_id in client.rounds("on", timeout=60):
+                seen.append(round_id)
+                if len(seen) == 1:
+                    watching.wait()  # round 0: sit it out while the server dies
+                    continue
+                client.aggregate(round_id, np.full(DIM, 0.5))
+        return seen
+
+    threads: dict[str, Any] = {}
+    workers = [threading.Thread(target=lambda n=n: threads.__setitem__(n, site(n))) for n in names]
+    for t in workers:
+        t.start()
+    try:
+        watching.wait()
+        d.server.crash()
+        d.admin.close()
+        d.server = BackgroundServer(cfg).start()  # same address, same store
+        d.admin = AdminClient(d.target, TOKEN)
+        for t in workers:
+            t.join(60)
+        second = bytes(d.admin.wait_job("on", timeout=30).current_round or b"")
+        done = d.admin.job("on")
+        assert (done.status, done.rounds_completed, done.rounds_aborted) == ("finished", 1, 1)
+        r0, r1 = d.admin.rounds("on")
+        assert r0.round_id == first and not second
+        assert threads == {n: [first.hex(), r1.round_id.hex()] for n in names}
+    finally:
+        d.stop()
+
+
+def test_a_rounds_first_deadline_counts_from_its_opening(deployment: Deployment) -> None:
+    """The store write that records a round takes 2 s here (a slow disk): the first
+    stage's deadline still lies a whole stage timeout after the round opened. Before, the
+    core took its clock before the write, so the 2 s came off the first stage."""
+    names = deployment.enroll(3)
+    store = deployment.store
+    slow = store.create_round
+
+    def create_round(*args: Any, **kw: Any) -> None:
+        time.sleep(2.0)
+        slow(*args, **kw)
+
+    store.create_round = create_round  # type: ignore[method-assign]
+    try:
+        rid = deployment.create(names, DIM, StageTimeouts.uniform(10.0))
+    finally:
+        store.create_round = slow  # type: ignore[method-assign]
+    assert deployment.server is not None and deployment.server.service is not None
+    runner = deployment.server.service.coordinator.runner(rid)
+    deadline = runner.core.deadline
+    assert deadline is not None
+    # The runner is built right after the core, with no await between them.
+    assert deadline > runner._started + 10.0 - 0.5
+    assert deployment.admin is not None
+    deployment.admin.abort(rid)
+
+
+def test_watch_streams_are_bounded_and_signed_for_no_round(deployment: Deployment) -> None:
+    """A site cannot hold more than 4 ``WatchRounds`` streams of one job (each costs the
+    server a coroutine), and a call signed for a round is refused (it was signed for
+    another purpose)."""
+    import grpc
+
+    from secagg.service._gen import aggregation_pb2_grpc
+    from secagg.service.auth import call_metadata
+    from secagg.service.servicer import MAX_WATCHES_PER_PARTICIPANT, WATCH_ROUNDS
+
+    names = deployment.enroll(3)
+    assert deployment.admin is not None
+    deployment.admin.create_job(
+        JobSpec(name="cap", participants=names, dim=DIM, deadlines=StageTimeouts.uniform(20.0))
+    )
+    _wait_open(deployment, "cap", 0)
+    key = deployment.identities[names[0]]
+    with grpc.insecure_channel(deployment.target) as channel:
+        stub = aggregation_pb2_grpc.AggregationStub(channel)
+
+        def watch(round_id: bytes = bytes(16)) -> Any:
+            md = call_metadata(key, WATCH_ROUNDS, round_id)
+            return stub.WatchRounds(aggregation_pb2.WatchRoundsRequest(job="cap"), metadata=md)
+
+        calls = [watch() for _ in range(MAX_WATCHES_PER_PARTICIPANT)]
+        for c in calls:
+            assert next(c).kind == "round"  # each stream is open on the server
+        with pytest.raises(grpc.RpcError) as err:
+            next(watch())
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for c in calls:
+            c.cancel()
+        with pytest.raises(grpc.RpcError) as err:
+            next(watch(b"\x01" * 16))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    deployment.admin.abort_job("cap")
+
+
+def test_rounds_gives_up_on_a_server_that_stays_away(deployment: Deployment) -> None:
+    """Reconnects last ``connect_budget`` seconds of failures in a row, then one clear
+    ``Unavailable`` (not an endless wait, not a ``JobTimeout`` that blames the job)."""
+    from secagg.service.client import RetryPolicy
+    from secagg.service.errors import Unavailable
+
+    names = deployment.enroll(3)
+    assert deployment.server is not None
+    client = deployment.client(names[0], retry=RetryPolicy(connect_budget=1.0))
+    deployment.server.stop()
+    with client:
+        with pytest.raises(Unavailable):
+            next(client.rounds("fed"))
+        with pytest.raises(Unavailable, match="stayed unreachable"):
+            next(client.rounds("fed", timeout=0.5))
+    deployment.server = None  # stopped already
+
+
+def test_a_paused_job_opens_no_round_until_resumed(deployment: Deployment) -> None:
+    """Pause while round 0 runs: round 0 ends as usual, round 1 opens only on resume;
+    both actions are audited with their operator."""
+    names = deployment.enroll(3)
+    assert deployment.admin is not None
+    deployment.admin.create_job(
+        JobSpec(name="p", participants=names, dim=DIM, rounds=2,
+                deadlines=StageTimeouts.uniform(20.0))
+    )  # fmt: skip
+    first = _wait_open(deployment, "p", 0)
+    assert deployment.admin.pause_job("p").status == "paused"
+    out = run_threads({n: (lambda n=n: participate_once(deployment, n, first)) for n in names})
+    assert not {k: o.error for k, o in out.items() if o.error}
+    st = deployment.admin.wait(first)
+    assert st.status == "completed"
+    job = deployment.admin.job("p")
+    assert (job.status, job.rounds_done, job.next_index, job.current_round) == ("paused", 1, 1, b"")
+    assert deployment.admin.resume_job("p").status == "running"
+    second = _wait_open(deployment, "p", 1)
+    assert second != first
+    deployment.admin.abort_job("p", "enough")
+    kinds = [(e.kind, e.data.get("operator")) for e in deployment.store.audit_entries()]
+    assert ("job_paused", "admin-token") in kinds and ("job_resumed", "admin-token") in kinds
+    with pytest.raises(AlreadyExists, match="is aborted"):
+        deployment.admin.resume_job("p")
+
+
+def participate_once(d: Deployment, name: str, round_id: bytes) -> Any:
+    with d.client(name) as client:
+        return client.aggregate(round_id, np.full(DIM, 0.5))
