@@ -56,7 +56,11 @@ class DemoConfig:
     dataset: str = "breast_cancer"
     alpha: float = 0.5
     drop_every: int = 4
-    drop_deadline: float = 2.0
+    drop_deadline: float = 10.0
+    disconnect_grace: float = 1.0
+    ckks_input_deadline: float = 2.0
+    """ckks rounds' input deadline: a ckks site that goes silent before its only message
+    never opened a stream to close, so the server waits this out."""
     clip: float = 1.0
     bits: int = 16
     epochs: int = 2
@@ -71,7 +75,7 @@ class DemoConfig:
     cnn_batch: int = 32
     cnn_lr: float = 0.2
     cnn_hidden: int = 192
-    cnn_drop_deadline: float = 3.0
+    cnn_drop_deadline: float = 10.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def drop_schedule(self, rounds: int | None = None) -> dict[int, int]:
@@ -125,7 +129,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--drop-deadline",
         type=float,
         default=d.drop_deadline,
-        help="seconds the server waits for inputs before dropping a silent site",
+        help="input deadline: seconds the server waits for a site's input before dropping it",
+    )
+    p.add_argument(
+        "--disconnect-grace",
+        type=float,
+        default=d.disconnect_grace,
+        help="seconds the server gives a site whose connection closed to reconnect before "
+        "dropping it (a silent site is dropped after this, not at the deadline)",
+    )
+    p.add_argument(
+        "--ckks-input-deadline",
+        type=float,
+        default=d.ckks_input_deadline,
+        help="ckks rounds' input deadline (a silent ckks site is dropped at this deadline)",
     )
     p.add_argument("--clip", type=float, default=d.clip, help="clip of the deltas")
     p.add_argument("--bits", type=int, default=d.bits, help="quantization bits")
@@ -147,7 +164,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--cnn-drop-deadline",
         type=float,
         default=d.cnn_drop_deadline,
-        help="seconds the server waits for the CNN's inputs before dropping a silent site",
+        help="the CNN rounds' input deadline (seconds)",
     )
 
 
@@ -177,6 +194,8 @@ def _config(args: argparse.Namespace) -> DemoConfig:
         alpha=args.alpha,
         drop_every=args.drop_every,
         drop_deadline=args.drop_deadline,
+        disconnect_grace=args.disconnect_grace,
+        ckks_input_deadline=args.ckks_input_deadline,
         clip=args.clip,
         bits=args.bits,
         epochs=args.epochs,
@@ -406,11 +425,18 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                 masked_input=deadline,
                 consistency=30.0,
                 unmasking=30.0,
-                encrypted_input=deadline,
+                encrypted_input=cfg.ckks_input_deadline,
             ),
         }
 
-    with Deployment(cfg.out, tasks, cfg.seed, cfg.sites, log=progress.message) as dep:
+    with Deployment(
+        cfg.out,
+        tasks,
+        cfg.seed,
+        cfg.sites,
+        log=progress.message,
+        disconnect_grace=cfg.disconnect_grace,
+    ) as dep:
         # the site processes start up (imports) while the baselines train here
         methods, plain_state = _baselines(
             progress, split, train, cfg.seed, cfg.rounds, dropped, dim

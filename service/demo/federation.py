@@ -119,6 +119,7 @@ class Deployment:
         *,
         log: Callable[[str], None],
         server_jobs: bool | None = None,
+        disconnect_grace: float = 1.0,
     ) -> None:
         self.out = out
         self.tasks = {t.name: t for t in tasks}
@@ -126,6 +127,7 @@ class Deployment:
         self.log = log
         self.names = [f"site-{i + 1}" for i in range(sites)]
         self.server_jobs = server_jobs_available() if server_jobs is None else server_jobs
+        self.disconnect_grace = disconnect_grace
         self._server: subprocess.Popen[bytes] | None = None
         self._sites: list[tuple[BaseProcess, Connection]] = []
         self.admin: AdminClient | None = None
@@ -219,7 +221,14 @@ class Deployment:
         args = ["serve", "--kit", str(kits.server), "--log-format", "json"]
         with open(log_path, "wb") as log_file:
             self._server = subprocess.Popen(  # noqa: S603 -- our own interpreter and CLI
-                [*secagg_command(*args), "--shutdown-grace", "2"],
+                [
+                    *secagg_command(*args),
+                    "--shutdown-grace",
+                    "2",
+                    # a site whose stream closed is dropped after this, not at the deadline
+                    "--disconnect-grace",
+                    str(self.disconnect_grace),
+                ],
                 env={k: v for k, v in os.environ.items() if k != "SECAGG_ADMIN_TOKEN"},
                 stdout=subprocess.DEVNULL,
                 stderr=log_file,
@@ -372,12 +381,17 @@ class Deployment:
                     raise SecAggError(f"{job}: the sites followed different rounds")
                 yield rid, replies, self._final(rid)
             status = admin.wait_job(job, timeout=60.0)
-        except BaseException:
-            with contextlib.suppress(SecAggError):
-                admin.abort_job(job, "the demo's coordinator stopped")
+        except Exception:
+            self.abort_job(job)
             raise
         if status.status != "finished":
             raise SecAggError(f"job {job} ended {status.status}: {status.reason}")
+
+    def abort_job(self, job: str) -> None:
+        """Abort a server-run job the coordinator gives up on (the sites then stop)."""
+        if self.admin is not None and self.server_jobs:
+            with contextlib.suppress(SecAggError):
+                self.admin.abort_job(job, "the demo's coordinator stopped")
 
     def _collect(self, rid: str) -> tuple[str, list[dict[str, Any]], Any]:
         replies = [self._recv(p, c) for p, c in self._sites]
@@ -447,6 +461,26 @@ class Deployment:
             job=job,
             job_path="server" if self.server_jobs else "operator",
         )
+        try:
+            self._train(task, mode, job, spec, rounds, dropped, run, model, state, on_round)
+        except Exception:
+            self.abort_job(job)
+            raise
+        return run
+
+    def _train(
+        self,
+        task: Task,
+        mode: str,
+        job: str,
+        spec: Mapping[str, Any],
+        rounds: int,
+        dropped: Mapping[int, int],
+        run: ModeRun,
+        model: Any,
+        state: State,
+        on_round: Callable[[int, float], None] | None,
+    ) -> None:
         t_prev = time.perf_counter()
         feed = self._job(task, mode, job, spec, rounds, dropped)
         for r, (rid, replies, final) in enumerate(feed, start=1):
@@ -483,7 +517,6 @@ class Deployment:
                 on_round(r, acc)
             t_prev = time.perf_counter()
         run.final_state = state
-        return run
 
 
 def _median(xs: Sequence[float]) -> float:

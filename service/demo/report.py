@@ -124,7 +124,8 @@ def format_table(summary: dict[str, Any]) -> str:
     )
     lines.append(
         "s/round: wall time of a round without a dropout (local training + aggregation); "
-        "s/drop rnd: rounds where a site went silent (the server waits out its deadline)."
+        "s/drop rnd: rounds where a site went silent (the server drops it once its connection "
+        "has been closed for the disconnect grace)."
     )
     return "\n".join(lines)
 
