@@ -17,6 +17,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -154,8 +155,6 @@ class Deployment:
         """Provision, start the server and launch the sites (see :meth:`wait_ready`)."""
         kits_dir = self.out / "kits"
         if kits_dir.exists():  # a previous run's federation: provisioning never overwrites
-            import shutil
-
             shutil.rmtree(kits_dir)
         modes = [m for t in self.tasks.values() for m in t.modes]
         keys = [
