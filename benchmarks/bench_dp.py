@@ -78,7 +78,7 @@ def client_round(cal: DPCalibration, x: np.ndarray, backend: str = "cpu") -> np.
 def words_per_sample(sigma2: int, samples: int = 2000) -> float:
     """32-bit keystream words the reference reads per coordinate (one chunk after another)."""
 
-    class Counting(streams._Words):
+    class Counting(streams.ChunkWords):
         __slots__ = ("n",)
         n: int
 

@@ -12,7 +12,7 @@ they are computed: the Numba kernel (:mod:`secagg.kernels.dp_noise`) computes th
 parallel, and this module's scalar reference, with Python integers (no overflow possible),
 defines them. A vector's first ``k`` coordinates do not depend on its length.
 
-Uniform integers below ``m`` (:meth:`_Words.below`) by Lemire's multiply-shift rejection:
+Uniform integers below ``m`` (:meth:`ChunkWords.below`) by Lemire's multiply-shift rejection:
 for ``m < 2^32`` one word ``u`` gives ``floor(u m / 2^32)``, rejecting ``u`` while the low
 32 bits of ``u m`` are below ``2^32 mod m``; for ``2^32 <= m < 2^64`` two words (low first)
 make a 64-bit ``u`` and the same rule with ``2^64``. Exactly uniform, and the kernel divides
@@ -38,6 +38,7 @@ from secagg.prg import KEY_BYTES, Purpose
 
 __all__ = [
     "COORDS_PER_STREAM",
+    "ChunkWords",
     "chunk_nonce",
     "dg_chunk_reference",
     "dg_sample_reference",
@@ -72,7 +73,7 @@ def lemire(u: int, m: int, bits: int) -> int | None:
     return prod >> bits if prod % (1 << bits) >= (1 << bits) % m else None
 
 
-class _Words:
+class ChunkWords:
     """Sequential 32-bit words of one chunk's stream (one 64-byte block at a time)."""
 
     __slots__ = ("_buf", "_cipher", "_pos")
@@ -165,7 +166,7 @@ def dg_chunk_reference(key: bytes, c: int, sigma2: Fraction | int, count: int) -
     p, q = _variance(sigma2, key)
     if not 0 <= count <= COORDS_PER_STREAM:
         raise ConfigurationError(f"a chunk has at most {COORDS_PER_STREAM} coordinates")
-    w = _Words(key, c)
+    w = ChunkWords(key, c)
     return [w.discrete_gaussian(p, q) for _ in range(count)]
 
 

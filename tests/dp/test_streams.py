@@ -37,7 +37,7 @@ def test_nonce_layout() -> None:
     with pytest.raises(ConfigurationError):
         chunk_nonce(2**64)
     # Chunk 0 reads the plain DP_NOISE keystream as 32-bit words, low half first.
-    w = streams._Words(KEY, 0)
+    w = streams.ChunkWords(KEY, 0)
     first = int(keystream_u64(KEY, Purpose.DP_NOISE, 1)[0])
     assert (w.next(), w.next()) == (first & 0xFFFFFFFF, first >> 32)
 
