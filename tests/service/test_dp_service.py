@@ -297,7 +297,7 @@ def test_dp_job_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         ledger_rows = JobLedger(d.store, "dpjob").rows
     finally:
         d.stop()
-    assert len(charges) == 3 and [c.data["contributors"] for c in charges] == [5, 4, 5]
+    assert len(charges) == 3 and [c.data["contributor_count"] for c in charges] == [5, 4, 5]
     assert [c.data for c in charges] == [r.as_dict() for r in ledger_rows]
     # The released means, against the exact mean of the contributors' inputs.
     xs = {n: np.linspace(-0.2, 0.2, DIM) * (1 + int(n[-1]) / 10) for n in names}
@@ -308,7 +308,9 @@ def test_dp_job_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         first = means[contributors[0]]
         assert all(np.array_equal(m, first) for m in means.values())  # one release
         # noise plus rounding (variance <= 1/4 per site and coordinate; counted as 1)
-        sd = math.sqrt(row.released_variance + row.contributors) / (row.gamma * row.contributors)
+        sd = math.sqrt(row.released_variance + row.contributor_count) / (
+            row.gamma * row.contributor_count
+        )
         bound = 6 * sd
         assert np.max(np.abs(first - exact)) <= bound, (index, first - exact, bound)
     # Each site's own ledger: the server's rho for the rounds it contributed to, its worst
@@ -359,7 +361,7 @@ def test_standalone_dp_rounds_use_the_ledger_of_their_job_name(deployment: Deplo
         import time
 
         time.sleep(0.1)
-    assert [r.contributors for r in ledger.rows] == [4]
+    assert [r.contributor_count for r in ledger.rows] == [4]
     with pytest.raises(Exception, match="budget") as info:
         deployment.create(names, DIM, job="solo", dp=dp)
     assert exit_code_for(info.value) == 9, type(info.value)
