@@ -173,7 +173,9 @@ def test_flower_app_runs_dp_rounds(federation: Federation, tmp_path: Path) -> No
     run(strategy, LocalGrid(client_app(), configs))
     assert [r.status for r in strategy.rounds] == ["completed"] * ROUNDS
     rows = JobLedger(federation.store, "flower-dp").rows
-    assert [r.contributors for r in rows] == [3 if i + 1 == CRASH[1] else 4 for i in range(ROUNDS)]
+    assert [r.contributor_count for r in rows] == [
+        3 if i + 1 == CRASH[1] else 4 for i in range(ROUNDS)
+    ]
     for i, nid in enumerate(NODES, start=1):
         joined = SiteBudget(tmp_path / f"dp-{i}.json").rounds()
         assert len(joined) == (ROUNDS - 1 if nid == CRASH[0] else ROUNDS)
