@@ -1,5 +1,6 @@
-"""The docs run: the README's Deployment section and the hybrid site snippet of
-docs/service.md, executed as written on loopback.
+"""The docs run: the README's Deployment section (the startup-kit quick start with
+docs/operations.md's federation file, and the step-by-step script) and the hybrid site
+snippet of docs/service.md, executed as written on loopback.
 
 The only substitutions (documented in the README and in docs/service.md): the variables
 ``LISTEN``, ``SERVER``, ``STATE``, ``PKI`` and ``SITES`` are set in the environment (a free
@@ -258,7 +259,7 @@ def _model(i: int) -> Any:
             "weight": rng.uniform(-0.1, 0.1, (10, 52)).astype(np.float32),
             "bias": rng.uniform(-0.1, 0.1, 10).astype(np.float32),
         }
-        return SimpleNamespace(state_dict=lambda: sd)
+        return SimpleNamespace(state_dict=sd.copy)
     torch.manual_seed(i)
     return torch.nn.Linear(52, 10)
 
