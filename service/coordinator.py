@@ -74,6 +74,13 @@ class RoundSpec:
     and charged to in the ledger of ``job`` (:mod:`secagg.service.privacy`). DP rounds are
     unweighted (``max_weight`` 1)."""
 
+    groups: int = 0
+    """Sharded round (docs/sharding.md, "Over gRPC"): ``G > 1`` groups, each its own
+    group round; 0 or 1: one ordinary round."""
+    on_group_abort: str = "publish"
+    """Sharded rounds: ``publish`` the completed groups' sum when a group aborts (never
+    below the minimum contributors) or ``abort`` the round."""
+
     def __post_init__(self) -> None:
         if self.dp is not None and not isinstance(self.dp, DPSpec):
             object.__setattr__(self, "dp", DPSpec.from_json(self.dp, clip=self.clip))
@@ -274,6 +281,10 @@ class Coordinator:
         ConfigurationError, InfeasibleParameters
             Parameters the core refuses.
         """
+        if spec.groups > 1:  # sharded: this server is the front door (service/sharded.py)
+            from secagg.service.sharded import create_sharded
+
+            return await create_sharded(self, spec, operator=operator, job_index=job_index)
         mode = spec.mode.lower()
         if mode != "plaintext":
             Mode.parse(mode)  # a bad name raises ConfigurationError

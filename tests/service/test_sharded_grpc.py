@@ -1,0 +1,243 @@
+"""Sharded rounds over real gRPC (loopback, port 0, SQLite): the server is the front door.
+
+docs/sharding.md, "Over gRPC". Each test is one sharded round of 12 clients in 3 groups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from secagg import groups as gr
+from secagg.errors import RoundAborted, ServerMisbehaviour
+from secagg.messages import SEND_ORDER, MaskedInput, Message
+from secagg.server import StageTimeouts
+from secagg.service import sharded
+from secagg.service.client import Policy
+from secagg.service.errors import PolicyRefused
+from secagg.service.sharded import ShardedRunner
+from secagg.service.store import Member
+
+from .helpers import Deployment, expected_sums, run_threads
+
+N, G, DIM = 12, 3, 6
+
+
+@pytest.fixture
+def d(tmp_path: Path) -> Iterator[Deployment]:
+    dep = Deployment(tmp_path / "store.sqlite").start()
+    try:
+        yield dep
+    finally:
+        dep.stop()
+
+
+def _front(d: Deployment, rid: bytes) -> ShardedRunner:
+    assert d.server is not None and d.server.service is not None
+    runner = d.server.service.coordinator.runner(rid)
+    assert isinstance(runner, ShardedRunner)
+    return runner
+
+
+def _run(
+    d: Deployment,
+    names: list[str],
+    rid: bytes,
+    xs: dict[int, np.ndarray[Any, Any]],
+    keys: dict[int, bytes],
+    *,
+    policy: Policy | None = None,
+    hook: Callable[[int], Callable[[Message], bool] | None] = lambda cid: None,
+) -> dict[int, Any]:
+    def job(cid: int, name: str) -> Callable[[], Any]:
+        def go() -> Any:
+            with d.client(name, policy=policy) as c:
+                joined = c.join(rid)
+                assert joined.groups == G and joined.client_id == cid
+                return c.participate(joined, xs[cid], 1, rounding_key=keys[cid], on_send=hook(cid))
+
+        return go
+
+    out = run_threads({str(i): job(i, n) for i, n in enumerate(names, start=1)})
+    return {int(k): v for k, v in out.items()}
+
+
+def _inputs() -> tuple[dict[int, np.ndarray[Any, Any]], dict[int, bytes]]:
+    rng = np.random.default_rng(7)  # test data, no secrets
+    xs = {c: rng.uniform(-1, 1, DIM) for c in range(1, N + 1)}
+    return xs, {c: secrets.token_bytes(32) for c in xs}
+
+
+def _audit(d: Deployment, rid: bytes) -> dict[str, dict[str, Any]]:
+    d.store.verify_audit()  # the chain verifies (secagg audit)
+    return {e.kind: json.loads(e.body) for e in d.store.audit_entries(rid.hex())}
+
+
+def test_sharded_round_over_grpc_is_exact_and_audited(d: Deployment) -> None:
+    names = d.enroll(N)
+    rid = d.create(names, DIM, groups=G)
+    xs, keys = _inputs()
+    out = _run(d, names, rid, xs, keys)
+    errors = {c: o.error for c, o in out.items() if o.error is not None}
+    assert not errors
+    front = _front(d, rid)
+    joined = front.params
+    want = expected_sums(_J(joined), xs, keys, range(1, N + 1))
+    for o in out.values():
+        assert o.result.contributors == tuple(range(1, N + 1))
+        assert np.array_equal(o.result.sums, want)  # exact: the group sums add as integers
+    asg = front.front.assignment
+    assert asg is not None and sorted(len(g) for g in asg.groups) == [4, 4, 4]
+    log = _audit(d, rid)
+    assert log["group_assignment"]["assignment_seed"] == asg.seed.hex()
+    assert len(log["group_assignment"]["group_rounds"]) == G
+    done = log["round_completed"] if "round_completed" in log else log["round_finished"]
+    sh = done["sharded"]
+    assert sh["partial"] is False and sh["transcript_sha256"]
+    assert [r["status"] for r in sh["group_status"]] == ["completed"] * G
+    for g in range(G):  # every group round is in the log too
+        assert d.store.round(gr.group_round_id(asg.seed, g)) is not None
+
+
+class _J:
+    """What :func:`expected_sums` reads of a joined round."""
+
+    def __init__(self, params: Any) -> None:
+        self.params = params
+
+
+def _dropping(d: Deployment, rid: bytes, victims: int) -> Callable[[int], Callable[[Message], bool]]:
+    """Members of group 0 go silent at MaskedInput (``victims`` of them): group 0 ends
+    below its threshold and aborts."""
+
+    def hook(cid: int) -> Callable[[Message], bool]:
+        def on_send(m: Message) -> bool:
+            asg = _front(d, rid).front.assignment
+            assert asg is not None
+            doomed = asg.groups[0][:victims]
+            return not (cid in doomed and SEND_ORDER[m.TYPE] >= SEND_ORDER[MaskedInput.TYPE])
+
+        return on_send
+
+    return hook
+
+
+@pytest.mark.parametrize("policy", ["publish", "abort"])
+def test_group_below_threshold_aborts_and_the_job_policy_decides(
+    d: Deployment, policy: str
+) -> None:
+    names = d.enroll(N)
+    rid = d.create(names, DIM, groups=G, on_group_abort=policy)
+    xs, keys = _inputs()
+    out = _run(d, names, rid, xs, keys, hook=_dropping(d, rid, 2))
+    asg = _front(d, rid).front.assignment
+    assert asg is not None
+    g0 = set(asg.groups[0])
+    rest = [c for c in range(1, N + 1) if c not in g0]
+    for c in g0:  # the dropped ones went silent; the others saw their group abort
+        assert out[c].result is None
+    log = _audit(d, rid)
+    done = log.get("round_completed") or log.get("round_finished") or log["round_aborted"]
+    rows = done["sharded"]["group_status"]
+    assert rows[0]["status"] == "aborted" and "reason" in rows[0]
+    assert [r["status"] for r in rows[1:]] == ["completed"] * (G - 1)
+    if policy == "publish":
+        want = expected_sums(_J(_front(d, rid).params), xs, keys, rest)
+        for c in rest:
+            assert out[c].error is None, out[c].error
+            assert out[c].result.contributors == tuple(rest)
+            assert np.array_equal(out[c].result.sums, want)  # exactly the surviving groups
+        assert done["sharded"]["partial"] is True
+        assert d.store.round(rid).status == "completed"  # type: ignore[union-attr]
+    else:
+        for c in rest:
+            assert isinstance(out[c].error, RoundAborted), out[c].error
+        assert d.store.round(rid).status == "aborted"  # type: ignore[union-attr]
+        assert "policy aborts" in done["reason"]
+
+
+def test_group_worker_lost_mid_round_is_recorded_and_the_rest_published(d: Deployment) -> None:
+    """The in-process engine's fault path: group 1's round is ended mid-round (its
+    aggregator lost) while its clients are in MaskedInput; the round publishes the other
+    groups' sum and records group 1 as aborted with the reason."""
+    names = d.enroll(N)
+    rid = d.create(names, DIM, groups=G)
+    xs, keys = _inputs()
+    killed: list[bool] = []
+
+    def hook(cid: int) -> Callable[[Message], bool]:
+        def on_send(m: Message) -> bool:
+            front = _front(d, rid)
+            asg = front.front.assignment
+            assert asg is not None
+            if cid == asg.groups[1][0] and isinstance(m, MaskedInput) and not killed:
+                killed.append(True)
+                runner = front.group_runners[1]
+                assert d.server is not None and d.server._loop is not None
+                asyncio.run_coroutine_threadsafe(
+                    runner.abort("aggregator worker lost (fault drill)"), d.server._loop
+                ).result()
+            return True
+
+        return on_send
+
+    out = _run(d, names, rid, xs, keys, hook=hook)
+    asg = _front(d, rid).front.assignment
+    assert asg is not None and killed
+    rest = [c for c in range(1, N + 1) if c not in asg.groups[1]]
+    for c in rest:
+        assert out[c].error is None, out[c].error
+    log = _audit(d, rid)
+    done = log.get("round_completed") or log["round_finished"]
+    row = done["sharded"]["group_status"][1]
+    assert row["status"] == "aborted" and "worker lost" in row["reason"]
+    assert done["sharded"]["partial"] is True
+
+
+def test_wrong_member_list_from_the_front_door_is_refused(
+    d: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attack: the front door seats group 0's round with a member of group 1 swapped in
+    (a client it controls, say). Every honest member of group 0 refuses before sending any
+    key (check_group_invite); without the check they ran the rigged group round."""
+    real = sharded._open_group
+
+    async def rigged(coord: Any, runner: Any, spec: Any, g: int, params: Any, ms: Any) -> Any:
+        if g == 0:
+            first_of_1 = runner.front.assignment.groups[1][0]
+            other: Member = next(m for m in runner.members if m.client_id == first_of_1)
+            ms = [*ms[:-1], other]
+        return await real(coord, runner, spec, g, params, ms)
+
+    monkeypatch.setattr(sharded, "_open_group", rigged)
+    names = d.enroll(N)
+    rid = d.create(names, DIM, groups=G, deadlines=StageTimeouts.uniform(3.0))
+    xs, keys = _inputs()
+    out = _run(d, names, rid, xs, keys)
+    asg = _front(d, rid).front.assignment
+    assert asg is not None
+    for c in asg.groups[0][:-1]:
+        err = out[c].error
+        assert isinstance(err, ServerMisbehaviour), err
+        assert "differs from the assignment" in str(err)
+
+
+def test_group_below_min_contributors_is_refused_by_the_client(d: Deployment) -> None:
+    """Attack: the front door cuts the clients into groups of 4 while each client's policy
+    needs 5 contributors in any sum. Each client refuses its group round before sending
+    anything (check_set in check_group_invite), though the 12-client front door passes its
+    policy; without the check they ran groups of 4."""
+    names = d.enroll(N)
+    rid = d.create(names, DIM, groups=G, deadlines=StageTimeouts.uniform(3.0))
+    xs, keys = _inputs()
+    out = _run(d, names, rid, xs, keys, policy=Policy(min_contributors=5))
+    for o in out.values():
+        assert isinstance(o.error, PolicyRefused), o.error
+        assert "min_contributors=5" in str(o.error)
