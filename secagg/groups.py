@@ -295,7 +295,9 @@ class GroupResults:
         rows = []
         for _ in range(count):
             g, size, surv, ok = r.u32(), r.u32(), r.u32(), r.u8()
-            rows.append(GroupRow(g, size, surv, bool(ok), r.var(_MAX_TEXT).decode(errors="replace")))
+            rows.append(
+                GroupRow(g, size, surv, bool(ok), r.var(_MAX_TEXT).decode(errors="replace"))
+            )
         r.end()
         return cls(
             rid, bool(completed), stage, reason, contributors, total_weight, sums, tuple(rows)

@@ -676,6 +676,20 @@ def _add_round_shape(p: argparse.ArgumentParser) -> None:
         " clients whose update has another layout refuse the round",
     )
     p.add_argument("--stage-timeout", type=float, help="seconds per stage (server default)")
+    p.add_argument(
+        "--groups",
+        type=int,
+        default=0,
+        help="sharded round: G > 1 groups, assigned by commit-reveal, one group round each "
+        "(masked; docs/sharding.md, 'Over gRPC')",
+    )
+    p.add_argument(
+        "--on-group-abort",
+        choices=["publish", "abort"],
+        default="publish",
+        help="sharded round: when a group aborts, publish the others' sum (never below the "
+        "minimum contributors) or abort the round",
+    )
     _add_dp_flags(p)
 
 
@@ -749,6 +763,8 @@ def _round_shape(args: argparse.Namespace) -> dict[str, Any]:
         "he_context": he_context,
         "publish_after": args.publish_after,
         "layout": _layout_arg(args.layout),
+        "groups": args.groups,
+        "on_group_abort": args.on_group_abort,
     }
 
 

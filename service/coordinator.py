@@ -139,6 +139,9 @@ class JobSpec:
     every: float | None = None
     dp: DPSpec | Mapping[str, Any] | None = None
     job: str = ""
+    groups: int = 0
+    """Sharded rounds of ``groups`` groups (:attr:`RoundSpec.groups`)."""
+    on_group_abort: str = "publish"
 
     def __post_init__(self) -> None:
         if self.name and self.job and self.name != self.job:
@@ -172,6 +175,8 @@ class JobSpec:
             deadlines=self.deadlines,
             he_context=self.he_context,
             layout=self.layout,
+            groups=self.groups,
+            on_group_abort=self.on_group_abort,
             **{k: getattr(self, k) for k in _ROUND_FIELDS},
             **extra,
         )
@@ -189,6 +194,8 @@ class JobSpec:
             every=self.every,
             dp=self.dp_spec.to_json() if self.dp_spec is not None else None,
         )
+        if self.groups > 1:  # sharded jobs only: older specs stay as they were
+            doc.update(groups=self.groups, on_group_abort=self.on_group_abort)
         return doc
 
     @classmethod
@@ -203,6 +210,8 @@ class JobSpec:
                 rounds=doc.get("rounds"),
                 every=doc.get("every"),
                 dp=doc.get("dp"),
+                groups=int(doc.get("groups", 0)),
+                on_group_abort=str(doc.get("on_group_abort", "publish")),
                 **{k: doc[k] for k in _ROUND_FIELDS},
             )
         except (KeyError, TypeError, ValueError) as exc:

@@ -533,6 +533,8 @@ def job_spec_from_proto(
         rounds=req.rounds or None,
         every=req.every or None,
         dp=dp,
+        groups=r.groups,
+        on_group_abort=r.on_group_abort,
     )
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from secagg import groups as gr
-from secagg.errors import RoundAborted, ServerMisbehaviour
+from secagg.errors import MalformedMessage, RoundAborted, ServerMisbehaviour
 from secagg.messages import SEND_ORDER, MaskedInput, Message
 from secagg.server import StageTimeouts
 from secagg.service import sharded
@@ -113,7 +113,9 @@ class _J:
         self.params = params
 
 
-def _dropping(d: Deployment, rid: bytes, victims: int) -> Callable[[int], Callable[[Message], bool]]:
+def _dropping(
+    d: Deployment, rid: bytes, victims: int
+) -> Callable[[int], Callable[[Message], bool]]:
     """Members of group 0 go silent at MaskedInput (``victims`` of them): group 0 ends
     below its threshold and aborts."""
 
@@ -232,12 +234,36 @@ def test_wrong_member_list_from_the_front_door_is_refused(
 def test_group_below_min_contributors_is_refused_by_the_client(d: Deployment) -> None:
     """Attack: the front door cuts the clients into groups of 4 while each client's policy
     needs 5 contributors in any sum. Each client refuses its group round before sending
-    anything (check_set in check_group_invite), though the 12-client front door passes its
-    policy; without the check they ran groups of 4."""
+    anything (its policy on the group round's GetRound; check_group_invite's check_params
+    and check_set behind it), though the 12-client front door passes its policy; with
+    those checks removed they ran groups of 4 (the test failed)."""
     names = d.enroll(N)
     rid = d.create(names, DIM, groups=G, deadlines=StageTimeouts.uniform(3.0))
     xs, keys = _inputs()
     out = _run(d, names, rid, xs, keys, policy=Policy(min_contributors=5))
     for o in out.values():
         assert isinstance(o.error, PolicyRefused), o.error
-        assert "min_contributors=5" in str(o.error)
+        assert "n=4" in str(o.error) or "min_contributors=5" in str(o.error)
+
+
+def test_group_results_encoding_round_trips_and_refuses_garbage() -> None:
+    rows = (gr.GroupRow(0, 4, 4, True), gr.GroupRow(1, 4, 0, False, "stage masked_input: x"))
+    msg = gr.GroupResults(b"\x01" * 16, True, "", "", (1, 2, 3), 3, b"\x00" * 16, rows)
+    assert gr.GroupResults.decode(msg.encode()) == msg
+    with pytest.raises(MalformedMessage):
+        gr.GroupResults.decode(msg.encode()[:-1])
+    with pytest.raises(MalformedMessage):
+        gr.GroupResults.decode(msg.encode() + b"\x00")
+
+
+def test_sharded_job_spec_round_trips_through_the_store_and_the_wire() -> None:
+    from secagg.service.coordinator import JobSpec
+    from secagg.service.serde import job_spec_from_proto, job_spec_to_proto
+
+    spec = JobSpec(name="j", participants=["a", "b"], dim=3, groups=4, on_group_abort="abort")
+    back = JobSpec.from_json(spec.to_json())
+    assert (back.groups, back.on_group_abort) == (4, "abort")
+    wire = job_spec_from_proto(job_spec_to_proto(spec), StageTimeouts())
+    assert (wire.groups, wire.on_group_abort) == (4, "abort")
+    assert wire.round_spec().groups == 4
+    assert "groups" not in JobSpec(name="k", participants=["a"], dim=1).to_json()
