@@ -267,3 +267,32 @@ def test_sharded_job_spec_round_trips_through_the_store_and_the_wire() -> None:
     assert (wire.groups, wire.on_group_abort) == (4, "abort")
     assert wire.round_spec().groups == 4
     assert "groups" not in JobSpec(name="k", participants=["a"], dim=1).to_json()
+
+
+def test_cli_round_create_groups_and_refusals(
+    d: Deployment, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``round create --groups G --on-group-abort``: a front-door round (abortable, in the
+    audit log); a non-masked mode and too few participants per group refused by the
+    server (the CLI's remote-refusal exit status 1, the typed error named)."""
+    from secagg.service.cli import main
+
+    from .helpers import TOKEN
+
+    monkeypatch.setenv("SECAGG_ADMIN_TOKEN", TOKEN)
+    names = ",".join(d.enroll(6))
+    base = ["round", "create", "--job", "cj", "--participants", names, "--dim", "4"]
+    remote = ["--server", d.target]
+    capsys.readouterr()
+    assert main([*base, "--groups", "2", "--on-group-abort", "abort", *remote]) == 0
+    rid = json.loads(capsys.readouterr().out)["round_id"]
+    assert _front(d, bytes.fromhex(rid)).groups == 2
+    assert main(["round", "abort", rid, "--reason", "test", *remote]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "aborted"
+    assert main([*base, "--groups", "3", "--job", "cj2", *remote]) == 1  # groups of 2
+    assert "cannot form 3 groups of at least 3" in capsys.readouterr().err
+    assert main([*base, "--groups", "2", "--mode", "plaintext", "--job", "cj3", *remote]) == 1
+    assert "UnsupportedShardedMode" in capsys.readouterr().err
+    entries = [e.kind for e in d.store.audit_entries(rid)]
+    assert entries == ["round_created", "round_abort_requested", "round_aborted"]
+    d.store.verify_audit()
