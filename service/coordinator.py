@@ -247,6 +247,10 @@ class Coordinator:
         """Job -> the DP charge of its last round, awaited before its next round is admitted."""
         from secagg.service.jobs import JobScheduler
 
+        self.group_engine = "local"
+        """Where group rounds of sharded rounds run: ``local`` or ``ray``."""
+        self.ray_workers = 2
+        self.ray_address: str | None = None
         self.jobs: JobScheduler = JobScheduler(self)
         """The jobs: their rounds opened one after another (:mod:`secagg.service.jobs`)."""
 

@@ -47,6 +47,7 @@ from secagg.simulate_sharded import UnsupportedShardedMode
 
 if TYPE_CHECKING:
     from secagg.service.coordinator import Coordinator, RoundSpec
+    from secagg.service.sharded_ray import RayHosts
 
 __all__ = [
     "ON_GROUP_ABORT",
@@ -297,6 +298,7 @@ class ShardedRunner(RoundRunner):
         self._seen_assignment = False
         self.groups = 0
         self.driver: asyncio.Task[None] | None = None
+        self.hosts: RayHosts | None = None
 
     @property
     def front(self) -> FrontDoorCore:
@@ -388,7 +390,9 @@ async def create_sharded(
         spec = replace(spec, deadlines=spec.deadlines.for_round(n, params.dim))
         directory = {m.client_id: m.public_key for m in members}
         body = coord._audit_body(spec, params, members, False)
-        body["sharded"] = {"groups": g, "on_group_abort": spec.on_group_abort, "engine": "local"}
+        body["sharded"] = {
+            "groups": g, "on_group_abort": spec.on_group_abort, "engine": coord.group_engine,
+        }  # fmt: skip
         if operator is not None:
             body["operator"] = operator
         if job_index is not None:
@@ -452,7 +456,7 @@ async def _run_groups(
     rid = runner.round_id.hex()
     front = runner.front
     by_id = {m.client_id: m for m in runner.members}
-    plan = []
+    plan: list[tuple[int, RoundParams, list[Member]]] = []
     for g, ids in enumerate(asg.groups):
         gp = await loop.run_in_executor(
             pool, group_params, coord, spec, len(ids), gr.group_round_id(asg.seed, g)
@@ -475,8 +479,26 @@ async def _run_groups(
             ],
         },
     )  # fmt: skip
-    for g, gp, ms in plan:
-        runner.group_runners[g] = await _open_group(coord, runner, spec, g, gp, ms)
+    if coord.group_engine == "ray":
+        from secagg.service.sharded_ray import RayHosts
+
+        runner.hosts = await loop.run_in_executor(
+            pool, RayHosts, min(coord.ray_workers, len(plan)), coord.ray_address
+        )
+    try:
+        for g, gp, ms in plan:
+            runner.group_runners[g] = await _open_group(coord, runner, spec, g, gp, ms)
+        await _await_groups(coord, runner, plan)
+    finally:
+        if runner.hosts is not None:
+            await loop.run_in_executor(pool, runner.hosts.close)
+
+
+async def _await_groups(
+    coord: Coordinator, runner: ShardedRunner, plan: list[tuple[int, RoundParams, list[Member]]]
+) -> None:
+    loop = asyncio.get_running_loop()
+    pool = coord._pool
     await loop.run_in_executor(pool, runner._release)
     ends: list[GroupEnd] = []
     for g, _gp, ms in plan:
@@ -512,8 +534,15 @@ async def _open_group(
         ),
     )  # fmt: skip
     directory = {m.client_id: m.public_key for m in members}
+    core: RoundCore
     try:
-        core = SecAggServer(params, directory, timeouts=deadlines, now=time.monotonic())
+        if runner.hosts is not None:  # the group's SecAggServer lives on a Ray actor
+            hosts = runner.hosts
+            core = cast(RoundCore, await loop.run_in_executor(
+                pool, lambda: hosts.core(g, params, directory, deadlines, time.monotonic())
+            ))  # fmt: skip
+        else:
+            core = SecAggServer(params, directory, timeouts=deadlines, now=time.monotonic())
     except Exception as exc:
         reason = f"the group round could not open: {type(exc).__name__}: {exc}"
         outcome = {"status": ABORTED, "stage": "open", "reason": reason}
