@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from secagg import groups as gr
-from secagg.errors import ConfigurationError, ProtocolViolation, RoundAborted
+from secagg.errors import ConfigurationError, DuplicateMessage, ProtocolViolation, RoundAborted
 from secagg.messages import Message
 from secagg.params import RoundParams
 from secagg.policy import MIN_CONTRIBUTORS
@@ -124,6 +124,7 @@ class FrontDoorCore:
         self._stage = ShardStage.GROUP_ASSIGNMENT
         self._t0 = now
         self._held: list[tuple[int, Any]] = []
+        self._accepted: dict[int, set[bytes]] = {}
 
     # -- RoundCore ------------------------------------------------------------------------
 
@@ -149,6 +150,8 @@ class FrontDoorCore:
         self, client_id: int, message: Message | bytes, now: float, *, digest: bytes | None = None
     ) -> list[tuple[int, Any]]:
         data = message if isinstance(message, bytes) else message.encode()
+        if data in self._accepted.get(client_id, ()):  # resent after a reconnect
+            raise DuplicateMessage(f"client {client_id} repeated a message", client_id=client_id)
         if self._stage is not ShardStage.GROUP_ASSIGNMENT:
             raise ProtocolViolation(
                 f"the front door expects no message in stage {self._stage}", client_id=client_id
@@ -161,6 +164,7 @@ class FrontDoorCore:
                 rec.active, rec.reason = False, str(exc)
                 rec.dropped_stage = cast(Stage, ShardStage.GROUP_ASSIGNMENT)
             raise
+        self._accepted.setdefault(client_id, set()).add(data)
         return self._after(out, now)
 
     def tick(self, now: float) -> list[tuple[int, Any]]:

@@ -296,3 +296,23 @@ def test_cli_round_create_groups_and_refusals(
     entries = [e.kind for e in d.store.audit_entries(rid)]
     assert entries == ["round_created", "round_abort_requested", "round_aborted"]
     d.store.verify_audit()
+
+
+def test_front_door_core_treats_a_resent_message_as_a_duplicate() -> None:
+    """A client that reconnects resends its unacknowledged join message: the front door
+    answers "duplicate" (as a round does) instead of dropping it for joining twice."""
+    from secagg.errors import DuplicateMessage
+    from secagg.keys import IdentityKey
+    from secagg.params import make_params
+
+    keys = {c: IdentityKey() for c in range(1, 7)}
+    directory = {c: k.public for c, k in keys.items()}
+    params = make_params(6, 2)
+    core = sharded.FrontDoorCore(
+        params, directory, 2, on_group_abort="publish", min_group=3, timeout=5.0, now=0.0
+    )
+    joiner = gr.GroupJoinClient(1, keys[1], params.round_id, 2, directory)
+    assert core.receive(1, joiner.start(), 0.1) == []
+    with pytest.raises(DuplicateMessage):
+        core.receive(1, joiner.start(), 0.2)
+    assert core.records[1].active
