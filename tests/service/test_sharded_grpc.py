@@ -316,3 +316,40 @@ def test_front_door_core_treats_a_resent_message_as_a_duplicate() -> None:
     with pytest.raises(DuplicateMessage):
         core.receive(1, joiner.start(), 0.2)
     assert core.records[1].active
+
+
+def test_published_sum_without_the_clients_group_as_run_is_refused(
+    d: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attack: the front door publishes a total that leaves out one member of group 0
+    (contributors, total weight and group 0's survivor count rewritten to match). Every
+    client of group 0
+    knows how its group round ended and refuses the sum; without the check in
+    ``FrontDoorClient._finish`` they returned it (the test failed)."""
+    real = sharded.FrontDoorCore._broadcast
+
+    def rigged(self: sharded.FrontDoorCore, msg: gr.GroupResults) -> list[tuple[int, Any]]:
+        asg = self.assignment
+        if msg.completed and asg is not None:
+            gone = asg.groups[0][-1]
+            rows = tuple(
+                gr.GroupRow(r.group, r.size, r.survivors - (r.group == 0), r.completed, r.reason)
+                for r in msg.rows
+            )
+            msg = gr.GroupResults(
+                msg.round_id, True, "", "", tuple(c for c in msg.contributors if c != gone),
+                msg.total_weight - 1, msg.sums, rows,
+            )  # fmt: skip
+        return real(self, msg)
+
+    monkeypatch.setattr(sharded.FrontDoorCore, "_broadcast", rigged)
+    names = d.enroll(N)
+    rid = d.create(names, DIM, groups=G)
+    xs, keys = _inputs()
+    out = _run(d, names, rid, xs, keys)
+    asg = _front(d, rid).front.assignment
+    assert asg is not None
+    for c in asg.groups[0]:
+        err = out[c].error
+        assert isinstance(err, ServerMisbehaviour), err
+        assert "this client's group as run" in str(err)
