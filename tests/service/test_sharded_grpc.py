@@ -353,3 +353,34 @@ def test_published_sum_without_the_clients_group_as_run_is_refused(
         err = out[c].error
         assert isinstance(err, ServerMisbehaviour), err
         assert "this client's group as run" in str(err)
+
+
+def test_sharded_job_runs_its_rounds_with_weights(d: Deployment) -> None:
+    """``job create --groups``: two weighted sharded rounds of 9 sites in 3 groups, each
+    site following the job with ``client.rounds`` and ``aggregate`` unchanged."""
+    from secagg.service.coordinator import JobSpec
+
+    names = d.enroll(9)
+    assert d.admin is not None
+    d.admin.create_job(
+        JobSpec(name="sj", participants=names, dim=DIM, rounds=2, groups=3,
+                deadlines=StageTimeouts.uniform(10.0))
+    )  # fmt: skip
+
+    def follow(site: int, name: str) -> list[tuple[float, int]]:
+        got = []
+        with d.client(name) as c:
+            for round_id in c.rounds("sj", timeout=60):
+                agg = c.aggregate(round_id, np.full(DIM, 0.25 * site), weight=site)
+                got.append((float(agg.mean[0]), agg.total_weight))
+        return got
+
+    out = run_threads({n: (lambda s=s, n=n: follow(s, n)) for s, n in enumerate(names, 1)})
+    assert not {k: o.error for k, o in out.items() if o.error}
+    want = sum(s * 0.25 * s for s in range(1, 10)) / sum(range(1, 10))
+    for o in out.values():
+        assert len(o.result) == 2
+        for mean, weight in o.result:
+            assert abs(mean - want) < 1e-3 and weight == sum(range(1, 10))
+    done = d.admin.wait_job("sj", timeout=30)
+    assert (done.status, done.rounds_completed) == ("finished", 2)
