@@ -59,6 +59,8 @@ __all__ = [
     "AssignmentAborted",
     "GroupCoordinator",
     "GroupJoinClient",
+    "GroupResults",
+    "GroupRow",
     "JoinCommit",
     "JoinRoster",
     "NonceOpen",
@@ -79,7 +81,9 @@ NONCE_BYTES = 32
 """256-bit nonces from :mod:`secrets`: one honest nonce makes the seed uniform."""
 _MAGIC = b"SAGJ"
 _SIG = 64
-_COMMIT, _OPEN, _ROSTER, _OPENS = 1, 2, 3, 4
+_COMMIT, _OPEN, _ROSTER, _OPENS, _RESULTS = 1, 2, 3, 4, 5
+_MAX_TEXT = 1024
+_MAX_SUMS = 1 << 31
 
 
 class AssignmentAborted(RoundAborted):
@@ -237,6 +241,67 @@ class NonceOpens:
         opens = tuple(NonceOpen.read(r, rid) for _ in range(count))
         r.end()
         return cls(rid, roster_hash, opens)
+
+
+@dataclass(frozen=True)
+class GroupRow:
+    """One group's line in :class:`GroupResults`: size, survivors, status, abort reason."""
+
+    group: int
+    size: int
+    survivors: int
+    completed: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class GroupResults:
+    """Coordinator -> clients, last on the front-door stream of a sharded round over gRPC:
+    the published sum of the completed groups (lane sums, contributors, total weight) and
+    every group's status, or the round's abort (``completed`` false, ``stage``/``reason``).
+    Per-group sums are not sent: a client learns the total only, as in a single round."""
+
+    round_id: bytes
+    completed: bool
+    stage: str
+    reason: str
+    contributors: tuple[int, ...]
+    total_weight: int
+    sums: bytes
+    """Little-endian u64 lane sums (empty when aborted)."""
+    rows: tuple[GroupRow, ...]
+
+    def encode(self) -> bytes:
+        w = _header(Writer(), _RESULTS, self.round_id).u8(int(self.completed))
+        w.var(self.stage.encode()[:_MAX_TEXT]).var(self.reason.encode()[:_MAX_TEXT])
+        w.ids(list(self.contributors)).u64(self.total_weight).var(self.sums)
+        w.u32(len(self.rows))
+        for row in self.rows:
+            w.u32(row.group).u32(row.size).u32(row.survivors).u8(int(row.completed))
+            w.var(row.reason.encode()[:_MAX_TEXT])
+        return w.getvalue()
+
+    @classmethod
+    def decode(cls, data: bytes) -> GroupResults:
+        r, rid = _read_header(data, _RESULTS)
+        completed = r.u8()
+        stage = r.var(_MAX_TEXT).decode(errors="replace")
+        reason = r.var(_MAX_TEXT).decode(errors="replace")
+        contributors = r.ids(MAX_CLIENTS)
+        total_weight, sums = r.u64(), r.var(_MAX_SUMS)
+        count = r.u32()
+        if count > MAX_GROUPS or completed > 1 or len(sums) % 8:
+            raise MalformedMessage("malformed group results")
+        rows = []
+        for _ in range(count):
+            g, size, surv, ok = r.u32(), r.u32(), r.u32(), r.u8()
+            rows.append(
+                GroupRow(g, size, surv, bool(ok), r.var(_MAX_TEXT).decode(errors="replace"))
+            )
+        r.end()
+        return cls(
+            rid, bool(completed), stage, reason, contributors, total_weight, sums, tuple(rows)
+        )
 
 
 @lru_cache(maxsize=1 << 16)

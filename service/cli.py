@@ -303,6 +303,13 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="seconds a participant whose stream closed has to reconnect before it counts as "
         "dropped (default 3)",
     )
+    p.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        help="where group rounds of sharded rounds run (default local; ray: secagg[ray])",
+    )
+    p.add_argument("--ray-workers", type=int, help="--engine ray: actors per sharded round (2)")
+    p.add_argument("--ray-address", help="--engine ray: an existing Ray cluster")
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -338,7 +345,14 @@ def _run_serve(args: argparse.Namespace) -> int:
         log_format=args.log_format,
         shutdown_grace=args.shutdown_grace,
         admin_token_file=args.admin_token_file,
+        engine=args.engine,
+        ray_workers=args.ray_workers,
+        ray_address=args.ray_address,
     )
+    if config.engine == "ray":
+        from secagg.service.ray_engine import import_ray
+
+        import_ray()  # without Ray: exit 2 with the one line that fixes it
     return serve(config)
 
 
@@ -676,6 +690,20 @@ def _add_round_shape(p: argparse.ArgumentParser) -> None:
         " clients whose update has another layout refuse the round",
     )
     p.add_argument("--stage-timeout", type=float, help="seconds per stage (server default)")
+    p.add_argument(
+        "--groups",
+        type=int,
+        default=0,
+        help="sharded round: G > 1 groups, assigned by commit-reveal, one group round each "
+        "(masked; docs/sharding.md, 'Over gRPC')",
+    )
+    p.add_argument(
+        "--on-group-abort",
+        choices=["publish", "abort"],
+        default="publish",
+        help="sharded round: when a group aborts, publish the others' sum (never below the "
+        "minimum contributors) or abort the round",
+    )
     _add_dp_flags(p)
 
 
@@ -749,6 +777,8 @@ def _round_shape(args: argparse.Namespace) -> dict[str, Any]:
         "he_context": he_context,
         "publish_after": args.publish_after,
         "layout": _layout_arg(args.layout),
+        "groups": args.groups,
+        "on_group_abort": args.on_group_abort,
     }
 
 

@@ -592,6 +592,13 @@ class Client:
         client go silent (it disconnects and returns ``None``), which simulations use to
         model dropouts.
         """
+        if joined.groups > 1:  # a sharded round: the assignment first (docs/sharding.md)
+            from secagg.service.sharded_client import participate_sharded
+
+            return participate_sharded(
+                self, joined, vector, weight, rounding_key=rounding_key, on_send=on_send,
+                key_epoch=key_epoch,
+            )  # fmt: skip
         core: SecAggClient | PlaintextClient | CkksClient
         p = joined.params
         secret: ckks.SecretContext | None = None

@@ -92,12 +92,23 @@ class ServerConfig:
     log_level: str = "info"
     log_format: str = "json"
     shutdown_grace: float = 10.0
+    engine: str = "local"
+    """Where group rounds of sharded rounds run: ``local`` (this process) or ``ray``
+    (Ray actors; ``secagg[ray]``; docs/sharding.md, "Over gRPC")."""
+    ray_workers: int = 2
+    """``engine = "ray"``: aggregator actors per sharded round."""
+    ray_address: str | None = None
+    """``engine = "ray"``: an existing cluster (default: start a local one)."""
 
     def __post_init__(self) -> None:
         if not 1024 <= self.max_chunk_bytes <= 64 << 20:
             raise ConfigurationError("max_chunk_bytes must be in 1 KiB..64 MiB")
         if self.workers < 1:
             raise ConfigurationError("workers must be >= 1")
+        if self.engine not in ("local", "ray") or self.ray_workers < 1:
+            raise ConfigurationError(
+                f"engine must be local or ray (got {self.engine!r}), ray_workers >= 1"
+            )
         if self.tls is None and not self.insecure_no_tls and not is_loopback(self.listen):
             raise ConfigurationError(
                 f"listening on {self.listen} without TLS: give --tls-cert/--tls-key "

@@ -74,6 +74,13 @@ class RoundSpec:
     and charged to in the ledger of ``job`` (:mod:`secagg.service.privacy`). DP rounds are
     unweighted (``max_weight`` 1)."""
 
+    groups: int = 0
+    """Sharded round (docs/sharding.md, "Over gRPC"): ``G > 1`` groups, each its own
+    group round; 0 or 1: one ordinary round."""
+    on_group_abort: str = "publish"
+    """Sharded rounds: ``publish`` the completed groups' sum when a group aborts (never
+    below the minimum contributors) or ``abort`` the round."""
+
     def __post_init__(self) -> None:
         if self.dp is not None and not isinstance(self.dp, DPSpec):
             object.__setattr__(self, "dp", DPSpec.from_json(self.dp, clip=self.clip))
@@ -132,6 +139,9 @@ class JobSpec:
     every: float | None = None
     dp: DPSpec | Mapping[str, Any] | None = None
     job: str = ""
+    groups: int = 0
+    """Sharded rounds of ``groups`` groups (:attr:`RoundSpec.groups`)."""
+    on_group_abort: str = "publish"
 
     def __post_init__(self) -> None:
         if self.name and self.job and self.name != self.job:
@@ -165,6 +175,8 @@ class JobSpec:
             deadlines=self.deadlines,
             he_context=self.he_context,
             layout=self.layout,
+            groups=self.groups,
+            on_group_abort=self.on_group_abort,
             **{k: getattr(self, k) for k in _ROUND_FIELDS},
             **extra,
         )
@@ -182,6 +194,8 @@ class JobSpec:
             every=self.every,
             dp=self.dp_spec.to_json() if self.dp_spec is not None else None,
         )
+        if self.groups > 1:  # sharded jobs only: older specs stay as they were
+            doc.update(groups=self.groups, on_group_abort=self.on_group_abort)
         return doc
 
     @classmethod
@@ -196,6 +210,8 @@ class JobSpec:
                 rounds=doc.get("rounds"),
                 every=doc.get("every"),
                 dp=doc.get("dp"),
+                groups=int(doc.get("groups", 0)),
+                on_group_abort=str(doc.get("on_group_abort", "publish")),
                 **{k: doc[k] for k in _ROUND_FIELDS},
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -231,6 +247,10 @@ class Coordinator:
         """Job -> the DP charge of its last round, awaited before its next round is admitted."""
         from secagg.service.jobs import JobScheduler
 
+        self.group_engine = "local"
+        """Where group rounds of sharded rounds run: ``local`` or ``ray``."""
+        self.ray_workers = 2
+        self.ray_address: str | None = None
         self.jobs: JobScheduler = JobScheduler(self)
         """The jobs: their rounds opened one after another (:mod:`secagg.service.jobs`)."""
 
@@ -274,6 +294,10 @@ class Coordinator:
         ConfigurationError, InfeasibleParameters
             Parameters the core refuses.
         """
+        if spec.groups > 1:  # sharded: this server is the front door (service/sharded.py)
+            from secagg.service.sharded import create_sharded
+
+            return await create_sharded(self, spec, operator=operator, job_index=job_index)
         mode = spec.mode.lower()
         if mode != "plaintext":
             Mode.parse(mode)  # a bad name raises ConfigurationError

@@ -270,6 +270,8 @@ class JoinedRound:
     status: str
     signed_entries: Mapping[int, bytes] = field(default_factory=dict)
     """Client id -> the authority-signed entry the server served (empty if none)."""
+    groups: int = 0
+    """Sharded round: its number of groups (``> 1``); 0 for an ordinary round."""
 
 
 def round_info_from_proto(info: aggregation_pb2.RoundInfo) -> JoinedRound:
@@ -302,6 +304,7 @@ def round_info_from_proto(info: aggregation_pb2.RoundInfo) -> JoinedRound:
         max_message_bytes=info.max_message_bytes,
         status=info.status,
         signed_entries=entries,
+        groups=info.groups,
     )
 
 
@@ -329,6 +332,7 @@ def round_info_to_proto(
     max_chunk_bytes: int,
     max_message_bytes: int,
     status: str,
+    groups: int = 0,
 ) -> aggregation_pb2.RoundInfo:
     return aggregation_pb2.RoundInfo(
         round_id=round_id,
@@ -341,6 +345,7 @@ def round_info_to_proto(
         max_chunk_bytes=max_chunk_bytes,
         max_message_bytes=max_message_bytes,
         status=status,
+        groups=groups,
     )
 
 
@@ -431,6 +436,8 @@ def round_spec_from_proto(
         publish_after=req.publish_after or None,
         layout=bytes(req.layout),
         dp=DPSpec.from_json(dp_doc, clip=clip) if dp_doc is not None else None,
+        groups=req.groups,
+        on_group_abort=req.on_group_abort or "publish",
     )
 
 
@@ -452,6 +459,8 @@ def round_spec_to_proto(spec: RoundSpec) -> admin_pb2.CreateRoundRequest:
         publish_after=spec.publish_after or 0,
         layout=spec.layout,
         dp_json=json.dumps(spec.dp.to_json()) if spec.dp is not None else "",
+        groups=spec.groups,
+        on_group_abort=spec.on_group_abort if spec.groups > 1 else "",
     )
 
 
@@ -524,6 +533,8 @@ def job_spec_from_proto(
         rounds=req.rounds or None,
         every=req.every or None,
         dp=dp,
+        groups=r.groups,
+        on_group_abort=r.on_group_abort,
     )
 
 

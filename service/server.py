@@ -220,6 +220,9 @@ class SecAggService:
             retain_seconds=config.retain_seconds,
             disconnect_grace=config.disconnect_grace,
         )
+        self.coordinator.group_engine = config.engine  # sharded rounds (service/sharded.py)
+        self.coordinator.ray_workers = config.ray_workers
+        self.coordinator.ray_address = config.ray_address
         self.port = 0
         self._server: Any = None
         self._health: Any = None

@@ -124,6 +124,7 @@ class AggregationServicer:
                 max_chunk_bytes=self._config.max_chunk_bytes,
                 max_message_bytes=runner.max_message_bytes,
                 status=runner.status,
+                groups=getattr(runner, "groups", 0),  # a sharded front door (service/sharded.py)
             )
         except Exception as exc:
             await _fail(context, exc)

@@ -205,6 +205,8 @@ class CreateRoundRequest(_message.Message):
     PUBLISH_AFTER_FIELD_NUMBER: _builtins.int
     LAYOUT_FIELD_NUMBER: _builtins.int
     DP_JSON_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
+    ON_GROUP_ABORT_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     """Federation or job the round belongs to; at most one running round per job."""
     dim: _builtins.int
@@ -242,6 +244,16 @@ class CreateRoundRequest(_message.Message):
     "max_withholders", "max_excess", "sampling_rate"} (empty: no DP). The server calibrates
     the round's noise for its n and threshold and charges it to the job's privacy ledger.
     """
+    groups: _builtins.int
+    """Sharded round (docs/sharding.md, "Over gRPC"): 0 or 1 = one ordinary round; G > 1 = the
+    server (the front door) runs the commit-reveal group assignment with the participants
+    over their Session streams, then one group round per group, and publishes the sum of
+    the group sums. masked only.
+    """
+    on_group_abort: _builtins.str
+    """Sharded rounds: "publish" (default) the completed groups' sum when a group aborts
+    (never below the minimum contributors), or "abort" the whole round.
+    """
     @_builtins.property
     def participants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Enrolled participant names; the server assigns client ids 1..n in this order."""
@@ -267,10 +279,12 @@ class CreateRoundRequest(_message.Message):
         publish_after: _builtins.int = ...,
         layout: _builtins.bytes = ...,
         dp_json: _builtins.str = ...,
+        groups: _builtins.int = ...,
+        on_group_abort: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadlines", b"deadlines"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "clip", b"clip", "deadlines", b"deadlines", "dim", b"dim", "dp_json", b"dp_json", "he_context", b"he_context", "job", b"job", "layout", b"layout", "max_weight", b"max_weight", "mode", b"mode", "neighbors", b"neighbors", "participants", b"participants", "publish_after", b"publish_after", "threshold", b"threshold", "tolerate_corrupt", b"tolerate_corrupt", "tolerate_dropout", b"tolerate_dropout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "clip", b"clip", "deadlines", b"deadlines", "dim", b"dim", "dp_json", b"dp_json", "groups", b"groups", "he_context", b"he_context", "job", b"job", "layout", b"layout", "max_weight", b"max_weight", "mode", b"mode", "neighbors", b"neighbors", "on_group_abort", b"on_group_abort", "participants", b"participants", "publish_after", b"publish_after", "threshold", b"threshold", "tolerate_corrupt", b"tolerate_corrupt", "tolerate_dropout", b"tolerate_dropout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

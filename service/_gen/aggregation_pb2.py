@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from secagg.service._gen import common_pb2 as secagg_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsecagg/v1/aggregation.proto\x12\tsecagg.v1\x1a\x16secagg/v1/common.proto\"!\n\x12WatchRoundsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"V\n\x08JobEvent\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x10\n\x08round_id\x18\x03 \x01(\x0c\x12\r\n\x05index\x18\x04 \x01(\x04\x12\x0e\n\x06reason\x18\x05 \x01(\t\"#\n\x0fGetRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x0c\"\x89\x02\n\tRoundInfo\x12\x10\n\x08round_id\x18\x01 \x01(\x0c\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\x0e\n\x06params\x18\x03 \x01(\x0c\x12,\n\tdirectory\x18\x04 \x03(\x0b\x32\x19.secagg.v1.DirectoryEntry\x12\x11\n\tclient_id\x18\x05 \x01(\r\x12,\n\tdeadlines\x18\x06 \x01(\x0b\x32\x19.secagg.v1.StageDeadlines\x12\x1a\n\x12insecure_plaintext\x18\x07 \x01(\x08\x12\x17\n\x0fmax_chunk_bytes\x18\x08 \x01(\x04\x12\x19\n\x11max_message_bytes\x18\t \x01(\x04\x12\x0e\n\x06status\x18\n \x01(\t\"5\n\x05Hello\x12\x13\n\x0bresume_from\x18\x01 \x01(\r\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\x04\"[\n\x0b\x43lientFrame\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.secagg.v1.HelloH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.secagg.v1.ChunkH\x00\x42\x06\n\x04kind\"%\n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"W\n\x0bServerFrame\x12!\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x10.secagg.v1.ChunkH\x00\x12\x1d\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x0e.secagg.v1.AckH\x00\x42\x06\n\x04kind2\xcf\x01\n\x0b\x41ggregation\x12<\n\x08GetRound\x12\x1a.secagg.v1.GetRoundRequest\x1a\x14.secagg.v1.RoundInfo\x12=\n\x07Session\x12\x16.secagg.v1.ClientFrame\x1a\x16.secagg.v1.ServerFrame(\x01\x30\x01\x12\x43\n\x0bWatchRounds\x12\x1d.secagg.v1.WatchRoundsRequest\x1a\x13.secagg.v1.JobEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsecagg/v1/aggregation.proto\x12\tsecagg.v1\x1a\x16secagg/v1/common.proto\"!\n\x12WatchRoundsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"V\n\x08JobEvent\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x10\n\x08round_id\x18\x03 \x01(\x0c\x12\r\n\x05index\x18\x04 \x01(\x04\x12\x0e\n\x06reason\x18\x05 \x01(\t\"#\n\x0fGetRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x0c\"\x99\x02\n\tRoundInfo\x12\x10\n\x08round_id\x18\x01 \x01(\x0c\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\x0e\n\x06params\x18\x03 \x01(\x0c\x12,\n\tdirectory\x18\x04 \x03(\x0b\x32\x19.secagg.v1.DirectoryEntry\x12\x11\n\tclient_id\x18\x05 \x01(\r\x12,\n\tdeadlines\x18\x06 \x01(\x0b\x32\x19.secagg.v1.StageDeadlines\x12\x1a\n\x12insecure_plaintext\x18\x07 \x01(\x08\x12\x17\n\x0fmax_chunk_bytes\x18\x08 \x01(\x04\x12\x19\n\x11max_message_bytes\x18\t \x01(\x04\x12\x0e\n\x06status\x18\n \x01(\t\x12\x0e\n\x06groups\x18\x0b \x01(\r\"5\n\x05Hello\x12\x13\n\x0bresume_from\x18\x01 \x01(\r\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\x04\"[\n\x0b\x43lientFrame\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.secagg.v1.HelloH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.secagg.v1.ChunkH\x00\x42\x06\n\x04kind\"%\n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"W\n\x0bServerFrame\x12!\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x10.secagg.v1.ChunkH\x00\x12\x1d\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x0e.secagg.v1.AckH\x00\x42\x06\n\x04kind2\xcf\x01\n\x0b\x41ggregation\x12<\n\x08GetRound\x12\x1a.secagg.v1.GetRoundRequest\x1a\x14.secagg.v1.RoundInfo\x12=\n\x07Session\x12\x16.secagg.v1.ClientFrame\x1a\x16.secagg.v1.ServerFrame(\x01\x30\x01\x12\x43\n\x0bWatchRounds\x12\x1d.secagg.v1.WatchRoundsRequest\x1a\x13.secagg.v1.JobEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,15 +39,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETROUNDREQUEST']._serialized_start=189
   _globals['_GETROUNDREQUEST']._serialized_end=224
   _globals['_ROUNDINFO']._serialized_start=227
-  _globals['_ROUNDINFO']._serialized_end=492
-  _globals['_HELLO']._serialized_start=494
-  _globals['_HELLO']._serialized_end=547
-  _globals['_CLIENTFRAME']._serialized_start=549
-  _globals['_CLIENTFRAME']._serialized_end=640
-  _globals['_ACK']._serialized_start=642
-  _globals['_ACK']._serialized_end=679
-  _globals['_SERVERFRAME']._serialized_start=681
-  _globals['_SERVERFRAME']._serialized_end=768
-  _globals['_AGGREGATION']._serialized_start=771
-  _globals['_AGGREGATION']._serialized_end=978
+  _globals['_ROUNDINFO']._serialized_end=508
+  _globals['_HELLO']._serialized_start=510
+  _globals['_HELLO']._serialized_end=563
+  _globals['_CLIENTFRAME']._serialized_start=565
+  _globals['_CLIENTFRAME']._serialized_end=656
+  _globals['_ACK']._serialized_start=658
+  _globals['_ACK']._serialized_end=695
+  _globals['_SERVERFRAME']._serialized_start=697
+  _globals['_SERVERFRAME']._serialized_end=784
+  _globals['_AGGREGATION']._serialized_start=787
+  _globals['_AGGREGATION']._serialized_end=994
 # @@protoc_insertion_point(module_scope)

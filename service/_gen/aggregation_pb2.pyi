@@ -110,6 +110,7 @@ class RoundInfo(_message.Message):
     MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
     round_id: _builtins.bytes
     job: _builtins.str
     params: _builtins.bytes
@@ -124,6 +125,12 @@ class RoundInfo(_message.Message):
     """Largest protocol message (all chunks together) the server accepts in this round."""
     status: _builtins.str
     """"running", "completed" or "aborted"."""
+    groups: _builtins.int
+    """Sharded round: number of groups G > 1 (docs/sharding.md, "Over gRPC"). The Session
+    stream of this round then carries the group assignment (secagg.groups messages, magic
+    SAGJ): JoinCommit, JoinRoster, NonceOpen, NonceOpens, and at the end GroupResults.
+    Each group round is an ordinary round (its own round id, GetRound and Session).
+    """
     @_builtins.property
     def directory(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.DirectoryEntry]:
         """Client id -> identity key of every invited participant. Comes from the server: a client
@@ -145,10 +152,11 @@ class RoundInfo(_message.Message):
         max_chunk_bytes: _builtins.int = ...,
         max_message_bytes: _builtins.int = ...,
         status: _builtins.str = ...,
+        groups: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadlines", b"deadlines"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "deadlines", b"deadlines", "directory", b"directory", "insecure_plaintext", b"insecure_plaintext", "job", b"job", "max_chunk_bytes", b"max_chunk_bytes", "max_message_bytes", b"max_message_bytes", "params", b"params", "round_id", b"round_id", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "deadlines", b"deadlines", "directory", b"directory", "groups", b"groups", "insecure_plaintext", b"insecure_plaintext", "job", b"job", "max_chunk_bytes", b"max_chunk_bytes", "max_message_bytes", b"max_message_bytes", "params", b"params", "round_id", b"round_id", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

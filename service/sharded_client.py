@@ -1,0 +1,199 @@
+"""The client's side of a sharded round over gRPC (docs/sharding.md, "Over gRPC").
+
+On the front-door round's ``Session`` stream the client runs the assignment of
+:mod:`secagg.groups` (:class:`~secagg.groups.GroupJoinClient`: commit, check the roster,
+open, check the transcript), then fetches its group round (``GetRound`` of
+:func:`secagg.groups.group_round_id`), checks it against the assignment and its own
+policy (:func:`secagg.groups.check_group_invite`, directory keys equal the front door's,
+same dim and quantization) *before sending anything into it*, runs it as any round, and
+finally checks the front door's :class:`~secagg.groups.GroupResults` against what it knows
+(its own group's contributors, every completed group at least ``min_contributors`` strong
+and inside its group) before returning the published sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+import numpy.typing as npt
+
+from secagg import groups as gr
+from secagg import kernels
+from secagg.client import ClientResult
+from secagg.errors import PolicyViolation, RoundAborted, ServerMisbehaviour
+from secagg.messages import Message
+from secagg.service.errors import PolicyRefused
+from secagg.service.serde import JoinedRound
+
+if TYPE_CHECKING:
+    from secagg.service.client import Client
+
+__all__ = ["FrontDoorClient", "participate_sharded"]
+
+
+class _Raw:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def encode(self) -> bytes:
+        return self.data
+
+
+class FrontDoorClient:
+    """The front-door stream's "core" for :class:`secagg.service.client._Session`: the
+    assignment messages in and out; the group round runs inside :meth:`receive` once the
+    assignment is checked; the published sum last."""
+
+    def __init__(
+        self,
+        client: Client,
+        joined: JoinedRound,
+        run_group: Callable[[JoinedRound], ClientResult | None],
+    ) -> None:
+        self.client = client
+        self.joined = joined
+        self.cid = joined.client_id
+        self.join = gr.GroupJoinClient(
+            joined.client_id, client.identity, joined.round_id, joined.groups, joined.directory
+        )
+        self._run_group = run_group
+        self._step = 0
+        self.assignment: gr.Assignment | None = None
+        self.group_result: ClientResult | None = None
+        self.silent = False
+        self.result: ClientResult | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+    def start(self, now: float) -> list[Any]:
+        return [_Raw(self.join.start())]
+
+    def receive(self, data: bytes, now: float) -> list[Any]:
+        step, self._step = self._step, self._step + 1
+        if data[4:5] == bytes([5]):  # GroupResults: the end (or an aborted assignment)
+            self._finish(data)
+            return []
+        if step == 0:
+            return [_Raw(self.join.receive_roster(data))]
+        if step == 1:
+            self.assignment = self.join.receive_opens(data)
+            self.group_result = self._group()
+            if self.group_result is None:
+                self.silent = True
+                raise _GoneSilent
+            return []
+        raise ServerMisbehaviour("the front door sent a message after the round ended")
+
+    def _group(self) -> ClientResult | None:
+        """Fetch, check and run this client's group round."""
+        asg = self.assignment
+        assert asg is not None
+        g = asg.group_of(self.cid)
+        gjoined = self.client.join(gr.group_round_id(asg.seed, g))
+        front = self.joined.params
+        p = gjoined.params
+        if gjoined.client_id != self.cid:
+            raise ServerMisbehaviour(
+                f"the group round seats this client as {gjoined.client_id}, not {self.cid}"
+            )
+        try:
+            gr.check_group_invite(
+                asg, self.cid, p, list(gjoined.directory), self.client.policy.core()
+            )
+        except PolicyViolation as exc:
+            raise PolicyRefused(f"the group round breaks this client's policy: {exc}") from None
+        for m, key in gjoined.directory.items():
+            if self.joined.directory.get(m) != key:
+                raise ServerMisbehaviour(f"group {g} lists client {m} with another identity key")
+        q, fq = p.quant, front.quant
+        if (p.mode, p.dim, q.bits, q.clip, q.max_weight, p.layout) != (
+            front.mode, front.dim, fq.bits, fq.clip, fq.max_weight, front.layout
+        ):  # fmt: skip
+            raise ServerMisbehaviour(f"group {g}'s round has another shape than the sharded round")
+        return self._run_group(gjoined)
+
+    def _finish(self, data: bytes) -> None:
+        msg = gr.GroupResults.decode(data)
+        if msg.round_id != self.joined.round_id:
+            raise ServerMisbehaviour("the group results are for another round")
+        if not msg.completed:
+            raise RoundAborted(msg.stage or "sharded", msg.reason)
+        asg, own = self.assignment, self.group_result
+        if asg is None or own is None:
+            raise ServerMisbehaviour("the front door published a sum before any group ran")
+        p = self.joined.params
+        policy = self.client.policy.core()
+        rows = {r.group: r for r in msg.rows}
+        if sorted(rows) != list(range(len(asg.groups))) or len(rows) != len(msg.rows):
+            raise ServerMisbehaviour("the group results do not list every group once")
+        contributors = msg.contributors
+        if len(set(contributors)) != len(contributors):
+            raise ServerMisbehaviour("the published contributor list repeats a client")
+        g_own = asg.group_of(self.cid)
+        cset = set(contributors)
+        for g, members in enumerate(asg.groups):
+            row = rows[g]
+            inside = cset & set(members)
+            if row.size != len(members) or len(inside) != (row.survivors if row.completed else 0):
+                raise ServerMisbehaviour(f"group {g}'s published line disagrees with the sum")
+            if row.completed and len(inside) < policy.min_contributors:
+                raise PolicyRefused(
+                    f"group {g} contributed {len(inside)} inputs, fewer than this client's"
+                    f" min_contributors={policy.min_contributors}"
+                )
+        if cset - {c for ms in asg.groups for c in ms}:
+            raise ServerMisbehaviour("the published contributors name a client of no group")
+        if not rows[g_own].completed or set(own.contributors) != cset & set(asg.groups[g_own]):
+            raise ServerMisbehaviour("the published sum does not carry this client's group as run")
+        if len(contributors) < policy.min_contributors:
+            raise PolicyRefused(
+                f"the published sum has {len(contributors)} contributors, fewer than"
+                f" {policy.min_contributors}"
+            )
+        want = p.quant.values(p.dim)
+        if len(msg.sums) != 8 * want:
+            raise ServerMisbehaviour(
+                f"the published sum has {len(msg.sums) // 8} lanes, not {want}"
+            )
+        sums: npt.NDArray[np.uint64] = np.frombuffer(msg.sums, dtype="<u8").astype(np.uint64)
+        weighted_sum, total = kernels.dequantize(sums, p.quant, len(contributors), p.dim)
+        if total != msg.total_weight:
+            raise ServerMisbehaviour(
+                f"the published total weight {msg.total_weight} is not the sum's {total}"
+            )
+        self.result = ClientResult(sums, contributors, total, weighted_sum)
+
+
+class _GoneSilent(Exception):
+    """The group round's ``on_send`` hook made the client go silent."""
+
+
+def participate_sharded(
+    client: Client,
+    joined: JoinedRound,
+    vector: npt.ArrayLike,
+    weight: int = 1,
+    *,
+    rounding_key: bytes | None = None,
+    on_send: Callable[[Message], bool] | None = None,
+    key_epoch: bytes | None = None,
+) -> ClientResult | None:
+    """Run a sharded round: assignment and result on the front door, the group round in
+    between (``on_send`` sees the group round's messages only)."""
+    from secagg.service.client import _Session
+
+    def run_group(gjoined: JoinedRound) -> ClientResult | None:
+        return client.participate(
+            gjoined, vector, weight, rounding_key=rounding_key, on_send=on_send,
+            key_epoch=key_epoch,
+        )  # fmt: skip
+
+    core = FrontDoorClient(client, joined, run_group)
+    try:
+        return _Session(client, joined, cast(Any, core), None).run()
+    except _GoneSilent:
+        return None
