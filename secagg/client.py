@@ -378,7 +378,8 @@ def accept_share(
         return None
     h_seed, h_key, sig = commitment[:32], commitment[32:64], commitment[64:]
     dp_ct, h_dp = dp
-    if c.dp is not None and (dp_ct is None or h_dp is None):
+    if c.dp is not None and c.dp.shared_seeds and (dp_ct is None or h_dp is None):
+        # (a plan with one component, t = n, has no removable seeds and no DP bundle)
         c.warnings.append(f"share bundle from client {dealer} came without its DP shares")
         return None
     try:
