@@ -208,3 +208,25 @@ def test_server_release_regenerates_salt_keyed_components_exactly() -> None:
         for u in (1, 2)
     )  # fmt: skip
     assert np.array_equal(got, np.asarray(base).astype(np.uint64) & np.uint64((1 << o.bits) - 1))
+
+
+def test_service_client_prepares_in_the_background_and_hands_out_once() -> None:
+    """``Client.prepare_dp`` draws in a thread; the next round with the same offer gets the
+    noise once, a round with another offer gets none (and the noise is erased)."""
+    from secagg.keys import IdentityKey
+    from secagg.service.client import Client, Policy
+
+    c = Client("localhost:9", IdentityKey(), policy=Policy(dp=DP_POLICY), insecure_no_tls=True)
+    try:
+        with pytest.raises(ConfigurationError, match="offer"):
+            c.prepare_dp()
+        c.prepare_dp(offer(), wait=True)
+        assert c.dp_prepare_seconds is not None
+        got = c._take_dp(offer())
+        assert got is not None and got.ready
+        assert c._take_dp(offer()) is None  # one use
+        c.prepare_dp(offer())
+        other = dataclasses.replace(offer(), rounds=offer().rounds - 1)
+        assert c._take_dp(other) is None
+    finally:
+        c.close()
