@@ -22,18 +22,22 @@ coins: the sensitivity bound is enforced by the exact integer norm check.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from numba import njit, prange
 
 from secagg.dp.randomness import KeyStream
 from secagg.dp.rotation import rotate, unrotate
 from secagg.errors import ConfigurationError, InputError
+from secagg.kernels.cpu import _LAUNCH
 
 __all__ = [
     "MAX_ROUNDING_ATTEMPTS",
     "clip_l2",
     "conditional_round",
+    "conditional_round_reference",
     "decode_sum",
     "encode_update",
     "rounded_norm_bound_sq",
@@ -85,6 +89,38 @@ def _norm_sq(r: I64) -> int:
     return sum(int(v) * int(v) for v in r.tolist())
 
 
+@njit(cache=True, nogil=True, parallel=True)
+def _round_kernel(z: Any, coins: Any, out: Any) -> None:  # pragma: no cover - compiled
+    """``out = floor(z) + [coins >> 11 < frac53(z)]``, elementwise (one fused pass).
+
+    ``frac53 = (z - floor z) 2^53`` is exact (``z - floor z`` is in ``[0, 1)`` and ``|z| <
+    2^52``), so the coin comparison, and ``out``, are those of the numpy formulation
+    (:func:`conditional_round_reference`) bit for bit.
+    """
+    for i in prange(z.shape[0]):
+        low = np.floor(z[i])
+        frac53 = np.uint64((z[i] - low) * 9007199254740992.0)
+        up = (coins[i] >> np.uint64(11)) < frac53
+        out[i] = np.int64(low) + np.int64(up)
+
+
+def conditional_round_reference(z: F64, bound_sq: int, src: KeyStream) -> I64:
+    """:func:`conditional_round` in plain numpy (the reference the kernel is tested against)."""
+    if np.abs(z).max(initial=0.0) >= 2.0**52:
+        raise InputError("scaled coordinate too large to round exactly (>= 2^52)")
+    low = np.floor(z)
+    frac53 = ((z - low) * 2.0**53).astype(np.uint64)  # exact: z - low is in [0, 1)
+    base = low.astype(np.int64)
+    for _ in range(MAX_ROUNDING_ATTEMPTS):
+        up = (src.words(z.size) >> np.uint64(11)) < frac53
+        r = base + up.astype(np.int64)
+        if _norm_sq(r) <= bound_sq:
+            return r
+    raise InputError(
+        f"conditional rounding exceeded ||r||^2 <= {bound_sq} {MAX_ROUNDING_ATTEMPTS} times"
+    )
+
+
 def conditional_round(z: F64, bound_sq: int, src: KeyStream) -> I64:
     """Unbiased randomized rounding of ``z``, redrawn until ``||r||_2^2 <= bound_sq`` (exact).
 
@@ -96,12 +132,12 @@ def conditional_round(z: F64, bound_sq: int, src: KeyStream) -> I64:
     """
     if np.abs(z).max(initial=0.0) >= 2.0**52:
         raise InputError("scaled coordinate too large to round exactly (>= 2^52)")
-    low = np.floor(z)
-    frac53 = ((z - low) * 2.0**53).astype(np.uint64)  # exact: z - low is in [0, 1)
-    base = low.astype(np.int64)
+    z = np.ascontiguousarray(z, dtype=np.float64)
+    r = np.empty(z.size, dtype=np.int64)
     for _ in range(MAX_ROUNDING_ATTEMPTS):
-        up = (src.words(z.size) >> np.uint64(11)) < frac53
-        r = base + up.astype(np.int64)
+        coins = src.words(z.size)
+        with _LAUNCH:  # one parallel region at a time (kernels/cpu.py: workqueue layer)
+            _round_kernel(z, coins, r)
         if _norm_sq(r) <= bound_sq:
             return r
     raise InputError(
