@@ -223,3 +223,19 @@ def test_fused_rounding_kernel_is_bit_identical_to_the_numpy_reference(size: int
     got = conditional_round(z, big, KeyStream(KEY, Purpose.DP_ROUNDING))
     want = conditional_round_reference(z, big, KeyStream(KEY, Purpose.DP_ROUNDING))
     assert got.dtype == np.int64 and np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("bits", [1, 8, 19, 40, 62, 64])
+def test_fused_centre_scale_is_bit_identical_to_the_numpy_formula(bits: int) -> None:
+    """Decode KAT: the fused pass gives ``centre(v, bits).astype(float64) / gamma`` bit for
+    bit, including ``0``, ``2^(b-1) - 1``, ``2^(b-1)`` and ``2^b - 1`` (the boundaries)."""
+    from secagg.dp.encoding import centre_scaled
+
+    rng = np.random.default_rng(bits)  # test data only
+    v = rng.integers(0, 2**63, 1000, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    top = (1 << bits) - 1
+    edges = [0, max(0, (1 << (bits - 1)) - 1), 1 << (bits - 1), top]
+    v[:4] = np.array(edges, dtype=np.uint64)
+    gamma = 3620.3867196751235
+    want = centre(v, bits).astype(np.float64) / gamma
+    assert np.array_equal(centre_scaled(v, bits, gamma), want)
