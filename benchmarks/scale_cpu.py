@@ -29,6 +29,10 @@ def main() -> None:
     parser.add_argument("--threshold", default="auto")
     parser.add_argument("--tolerate-dropout", type=float, default=None)
     parser.add_argument("--tolerate-corrupt", type=float, default=None)
+    parser.add_argument("--dp-epsilon", type=float, default=None, help="DP round (docs/dp.md)")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds the DP budget covers")
+    parser.add_argument("--dp-clip", type=float, default=None)
+    parser.add_argument("--dp-prepare", action="store_true", help="noise drawn before the round")
     args = parser.parse_args()
     cfg = sim.SimulationConfig(
         clients=args.clients,
@@ -38,6 +42,10 @@ def main() -> None:
         threshold=args.threshold,
         tolerated_dropout=args.tolerate_dropout,
         tolerated_corrupt=args.tolerate_corrupt,
+        dp_epsilon=args.dp_epsilon,
+        dp_rounds=args.rounds,
+        dp_clip=args.dp_clip,
+        dp_prepare=args.dp_prepare,
     )
     load0 = os.getloadavg()
     wall0 = time.perf_counter()

@@ -254,7 +254,7 @@ def _chunk(
     return False
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)  # drawn beside training: releases the GIL
 def _dg_sum_kernel(
     keys: Any, tag: Any, params: Any, count: Any, out: Any, flags: Any
 ) -> None:  # fmt: skip

@@ -18,7 +18,7 @@ import numpy.typing as npt
 from secagg import ckks, graph, kernels, shamir
 from secagg.dp.encoding import decode_sum, to_ring
 from secagg.dp.packing import dp_lane_bits, pack_ring, unpack_ring
-from secagg.dp.participants import DPClient, rotation_key
+from secagg.dp.participants import DPClient, PreparedNoise, rotation_key
 from secagg.dp.rotation import padded_dim
 from secagg.errors import (
     DecryptionBudgetExhausted,
@@ -162,6 +162,8 @@ class _Ctx:
         self.dp_own: tuple[bytes, ...] = ()
         self.dp_peer: dict[int, tuple[bytes, ...]] = {}
         """DP rounds: this client's noise state, its own and its peers' noise-seed shares."""
+        self.dp_prepared: PreparedNoise | None = None
+        """DP rounds: noise drawn before the round, until ShareKeys takes (or drops) it."""
 
     @property
     def rid(self) -> bytes:
@@ -311,6 +313,9 @@ def deal_shares(c: _Ctx) -> ShareKeys:
     )
     c.own_shares = (seed_sh[c.cid], key_sh[c.cid])
     c.dp_own = tuple(sh[c.cid] for sh in dp_sh)
+    # noise drawn before the round: its salt is public and signed (empty without one, or
+    # with nothing removable, L = 0: the server never regenerates a component then)
+    salt = (c.dp.salt or b"") if c.dp is not None and dp_sh else b""
     sid = c.session_id
     commitments = []
     dp_commits = []
@@ -320,7 +325,7 @@ def deal_shares(c: _Ctx) -> ShareKeys:
         h_dp = b"".join(
             share_commitment(sid, c.cid, v, dp_share_kind(k), sh[v]) for k, sh in enumerate(dp_sh)
         )
-        sig = c.identity.sign(share_commit_payload(sid, c.cid, v, h_seed, h_key, h_dp))
+        sig = c.identity.sign(share_commit_payload(sid, c.cid, v, h_seed, h_key, h_dp, salt))
         commitments.append((v, h_seed + h_key + sig))
         if dp_sh:
             dp_commits.append((v, h_dp))
@@ -343,6 +348,7 @@ def deal_shares(c: _Ctx) -> ShareKeys:
         len(dp_sh),
         tuple(dp_bundles),
         tuple(dp_commits),
+        salt,
     )
 
 
@@ -350,9 +356,12 @@ def start_dp(c: _Ctx) -> list[bytes]:
     """DP rounds: draw this client's noise seeds (the offer was checked against its policy
     before the first message) and return the ``L`` removable ones to share with ``b_u``."""
     offer = c.params.dp
+    prepared, c.dp_prepared = c.dp_prepared, None
     if offer is None:
+        if prepared is not None:
+            prepared.discard()
         return []
-    c.dp = DPClient(offer, c.policy.dp, client_id=c.cid, session_id=c.session_id)
+    c.dp = DPClient(offer, c.policy.dp, client_id=c.cid, session_id=c.session_id, prepared=prepared)
     return c.dp.shared_seeds
 
 
@@ -362,12 +371,14 @@ def accept_share(
     ciphertext: bytes,
     commitment: bytes | None,
     dp: tuple[bytes | None, bytes | None] = (None, None),
+    dp_salt: bytes = b"",
 ) -> tuple[bytes, bytes] | None:
     """The two shares ``dealer`` sent this client, or ``None`` (with a warning naming the
     dealer) when they fail the AEAD, the dealer's signature or its commitments.
 
     DP rounds: ``dp`` is the dealer's DP bundle and its ``L`` share commitments; they must
-    decrypt and match too (the signature covers them), and land in ``c.dp_peer``.
+    decrypt and match too (the signature covers them, and the dealer's precompute salt
+    ``dp_salt`` if it drew its noise before the round), and land in ``c.dp_peer``.
 
     Nothing here raises: a peer's bad bundle costs this client that one share, never the
     round (docs/protocol.md, "Shares with evidence").
@@ -378,7 +389,8 @@ def accept_share(
         return None
     h_seed, h_key, sig = commitment[:32], commitment[32:64], commitment[64:]
     dp_ct, h_dp = dp
-    if c.dp is not None and (dp_ct is None or h_dp is None):
+    if c.dp is not None and c.dp.shared_seeds and (dp_ct is None or h_dp is None):
+        # (a plan with one component, t = n, has no removable seeds and no DP bundle)
         c.warnings.append(f"share bundle from client {dealer} came without its DP shares")
         return None
     try:
@@ -392,7 +404,7 @@ def accept_share(
         c.warnings.append(f"share bundle from client {dealer} failed authentication")
         return None
     try:
-        payload = share_commit_payload(sid, dealer, c.cid, h_seed, h_key, h_dp or b"")
+        payload = share_commit_payload(sid, dealer, c.cid, h_seed, h_key, h_dp or b"", dp_salt)
         verify_signature(c.directory[dealer], payload, sig)
     except InvalidSignature:
         c.warnings.append(f"share commitment of client {dealer} is not signed by it")
@@ -450,9 +462,12 @@ class ShareKeysState(_State):
                 f" {want_dp}"
             )
         dp_cts, dp_commits = dict(msg.dp_shares), dict(msg.dp_commitments)
+        salts = dict(msg.dp_salts)
+        if len(salts) != len(msg.dp_salts) or not set(salts) <= set(senders):
+            raise c.misbehaviour("share delivery's DP salts do not match its senders")
         for u, ct in msg.shares:
             dp = (dp_cts.get(u), dp_commits.get(u)) if want_dp else (None, None)
-            got = accept_share(c, u, ct, commitments.get(u), dp)
+            got = accept_share(c, u, ct, commitments.get(u), dp, salts.get(u, b""))
             if got is not None:
                 c.peer_shares[u] = got
         c.u1_peers = frozenset(senders)
@@ -860,6 +875,10 @@ class SecAggClient:
         context of another epoch is refused here, before any message. Either way the
         session id binds the context's own epoch, so the server refuses the client's
         messages after the roster if the epochs differ.
+    dp_prepared:
+        DP rounds: noise drawn before the round (:class:`secagg.dp.participants.PreparedNoise`,
+        docs/dp.md "Speed"). Used if its offer equals ``params.dp``, otherwise dropped and
+        the noise drawn in the round; single-use either way (erased on abort too).
 
     Raises
     ------
@@ -887,6 +906,7 @@ class SecAggClient:
         policy: ClientPolicy | None = None,
         layout: bytes | None = None,
         key_epoch: bytes | None = None,
+        dp_prepared: PreparedNoise | None = None,
     ) -> None:
         policy = policy if policy is not None else ClientPolicy()
         policy.check_params(params)  # before anything else: the server chose these
@@ -937,6 +957,7 @@ class SecAggClient:
             he_context,
             policy,
         )
+        self._ctx.dp_prepared = dp_prepared
         self._state: _State = self._first_state()
         self._started = False
 
@@ -1018,5 +1039,9 @@ class SecAggClient:
     def _fail(self, exc: ServerMisbehaviour | RoundAborted) -> None:
         self._ctx.error = exc
         self._ctx.x = None
+        if self._ctx.dp_prepared is not None:  # noise drawn for this round: never reused
+            self._ctx.dp_prepared.discard()
+        if self._ctx.dp is not None:
+            self._ctx.dp.erase()
         self._state = _Final(self._ctx, Stage.ABORTED)
         raise exc

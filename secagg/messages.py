@@ -73,6 +73,8 @@ SHARE_CIPHERTEXT_BYTES = SHARE_PLAINTEXT_BYTES + 16
 SHARE_COMMIT_BYTES = 32 + 32 + SIGNATURE_BYTES
 """A dealer's signed commitment to the two shares one holder gets: ``H_seed || H_key || sig``
 (two SHA-256 digests and the Ed25519 signature over :func:`share_commit_payload`)."""
+DP_SALT_BYTES = 32
+"""A DP precompute salt (:data:`secagg.dp.xnoise.PRECOMPUTE_SALT_BYTES`)."""
 MAX_TEXT = 1024
 SERVER = 0
 NONCE_BYTES = 32
@@ -140,11 +142,19 @@ def share_commitment(
 
 
 def share_commit_payload(
-    session_id: bytes, dealer: int, holder: int, h_seed: bytes, h_key: bytes, h_dp: bytes = b""
+    session_id: bytes,
+    dealer: int,
+    holder: int,
+    h_seed: bytes,
+    h_key: bytes,
+    h_dp: bytes = b"",
+    dp_salt: bytes = b"",
 ) -> bytes:
     """Bytes the dealer signs for one holder: its commitments to that holder's two shares,
     and in DP rounds the ``L`` commitments ``h_dp`` to its DP noise-seed shares
-    (:func:`dp_share_kind`)."""
+    (:func:`dp_share_kind`) and, for noise drawn before the round, its 32-byte precompute
+    salt (:func:`secagg.dp.xnoise.component_key`; empty otherwise, so the payload of a
+    round without one is unchanged). ``h_dp`` has ``32 L`` bytes, so the split is unique."""
     return (
         b"secagg/v1/share-commits"
         + session_id
@@ -153,6 +163,7 @@ def share_commit_payload(
         + h_seed
         + h_key
         + h_dp
+        + dp_salt
     )
 
 
@@ -308,7 +319,9 @@ class ShareKeys(Message):
     DP rounds add the shares of the ``L = dp_components`` removable noise seeds: one more
     ciphertext per neighbour (``dp_shares``, under its own pairwise key) and, per holder,
     the ``L`` share commitments ``H_dp_0 || .. || H_dp_(L-1)`` (``dp_commitments``), which
-    the holder's ``sig`` also covers (:func:`share_commit_payload`)."""
+    the holder's ``sig`` also covers (:func:`share_commit_payload`). A client whose noise
+    was drawn before the round adds its precompute salt ``dp_salt`` (32 bytes after the DP
+    section; absent otherwise), also covered by every ``sig``."""
 
     TYPE: ClassVar[int] = 2
     session_id: bytes
@@ -317,19 +330,26 @@ class ShareKeys(Message):
     dp_components: int = 0
     dp_shares: tuple[tuple[int, bytes], ...] = ()
     dp_commitments: tuple[tuple[int, bytes], ...] = ()
+    dp_salt: bytes = b""
 
     def _body(self, w: Writer) -> None:
         w.fixed(self.session_id, SESSION_ID_BYTES)
         _pairs(w, self.shares, SHARE_CIPHERTEXT_BYTES)
         _pairs(w, self.commitments, SHARE_COMMIT_BYTES)
         _dp_section(w, self.dp_components, self.dp_shares, self.dp_commitments)
+        if self.dp_salt:
+            if not self.dp_components:
+                raise ValueError("a DP salt needs DP shares")
+            w.fixed(self.dp_salt, DP_SALT_BYTES)
 
     @classmethod
     def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> ShareKeys:
         sid = r.fixed(SESSION_ID_BYTES)
         shares = _read_pairs(r, SHARE_CIPHERTEXT_BYTES)
         commits = _read_pairs(r, SHARE_COMMIT_BYTES)
-        return cls(round_id, sender, sid, shares, commits, *_read_dp_section(r))
+        dp = _read_dp_section(r)
+        salt = r.fixed(DP_SALT_BYTES) if r.remaining else b""
+        return cls(round_id, sender, sid, shares, commits, *dp, salt)
 
 
 @dataclass(frozen=True, eq=False)
@@ -584,7 +604,9 @@ class NonceReveals(Message):
 class ShareDelivery(Message):
     """End of round 1: the share ciphertexts addressed to this client, by sender, and each
     sender's signed commitments to the shares inside, ``(sender, H_seed || H_key || sig)``;
-    in DP rounds also each sender's DP share ciphertext and DP share commitments."""
+    in DP rounds also each sender's DP share ciphertext and DP share commitments, and the
+    precompute salts of the senders that sent one (``(sender, salt)``, a trailing list
+    present only when non-empty)."""
 
     TYPE: ClassVar[int] = 17
     session_id: bytes
@@ -593,19 +615,26 @@ class ShareDelivery(Message):
     dp_components: int = 0
     dp_shares: tuple[tuple[int, bytes], ...] = ()
     dp_commitments: tuple[tuple[int, bytes], ...] = ()
+    dp_salts: tuple[tuple[int, bytes], ...] = ()
 
     def _body(self, w: Writer) -> None:
         w.fixed(self.session_id, SESSION_ID_BYTES)
         _pairs(w, self.shares, SHARE_CIPHERTEXT_BYTES)
         _pairs(w, self.commitments, SHARE_COMMIT_BYTES)
         _dp_section(w, self.dp_components, self.dp_shares, self.dp_commitments)
+        if self.dp_salts:
+            if not self.dp_components:
+                raise ValueError("DP salts need DP shares")
+            _pairs(w, self.dp_salts, DP_SALT_BYTES)
 
     @classmethod
     def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> ShareDelivery:
         sid = r.fixed(SESSION_ID_BYTES)
         shares = _read_pairs(r, SHARE_CIPHERTEXT_BYTES)
         commits = _read_pairs(r, SHARE_COMMIT_BYTES)
-        return cls(round_id, sender, sid, shares, commits, *_read_dp_section(r))
+        dp = _read_dp_section(r)
+        salts = _read_pairs(r, DP_SALT_BYTES) if r.remaining else ()
+        return cls(round_id, sender, sid, shares, commits, *dp, salts)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import random
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +105,10 @@ class SimulationConfig:
     dp_rounds: int = 1
     dp_clip: float | None = None
     """L2 clip norm of the DP pipeline (default: ``clip``)."""
+    dp_prepare: bool = False
+    """Each client draws its noise before the round (``PreparedNoise``, docs/dp.md "Speed"):
+    ``seconds.client_median`` is then the in-round time and ``dp.prepare_seconds`` the
+    median time ahead of the round."""
     spoil: tuple[int, ...] = ()
     """hybrid: clients that upload signed ciphertexts of out-of-range slots (a malicious
     client), so the round runs its blame step and aborts naming them."""
@@ -144,13 +149,16 @@ def run_round(
     he_server: ckks.ServerContext | None = None,
     policy: ClientPolicy | None = None,
     spoil: tuple[int, ...] = (),
+    dp_prepared: Mapping[int, Any] | None = None,
 ) -> tuple[SecAggServer | CkksServer, _Tally, dict[int, bytes]]:
     """Run one round in memory; returns the server, byte/time tallies and rounding keys.
 
     ``drop_plan`` maps a client to the stage whose message it never sends; every client
     checks the round against ``policy`` (the secure default when ``None``). Clients in
-    ``spoil`` (hybrid) replace their upload with :func:`spoiled_upload`.
+    ``spoil`` (hybrid) replace their upload with :func:`spoiled_upload`. ``dp_prepared``:
+    client -> its :class:`secagg.dp.participants.PreparedNoise` (DP noise drawn before).
     """
+    dp_prepared = dp_prepared or {}
     tally = _Tally()
     errors: list[SecAggError] = []
     identities = {cid: IdentityKey() for cid in inputs}
@@ -177,7 +185,7 @@ def run_round(
                 c, identities[c], params, directory, inputs[c], weights[c],
                 rounding_key=rounding[c],
                 he_context=None if he_secret is None else he_secret.key_holder(),
-                policy=policy,
+                policy=policy, dp_prepared=dp_prepared.get(c),
             )
             for c in inputs
         }  # fmt: skip
@@ -315,6 +323,16 @@ def simulate(cfg: SimulationConfig) -> dict[str, Any]:
     )
     if cfg.spoil and params.mode is not Mode.HYBRID:
         raise SecAggError("spoiled uploads are simulated in hybrid rounds only")
+    prepared: dict[int, Any] = {}
+    prepare_seconds: list[float] = []
+    if cfg.dp_prepare and params.dp is not None:
+        from secagg.dp.participants import PreparedNoise
+
+        for c in ids:  # ahead of the round (training time in a deployment): not in `wall`
+            t0 = time.perf_counter()
+            prepared[c] = PreparedNoise(params.dp, policy.dp)
+            prepare_seconds.append(time.perf_counter() - t0)
+        wall0 = time.perf_counter()
     server, tally, rounding = run_round(
         params,
         inputs,
@@ -324,6 +342,7 @@ def simulate(cfg: SimulationConfig) -> dict[str, Any]:
         he_server=he_server,
         policy=policy,
         spoil=cfg.spoil,
+        dp_prepared=prepared,
     )
     wall = time.perf_counter() - wall0  # the round only: not data generation or checking
 
@@ -388,6 +407,9 @@ def simulate(cfg: SimulationConfig) -> dict[str, Any]:
         report["dp"]["seconds_per_client"] = statistics.median(
             tally.client_seconds[c] for c in senders
         )
+        report["dp"]["prepared"] = bool(prepared)
+        if prepare_seconds:
+            report["dp"]["prepare_seconds"] = statistics.median(prepare_seconds)
     elif cfg.dp_epsilon is not None and result is not None:
         report["dp"] = _dp_report(cfg, ids, inputs, list(result.contributors), params.threshold)
     report["seconds"] = {

@@ -92,6 +92,11 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     d.add_argument("--dp-delta", type=float, default=1e-5)
     d.add_argument("--rounds", type=int, default=1, help="rounds the DP budget covers")
     d.add_argument("--dp-clip", type=float, default=None, help="L2 clip norm (default: --clip)")
+    d.add_argument(
+        "--dp-prepare",
+        action="store_true",
+        help="clients draw their noise before the round (dp.prepare_seconds; docs/dp.md Speed)",
+    )
     g = p.add_argument_group("transport (--transport grpc: a real server and clients on loopback)")
     g.add_argument("--transport", default="inprocess", choices=["inprocess", "grpc"])
     g.add_argument("--workers", default="threads", choices=["threads", "processes"])
@@ -125,6 +130,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
         dp_delta=args.dp_delta,
         dp_rounds=args.rounds,
         dp_clip=args.dp_clip,
+        dp_prepare=args.dp_prepare,
         spoil=args.spoil,
     )
     if args.engine is not None or args.groups is not None or args.kill_worker is not None:

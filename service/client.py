@@ -17,6 +17,7 @@ import functools
 import math
 import os
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -29,7 +30,8 @@ import numpy.typing as npt
 from secagg import ckks, graph
 from secagg.client import ClientResult, SecAggClient
 from secagg.directory import Authority
-from secagg.dp.policy import DPPolicy
+from secagg.dp.participants import PreparedNoise
+from secagg.dp.policy import DPOffer, DPPolicy
 from secagg.errors import (
     ConfigurationError,
     LayoutMismatch,
@@ -268,6 +270,53 @@ def _round_id(value: bytes | str) -> bytes:
     return bytes.fromhex(value) if isinstance(value, str) else bytes(value)
 
 
+class _DPPrep:
+    """Noise for the next DP round, drawn in a background thread (docs/dp.md, "Speed").
+
+    The Numba sampler releases the GIL, so training (or anything else) runs beside it. One
+    slot: a new preparation discards the one before. :meth:`take` waits for the thread and
+    hands the noise out once; an offer that differs gets ``None`` (the round then draws its
+    noise itself) and the prepared noise is erased.
+    """
+
+    def __init__(self, offer: DPOffer, policy: DPPolicy | None) -> None:
+        self.offer = offer
+        self.noise: PreparedNoise | None = None
+        self.error: Exception | None = None
+        self.seconds = 0.0
+        self._thread = threading.Thread(
+            target=self._run, args=(policy,), name="secagg-dp-prepare", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, policy: DPPolicy | None) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.noise = PreparedNoise(self.offer, policy)
+        except Exception as exc:  # reported through take(); the round draws its own
+            self.error = exc
+        self.seconds = time.perf_counter() - t0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Whether the noise is drawn (or failed) within ``timeout`` seconds."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def take(self, offer: DPOffer) -> PreparedNoise | None:
+        self.wait()
+        noise, self.noise = self.noise, None
+        if noise is not None and offer != self.offer:
+            noise.discard()
+            return None
+        return noise
+
+    def discard(self) -> None:
+        self.wait()
+        if self.noise is not None:
+            self.noise.discard()
+            self.noise = None
+
+
 class Client:
     """A participant's connection to a secagg server.
 
@@ -316,6 +365,8 @@ class Client:
         self.chunk_bytes = chunk_bytes
         self.stats = TransferStats()
         self._dp_budget = SiteBudget(self.policy.dp_state)
+        self._dp_prep: _DPPrep | None = None
+        self._dp_offer: DPOffer | None = None
         opts = [
             ("grpc.max_receive_message_length", chunk_bytes + 64 * 1024),
             ("grpc.max_send_message_length", -1),
@@ -395,7 +446,44 @@ class Client:
             self._dp_budget = SiteBudget(want)
         return self._dp_budget
 
+    def prepare_dp(self, offer: DPOffer | None = None, *, wait: bool = False) -> None:
+        """Draw the noise of the next DP round now, in a background thread.
+
+        ``offer`` is the next round's DP offer (``RoundParams.dp``); by default that of the
+        last DP round this client joined (a job's rounds share ``n``, ``t``, ``T``, ``dim``).
+        It is checked against ``policy.dp`` when drawn; the next round uses the noise only
+        if its own offer equals it (else the round draws in-round, and this one is erased).
+        :meth:`aggregate` calls this after every DP round unless ``prepare_next=False``.
+        ``wait=True`` returns after the noise is drawn.
+
+        Raises
+        ------
+        ConfigurationError
+            No offer given and no DP round joined yet.
+        """
+        offer = offer if offer is not None else self._dp_offer
+        if offer is None:
+            raise ConfigurationError("prepare_dp needs the next round's DP offer")
+        if self._dp_prep is not None:
+            self._dp_prep.discard()
+        self._dp_prep = _DPPrep(offer, self.policy.dp)
+        if wait:
+            self._dp_prep.wait()
+
+    @property
+    def dp_prepare_seconds(self) -> float | None:
+        """Seconds the last background noise preparation took (``None``: none finished)."""
+        prep = self._dp_prep
+        return prep.seconds if prep is not None and prep.wait(0) else None
+
+    def _take_dp(self, offer: DPOffer) -> PreparedNoise | None:
+        prep, self._dp_prep = self._dp_prep, None
+        return None if prep is None else prep.take(offer)
+
     def close(self) -> None:
+        if self._dp_prep is not None:
+            self._dp_prep.discard()
+            self._dp_prep = None
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -531,8 +619,13 @@ class Client:
         rounding_key: bytes | None = None,
         he_context: HEContext | None = None,
         key_epoch: bytes | None = None,
+        prepare_next: bool = True,
     ) -> Aggregate:
         """Contribute ``update`` to the round and return the aggregate.
+
+        DP rounds: the round uses noise prepared by :meth:`prepare_dp` when its offer
+        matches, and (``prepare_next``, the default) once it ends a background thread draws
+        the noise for the next round with the same offer, overlapping the caller's training.
 
         ``update`` is a numpy array, a torch tensor (CPU or CUDA), or a dict of them (a
         ``state_dict``); its values must number the round's ``dim``. ``ckks`` and ``hybrid``
@@ -573,6 +666,8 @@ class Client:
             key_epoch=key_epoch,
         )
         assert result is not None
+        if prepare_next and joined.params.dp is not None and not joined.insecure_plaintext:
+            self.prepare_dp(joined.params.dp)
         return Aggregate(joined.round_id, result, layout)
 
     def participate(
@@ -627,18 +722,28 @@ class Client:
                 key_epoch=key_epoch,
             )
         else:
-            core = SecAggClient(
-                joined.client_id,
-                self.identity,
-                joined.params,
-                joined.directory,
-                vector,
-                weight,
-                rounding_key=rounding_key,
-                he_context=secret,
-                policy=self.policy.core(),
-                key_epoch=key_epoch,
-            )
+            prepared = None
+            if p.dp is not None:
+                self._dp_offer = p.dp
+                prepared = self._take_dp(p.dp)
+            try:
+                core = SecAggClient(
+                    joined.client_id,
+                    self.identity,
+                    joined.params,
+                    joined.directory,
+                    vector,
+                    weight,
+                    rounding_key=rounding_key,
+                    he_context=secret,
+                    policy=self.policy.core(),
+                    key_epoch=key_epoch,
+                    dp_prepared=prepared,
+                )
+            except BaseException:
+                if prepared is not None:
+                    prepared.discard()
+                raise
         offer, dp_key = p.dp, None
         if offer is not None and self.policy.dp is not None and not joined.insecure_plaintext:
             # The site's own count, whatever the server announces; before anything is sent.

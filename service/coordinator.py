@@ -461,13 +461,6 @@ class Coordinator:
         )
         if spec.dp is None:
             return params
-        if params.threshold >= params.n_clients:
-            # A plan of one noise component (t = n): the core's unmasking refuses the
-            # holders' shares then (reported to secagg/rounds; see changes/dpservice.md).
-            raise ConfigurationError(
-                f"a DP round needs threshold t < n (t={params.threshold}, n={params.n_clients}):"
-                " add participants or lower --threshold"
-            )
         offer = spec.dp.offer(params.n_clients, params.threshold, params.dim)
         params = replace(params, dp=offer)
         if params.mode is Mode.HYBRID:

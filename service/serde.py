@@ -88,10 +88,13 @@ def _dp_seeds(params: RoundParams) -> int:
 
 def _dp_share_section(k: int, seeds: int) -> int:
     """Trailing DP part of ShareKeys / ShareDelivery with ``k`` share ciphertexts:
-    ``1 + 4 + k (4 + 33 L + 16) + 4 + (k + 1)(4 + 32 L)`` (0 without DP)."""
+    ``1 + 4 + k (4 + 33 L + 16) + 4 + (k + 1)(4 + 32 L)``, plus the precompute salts of
+    noise drawn before the round, ``4 + (k + 1)(4 + 32)`` (at most one per dealer; a
+    ShareKeys carries one, 32 bytes), 0 without DP."""
     if seeds == 0:
         return 0
-    return 1 + 4 + k * (4 + SHARE_BYTES * seeds + 16) + 4 + (k + 1) * (4 + 32 * seeds)
+    salts = 4 + (k + 1) * (4 + 32)
+    return 1 + 4 + k * (4 + SHARE_BYTES * seeds + 16) + 4 + (k + 1) * (4 + 32 * seeds) + salts
 
 
 def _dp_unmask_section(k: int, seeds: int) -> int:

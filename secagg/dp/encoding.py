@@ -22,18 +22,22 @@ coins: the sensitivity bound is enforced by the exact integer norm check.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from numba import njit, prange
 
 from secagg.dp.randomness import KeyStream
 from secagg.dp.rotation import rotate, unrotate
 from secagg.errors import ConfigurationError, InputError
+from secagg.kernels.cpu import _LAUNCH
 
 __all__ = [
     "MAX_ROUNDING_ATTEMPTS",
     "clip_l2",
     "conditional_round",
+    "conditional_round_reference",
     "decode_sum",
     "encode_update",
     "rounded_norm_bound_sq",
@@ -85,6 +89,38 @@ def _norm_sq(r: I64) -> int:
     return sum(int(v) * int(v) for v in r.tolist())
 
 
+@njit(cache=True, nogil=True, parallel=True)
+def _round_kernel(z: Any, coins: Any, out: Any) -> None:  # pragma: no cover - compiled
+    """``out = floor(z) + [coins >> 11 < frac53(z)]``, elementwise (one fused pass).
+
+    ``frac53 = (z - floor z) 2^53`` is exact (``z - floor z`` is in ``[0, 1)`` and ``|z| <
+    2^52``), so the coin comparison, and ``out``, are those of the numpy formulation
+    (:func:`conditional_round_reference`) bit for bit.
+    """
+    for i in prange(z.shape[0]):
+        low = np.floor(z[i])
+        frac53 = np.uint64((z[i] - low) * 9007199254740992.0)
+        up = (coins[i] >> np.uint64(11)) < frac53
+        out[i] = np.int64(low) + np.int64(up)
+
+
+def conditional_round_reference(z: F64, bound_sq: int, src: KeyStream) -> I64:
+    """:func:`conditional_round` in plain numpy (the reference the kernel is tested against)."""
+    if np.abs(z).max(initial=0.0) >= 2.0**52:
+        raise InputError("scaled coordinate too large to round exactly (>= 2^52)")
+    low = np.floor(z)
+    frac53 = ((z - low) * 2.0**53).astype(np.uint64)  # exact: z - low is in [0, 1)
+    base = low.astype(np.int64)
+    for _ in range(MAX_ROUNDING_ATTEMPTS):
+        up = (src.words(z.size) >> np.uint64(11)) < frac53
+        r = base + up.astype(np.int64)
+        if _norm_sq(r) <= bound_sq:
+            return r
+    raise InputError(
+        f"conditional rounding exceeded ||r||^2 <= {bound_sq} {MAX_ROUNDING_ATTEMPTS} times"
+    )
+
+
 def conditional_round(z: F64, bound_sq: int, src: KeyStream) -> I64:
     """Unbiased randomized rounding of ``z``, redrawn until ``||r||_2^2 <= bound_sq`` (exact).
 
@@ -96,12 +132,12 @@ def conditional_round(z: F64, bound_sq: int, src: KeyStream) -> I64:
     """
     if np.abs(z).max(initial=0.0) >= 2.0**52:
         raise InputError("scaled coordinate too large to round exactly (>= 2^52)")
-    low = np.floor(z)
-    frac53 = ((z - low) * 2.0**53).astype(np.uint64)  # exact: z - low is in [0, 1)
-    base = low.astype(np.int64)
+    z = np.ascontiguousarray(z, dtype=np.float64)
+    r = np.empty(z.size, dtype=np.int64)
     for _ in range(MAX_ROUNDING_ATTEMPTS):
-        up = (src.words(z.size) >> np.uint64(11)) < frac53
-        r = base + up.astype(np.int64)
+        coins = src.words(z.size)
+        with _LAUNCH:  # one parallel region at a time (kernels/cpu.py: workqueue layer)
+            _round_kernel(z, coins, r)
         if _norm_sq(r) <= bound_sq:
             return r
     raise InputError(
@@ -145,6 +181,32 @@ def centre(v: U64, bits: int) -> I64:
     return u.astype(np.int64)
 
 
+@njit(cache=True, nogil=True, parallel=True)
+def _centre_scale_kernel(
+    u: Any, mask: Any, half: Any, full: Any, gamma: float, out: Any
+) -> None:  # pragma: no cover - compiled
+    """``out = float64(centre(u)) / gamma`` in one pass (the numpy formula's operations)."""
+    for i in prange(u.shape[0]):
+        v = u[i] & mask
+        s = np.int64(v)
+        if v >= half:
+            s -= full
+        out[i] = np.float64(s) / gamma
+
+
+def centre_scaled(v: U64, bits: int, gamma: float) -> F64:
+    """``centre(v, bits).astype(float64) / gamma``, bit for bit (a fused Numba pass for
+    ``bits <= 62``)."""
+    u = np.ascontiguousarray(v, dtype=np.uint64)
+    if not 1 <= bits <= 62:
+        return centre(u, bits).astype(np.float64) / gamma
+    out = np.empty(u.size, dtype=np.float64)
+    mask, half = np.uint64((1 << bits) - 1), np.uint64(1 << (bits - 1))
+    with _LAUNCH:  # one parallel region at a time (kernels/cpu.py: workqueue layer)
+        _centre_scale_kernel(u, mask, half, np.int64(1 << bits), float(gamma), out)
+    return out
+
+
 def decode_sum(total: U64, *, bits: int, gamma: float, rotation_key: bytes, dim: int) -> F64:
     """Server side: the released (noisy) sum of the clipped updates in the original basis."""
-    return unrotate(centre(total, bits).astype(np.float64) / gamma, rotation_key, dim)
+    return unrotate(centre_scaled(total, bits, gamma), rotation_key, dim)

@@ -9,6 +9,7 @@ of revealed shares are the round's job.
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Mapping, Sequence
 
@@ -20,6 +21,7 @@ from secagg.dp.policy import DPOffer, DPPolicy, check_offer
 from secagg.dp.randomness import KeyStream
 from secagg.dp.rotation import padded_dim
 from secagg.dp.xnoise import (
+    PRECOMPUTE_SALT_BYTES,
     check_plan,
     client_noise,
     component_key,
@@ -28,9 +30,10 @@ from secagg.dp.xnoise import (
 from secagg.errors import ConfigurationError, ServerMisbehaviour
 from secagg.prg import KEY_BYTES, Purpose, derive_key
 
-__all__ = ["DPClient", "DPServer", "rotation_key"]
+__all__ = ["DPClient", "DPServer", "PreparedNoise", "rotation_key"]
 
 U64 = npt.NDArray[np.uint64]
+I64 = npt.NDArray[np.int64]
 
 
 def rotation_key(session_id: bytes) -> bytes:
@@ -44,11 +47,91 @@ def rotation_key(session_id: bytes) -> bytes:
     return derive_key(session_id, session_id, Purpose.DP_ROTATION)
 
 
+@functools.lru_cache(maxsize=64)
+def _check(offer: DPOffer, policy: DPPolicy | None) -> float | None:
+    """The client's check of an offer: its policy, or (no policy) the plan alone.
+
+    A pure function of two frozen values (the RDP accounting takes ~15 ms), so its answers
+    are cached: the check when noise is prepared and the one in the round cost one. A
+    refusal raises and is never cached."""
+    if policy is None:
+        check_plan(offer.plan, min_target_variance=1, max_withholders=0)
+        return None
+    return check_offer(offer, policy)
+
+
+class PreparedNoise:
+    """A client's noise for ONE future round, drawn before the round (docs/dp.md, "Speed").
+
+    The noise does not depend on the input or on the session: with the plan of the next
+    round (a job's rounds share ``n``, ``t``, ``T`` and ``dim``) the client checks the offer
+    against its policy, draws ``L + 1`` fresh seeds and a fresh salt from :mod:`secrets`,
+    and sums its components under the salt-keyed stream keys
+    (:func:`secagg.dp.xnoise.component_key` with ``precompute_salt``). The round's
+    :class:`DPClient` takes it only if the round's offer equals :attr:`offer`; seeds, salt
+    and noise are handed out once and erased (:meth:`take`), or erased by :meth:`discard`.
+
+    Raises
+    ------
+    ServerMisbehaviour
+        At construction, if ``offer`` is weaker than ``policy``.
+    """
+
+    __slots__ = ("_noise", "_salt", "_seeds", "epsilon", "offer")
+
+    def __init__(self, offer: DPOffer, policy: DPPolicy | None, *, backend: str = "cpu") -> None:
+        self.epsilon = _check(offer, policy)
+        self.offer = offer
+        plan = offer.plan
+        self._seeds: list[bytes] | None = [
+            secrets.token_bytes(KEY_BYTES) for _ in range(plan.components)
+        ]
+        self._salt: bytes | None = secrets.token_bytes(PRECOMPUTE_SALT_BYTES)
+        keys = [
+            component_key(s, b"", 0, k, precompute_salt=self._salt)
+            for k, s in enumerate(self._seeds)
+        ]
+        self._noise: I64 | None = client_noise(plan, keys, padded_dim(offer.dim), backend=backend)
+
+    def __repr__(self) -> str:
+        state = "used" if self._noise is None else "ready"
+        return f"PreparedNoise(components={self.offer.plan.components}, {state})"
+
+    @property
+    def ready(self) -> bool:
+        """Whether the noise is still unused."""
+        return self._noise is not None
+
+    def take(self) -> tuple[list[bytes], bytes, I64]:
+        """``(seeds, salt, noise)``, once; this object forgets them.
+
+        Raises
+        ------
+        ConfigurationError
+            If they were taken or discarded before (noise is never reused).
+        """
+        seeds, salt, noise = self._seeds, self._salt, self._noise
+        if seeds is None or salt is None or noise is None:
+            raise ConfigurationError("prepared DP noise was already used or discarded")
+        self._seeds = self._salt = self._noise = None
+        return seeds, salt, noise
+
+    def discard(self) -> None:
+        """Erase seeds, salt and noise (a round that does not use them, or an abort)."""
+        if self._noise is not None:
+            self._noise.fill(0)
+        self._seeds = self._salt = self._noise = None
+
+
 class DPClient:
     """One client's DP state for one round.
 
     ``policy=None`` (a client that did not ask for DP) checks only that the plan is the one
     its headline numbers give; ``epsilon`` is then ``None``.
+
+    ``prepared``: noise drawn before the round (:class:`PreparedNoise`); used when its offer
+    equals ``offer`` (then :attr:`salt` is its salt), otherwise discarded and the noise is
+    drawn in the round as without it. Either way it is single-use.
 
     Raises
     ------
@@ -56,20 +139,31 @@ class DPClient:
         At construction, if the offer is weaker than ``policy``.
     """
 
-    __slots__ = ("_keys", "_seeds", "client_id", "epsilon", "offer", "session_id")
+    __slots__ = ("_keys", "_noise", "_seeds", "client_id", "epsilon", "offer", "salt",
+                 "session_id")  # fmt: skip
 
     def __init__(
-        self, offer: DPOffer, policy: DPPolicy | None, *, client_id: int, session_id: bytes
+        self,
+        offer: DPOffer,
+        policy: DPPolicy | None,
+        *,
+        client_id: int,
+        session_id: bytes,
+        prepared: PreparedNoise | None = None,
     ) -> None:
-        self.epsilon: float | None
-        if policy is None:
-            check_plan(offer.plan, min_target_variance=1, max_withholders=0)
-            self.epsilon = None
-        else:
-            self.epsilon = check_offer(offer, policy)
+        self.epsilon = _check(offer, policy)
         self.offer = offer
         self.client_id = client_id
         self.session_id = session_id
+        self._noise: I64 | None = None
+        self._keys: list[bytes] = []
+        self.salt: bytes | None = None
+        """The precompute salt of the prepared noise (``None``: keys bound to the session)."""
+        if prepared is not None and prepared.ready and prepared.offer == offer:
+            self._seeds, self.salt, self._noise = prepared.take()
+            return
+        if prepared is not None:
+            prepared.discard()
         self._seeds = [secrets.token_bytes(KEY_BYTES) for _ in range(offer.plan.components)]
         self._keys = [component_key(s, session_id, client_id, k) for k, s in enumerate(self._seeds)]
 
@@ -95,7 +189,28 @@ class DPClient:
             rotation_key=rotation_key(self.session_id),
             rounding=KeyStream(secrets.token_bytes(KEY_BYTES), Purpose.DP_ROUNDING),
         )
-        return to_ring(r + client_noise(o.plan, self._keys, padded_dim(o.dim)), o.bits)
+        if self._noise is not None:
+            noise, self._noise = self._noise, None
+            r += noise
+            noise.fill(0)
+            return to_ring(r, o.bits)
+        if not self._keys:
+            raise ConfigurationError("this round's DP noise was already used")
+        keys, self._keys = self._keys, []
+        return to_ring(r + client_noise(o.plan, keys, padded_dim(o.dim)), o.bits)
+
+    def erase(self) -> None:
+        """Forget the noise, its keys and seeds (after the round or on abort)."""
+        if self._noise is not None:
+            self._noise.fill(0)
+        self._noise = None
+        self._keys = []
+        self._seeds = []
+
+    @property
+    def prepared(self) -> bool:
+        """Whether this round uses noise drawn before the round."""
+        return self.salt is not None
 
     def reveal(self, survivors: Sequence[int], roster: Sequence[int]) -> range:
         """Components ``k`` whose seed shares to reveal for every survivor (checked ``U``).
@@ -131,15 +246,21 @@ class DPServer:
         self.session_id = session_id
 
     def finish(
-        self, total: U64, survivors: Sequence[int], seeds: Mapping[int, Sequence[bytes]]
+        self,
+        total: U64,
+        survivors: Sequence[int],
+        seeds: Mapping[int, Sequence[bytes]],
+        *,
+        salts: Mapping[int, bytes] | None = None,
     ) -> npt.NDArray[np.float64]:
         """The released sum of the clipped updates from the unmasked ring sum ``total``.
 
-        ``seeds[u]`` are survivor ``u``'s reconstructed seeds of components ``0 .. j-1``.
+        ``seeds[u]`` are survivor ``u``'s reconstructed seeds of components ``0 .. j-1``;
+        ``salts[u]`` its signed precompute salt if it drew its noise before the round.
         """
         o = self.offer
         return decode_sum(
-            self.release(total, survivors, seeds),
+            self.release(total, survivors, seeds, salts=salts),
             bits=o.bits,
             gamma=o.gamma,
             rotation_key=rotation_key(self.session_id),
@@ -147,7 +268,12 @@ class DPServer:
         )
 
     def release(
-        self, total: U64, survivors: Sequence[int], seeds: Mapping[int, Sequence[bytes]]
+        self,
+        total: U64,
+        survivors: Sequence[int],
+        seeds: Mapping[int, Sequence[bytes]],
+        *,
+        salts: Mapping[int, bytes] | None = None,
     ) -> U64:
         """The released ring sum: ``total`` minus the survivors' removable components, mod
         ``2^b`` (what the server publishes; :meth:`finish` decodes it)."""
@@ -155,8 +281,12 @@ class DPServer:
         s = len(survivors)
         if set(seeds) != set(survivors):
             raise ConfigurationError("need the removable seeds of exactly the survivors")
+        salts = salts or {}
         keys = {
-            u: [component_key(seed, self.session_id, u, k) for k, seed in enumerate(seeds[u])]
+            u: [
+                component_key(seed, self.session_id, u, k, precompute_salt=salts.get(u))
+                for k, seed in enumerate(seeds[u])
+            ]
             for u in survivors
         }
         d = padded_dim(o.dim)

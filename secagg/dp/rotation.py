@@ -14,16 +14,26 @@ Inputs are zero-padded to the next power of two ``d' >= d``. The transform itsel
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
+from numba import njit, prange
 
 from secagg.dp.randomness import KeyStream
 from secagg.errors import ConfigurationError
+from secagg.kernels.cpu import _LAUNCH
 from secagg.prg import Purpose
 
-__all__ = ["fwht", "padded_dim", "rotate", "sign_vector", "unrotate"]
+__all__ = [
+    "fwht",
+    "fwht_inplace",
+    "fwht_reference",
+    "padded_dim",
+    "rotate",
+    "sign_vector",
+    "unrotate",
+]
 
 F64 = npt.NDArray[np.float64]
 _T = TypeVar("_T", bound=np.generic)
@@ -36,12 +46,63 @@ def padded_dim(dim: int) -> int:
     return 1 << (dim - 1).bit_length()
 
 
-def fwht(v: npt.NDArray[_T]) -> npt.NDArray[_T]:
-    """Unnormalised fast Walsh-Hadamard transform ``H v`` of a power-of-two length vector.
+_BLOCK = 1 << 11
+"""Butterfly stages ``h < _BLOCK`` run block by block (16 KiB of float64: in L1), the
+later ones as radix-4 passes over the whole vector."""
 
-    ``O(d log d)`` butterflies in numpy; exact for integer dtypes (as long as ``d' * max|v|``
-    fits the dtype).
+
+@njit(cache=True, nogil=True, parallel=True)
+def _fwht_kernel(v: Any) -> None:  # pragma: no cover - compiled
+    """In place: the butterflies ``(a, b) -> (a + b, a - b)`` of every stage ``h = 1, 2, ..``.
+
+    Each element goes through the stages in the same order with the same operands as in
+    :func:`fwht_reference`, so float64 results are bit-identical and integer ones exact.
     """
+    n = v.shape[0]
+    if n < 2:
+        return
+    b = min(n, _BLOCK)
+    for blk in prange(n // b):
+        base = blk * b
+        for j in range(base, base + b, 2):  # h = 1
+            x = v[j]
+            y = v[j + 1]
+            v[j] = x + y
+            v[j + 1] = x - y
+        h = 2
+        while h < b:
+            for i in range(base, base + b, 2 * h):
+                for j in range(i, i + h):
+                    x = v[j]
+                    y = v[j + h]
+                    v[j] = x + y
+                    v[j + h] = x - y
+            h *= 2
+    h = b
+    while h < n:
+        if 4 * h <= n:  # stages h and 2h together: the same four sums, one pass
+            for g in prange(n // (4 * h)):
+                for j in range(g * 4 * h, g * 4 * h + h):
+                    a0, a1, a2, a3 = v[j], v[j + h], v[j + 2 * h], v[j + 3 * h]
+                    s0, s1, s2, s3 = a0 + a1, a0 - a1, a2 + a3, a2 - a3
+                    v[j] = s0 + s2
+                    v[j + h] = s1 + s3
+                    v[j + 2 * h] = s0 - s2
+                    v[j + 3 * h] = s1 - s3
+            h *= 4
+        else:
+            for g in prange(n // (2 * h)):
+                for j in range(g * 2 * h, g * 2 * h + h):
+                    x = v[j]
+                    y = v[j + h]
+                    v[j] = x + y
+                    v[j + h] = x - y
+            h *= 2
+
+
+def fwht_reference(v: npt.NDArray[_T]) -> npt.NDArray[_T]:
+    """Unnormalised fast Walsh-Hadamard transform in numpy, stage by stage (the
+    obviously-right reference of :func:`fwht`; any dtype)."""
     n = v.shape[0]
     if n & (n - 1) or n == 0:
         raise ConfigurationError(f"Hadamard length must be a power of two, got {n}")
@@ -54,6 +115,30 @@ def fwht(v: npt.NDArray[_T]) -> npt.NDArray[_T]:
         blocks[:, 1, :] = a - blocks[:, 1, :]
         h *= 2
     return out
+
+
+def fwht_inplace(v: npt.NDArray[_T]) -> npt.NDArray[_T]:
+    """:func:`fwht` overwriting ``v`` (contiguous float64 or int64: the parallel Numba
+    kernel; other dtypes: :func:`fwht_reference`, copied back). Returns ``v``."""
+    n = v.shape[0]
+    if n & (n - 1) or n == 0:
+        raise ConfigurationError(f"Hadamard length must be a power of two, got {n}")
+    if v.ndim == 1 and v.dtype in (np.float64, np.int64) and v.flags.c_contiguous:
+        with _LAUNCH:  # one parallel region at a time (kernels/cpu.py: workqueue layer)
+            _fwht_kernel(v)
+    else:
+        v[...] = fwht_reference(v)
+    return v
+
+
+def fwht(v: npt.NDArray[_T]) -> npt.NDArray[_T]:
+    """Unnormalised fast Walsh-Hadamard transform ``H v`` of a power-of-two length vector.
+
+    ``O(d log d)`` butterflies (a parallel Numba kernel, bit-identical to
+    :func:`fwht_reference`); exact for integer dtypes (as long as ``d' * max|v|`` fits the
+    dtype).
+    """
+    return fwht_inplace(np.array(v, copy=True))
 
 
 def sign_vector(key: bytes, dim: int) -> F64:
@@ -69,7 +154,8 @@ def rotate(x: npt.ArrayLike, key: bytes) -> F64:
     n = padded_dim(v.shape[0])
     padded = np.zeros(n, dtype=np.float64)
     padded[: v.shape[0]] = v
-    out = fwht(padded * sign_vector(key, n))
+    padded *= sign_vector(key, n)
+    out = fwht_inplace(padded)
     out *= 1.0 / np.sqrt(n)
     return out
 
@@ -80,6 +166,7 @@ def unrotate(y: npt.ArrayLike, key: bytes, dim: int) -> F64:
     n = v.shape[0]
     if n != padded_dim(dim):
         raise ConfigurationError(f"rotated length {n} does not match dimension {dim}")
-    out = fwht(v) * sign_vector(key, n)
+    out = fwht(v)
+    out *= sign_vector(key, n)
     out *= 1.0 / np.sqrt(n)
     return out[:dim]

@@ -142,6 +142,8 @@ class ServerContext:
     """DP rounds: dealer -> neighbour -> DP noise-seed share ciphertext (until delivered)."""
     dp_commits: dict[int, dict[int, bytes]] = field(default_factory=dict)
     """DP rounds: dealer -> holder -> ``H_dp_0 || ..`` (covered by the dealer's signature)."""
+    dp_salts: dict[int, bytes] = field(default_factory=dict)
+    """DP rounds: dealer -> precompute salt of its noise drawn before the round (signed)."""
     dp_seed_shares: dict[tuple[int, int], dict[int, bytes]] = field(default_factory=dict)
     """DP rounds: (survivor, component) -> holder -> revealed noise-seed share."""
     uploads: dict[int, EncryptedInput] = field(default_factory=dict)

@@ -65,6 +65,8 @@ class ShareKeysState(ServerState):
         if msg.dp_components:
             self.ctx.dp_bundles[cid] = dict(msg.dp_shares)
             self.ctx.dp_commits[cid] = dict(msg.dp_commitments)
+            if msg.dp_salt:
+                self.ctx.dp_salts[cid] = msg.dp_salt
 
     def finish(self, now: float) -> tuple[ServerState, list[Outgoing]]:
         from secagg.rounds.masked_input import MaskedInputState
@@ -79,6 +81,8 @@ class ShareKeysState(ServerState):
             del ctx.share_commits[cid]
         for cid in set(ctx.dp_commits) - u1:
             del ctx.dp_commits[cid]
+        for cid in set(ctx.dp_salts) - u1:
+            del ctx.dp_salts[cid]
         offer = ctx.params.dp
         n_dp = 0 if offer is None else offer.plan.components - 1
         for v in sorted(u1):
@@ -87,14 +91,16 @@ class ShareKeysState(ServerState):
             commits = tuple((u, ctx.share_commits[u][v]) for u in dealers)
             dp_bundle = tuple((u, ctx.dp_bundles[u][v]) for u in dealers) if n_dp else ()
             dp_commits = tuple((u, ctx.dp_commits[u][v]) for u in dealers) if n_dp else ()
+            salts = tuple((u, ctx.dp_salts[u]) for u in dealers if u in ctx.dp_salts)
             out.append(
                 (
                     v,
                     ShareDelivery(
-                        rid, 0, ctx.session_id, bundle, commits, n_dp, dp_bundle, dp_commits
+                        rid, 0, ctx.session_id, bundle, commits, n_dp, dp_bundle, dp_commits,
+                        salts,
                     ),
                 )
-            )
+            )  # fmt: skip
         ctx.shares.clear()
         ctx.dp_bundles.clear()
         return MaskedInputState(ctx, u1), out

@@ -192,7 +192,8 @@ def _commit_signed(ctx: ServerContext, owner: int, holder: int) -> bool:
     """Whether the stored commitment of ``owner`` for ``holder`` carries its signature."""
     sig = ctx.share_commits[owner][holder]
     h_dp = ctx.dp_commits.get(owner, {}).get(holder, b"")
-    payload = share_commit_payload(ctx.session_id, owner, holder, sig[:32], sig[32:64], h_dp)
+    salt = ctx.dp_salts.get(owner, b"")
+    payload = share_commit_payload(ctx.session_id, owner, holder, sig[:32], sig[32:64], h_dp, salt)
     try:
         verify_signature(ctx.directory[owner], payload, sig[64:], client_id=owner)
     except InvalidSignature:
@@ -224,6 +225,7 @@ def _evidence(
                 "share": share.hex(),
                 "commitment": ctx.share_commits[owner][h].hex(),
                 "dp_commitment": ctx.dp_commits.get(owner, {}).get(h, b"").hex(),
+                "dp_salt": ctx.dp_salts.get(owner, b"").hex(),
             }
             for h, share in sorted(used.items())
         ],
@@ -336,7 +338,10 @@ def check_dealer_evidence(evidence: Mapping[str, Any], directory: Mapping[int, b
             holder, share = int(item["holder"]), bytes.fromhex(item["share"])
             commit = bytes.fromhex(item["commitment"])
             h_dp = bytes.fromhex(item.get("dp_commitment", ""))
-            payload = share_commit_payload(sid, dealer, holder, commit[:32], commit[32:64], h_dp)
+            salt = bytes.fromhex(item.get("dp_salt", ""))
+            payload = share_commit_payload(
+                sid, dealer, holder, commit[:32], commit[32:64], h_dp, salt
+            )
             verify_signature(pk, payload, commit[64:])
             if share_commitment(sid, dealer, holder, kind, share) != commit[at : at + 32]:
                 return False
@@ -468,7 +473,9 @@ def dp_release(ctx: ServerContext, alive: list[int], responders: frozenset[int])
     seeds = _dp_seeds(ctx, alive, responders)
     lane = dp_lane_bits(offer.bits, params.n_clients)
     total = unpack_ring(ctx.acc, lane, padded_dim(offer.dim), offer.bits)
-    released = DPServer(offer, session_id=ctx.session_id).release(total, alive, seeds)
+    released = DPServer(offer, session_id=ctx.session_id).release(
+        total, alive, seeds, salts=ctx.dp_salts
+    )
     ctx.acc = pack_ring(released, lane, params.words)
     aggregate = decode_sum(
         released,
@@ -502,7 +509,9 @@ def dp_hybrid_release(
     d = padded_dim(offer.dim)
     zero = np.zeros(d, dtype=np.uint64)
     # release(0) = -removal mod 2^b; the key holders add it to their decrypted lane sums
-    minus = DPServer(offer, session_id=ctx.session_id).release(zero, alive, seeds)
+    minus = DPServer(offer, session_id=ctx.session_id).release(
+        zero, alive, seeds, salts=ctx.dp_salts
+    )
     lane = dp_lane_bits(offer.bits, params.n_clients)
     words = pack_ring(minus, lane, -(-d // (64 // lane)))
     s = len(alive)

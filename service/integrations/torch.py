@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from secagg.dp.policy import DPPolicy
+from secagg.dp.policy import DPOffer, DPPolicy
 from secagg.service.client import Client, HEContext
 from secagg.service.tensors import fingerprint
 
@@ -156,7 +156,11 @@ class SecureFedAvg:
         Require distributed DP (:class:`DPConfig`): the client's policy then refuses every
         round without DP or with a weaker offer, before sending anything. DP rounds are
         unweighted (each site's clipped update counts once; ``num_samples`` is not sent) and
-        the loaded mean is the released noisy sum over the contributors.
+        the loaded mean is the released noisy sum over the contributors. After each DP
+        round the client draws the next round's noise in a background thread (it does not
+        depend on the update), so local training overlaps it and the next :meth:`step`
+        only clips, rotates and rounds (docs/dp.md, "Speed"); :meth:`prepare_dp` starts
+        it explicitly (e.g. before the first round, given its offer).
     """
 
     def __init__(
@@ -185,6 +189,12 @@ class SecureFedAvg:
     def reference(self) -> dict[str, Any] | None:
         """The global weights the next delta is relative to (copies), or ``None``."""
         return self._reference
+
+    def prepare_dp(self, offer: DPOffer | None = None, *, wait: bool = False) -> None:
+        """Draw the next DP round's noise now, in the background
+        (:meth:`Client.prepare_dp <secagg.service.client.Client.prepare_dp>`; default offer:
+        the last DP round's). :meth:`step` does this by itself after every DP round."""
+        self.client.prepare_dp(offer, wait=wait)
 
     def sync(self, model: Any) -> None:
         """Take ``model``'s current weights as the global model (after loading a broadcast)."""

@@ -344,3 +344,24 @@ def test_with_dp_calibrates_for_the_rounds_own_threshold() -> None:
     assert p.dp == offer() or (p.dp is not None and p.dp.plan == offer().plan)
     assert p.dp is not None and p.dp.plan.min_survivors == base.threshold
     POLICY.check_params(p)
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_dp_round_with_t_equal_n_has_no_removable_seeds_and_completes(n: int) -> None:
+    """Regression: with ``t = n`` the plan has one component (``L = 0``), so dealers send no
+    DP share bundle; every holder used to drop every peer's shares for "came without its DP
+    shares" and the round aborted at unmasking ("self-mask seed ... 1 revealed shares")."""
+    cal = calibrate(3.0, 1e-5, 10, n_clients=n, min_survivors=n, dim=DIM, clip=1.0)
+    dp = DPOffer.from_calibration(cal)
+    assert dp.plan.components == 1
+    h = Harness(n, DIM, neighbors="all", threshold=n, dp=dp, policy=POLICY)
+    step(h)
+    res = h.server.result
+    assert res is not None, h.server.error
+    assert res.dp is not None and res.dp["contributors"] == n
+    assert res.dp["removed_components"] == 0
+    assert not any(h.clients[c].warnings for c in range(1, n + 1))
+    exact = sum(clip_l2(h.xs[c], 1.0) for c in res.contributors)
+    assert res.weighted_sum is not None
+    err = float(np.std(res.weighted_sum - exact))
+    assert 0.5 * res.dp["target_std"] < err < 2 * res.dp["target_std"]  # type: ignore[operator]

@@ -654,7 +654,7 @@ def test_job_commands(world: World) -> None:
     create = [
         "job", "create", "cli-job", "--participants", ",".join(names), "--dim", "4",
         "--rounds", "5", "--every", "3600", "--stage-timeout", "60", "--dp", '{"epsilon": 1}',
-        "--threshold", "2",  # --dp is real DP now: its rounds need t < n (docs/dp.md)
+        "--threshold", "2",
     ]  # fmt: skip
     made = run_cli([*create, *remote], cwd=world.root, env=env)
     assert made.returncode == 0, made.stderr
