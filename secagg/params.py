@@ -37,8 +37,8 @@ __all__ = [
 PROTOCOL_VERSION = 2
 """Wire version of every message and of the round parameters. 2 (this release): the
 reveal_nonces stage, signed share commitments, the optional DP sections (with the salts of
-noise drawn ahead of the round) and the chunked DP
-noise streams; a peer speaking 1 is refused when it decodes."""
+noise drawn ahead of the round) and the chunked DP noise streams; a peer speaking 1 is
+refused when it decodes."""
 ROUND_ID_BYTES = 16
 MAX_CLIENTS = 1 << 16
 """Largest roster a round accepts (bounds every list decoded from the wire)."""
