@@ -143,14 +143,17 @@ class AccessLog(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return grpc.unary_unary_rpc_method_handler(
                 observed_unary, handler.request_deserializer, handler.response_serializer
             )
-        if handler.unary_stream:
-            watch = handler.unary_stream
 
-            async def observed_watch(request: Any, context: Any) -> AsyncIterator[Any]:
+        def observed_iter(
+            call: Callable[[Any, Any], AsyncIterator[Any]],
+        ) -> Callable[[Any, Any], AsyncIterator[Any]]:
+            """``call`` (server-streaming or bidirectional) with one access-log line."""
+
+            async def observed(arg: Any, context: Any) -> AsyncIterator[Any]:
                 t0, peer, cn = time.monotonic(), context.peer(), _cert_cn(context)
                 code: grpc.StatusCode | str = grpc.StatusCode.OK
                 try:
-                    async for item in watch(request, context):
+                    async for item in call(arg, context):
                         yield item
                 except BaseException as exc:
                     code = failed(context, exc)
@@ -158,25 +161,18 @@ class AccessLog(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 finally:
                     done(peer, t0, code, cn)
 
+            return observed
+
+        if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                observed_watch, handler.request_deserializer, handler.response_serializer
+                observed_iter(handler.unary_stream),
+                handler.request_deserializer,
+                handler.response_serializer,
             )
-        stream = handler.stream_stream
-
-        async def observed_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
-            t0, peer, cn = time.monotonic(), context.peer(), _cert_cn(context)
-            code: grpc.StatusCode | str = grpc.StatusCode.OK
-            try:
-                async for item in stream(requests, context):
-                    yield item
-            except BaseException as exc:
-                code = failed(context, exc)
-                raise
-            finally:
-                done(peer, t0, code, cn)
-
         return grpc.stream_stream_rpc_method_handler(
-            observed_stream, handler.request_deserializer, handler.response_serializer
+            observed_iter(handler.stream_stream),
+            handler.request_deserializer,
+            handler.response_serializer,
         )
 
 
