@@ -492,9 +492,6 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m secagg.service.demo.dp_plot``: 0 when the files were written."""
-    # One Numba thread: the noise vectors here are 1,024 long, where a thread pool's start-up
-    # costs more than it saves (7x slower on the shared 2-core box). Read when Numba loads.
-    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
     d = PlotConfig()
     p = argparse.ArgumentParser(
         prog="python -m secagg.service.demo.dp_plot",
@@ -568,4 +565,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # One Numba thread: the noise vectors here are 1,024 long, where a thread pool's start-up
+    # costs more than it saves (7x slower on the shared 2-core box). Read when Numba loads;
+    # set only for the command, never by main() in a host process (Numba refuses a change of
+    # NUMBA_NUM_THREADS once its threads run).
+    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
     sys.exit(main())
