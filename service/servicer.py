@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import Any, NoReturn
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -32,6 +33,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("secagg.service.servicer")
+
+_K = TypeVar("_K", bound=Hashable)
 
 SERVICE = aggregation_pb2.DESCRIPTOR.services_by_name["Aggregation"].full_name
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
@@ -132,56 +135,58 @@ class AggregationServicer:
     async def Session(  # noqa: N802
         self, request_iterator: AsyncIterator[aggregation_pb2.ClientFrame], context: Any
     ) -> AsyncIterator[bytes]:
-        seat: tuple[bytes, int] | None = None
         try:
             runner, cid = self._seat(context, SESSION)
             cap = self._config.max_streams_per_participant
-            if self._open[runner.round_id, cid] >= cap:
-                raise TooManyStreams(
-                    f"client {cid} already holds {cap} open streams in this round (the limit)"
+            with _held(
+                self._open,
+                (runner.round_id, cid),
+                cap,
+                f"client {cid} already holds {cap} open streams in this round (the limit)",
+            ):
+                stream = StreamSession(
+                    runner, cid, self._config.max_chunk_bytes, self._config.hello_timeout
                 )
-            seat = (runner.round_id, cid)
-            self._open[seat] += 1
-            stream = StreamSession(
-                runner, cid, self._config.max_chunk_bytes, self._config.hello_timeout
-            )
-            async for frame in stream.frames(request_iterator):
-                yield frame
+                async for frame in stream.frames(request_iterator):
+                    yield frame
         except Exception as exc:
             await _fail(context, exc)
-        finally:
-            if seat is not None:
-                self._open[seat] -= 1
-                if self._open[seat] <= 0:
-                    del self._open[seat]
 
     async def WatchRounds(  # noqa: N802
         self, request: aggregation_pb2.WatchRoundsRequest, context: Any
     ) -> AsyncIterator[aggregation_pb2.JobEvent]:
         """The rounds of one job as they open, for an authenticated participant of it."""
-        seat: tuple[str, str] | None = None
         try:
             caller = self._caller(context, WATCH_ROUNDS)
             if any(caller.round_id):
                 raise Unauthenticated("a WatchRounds call is signed with a zero round id")
             name = caller.participant.name
-            key = (request.job, name)
-            if self._watching[key] >= MAX_WATCHES_PER_PARTICIPANT:
-                raise TooManyStreams(
-                    f"participant {name!r} already watches job {request.job!r} on "
-                    f"{MAX_WATCHES_PER_PARTICIPANT} streams (the limit)"
-                )
-            seat = key
-            self._watching[key] += 1
-            async for ev in self._coord.jobs.watch(request.job, name):
-                yield ev
+            with _held(
+                self._watching,
+                (request.job, name),
+                MAX_WATCHES_PER_PARTICIPANT,
+                f"participant {name!r} already watches job {request.job!r} on "
+                f"{MAX_WATCHES_PER_PARTICIPANT} streams (the limit)",
+            ):
+                async for ev in self._coord.jobs.watch(request.job, name):
+                    yield ev
         except Exception as exc:
             await _fail(context, exc)
-        finally:
-            if seat is not None:
-                self._watching[seat] -= 1
-                if self._watching[seat] <= 0:
-                    del self._watching[seat]
+
+
+@contextlib.contextmanager
+def _held(counts: collections.Counter[_K], key: _K, cap: int, refusal: str) -> Iterator[None]:
+    """Hold one of ``cap`` seats of ``key`` in ``counts`` for the block (``TooManyStreams``
+    with ``refusal`` when all are taken); the seat is given back however the block ends."""
+    if counts[key] >= cap:
+        raise TooManyStreams(refusal)
+    counts[key] += 1
+    try:
+        yield
+    finally:
+        counts[key] -= 1
+        if counts[key] <= 0:
+            del counts[key]
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
