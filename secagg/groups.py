@@ -48,7 +48,7 @@ from secagg.errors import (
     UnknownClient,
 )
 from secagg.keys import IdentityKey, constant_time_equal, random_seed, verify_signature
-from secagg.params import MAX_CLIENTS, ROUND_ID_BYTES, RoundParams
+from secagg.params import MAX_CLIENTS, ROUND_ID_BYTES, Mode, RoundParams
 from secagg.policy import ClientPolicy
 from secagg.wire import Reader, Writer
 
@@ -70,6 +70,7 @@ __all__ = [
     "check_group_invite",
     "group_round_id",
     "join_commitment",
+    "sharded_he_clients",
     "verify_transcript",
 ]
 
@@ -448,6 +449,22 @@ def _openings(opens_bytes: bytes) -> tuple[NonceOpen, ...]:
     return NonceOpens.decode(opens_bytes).opens
 
 
+def sharded_he_clients(mode: Mode, total: int, groups: int) -> int:
+    """Summands the CKKS parameters of every group round of a sharded ``ckks``/``hybrid``
+    round are sized for (:attr:`secagg.params.RoundParams.he_clients`); ``0`` in ``masked``.
+
+    The coordinator adds the ``G`` group ciphertexts, so the total must decrypt exactly:
+    ``ckks`` lanes hold the sum of all ``total`` inputs (headroom ``ceil(log2 total)``);
+    ``hybrid`` adds one plaintext (the dropped clients' negated masks) per group, so a slot
+    sum stays below ``(total + G) 2^mask_bits`` and the noise covers ``total`` fresh
+    ciphertexts and ``G`` plaintexts: sizing for ``total + G - 1`` summands (carry bits
+    ``ceil(log2(total + G))``, one plaintext already allowed for) covers both.
+    """
+    if mode is Mode.MASKED:
+        return 0
+    return total if mode is Mode.CKKS else total + groups - 1
+
+
 def check_group_invite(
     asg: Assignment,
     cid: int,
@@ -461,6 +478,9 @@ def check_group_invite(
     the round id must be :func:`group_round_id` of that group, and the parameters must pass
     the client's policy (``check_params``) with the group at least
     ``max(t, min_contributors)`` strong (``check_set``): the same checks as a single round.
+    In ``ckks``/``hybrid`` the CKKS parameters must be sized for the whole sharded round
+    (``he_clients`` equal to :func:`sharded_he_clients` of the assignment's total), so the
+    coordinator's sum of the group ciphertexts cannot overflow a lane or the noise bound.
 
     Raises
     ------
@@ -484,6 +504,13 @@ def check_group_invite(
     if params.n_clients != len(members):
         raise ServerMisbehaviour(
             f"group {g}'s round is for n={params.n_clients} clients; the group has {len(members)}"
+        )
+    total = sum(len(m) for m in asg.groups)
+    want = sharded_he_clients(params.mode, total, len(asg.groups))
+    if params.he_clients != want:
+        raise ServerMisbehaviour(
+            f"group {g}'s round sizes its CKKS parameters for he_clients={params.he_clients};"
+            f" the {len(asg.groups)} groups of {total} clients need {want}"
         )
     policy.check_params(params)
     policy.check_set(f"group {g}", len(members), params)
