@@ -612,6 +612,15 @@ def simulate_sharded(
             f"{len(contributors)} contributors in completed groups; the round needs at least"
             f" {min_contributors}",
         )
+    sums = np.zeros(spec0.values(dim), dtype=np.uint64)
+    if abort is None and mode is not Mode.MASKED:
+        # a key holder decrypts the published total, as in a single round; a total that
+        # does not decrypt (a group summed under another key) releases nothing
+        holder = ckks.load_secret_context(he_secret, params_of[0].he)
+        try:
+            sums = decrypt_lane_sums(holder, params_of[0], total_cts)
+        except SecAggError as exc:
+            abort = ("decrypt", f"the encrypted total does not decrypt: {exc}")
     if abort is not None:
         err = ShardedRoundAborted(*abort)
         report.update(
@@ -620,17 +629,14 @@ def simulate_sharded(
         )  # fmt: skip
     else:
         # masked: each group sum is an exact integer below 2^64 / G; their sum is exact.
-        sums = np.zeros(spec0.values(dim), dtype=np.uint64)
+        # ckks/hybrid: the decrypted total, integers (CKKS noise removed by rounding).
         expected = np.zeros_like(sums)
         float_sum = np.zeros(dim)
         for o in done:
-            sums += o.sums
+            if mode is Mode.MASKED:
+                sums += o.sums
             expected += o.expected
             float_sum += o.float_sum
-        if mode is not Mode.MASKED:
-            # a key holder decrypts the published total, as in a single round
-            holder = ckks.load_secret_context(he_secret, params_of[0].he)
-            sums = decrypt_lane_sums(holder, params_of[0], total_cts)
         weighted_sum, _ = dequantize(sums, spec0, len(contributors), dim)
         report.update(
             status="completed",
