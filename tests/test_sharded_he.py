@@ -198,7 +198,7 @@ def test_group_round_sized_for_one_group_is_refused_by_the_client() -> None:
     assert check_group_invite(asg, members[0], good, members, policy) == members
     for he_clients in (len(members), 30):
         small = replace(good, he_clients=he_clients)
-        with pytest.raises(ServerMisbehaviour, match="need 32"):
+        with pytest.raises(ServerMisbehaviour, match="need at least 32"):
             check_group_invite(asg, members[0], small, members, policy)
 
 
