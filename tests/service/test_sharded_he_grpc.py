@@ -135,3 +135,36 @@ def test_hybrid_group_below_threshold_aborts_and_the_rest_is_published(d: Deploy
         assert np.array_equal(out[c].result.sums, want)
     assert not front.rows[0].completed and front.rows[0].reason
     assert front.partial is True
+
+
+def test_cli_keygen_groups_and_round_create(
+    d: Deployment,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``keygen --ckks --groups G`` sizes the contexts for a sharded round;
+    ``round create --groups G --mode hybrid --he-context`` opens it; a context made for a
+    single round is refused by the CLI, naming the groups."""
+    import json
+
+    from secagg.service.cli import main
+
+    from .helpers import TOKEN
+
+    monkeypatch.setenv("SECAGG_ADMIN_TOKEN", TOKEN)
+    names = ",".join(d.enroll(9))
+    kg = ["keygen", "--ckks", "--mode", "hybrid", "--clients", "9", "--dim", "4"]
+    assert main([*kg, "--groups", "3", "--out", str(tmp_path / "sh")]) == 0
+    assert main([*kg, "--out", str(tmp_path / "single")]) == 0
+    capsys.readouterr()
+    base = ["round", "create", "--job", "hj", "--participants", names, "--dim", "4"]
+    base += ["--mode", "hybrid", "--groups", "3", "--server", d.target]
+    assert main([*base, "--he-context", str(tmp_path / "single.ckks-server")]) == 2
+    assert "groups 3 (keygen: 1)" in capsys.readouterr().err
+    assert main([*base, "--he-context", str(tmp_path / "sh.ckks-server")]) == 0
+    rid = bytes.fromhex(json.loads(capsys.readouterr().out)["round_id"])
+    front = _front(d, rid)
+    assert front.groups == 3 and front.front.he is not None
+    assert front.params.he_clients == sharded_he_clients(Mode.HYBRID, 9, 3)
+    assert main(["round", "abort", rid.hex(), "--reason", "test", "--server", d.target]) == 0
