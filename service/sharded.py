@@ -18,9 +18,7 @@ whether a partial sum was published.
 parameters sized for the whole sharded round, ``RoundParams.he_clients``); the front door
 adds the completed groups' encrypted sums with its keyless context
 (:func:`secagg.sharded_he.add_group_sums`) and sends the encrypted total in
-``GroupResults``; the clients (key holders) decrypt it. The front door sees no sum. Group
-rounds on Ray actors (``--engine ray``) run ``masked`` only
-(:class:`secagg.simulate_sharded.UnsupportedShardedMode`).
+``GroupResults``; the clients (key holders) decrypt it. The front door sees no sum.
 """
 
 from __future__ import annotations
@@ -392,16 +390,11 @@ class ShardedRunner(RoundRunner):
                 await r.abort(f"the sharded round was aborted: {reason}")
 
 
-def check_spec(spec: RoundSpec, engine: str = "local") -> None:
+def check_spec(spec: RoundSpec) -> None:
     """Refuse what sharded rounds do not run (yet)."""
     mode = spec.mode.lower()
     if mode not in ("masked", "hybrid", "ckks"):
         raise UnsupportedShardedMode(f"sharded rounds run masked, hybrid or ckks, not {mode}")
-    if mode != "masked" and engine == "ray":
-        raise UnsupportedShardedMode(
-            f"sharded {mode} rounds run their groups in the server process (--engine local);"
-            " group rounds on Ray actors run masked only (docs/sharding.md)"
-        )
     if mode != "masked" and not spec.he_context:
         raise ConfigurationError(f"a {mode} round needs the server's CKKS context")
     if mode == "ckks" and spec.publish_after is not None:
@@ -435,7 +428,7 @@ async def create_sharded(
     job_index: int | None = None,
 ) -> ShardedRunner:
     """Record and open the front-door round of ``spec`` and start its driver task."""
-    check_spec(spec, coord.group_engine)
+    check_spec(spec)
     loop = asyncio.get_running_loop()
     pool = coord._pool
     async with coord._create_lock:
@@ -590,10 +583,17 @@ async def _await_groups(
         reason = "" if res is not None else (
             f"stage {err.stage}: {err.reason}" if err is not None else "no result"
         )  # fmt: skip
-        he = getattr(getattr(gr_runner.core, "ctx", None), "he", None)
-        epoch = he.epoch.fingerprint if isinstance(he, ckks.ServerContext) else b""
-        ends.append(GroupEnd(g, len(ms), res, reason, epoch))
+        ends.append(GroupEnd(g, len(ms), res, reason, _key_epoch(gr_runner.core)))
     await loop.run_in_executor(pool, runner._finish, ends)
+
+
+def _key_epoch(core: Any) -> bytes:
+    """The key-epoch fingerprint a group's aggregator summed under (``b""`` in masked): a
+    Ray actor's report, or the in-process server's context."""
+    if hasattr(core, "key_epoch"):
+        return bytes(core.key_epoch)
+    he = getattr(getattr(core, "ctx", None), "he", None)
+    return he.epoch.fingerprint if isinstance(he, ckks.ServerContext) else b""
 
 
 async def _open_group(
@@ -622,8 +622,9 @@ async def _open_group(
     try:
         if runner.hosts is not None:  # the group's SecAggServer lives on a Ray actor
             hosts = runner.hosts
+            he = spec.he_context or b""
             core = cast(RoundCore, await loop.run_in_executor(
-                pool, lambda: hosts.core(g, params, directory, deadlines, time.monotonic())
+                pool, lambda: hosts.core(g, params, directory, deadlines, time.monotonic(), he)
             ))  # fmt: skip
         elif params.mode is Mode.MASKED:
             core = SecAggServer(params, directory, timeouts=deadlines, now=time.monotonic())
