@@ -168,3 +168,45 @@ def test_cli_keygen_groups_and_round_create(
     assert front.groups == 3 and front.front.he is not None
     assert front.params.he_clients == sharded_he_clients(Mode.HYBRID, 9, 3)
     assert main(["round", "abort", rid.hex(), "--reason", "test", "--server", d.target]) == 0
+
+
+def test_front_door_refuses_a_group_ciphertext_under_another_key() -> None:
+    """Attack: a group's aggregator returns a sum under another CKKS key. The front door's
+    keyless check refuses it (key epoch), records the group as aborted with the reason,
+    and publishes the other groups' encrypted total, which decrypts to their sum. Without
+    the check the total would not decrypt and the whole round would be lost."""
+    from secagg.groups import GroupResults
+    from secagg.rounds.base import RoundResult
+    from secagg.service.sharded import FrontDoorCore, GroupEnd
+
+    he_clients = sharded_he_clients(Mode.CKKS, N, G)
+    params = replace(make_params(N, DIM, mode="ckks"), he_clients=he_clients)
+    secret_b, public_b = _contexts("ckks")
+    secret = ckks.load_secret_context(secret_b, params.he)
+    server = ckks.load_server_context(public_b, params.he)
+    other_b, _ = _contexts("ckks")
+    other = ckks.load_secret_context(other_b, params.he)
+    directory = {c: bytes(32) for c in range(1, N + 1)}
+    front = FrontDoorCore(
+        params, directory, G, on_group_abort="publish", min_group=3, timeout=10.0, now=0.0,
+        he=server,
+    )  # fmt: skip
+    ones = np.ones(params.he.n_slots, dtype=np.uint64)
+
+    def end(g: int, ctx: ckks.SecretContext, ids: tuple[int, ...]) -> GroupEnd:
+        cts = ckks.sum_ciphertexts(ctx, [ckks.encrypt(ctx, ones) for _ in ids])
+        res = RoundResult(ids, ciphertexts=tuple(cts))
+        return GroupEnd(g, 4, res, "", ctx.epoch.fingerprint)
+
+    ends = [
+        end(0, secret, (1, 2, 3, 4)),
+        end(1, other, (5, 6, 7, 8)),
+        end(2, secret, (9, 10, 11, 12)),
+    ]
+    out = front.finish(ends, 3)
+    assert front.rows[1].completed is False and "result refused" in front.rows[1].reason
+    assert front.partial is True and front.result is not None
+    msg = GroupResults.decode(out[0][1].encode())
+    assert msg.completed and msg.contributors == (1, 2, 3, 4, 9, 10, 11, 12) and not msg.sums
+    total = ckks.decrypt(secret, msg.ciphertexts)
+    assert np.array_equal(total, 8 * ones)
