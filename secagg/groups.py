@@ -48,7 +48,7 @@ from secagg.errors import (
     UnknownClient,
 )
 from secagg.keys import IdentityKey, constant_time_equal, random_seed, verify_signature
-from secagg.params import MAX_CLIENTS, ROUND_ID_BYTES, RoundParams
+from secagg.params import MAX_CLIENTS, ROUND_ID_BYTES, Mode, RoundParams
 from secagg.policy import ClientPolicy
 from secagg.wire import Reader, Writer
 
@@ -70,6 +70,7 @@ __all__ = [
     "check_group_invite",
     "group_round_id",
     "join_commitment",
+    "sharded_he_clients",
     "verify_transcript",
 ]
 
@@ -84,6 +85,7 @@ _SIG = 64
 _COMMIT, _OPEN, _ROSTER, _OPENS, _RESULTS = 1, 2, 3, 4, 5
 _MAX_TEXT = 1024
 _MAX_SUMS = 1 << 31
+_MAX_CIPHERTEXTS = 1 << 16
 
 
 class AssignmentAborted(RoundAborted):
@@ -259,7 +261,10 @@ class GroupResults:
     """Coordinator -> clients, last on the front-door stream of a sharded round over gRPC:
     the published sum of the completed groups (lane sums, contributors, total weight) and
     every group's status, or the round's abort (``completed`` false, ``stage``/``reason``).
-    Per-group sums are not sent: a client learns the total only, as in a single round."""
+    Per-group sums are not sent: a client learns the total only, as in a single round.
+    ``ckks``/``hybrid``: ``sums`` is empty and ``ciphertexts`` is the encrypted total the
+    front door added from the group ciphertexts (SEAL serializations; the key holders
+    decrypt it); encoded after the rows, absent in ``masked``."""
 
     round_id: bytes
     completed: bool
@@ -270,6 +275,7 @@ class GroupResults:
     sums: bytes
     """Little-endian u64 lane sums (empty when aborted)."""
     rows: tuple[GroupRow, ...]
+    ciphertexts: tuple[bytes, ...] = ()
 
     def encode(self) -> bytes:
         w = _header(Writer(), _RESULTS, self.round_id).u8(int(self.completed))
@@ -279,6 +285,10 @@ class GroupResults:
         for row in self.rows:
             w.u32(row.group).u32(row.size).u32(row.survivors).u8(int(row.completed))
             w.var(row.reason.encode()[:_MAX_TEXT])
+        if self.ciphertexts:
+            w.u32(len(self.ciphertexts))
+            for ct in self.ciphertexts:
+                w.var(ct)
         return w.getvalue()
 
     @classmethod
@@ -298,10 +308,17 @@ class GroupResults:
             rows.append(
                 GroupRow(g, size, surv, bool(ok), r.var(_MAX_TEXT).decode(errors="replace"))
             )
+        cts: tuple[bytes, ...] = ()
+        if r.remaining:
+            n_cts = r.u32()
+            if not 1 <= n_cts <= _MAX_CIPHERTEXTS:
+                raise MalformedMessage(f"group results with {n_cts} ciphertexts")
+            cts = tuple(r.var(_MAX_SUMS) for _ in range(n_cts))
         r.end()
         return cls(
-            rid, bool(completed), stage, reason, contributors, total_weight, sums, tuple(rows)
-        )
+            rid, bool(completed), stage, reason, contributors, total_weight, sums, tuple(rows),
+            cts,
+        )  # fmt: skip
 
 
 @lru_cache(maxsize=1 << 16)
@@ -448,6 +465,22 @@ def _openings(opens_bytes: bytes) -> tuple[NonceOpen, ...]:
     return NonceOpens.decode(opens_bytes).opens
 
 
+def sharded_he_clients(mode: Mode, total: int, groups: int) -> int:
+    """Summands the CKKS parameters of every group round of a sharded ``ckks``/``hybrid``
+    round are sized for (:attr:`secagg.params.RoundParams.he_clients`); ``0`` in ``masked``.
+
+    The coordinator adds the ``G`` group ciphertexts, so the total must decrypt exactly:
+    ``ckks`` lanes hold the sum of all ``total`` inputs (headroom ``ceil(log2 total)``);
+    ``hybrid`` adds one plaintext (the dropped clients' negated masks) per group, so a slot
+    sum stays below ``(total + G) 2^mask_bits`` and the noise covers ``total`` fresh
+    ciphertexts and ``G`` plaintexts: sizing for ``total + G - 1`` summands (carry bits
+    ``ceil(log2(total + G))``, one plaintext already allowed for) covers both.
+    """
+    if mode is Mode.MASKED:
+        return 0
+    return total if mode is Mode.CKKS else total + groups - 1
+
+
 def check_group_invite(
     asg: Assignment,
     cid: int,
@@ -461,6 +494,9 @@ def check_group_invite(
     the round id must be :func:`group_round_id` of that group, and the parameters must pass
     the client's policy (``check_params``) with the group at least
     ``max(t, min_contributors)`` strong (``check_set``): the same checks as a single round.
+    In ``ckks``/``hybrid`` the CKKS parameters must be sized for the whole sharded round
+    (``he_clients`` at least :func:`sharded_he_clients` of the assignment's total), so the
+    coordinator's sum of the group ciphertexts cannot overflow a lane or the noise bound.
 
     Raises
     ------
@@ -484,6 +520,13 @@ def check_group_invite(
     if params.n_clients != len(members):
         raise ServerMisbehaviour(
             f"group {g}'s round is for n={params.n_clients} clients; the group has {len(members)}"
+        )
+    total = sum(len(m) for m in asg.groups)
+    want = sharded_he_clients(params.mode, total, len(asg.groups))
+    if params.he_clients < want or (want == 0 and params.he_clients):
+        raise ServerMisbehaviour(
+            f"group {g}'s round sizes its CKKS parameters for he_clients={params.he_clients};"
+            f" the {len(asg.groups)} groups of {total} clients need at least {want}"
         )
     policy.check_params(params)
     policy.check_set(f"group {g}", len(members), params)

@@ -96,6 +96,12 @@ class RoundParams:
         marker byte and the offer's headline numbers (:func:`encode_dp_offer`); the plan's
         levels and residuals are recomputed on decoding, never read from the wire. A
         params encoding without it (the format before DP) decodes with ``dp=None``.
+    he_clients:
+        ``0``, or (a group round of a sharded ``ckks``/``hybrid`` round) the number of
+        summands the CKKS parameters are sized for instead of ``n``: the coordinator adds the
+        group ciphertexts, so lane headroom, carries and noise must hold for the total
+        (:func:`secagg.groups.sharded_he_clients`). Encoded after the DP offer as
+        :data:`HE_CLIENTS_MARKER` and a u32; absent when ``0`` (older encodings unchanged).
     """
 
     round_id: bytes
@@ -107,6 +113,7 @@ class RoundParams:
     layout: bytes = b""
     warnings: tuple[str, ...] = field(default=(), compare=False)
     dp: DPOffer | None = None
+    he_clients: int = 0
 
     def __post_init__(self) -> None:
         if len(self.round_id) != ROUND_ID_BYTES:
@@ -128,6 +135,16 @@ class RoundParams:
             )
         if self.dp is not None:
             self._check_dp(self.dp)
+        if self.he_clients:
+            if self.mode is Mode.MASKED or self.dp is not None:
+                raise ConfigurationError(
+                    "he_clients sizes the CKKS parameters of a sharded ckks/hybrid group round"
+                    " without DP"
+                )
+            if not n <= self.he_clients <= MAX_HE_CLIENTS:
+                raise ConfigurationError(
+                    f"he_clients must be in n={n}..{MAX_HE_CLIENTS}, got {self.he_clients}"
+                )
 
     def _check_dp(self, dp: DPOffer) -> None:
         """The offer must describe this round: masked, unweighted, same ``dim``, ``n``, ``t``."""
@@ -181,7 +198,8 @@ class RoundParams:
             from secagg.dp.rotation import padded_dim
 
             return _he_params(q.n_clients, self.dp.bits, padded_dim(self.dim), "hybrid", 1)
-        return _he_params(q.n_clients, q.bits, self.dim, self.mode.name.lower(), q.max_weight)
+        n = self.he_clients or q.n_clients
+        return _he_params(n, q.bits, self.dim, self.mode.name.lower(), q.max_weight)
 
     @property
     def words(self) -> int:
@@ -211,6 +229,8 @@ class RoundParams:
         )
         if self.dp is not None:
             encode_dp_offer(w, self.dp)
+        if self.he_clients:
+            w.u8(HE_CLIENTS_MARKER).u32(self.he_clients)
         return w.getvalue()
 
     @classmethod
@@ -227,11 +247,25 @@ class RoundParams:
         clip, bits, n, max_weight = r.f64(), r.u8(), r.u32(), r.u64()
         degree, threshold = r.u32(), r.u32()
         layout = r.fixed(r.u8())
-        dp = decode_dp_offer(r, n, threshold) if r.remaining else None
+        dp: DPOffer | None = None
+        he_clients = 0
+        while r.remaining and not he_clients:
+            marker = r.u8()
+            if marker == DP_MARKER and dp is None:
+                dp = _decode_dp_body(r, n, threshold)
+            elif marker == HE_CLIENTS_MARKER:
+                he_clients = r.u32()
+                if not he_clients:
+                    raise MalformedMessage("he_clients section with 0 clients")
+            else:
+                raise MalformedMessage("unknown field after the layout of the round parameters")
         r.end()
         try:
             quant = QuantSpec(clip, bits, n, max_weight)
-            return cls(round_id, mode, dim, quant, degree, threshold, layout, dp=dp)
+            return cls(
+                round_id, mode, dim, quant, degree, threshold, layout, dp=dp,
+                he_clients=he_clients,
+            )  # fmt: skip
         except ConfigurationError as exc:
             raise MalformedMessage(f"invalid round parameters: {exc}") from exc
 
@@ -244,6 +278,10 @@ MAX_DP_SEEDS = 255
 """Most removable noise seeds per client (one byte on the wire, ``messages.ShareKeys``)."""
 DP_MARKER = 1
 """Byte that opens the DP offer after the layout (nothing follows the layout without DP)."""
+HE_CLIENTS_MARKER = 2
+"""Byte that opens the ``he_clients`` section (after the DP offer; sharded HE group rounds)."""
+MAX_HE_CLIENTS = 2 * MAX_CLIENTS
+"""Largest ``he_clients``: a sharded round's total roster plus one summand per group."""
 
 
 def encode_dp_offer(w: Writer, dp: DPOffer) -> None:
@@ -264,12 +302,16 @@ def decode_dp_offer(r: Reader, n_clients: int, threshold: int) -> DPOffer:
     MalformedMessage
         For another marker, another ``n`` or ``t``, or numbers no plan has.
     """
+    if r.u8() != DP_MARKER:
+        raise MalformedMessage("unknown field after the layout of the round parameters")
+    return _decode_dp_body(r, n_clients, threshold)
+
+
+def _decode_dp_body(r: Reader, n_clients: int, threshold: int) -> DPOffer:
     from secagg.dp.policy import DPOffer
     from secagg.dp.xnoise import make_plan
     from secagg.errors import InfeasibleParameters
 
-    if r.u8() != DP_MARKER:
-        raise MalformedMessage("unknown field after the layout of the round parameters")
     dim, clip, gamma, beta, bits = r.u64(), r.f64(), r.f64(), r.f64(), r.u8()
     rounds, target, n, t, w, xi = r.u32(), r.u64(), r.u32(), r.u32(), r.u32(), r.f64()
     if (n, t) != (n_clients, threshold):

@@ -30,23 +30,26 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from secagg import graph
-from secagg.client import SecAggClient
+from secagg import ckks, graph
+from secagg.client import SecAggClient, decrypt_lane_sums
 from secagg.errors import ConfigurationError, RoundAborted, SecAggError
 from secagg.groups import (
     GroupCoordinator,
     GroupJoinClient,
     check_group_invite,
     group_round_id,
+    sharded_he_clients,
     verify_transcript,
 )
+from secagg.he_round import CkksClient, CkksServer
 from secagg.keys import IdentityKey, random_seed
-from secagg.messages import Message
+from secagg.messages import EncryptedResult, Message
 from secagg.params import Mode, RoundParams, make_params
 from secagg.policy import MIN_CONTRIBUTORS, ClientPolicy
 from secagg.quantize import dequantize, lane_values
 from secagg.rounds.base import Stage
 from secagg.server import SecAggServer, StageTimeouts
+from secagg.sharded_he import EncryptedGroupSum, GroupCiphertextRefused, add_group_sums
 from secagg.simulate import DROP_STAGES, SimulationConfig, schedule, withheld_from, withholds
 from secagg.wire import Reader, Writer
 
@@ -71,8 +74,7 @@ class ShardedRoundAborted(RoundAborted):
 
 
 class UnsupportedShardedMode(ConfigurationError):
-    """Sharded rounds run ``masked`` only for now: adding the ``hybrid``/``ckks`` group
-    ciphertexts at the coordinator is not built yet (docs/sharding.md)."""
+    """A sharded round asked for something only single rounds run (docs/sharding.md)."""
 
 
 # --------------------------------------------------------------------------- group spec
@@ -105,6 +107,11 @@ class GroupSpec:
     corrupt: float
     min_contributors: int
     members: tuple[Member, ...]
+    he_secret: bytes = b""
+    """``ckks``/``hybrid``: the key holders' context, for the simulated clients only (a real
+    key holder keeps it on its device); the aggregator never loads it."""
+    he_public: bytes = b""
+    """``ckks``/``hybrid``: the keyless context the group's aggregator sums with."""
 
     def encode(self) -> bytes:
         w = Writer().u32(self.group).var(self.params).var(self.roster).var(self.opens)
@@ -113,6 +120,7 @@ class GroupSpec:
         for m in self.members:
             w.u32(m.cid).fixed(m.public_key, 32).fixed(m.private_key, 32).fixed(m.nonce, 32)
             w.var(m.sent).u64(m.weight).u8(m.drop)
+        w.var(self.he_secret).var(self.he_public)
         return w.getvalue()
 
     @classmethod
@@ -125,10 +133,12 @@ class GroupSpec:
             Member(r.u32(), r.fixed(32), r.fixed(32), r.fixed(32), r.var(256), r.u64(), r.u8())
             for _ in range(count)
         )
+        he_secret, he_public = r.var(_MAX_BLOB), r.var(_MAX_BLOB)
         r.end()
         return cls(
-            group, params, roster, opens, timeout, seed, dropout, corrupt, min_contributors, members
-        )
+            group, params, roster, opens, timeout, seed, dropout, corrupt, min_contributors,
+            members, he_secret, he_public,
+        )  # fmt: skip
 
 
 def client_input(data_seed: int, cid: int, dim: int, clip: float) -> npt.NDArray[np.float64]:
@@ -153,7 +163,7 @@ class GroupRound:
         directory = {m.cid: m.public_key for m in spec.members}
         invited = sorted(directory)
         self.refused: dict[int, str] = {}
-        self.clients: dict[int, SecAggClient] = {}
+        self.clients: dict[int, SecAggClient | CkksClient] = {}
         self.drop: dict[int, Stage] = {}
         self.inputs: dict[int, npt.NDArray[np.float64]] = {}
         self.rounding: dict[int, bytes] = {}
@@ -163,10 +173,26 @@ class GroupRound:
         self.server_seconds = 0.0
         self.now = 0.0
         t0 = time.perf_counter()
-        self.server = SecAggServer(
-            params, directory, timeouts=StageTimeouts.uniform(spec.timeout), now=self.now
-        )
+        secret: ckks.SecretContext | None = None
+        self.server: SecAggServer | CkksServer
+        if params.mode is Mode.MASKED:
+            self.server = SecAggServer(
+                params, directory, timeouts=StageTimeouts.uniform(spec.timeout), now=self.now
+            )
+        else:  # the aggregator holds the keyless context only
+            he_server = ckks.load_server_context(spec.he_public, params.he)
+            if params.mode is Mode.CKKS:
+                self.server = CkksServer(
+                    params, directory, he_server, timeout=spec.timeout, now=self.now
+                )
+            else:
+                self.server = SecAggServer(
+                    params, directory, timeouts=StageTimeouts.uniform(spec.timeout),
+                    now=self.now, he_context=he_server,
+                )  # fmt: skip
         self.server_seconds += time.perf_counter() - t0
+        if params.mode is not Mode.MASKED:  # the simulated key holders' key
+            secret = ckks.load_secret_context(spec.he_secret, params.he)
         for m in spec.members:
             t0 = time.perf_counter()
             try:  # the client's own checks of the assignment and of this group round
@@ -179,12 +205,23 @@ class GroupRound:
             self.inputs[m.cid] = x
             self.rounding[m.cid] = random_seed()
             group_dir = {c: directory[c] for c in members}
-            self.clients[m.cid] = SecAggClient(
-                m.cid, IdentityKey(m.private_key), params, group_dir, x, m.weight,
-                rounding_key=self.rounding[m.cid], policy=policy,
-            )  # fmt: skip
+            identity = IdentityKey(m.private_key)
+            if params.mode is Mode.CKKS:
+                assert secret is not None
+                self.clients[m.cid] = CkksClient(
+                    m.cid, identity, params, group_dir, x, m.weight, secret.key_holder(),
+                    rounding_key=self.rounding[m.cid], policy=policy,
+                )  # fmt: skip
+            else:
+                self.clients[m.cid] = SecAggClient(
+                    m.cid, identity, params, group_dir, x, m.weight,
+                    rounding_key=self.rounding[m.cid], policy=policy,
+                    he_context=None if secret is None else secret.key_holder(),
+                )  # fmt: skip
             if m.drop != _NO_DROP:
-                self.drop[m.cid] = _STAGES[m.drop]
+                # ckks has no stage but the upload: a dropped client never uploads
+                stage = _STAGES[m.drop]
+                self.drop[m.cid] = Stage.MASKED_INPUT if params.mode is Mode.CKKS else stage
             self.client_seconds[m.cid] += time.perf_counter() - t0
         self.pending: list[tuple[int, Message]] = []
         self.started = False
@@ -234,6 +271,10 @@ class GroupRound:
             for cid, msg in batch:
                 if withheld_from(self.drop.get(cid), msg.TYPE) or cid not in self.clients:
                     continue
+                if isinstance(msg, EncryptedResult):
+                    # sharded HE: the group's encrypted sum goes to the coordinator, not to
+                    # the key holders; they decrypt the total only
+                    continue
                 data = msg.encode()
                 self.down += len(data)
                 t0 = time.perf_counter()
@@ -258,7 +299,12 @@ class GroupRound:
         w = Writer().u32(self.spec.group)
         result = self.server.result
         contributors: tuple[int, ...] = () if result is None else tuple(result.contributors)
-        if result is None or result.sums is None:
+        cts: tuple[bytes, ...] = ()
+        if result is not None and result.ciphertexts is not None:
+            w.u8(1).var(b"").var(b"")
+            sums = np.zeros(spec.values(p.dim), dtype=np.uint64)
+            cts = tuple(result.ciphertexts)
+        elif result is None or result.sums is None:
             err = self.server.error
             w.u8(0).var((err.stage if err else "").encode())
             w.var((err.reason if err else "the group round did not finish").encode())
@@ -278,6 +324,9 @@ class GroupRound:
         w.f64(statistics.median(self.client_seconds[c] for c in senders) if senders else 0.0)
         w.f64(self.server_seconds).u64(self.up).u64(self.down)
         w.ids(sorted(self.refused))
+        he = self.server.ctx.he
+        epoch = b"" if he is None else he.epoch.fingerprint
+        w.var(EncryptedGroupSum(self.spec.group, epoch, len(contributors), cts).encode())
         return w.getvalue()
 
 
@@ -298,6 +347,8 @@ class GroupOutcome:
     up: int
     down: int
     refused: tuple[int, ...]
+    encrypted: EncryptedGroupSum
+    """``ckks``/``hybrid``: the group's encrypted sum (no ciphertext in ``masked``)."""
 
     @classmethod
     def decode(cls, data: bytes) -> GroupOutcome:
@@ -310,10 +361,11 @@ class GroupOutcome:
         float_sum = np.frombuffer(r.var(_MAX_BLOB), dtype="<f8").astype(np.float64)
         med, srv, up, down = r.f64(), r.f64(), r.u64(), r.u64()
         refused = r.ids(1 << 24)
+        encrypted = EncryptedGroupSum.decode(r.var(_MAX_BLOB))
         r.end()
         return cls(
             group, bool(ok), stage, reason, contributors, sums, expected, float_sum, med, srv,
-            up, down, refused,
+            up, down, refused, encrypted,
         )  # fmt: skip
 
 
@@ -396,22 +448,29 @@ def _join(
     return coord, clients, identities, seconds
 
 
-def _group_params(cfg: SimulationConfig, size: int, round_id: bytes) -> RoundParams:
-    return replace(_template(cfg, size), round_id=round_id)
+def _group_params(
+    cfg: SimulationConfig, size: int, round_id: bytes, he_clients: int = 0
+) -> RoundParams:
+    return replace(_template(cfg, size, he_clients), round_id=round_id)
 
 
 _TEMPLATES: dict[tuple[Any, ...], RoundParams] = {}
 
 
-def _template(cfg: SimulationConfig, size: int) -> RoundParams:
+def _template(cfg: SimulationConfig, size: int, he_clients: int = 0) -> RoundParams:
+    mode = Mode.parse(cfg.mode)
     key = (size, cfg.dim, cfg.clip, cfg.bits, cfg.max_weight, cfg.neighbors, cfg.threshold,
-           cfg.tolerated_dropout, cfg.tolerated_corrupt)  # fmt: skip
+           cfg.tolerated_dropout, cfg.tolerated_corrupt, mode, he_clients)  # fmt: skip
     if key not in _TEMPLATES:
-        _TEMPLATES[key] = make_params(
+        params = make_params(
             size, cfg.dim, mode=Mode.MASKED, clip=cfg.clip, bits=cfg.bits,
             max_weight=cfg.max_weight, neighbors=cfg.neighbors, threshold=cfg.threshold,
             dropout=cfg.tolerated_dropout, corrupt=cfg.tolerated_corrupt,
         )  # fmt: skip
+        if mode is not Mode.MASKED:  # CKKS sized for the whole sharded round
+            params = replace(params, mode=mode, he_clients=he_clients)
+            _ = params.he  # InfeasibleParameters now, before any group starts
+        _TEMPLATES[key] = params
     return _TEMPLATES[key]
 
 
@@ -430,22 +489,22 @@ def simulate_sharded(
     of its clients dropped): ``"publish"`` the other groups' sum when at least
     ``min_contributors`` contributed, ``"abort"`` the whole round.
 
+    In ``ckks``/``hybrid`` each group returns its encrypted sum; the coordinator checks and
+    adds them with the keyless context only (:func:`secagg.sharded_he.add_group_sums`) and
+    a key holder of the simulation decrypts the published total, as in a single round.
+
     Raises
     ------
     UnsupportedShardedMode
-        ``hybrid`` or ``ckks`` (not built for sharded rounds yet).
+        ``--spoil`` or DP (single rounds only).
     ShardedRoundAborted
         Never: an aborted round is reported (``status: aborted``) like a single one.
     """
-    if Mode.parse(cfg.mode) is not Mode.MASKED:
-        raise UnsupportedShardedMode(
-            f"sharded rounds run masked only: summing {cfg.mode} group ciphertexts at the"
-            " coordinator is not built yet (docs/sharding.md)"
-        )
+    mode = Mode.parse(cfg.mode)
     if on_group_abort not in ("publish", "abort"):
         raise ConfigurationError(f"on_group_abort must be publish or abort, not {on_group_abort!r}")
     if cfg.spoil or cfg.dp_epsilon is not None:
-        raise ConfigurationError("--spoil and --dp-epsilon run with single rounds only")
+        raise UnsupportedShardedMode("--spoil and --dp-epsilon run with single rounds only")
     engine = engine or LocalEngine()
     policy = cfg.policy or ClientPolicy(
         dropout=graph.DEFAULT_DROPOUT if cfg.tolerated_dropout is None else cfg.tolerated_dropout,
@@ -456,7 +515,7 @@ def simulate_sharded(
     ids = list(range(1, cfg.clients + 1))
     weights = {cid: rng.randint(1, cfg.max_weight) for cid in ids}
     plan = schedule(cfg, ids, rng)
-    if cfg.clients * cfg.max_weight * ((1 << cfg.bits) - 1) >= 1 << 64:
+    if mode is Mode.MASKED and cfg.clients * cfg.max_weight * ((1 << cfg.bits) - 1) >= 1 << 64:
         raise ConfigurationError("the total sum would not fit 64 bits; lower bits or max_weight")
     wall0 = time.perf_counter()
     coord, clients, identities, coord_seconds = _join(cfg, groups, ids, policy.min_clients)
@@ -465,8 +524,29 @@ def simulate_sharded(
     specs: dict[int, bytes] = {}
     params_of: dict[int, RoundParams] = {}
     data_seed = cfg.seed
+    he_clients = sharded_he_clients(mode, sum(len(m) for m in asg.groups), len(asg.groups))
+    he_secret = he_public = b""
+    he_report: dict[str, Any] = {}
+    server_ctx: ckks.ServerContext | None = None
+    if mode is not Mode.MASKED:
+        he = _template(cfg, len(asg.groups[0]), he_clients).he
+        t0 = time.perf_counter()
+        he_secret = ckks.make_secret_context(he)  # the key holders' (simulated clients')
+        he_public = ckks.make_public_context(he_secret)
+        he_report = {
+            "poly_modulus_degree": he.poly_modulus_degree,
+            "coeff_mod_bit_sizes": list(he.coeff_mod_bit_sizes),
+            "scale_bits": he.scale_bits,
+            "lanes_per_slot": he.lanes_per_slot,
+            "ciphertexts_per_client": he.n_ciphertexts,
+            "he_clients": he_clients,
+            "keygen_seconds": time.perf_counter() - t0,
+        }
+        server_ctx = ckks.load_server_context(he_public, he)  # the coordinator's: no key
     for g, members in enumerate(asg.groups):
-        params_of[g] = params = _group_params(cfg, len(members), group_round_id(asg.seed, g))
+        params_of[g] = params = _group_params(
+            cfg, len(members), group_round_id(asg.seed, g), he_clients
+        )
         specs[g] = GroupSpec(
             g, params.encode(), coord.roster_bytes, coord.opens_bytes, timeout, data_seed,
             policy.dropout, policy.corrupt, policy.min_contributors,
@@ -476,6 +556,7 @@ def simulate_sharded(
                        _STAGES.index(plan[c]) if c in plan else _NO_DROP)
                 for c in members
             ),
+            he_secret, he_public,
         ).encode()  # fmt: skip
     raw = engine.run_groups(specs)
     t0 = time.perf_counter()
@@ -495,17 +576,20 @@ def simulate_sharded(
             if o.refused:
                 row["refused"] = list(o.refused)
         rows.append(row)
+    total_cts: tuple[bytes, ...] = ()
+    if server_ctx is not None:
+        total_cts = _add_encrypted(server_ctx, mode, outcomes, rows)
     done = [o for o in outcomes.values() if o.completed]
     contributors = sorted(c for o in done for c in o.contributors)
     aborted = [r for r in rows if r["status"] == "aborted"]
     dim = cfg.dim
     spec0 = params_of[0].quant
     report: dict[str, Any] = {
-        "mode": "masked",
+        "mode": mode.name.lower(),
         "clients": cfg.clients,
         "dim": dim,
         "bits": cfg.bits,
-        "neighbors": params_of[0].degree,
+        "neighbors": 0 if mode is Mode.CKKS else params_of[0].degree,
         "threshold": params_of[0].threshold,
         "dropped": {str(c): s.value for c, s in sorted(plan.items())},
         "warnings": list(params_of[0].warnings),
@@ -514,6 +598,8 @@ def simulate_sharded(
         "groups": rows,
         "assignment_seed": asg.seed.hex(),
     }
+    if he_report:
+        report["he"] = he_report
     abort: tuple[str, str] | None = None
     if aborted and on_group_abort == "abort":
         abort = (
@@ -526,6 +612,15 @@ def simulate_sharded(
             f"{len(contributors)} contributors in completed groups; the round needs at least"
             f" {min_contributors}",
         )
+    sums = np.zeros(spec0.values(dim), dtype=np.uint64)
+    if abort is None and mode is not Mode.MASKED:
+        # a key holder decrypts the published total, as in a single round; a total that
+        # does not decrypt (a group summed under another key) releases nothing
+        holder = ckks.load_secret_context(he_secret, params_of[0].he)
+        try:
+            sums = decrypt_lane_sums(holder, params_of[0], total_cts)
+        except SecAggError as exc:
+            abort = ("decrypt", f"the encrypted total does not decrypt: {exc}")
     if abort is not None:
         err = ShardedRoundAborted(*abort)
         report.update(
@@ -534,11 +629,12 @@ def simulate_sharded(
         )  # fmt: skip
     else:
         # masked: each group sum is an exact integer below 2^64 / G; their sum is exact.
-        sums = np.zeros(spec0.values(dim), dtype=np.uint64)
+        # ckks/hybrid: the decrypted total, integers (CKKS noise removed by rounding).
         expected = np.zeros_like(sums)
         float_sum = np.zeros(dim)
         for o in done:
-            sums += o.sums
+            if mode is Mode.MASKED:
+                sums += o.sums
             expected += o.expected
             float_sum += o.float_sum
         weighted_sum, _ = dequantize(sums, spec0, len(contributors), dim)
@@ -567,3 +663,29 @@ def simulate_sharded(
         "raw_float32_per_client": 4 * dim,
     }
     return report
+
+
+def _add_encrypted(
+    ctx: ckks.ServerContext,
+    mode: Mode,
+    outcomes: dict[int, GroupOutcome],
+    rows: list[dict[str, Any]],
+) -> tuple[bytes, ...]:
+    """Add the completed groups' ciphertexts at the coordinator (keyless context only).
+
+    A group whose result the coordinator refuses (:class:`GroupCiphertextRefused`: another
+    key epoch, parameters, level or scale) is recorded as aborted with that reason and left
+    out; the policy then decides as for any aborted group. Returns the encrypted total
+    (empty when no group completed)."""
+    while True:
+        done = [o for o in outcomes.values() if o.completed]
+        if not done:
+            return ()
+        try:
+            cts, _ = add_group_sums(ctx, mode, [o.encrypted for o in done])
+        except GroupCiphertextRefused as exc:
+            g = exc.group
+            outcomes[g] = replace(outcomes[g], completed=False, stage="sharded", reason=str(exc))
+            rows[g].update(status="aborted", reason=f"result refused: {exc}")
+            continue
+        return cts

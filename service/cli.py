@@ -400,6 +400,12 @@ def _add_keygen(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "upload off as the sum and not to collude with any key holder (docs/threat-model.md)",
     )
     ck.add_argument("--clients", type=int, help="participants per round")
+    ck.add_argument(
+        "--groups",
+        type=int,
+        default=1,
+        help="sharded rounds of G groups: CKKS sized for the groups' total (docs/sharding.md)",
+    )
     ck.add_argument("--dim", type=int, help="parameters per round")
     ck.add_argument("--bits", type=int, default=16)
     ck.add_argument(
@@ -439,7 +445,8 @@ def _run_keygen(args: argparse.Namespace) -> int:
         if dp is not None:  # the DP shape: d' lanes of the offer's bits, unweighted
             he = _dp_he_params(args, dp)
         else:
-            he = select_params(args.clients, args.bits, args.dim, args.mode, args.max_weight)
+            n_he = _he_clients(args.mode, args.clients, args.groups)
+            he = select_params(n_he, args.bits, args.dim, args.mode, args.max_weight)
         from secagg import ckks
 
         budget = args.decryption_budget
@@ -460,6 +467,10 @@ def _run_keygen(args: argparse.Namespace) -> int:
         }
         if dp is not None:
             shape.update(dp=dp.to_json(), threshold=args.threshold)
+        if args.groups > 1:
+            if dp is not None:
+                raise ConfigurationError("--groups: distributed DP runs in single rounds only")
+            shape["groups"] = args.groups
         sidecar = _he_shape_path(server)
         sidecar.write_text(json.dumps(shape) + "\n")
         print(
@@ -701,7 +712,7 @@ def _add_round_shape(p: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="sharded round: G > 1 groups, assigned by commit-reveal, one group round each "
-        "(masked; docs/sharding.md, 'Over gRPC')",
+        "(masked, hybrid, ckks: keygen --ckks --groups G; docs/sharding.md, 'Over gRPC')",
     )
     p.add_argument(
         "--on-group-abort",
@@ -976,13 +987,26 @@ def _he_shape_path(server_context: Path | str) -> Path:
     return p.with_name(stem + ".ckks-params.json")
 
 
+def _he_clients(mode: str, clients: int, groups: int | None) -> int:
+    """Summands the CKKS parameters hold: ``clients``, or in a sharded round of ``groups``
+    groups :func:`secagg.groups.sharded_he_clients` (the total plus hybrid's per-group
+    plaintexts)."""
+    from secagg.groups import sharded_he_clients
+    from secagg.params import Mode
+
+    if not groups or groups <= 1:
+        return clients
+    return sharded_he_clients(Mode.parse(mode), clients, groups)
+
+
 def _check_context_fits(
     args: argparse.Namespace, clients: int, dim: int, bits: int, max_weight: int
 ) -> None:
     from secagg import ckks
     from secagg.he_params import select_params
 
-    he = select_params(clients, bits, dim, args.mode, max_weight)
+    n_he = _he_clients(args.mode, clients, getattr(args, "groups", None))
+    he = select_params(n_he, bits, dim, args.mode, max_weight)
     try:
         ckks.load_server_context(_read_file(args.he_context, "--he-context"), he)
     except ConfigurationError as exc:
@@ -1029,13 +1053,15 @@ def _he_shape(args: argparse.Namespace, clients: int, dim: int) -> tuple[int | N
         "dim": dim,
         "bits": made["bits"] if args.bits is None else args.bits,
         "max_weight": made["max_weight"] if args.max_weight is None else args.max_weight,
+        "groups": max(1, getattr(args, "groups", None) or 1),
     }
+    made["groups"] = shape.get("groups", 1)
     diff = [f"{k} {asked[k]} (keygen: {made[k]})" for k in made if asked[k] != made[k]]
     if diff:
         raise ConfigurationError(
             f"{args.he_context} was made for another round shape: {', '.join(diff)}; "
             "rerun `secagg keygen --ckks` with this round's --mode/--clients/--dim/--bits/"
-            "--max-weight, or create the round with keygen's"
+            "--max-weight/--groups, or create the round with keygen's"
         )
     return int(made["bits"]), int(made["max_weight"])
 

@@ -692,7 +692,7 @@ class Client:
 
             return participate_sharded(
                 self, joined, vector, weight, rounding_key=rounding_key, on_send=on_send,
-                key_epoch=key_epoch,
+                key_epoch=key_epoch, he_context=he_context,
             )  # fmt: skip
         core: SecAggClient | PlaintextClient | CkksClient
         p = joined.params

@@ -14,8 +14,11 @@ groups ended, the front door sums the completed groups' lane sums (exact integer
 hash, group round ids) and every group's size, survivors, status and abort reason, and
 whether a partial sum was published.
 
-``masked`` only: ``hybrid``/``ckks`` are refused with
-:class:`secagg.simulate_sharded.UnsupportedShardedMode`.
+``hybrid``/``ckks``: every group round is an ordinary round of that mode (its CKKS
+parameters sized for the whole sharded round, ``RoundParams.he_clients``); the front door
+adds the completed groups' encrypted sums with its keyless context
+(:func:`secagg.sharded_he.add_group_sums`) and sends the encrypted total in
+``GroupResults``; the clients (key holders) decrypt it. The front door sees no sum.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import secrets
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -31,10 +35,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from secagg import ckks
 from secagg import groups as gr
 from secagg.errors import ConfigurationError, DuplicateMessage, ProtocolViolation, RoundAborted
 from secagg.messages import Message
-from secagg.params import RoundParams
+from secagg.params import Mode, RoundParams
 from secagg.policy import MIN_CONTRIBUTORS
 from secagg.rounds.base import ClientRecord, RoundResult, Stage
 from secagg.server import SecAggServer
@@ -43,6 +48,7 @@ from secagg.service.logs import event
 from secagg.service.rounds import RoundCore, RoundRunner
 from secagg.service.serde import deadlines_dict
 from secagg.service.store import ABORTED, Member
+from secagg.sharded_he import EncryptedGroupSum, GroupCiphertextRefused, add_group_sums
 from secagg.simulate_sharded import UnsupportedShardedMode
 
 if TYPE_CHECKING:
@@ -91,6 +97,8 @@ class GroupEnd:
     size: int
     result: RoundResult | None
     reason: str = ""
+    key_epoch: bytes = b""
+    """``ckks``/``hybrid``: the key-epoch fingerprint the group's aggregator summed under."""
 
 
 class FrontDoorCore:
@@ -107,8 +115,11 @@ class FrontDoorCore:
         min_group: int,
         timeout: float,
         now: float,
+        he: ckks.ServerContext | None = None,
     ) -> None:
         self.params = params
+        self.he = he
+        """``ckks``/``hybrid``: the front door's keyless context (adds the group sums)."""
         self.directory = dict(directory)
         self.on_group_abort = on_group_abort
         self.coord = gr.GroupCoordinator(
@@ -211,9 +222,16 @@ class FrontDoorCore:
 
     def finish(self, ends: Sequence[GroupEnd], min_contributors: int) -> list[tuple[int, Any]]:
         """Sum the completed groups (exact: each group sum is below ``2^64 / G``) under the
-        job's policy; never publish a sum of fewer than ``min_contributors`` inputs."""
+        job's policy; never publish a sum of fewer than ``min_contributors`` inputs.
+
+        ``ckks``/``hybrid``: the group results are ciphertexts; a group whose result the
+        keyless check refuses (:class:`~secagg.sharded_he.GroupCiphertextRefused`) counts
+        as aborted, with that reason."""
         if self.done:
             return []
+        cts: tuple[bytes, ...] = ()
+        if self.he is not None:
+            ends, cts = self._add_encrypted(list(ends))
         self.rows = []
         done: list[RoundResult] = []
         for e in ends:
@@ -237,6 +255,16 @@ class FrontDoorCore:
                 f"{len(contributors)} contributors in completed groups; the round needs at"
                 f" least {min_contributors}",
             )
+        if self.he is not None:  # the front door publishes the encrypted total, sees no sum
+            self.partial = bool(failed)
+            self.result = RoundResult(contributors, ciphertexts=cts)
+            self._stage = ShardStage.COMPLETED
+            return self._broadcast(
+                gr.GroupResults(
+                    self.params.round_id, True, "", "", contributors, 0, b"",
+                    tuple(self.rows), cts,
+                )
+            )  # fmt: skip
         sums = np.zeros(self.params.quant.values(self.params.dim), dtype=np.uint64)
         weight = 0
         for r in done:
@@ -252,6 +280,31 @@ class FrontDoorCore:
                 sums.astype("<u8").tobytes(), tuple(self.rows),
             )
         )  # fmt: skip
+
+    def _add_encrypted(self, ends: list[GroupEnd]) -> tuple[list[GroupEnd], tuple[bytes, ...]]:
+        """Check and add the completed groups' ciphertexts (keyless context)."""
+        assert self.he is not None
+        while True:
+            done = [e for e in ends if e.result is not None]
+            if not done:
+                return ends, ()
+            sums = []
+            for e in done:
+                assert e.result is not None
+                r = e.result
+                cts = tuple(r.ciphertexts or ())
+                sums.append(EncryptedGroupSum(e.group, e.key_epoch, len(r.contributors), cts))
+            try:
+                total, _ = add_group_sums(self.he, self.params.mode, sums)
+            except GroupCiphertextRefused as exc:
+                ends = [
+                    replace(e, result=None, reason=f"result refused: {exc}")
+                    if e.group == exc.group
+                    else e
+                    for e in ends
+                ]
+                continue
+            return ends, total
 
     def _broadcast(self, msg: gr.GroupResults) -> list[tuple[int, Any]]:
         raw = _Raw(msg.encode())
@@ -340,11 +393,12 @@ class ShardedRunner(RoundRunner):
 def check_spec(spec: RoundSpec) -> None:
     """Refuse what sharded rounds do not run (yet)."""
     mode = spec.mode.lower()
-    if mode != "masked":
-        raise UnsupportedShardedMode(
-            f"sharded rounds run masked only, not {mode}: summing group ciphertexts at the"
-            " coordinator is not built yet (docs/sharding.md)"
-        )
+    if mode not in ("masked", "hybrid", "ckks"):
+        raise UnsupportedShardedMode(f"sharded rounds run masked, hybrid or ckks, not {mode}")
+    if mode != "masked" and not spec.he_context:
+        raise ConfigurationError(f"a {mode} round needs the server's CKKS context")
+    if mode == "ckks" and spec.publish_after is not None:
+        raise UnsupportedShardedMode("publish_after runs with single ckks rounds only")
     if spec.dp is not None:
         raise ConfigurationError("distributed DP runs in single rounds only, not sharded ones")
     if spec.on_group_abort not in ON_GROUP_ABORT:
@@ -355,9 +409,15 @@ def check_spec(spec: RoundSpec) -> None:
         raise ConfigurationError(f"groups={spec.groups} exceeds {gr.MAX_GROUPS}")
 
 
-def group_params(coord: Coordinator, spec: RoundSpec, size: int, round_id: bytes) -> RoundParams:
-    """Parameters of a group round of ``size`` members (the spec's shape, its own n)."""
-    return replace(coord._params(spec, size), round_id=round_id)
+def group_params(
+    coord: Coordinator, spec: RoundSpec, size: int, round_id: bytes, he_clients: int = 0
+) -> RoundParams:
+    """Parameters of a group round of ``size`` members (the spec's shape, its own n); in
+    ``ckks``/``hybrid`` the CKKS parameters sized for ``he_clients`` summands."""
+    if not he_clients:
+        return replace(coord._params(spec, size), round_id=round_id)
+    base = coord._params(replace(spec, mode="masked"), size)  # the group's graph and t
+    return replace(base, round_id=round_id, mode=Mode.parse(spec.mode), he_clients=he_clients)
 
 
 async def create_sharded(
@@ -388,9 +448,19 @@ async def create_sharded(
             raise ConfigurationError(
                 f"{n} participants cannot form {g} groups of at least {min_group}"
             )
-        params = await loop.run_in_executor(pool, coord._params, spec, n)
+        mode = Mode.parse(spec.mode)
+        # ckks/hybrid: CKKS sized for the whole roster (the front door and every group)
+        he_clients = gr.sharded_he_clients(mode, n, g)
+        params = await loop.run_in_executor(
+            pool, group_params, coord, spec, n, secrets.token_bytes(16), he_clients
+        )
         for size in {n // g, -(-n // g)}:  # every group size must have parameters
-            await loop.run_in_executor(pool, coord._params, spec, size)
+            await loop.run_in_executor(
+                pool, group_params, coord, spec, size, params.round_id, he_clients
+            )
+        he_ctx = None
+        if he_clients:
+            he_ctx = await loop.run_in_executor(pool, coord._he_context, spec, params)
         spec = replace(spec, deadlines=spec.deadlines.for_round(n, params.dim))
         directory = {m.client_id: m.public_key for m in members}
         body = coord._audit_body(spec, params, members, False)
@@ -410,7 +480,7 @@ async def create_sharded(
         )  # fmt: skip
         core = FrontDoorCore(
             params, directory, g, on_group_abort=spec.on_group_abort, min_group=min_group,
-            timeout=spec.deadlines.advertise_keys, now=time.monotonic(),
+            timeout=spec.deadlines.advertise_keys, now=time.monotonic(), he=he_ctx,
         )  # fmt: skip
         runner = ShardedRunner(
             min_contributors=MIN_CONTRIBUTORS,
@@ -461,9 +531,10 @@ async def _run_groups(
     front = runner.front
     by_id = {m.client_id: m for m in runner.members}
     plan: list[tuple[int, RoundParams, list[Member]]] = []
+    he_clients = runner.params.he_clients  # sized for the whole roster at creation
     for g, ids in enumerate(asg.groups):
         gp = await loop.run_in_executor(
-            pool, group_params, coord, spec, len(ids), gr.group_round_id(asg.seed, g)
+            pool, group_params, coord, spec, len(ids), gr.group_round_id(asg.seed, g), he_clients
         )
         plan.append((g, gp, [by_id[c] for c in ids]))
     await loop.run_in_executor(
@@ -512,8 +583,17 @@ async def _await_groups(
         reason = "" if res is not None else (
             f"stage {err.stage}: {err.reason}" if err is not None else "no result"
         )  # fmt: skip
-        ends.append(GroupEnd(g, len(ms), res, reason))
+        ends.append(GroupEnd(g, len(ms), res, reason, _key_epoch(gr_runner.core)))
     await loop.run_in_executor(pool, runner._finish, ends)
+
+
+def _key_epoch(core: Any) -> bytes:
+    """The key-epoch fingerprint a group's aggregator summed under (``b""`` in masked): a
+    Ray actor's report, or the in-process server's context."""
+    if hasattr(core, "key_epoch"):
+        return bytes(core.key_epoch)
+    he = getattr(getattr(core, "ctx", None), "he", None)
+    return he.epoch.fingerprint if isinstance(he, ckks.ServerContext) else b""
 
 
 async def _open_group(
@@ -542,11 +622,15 @@ async def _open_group(
     try:
         if runner.hosts is not None:  # the group's SecAggServer lives on a Ray actor
             hosts = runner.hosts
+            he = spec.he_context or b""
             core = cast(RoundCore, await loop.run_in_executor(
-                pool, lambda: hosts.core(g, params, directory, deadlines, time.monotonic())
+                pool, lambda: hosts.core(g, params, directory, deadlines, time.monotonic(), he)
             ))  # fmt: skip
-        else:
+        elif params.mode is Mode.MASKED:
             core = SecAggServer(params, directory, timeouts=deadlines, now=time.monotonic())
+        else:  # the group's aggregator: the keyless context, sized for the whole round
+            he_ctx = await loop.run_in_executor(pool, coord._he_context, spec, params)
+            core = coord._core(spec.mode.lower(), spec, params, directory, he_ctx, time.monotonic())
     except Exception as exc:
         reason = f"the group round could not open: {type(exc).__name__}: {exc}"
         outcome = {"status": ABORTED, "stage": "open", "reason": reason}

@@ -9,6 +9,12 @@ same dim and quantization) *before sending anything into it*, runs it as any rou
 finally checks the front door's :class:`~secagg.groups.GroupResults` against what it knows
 (its own group's contributors, every completed group at least ``min_contributors`` strong
 and inside its group) before returning the published sum.
+
+``ckks``/``hybrid``: the group round runs as any round of that mode (its key holders check
+their group's encrypted sum as in a single round); the front door then sends the encrypted
+total of the groups, which this client decrypts with its own key after the same checks.
+It needs two decryptions of its budget per sharded round, and refuses before sending
+anything when fewer are left.
 """
 
 from __future__ import annotations
@@ -19,16 +25,23 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import numpy.typing as npt
 
+from secagg import ckks, kernels
 from secagg import groups as gr
-from secagg import kernels
-from secagg.client import ClientResult
-from secagg.errors import PolicyViolation, RoundAborted, ServerMisbehaviour
+from secagg.client import ClientResult, decrypt_lane_sums
+from secagg.errors import (
+    DecryptionBudgetExhausted,
+    PolicyViolation,
+    RoundAborted,
+    SecAggError,
+    ServerMisbehaviour,
+)
 from secagg.messages import Message
+from secagg.params import Mode
 from secagg.service.errors import PolicyRefused
 from secagg.service.serde import JoinedRound
 
 if TYPE_CHECKING:
-    from secagg.service.client import Client
+    from secagg.service.client import Client, HEContext
 
 __all__ = ["FrontDoorClient", "participate_sharded"]
 
@@ -51,8 +64,11 @@ class FrontDoorClient:
         client: Client,
         joined: JoinedRound,
         run_group: Callable[[JoinedRound], ClientResult | None],
+        secret: ckks.SecretContext | None = None,
     ) -> None:
         self.client = client
+        self.secret = secret
+        """``ckks``/``hybrid``: this key holder's context (decrypts the total)."""
         self.joined = joined
         self.cid = joined.client_id
         self.join = gr.GroupJoinClient(
@@ -110,8 +126,9 @@ class FrontDoorClient:
             if self.joined.directory.get(m) != key:
                 raise ServerMisbehaviour(f"group {g} lists client {m} with another identity key")
         q, fq = p.quant, front.quant
-        if (p.mode, p.dim, q.bits, q.clip, q.max_weight, p.layout) != (
-            front.mode, front.dim, fq.bits, fq.clip, fq.max_weight, front.layout
+        if (p.mode, p.dim, q.bits, q.clip, q.max_weight, p.layout, p.he_clients) != (
+            front.mode, front.dim, fq.bits, fq.clip, fq.max_weight, front.layout,
+            front.he_clients,
         ):  # fmt: skip
             raise ServerMisbehaviour(f"group {g}'s round has another shape than the sharded round")
         return self._run_group(gjoined)
@@ -154,6 +171,9 @@ class FrontDoorClient:
                 f"the published sum has {len(contributors)} contributors, fewer than"
                 f" {policy.min_contributors}"
             )
+        if p.mode is not Mode.MASKED:
+            self.result = self._decrypt_total(msg, contributors)
+            return
         want = p.quant.values(p.dim)
         if len(msg.sums) != 8 * want:
             raise ServerMisbehaviour(
@@ -166,6 +186,24 @@ class FrontDoorClient:
                 f"the published total weight {msg.total_weight} is not the sum's {total}"
             )
         self.result = ClientResult(sums, contributors, total, weighted_sum)
+
+    def _decrypt_total(self, msg: gr.GroupResults, contributors: tuple[int, ...]) -> ClientResult:
+        """``ckks``/``hybrid``: decrypt the published encrypted total (integers only)."""
+        p, secret = self.joined.params, self.secret
+        assert secret is not None
+        if msg.sums or msg.total_weight or len(msg.ciphertexts) != p.he.n_ciphertexts:
+            raise ServerMisbehaviour(
+                f"the published encrypted total has {len(msg.ciphertexts)} ciphertexts, not"
+                f" {p.he.n_ciphertexts} (and no plaintext sum)"
+            )
+        try:
+            sums = decrypt_lane_sums(secret, p, msg.ciphertexts)
+        except DecryptionBudgetExhausted:
+            raise
+        except SecAggError as exc:
+            raise ServerMisbehaviour(f"the encrypted total does not decrypt: {exc}") from None
+        weighted_sum, total = kernels.dequantize(sums, p.quant, len(contributors), p.dim)
+        return ClientResult(sums, contributors, total, weighted_sum)
 
 
 class _GoneSilent(Exception):
@@ -181,18 +219,29 @@ def participate_sharded(
     rounding_key: bytes | None = None,
     on_send: Callable[[Message], bool] | None = None,
     key_epoch: bytes | None = None,
+    he_context: HEContext | None = None,
 ) -> ClientResult | None:
     """Run a sharded round: assignment and result on the front door, the group round in
     between (``on_send`` sees the group round's messages only)."""
-    from secagg.service.client import _Session
+    from secagg.service.client import _Session, secret_context
+
+    p = joined.params
+    secret: ckks.SecretContext | None = None
+    if p.mode is not Mode.MASKED:
+        if he_context is None and client.he_secret_path is not None:
+            he_context = ckks.open_secret_context(client.he_secret_path, p.he)
+        if he_context is None:
+            raise PolicyRefused(f"a {p.mode.name.lower()} round needs the CKKS key context")
+        secret = secret_context(he_context, p.he)
+        secret.require_budget(2)  # the group's sum and the total: refuse before sending
 
     def run_group(gjoined: JoinedRound) -> ClientResult | None:
         return client.participate(
             gjoined, vector, weight, rounding_key=rounding_key, on_send=on_send,
-            key_epoch=key_epoch,
+            key_epoch=key_epoch, he_context=secret,
         )  # fmt: skip
 
-    core = FrontDoorClient(client, joined, run_group)
+    core = FrontDoorClient(client, joined, run_group, secret)
     try:
         return _Session(client, joined, cast(Any, core), None).run()
     except _GoneSilent:

@@ -11,6 +11,12 @@ in our own :mod:`secagg.wire` encoding; nothing of ours is pickled. A dead actor
 (``ray.kill``, a crash, a lost node) makes the next call raise Ray's error: the group is
 aborted there, its clients get the ``Abort`` message naming the error, and the sharded
 round goes on under its ``on_group_abort`` policy (docs/sharding.md, "Over gRPC").
+
+``ckks``/``hybrid``: the actor gets the keyless CKKS context as bytes
+(``load_server_context`` refuses one with a key) and runs a
+:class:`~secagg.he_round.CkksServer` or a hybrid ``SecAggServer``; a completed group's
+result crosses back as its encrypted sum (SEAL serializations) and the key-epoch
+fingerprint it was summed under, which the front door checks before adding it.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import numpy as np
 from secagg import errors as core_errors
 from secagg.errors import DuplicateMessage, MalformedMessage, ProtocolViolation, RoundAborted
 from secagg.messages import Abort, Message, decode_message
-from secagg.params import MAX_CLIENTS, RoundParams
+from secagg.params import MAX_CLIENTS, Mode, RoundParams
 from secagg.rounds.base import ClientRecord, RoundResult, Stage
 from secagg.server import StageTimeouts
 from secagg.wire import Reader, Writer
@@ -35,6 +41,8 @@ __all__ = ["GroupServerHost", "RayGroupCore", "RayHosts"]
 _TEXT = 1 << 16
 _BLOB = 1 << 31
 _OK, _VIOLATION, _DUPLICATE = 0, 1, 2
+_NO_RESULT, _SUMS, _CIPHERTEXTS = 0, 1, 2
+_MAX_CTS = 1 << 16
 
 
 def _text(w: Writer, s: str) -> Writer:
@@ -57,10 +65,17 @@ def _encode_state(core: Any) -> bytes:
         _text(w, rec.dropped_stage.value if rec.dropped_stage else "")
         _text(w, rec.reason or "")
     res = core.result
-    w.u8(int(res is not None and res.sums is not None))
     if res is not None and res.sums is not None:
-        w.ids(list(res.contributors)).u64(int(res.total_weight or 0))
+        w.u8(_SUMS).ids(list(res.contributors)).u64(int(res.total_weight or 0))
         w.var(res.sums.astype("<u8").tobytes())
+    elif res is not None and res.ciphertexts is not None:
+        he = core.ctx.he
+        w.u8(_CIPHERTEXTS).ids(list(res.contributors)).var(he.epoch.fingerprint)
+        w.u32(len(res.ciphertexts))
+        for ct in res.ciphertexts:
+            w.var(ct)
+    else:
+        w.u8(_NO_RESULT)
     err = core.error
     w.u8(int(err is not None))
     if err is not None:
@@ -81,6 +96,7 @@ class _State:
     result: RoundResult | None
     error: RoundAborted | None
     stage_times: dict[str, float]
+    key_epoch: bytes = b""
 
 
 def _decode_state(r: Reader) -> _State:
@@ -94,15 +110,26 @@ def _decode_state(r: Reader) -> _State:
         where, reason = _read_text(r), _read_text(r)
         records[cid] = ClientRecord(active, Stage(where) if where else None, reason or None)
     result = None
-    if r.u8():
+    epoch = b""
+    kind = r.u8()
+    if kind == _SUMS:
         contributors, weight = r.ids(MAX_CLIENTS), r.u64()
         sums = np.frombuffer(r.var(_BLOB), dtype="<u8").astype(np.uint64)
         result = RoundResult(contributors, sums, weight)
+    elif kind == _CIPHERTEXTS:
+        contributors, epoch, n = r.ids(MAX_CLIENTS), r.var(64), r.u32()
+        if n > _MAX_CTS:
+            raise MalformedMessage(f"{n} ciphertexts in a group result")
+        result = RoundResult(contributors, ciphertexts=tuple(r.var(_BLOB) for _ in range(n)))
+    elif kind != _NO_RESULT:
+        raise MalformedMessage("unknown group result kind")
     error = None
     if r.u8():
         error = RoundAborted(_read_text(r), _read_text(r))
     times = {_read_text(r): r.f64() for _ in range(r.u32())}
-    return _State(stage, done, deadline if has_deadline else None, records, result, error, times)
+    return _State(
+        stage, done, deadline if has_deadline else None, records, result, error, times, epoch
+    )
 
 
 def _encode_directory(directory: Mapping[int, bytes]) -> bytes:
@@ -118,7 +145,10 @@ class GroupServerHost:
     def __init__(self) -> None:
         self.cores: dict[bytes, Any] = {}
 
-    def open(self, params: bytes, directory: bytes, timeouts: bytes, now: float) -> bytes:
+    def open(
+        self, params: bytes, directory: bytes, timeouts: bytes, now: float, he: bytes = b""
+    ) -> bytes:
+        """Open a group's server; ``he`` is the keyless CKKS context (``ckks``/``hybrid``)."""
         from secagg.server import SecAggServer
 
         p = RoundParams.decode(params)
@@ -126,7 +156,19 @@ class GroupServerHost:
         keys = {r.u32(): r.var(64) for _ in range(r.u32())}
         t = Reader(timeouts)
         stages = StageTimeouts(*(t.f64() for _ in fields(StageTimeouts)))
-        self.cores[p.round_id] = core = SecAggServer(p, keys, timeouts=stages, now=now)
+        core: Any
+        if p.mode is Mode.MASKED:
+            core = SecAggServer(p, keys, timeouts=stages, now=now)
+        else:
+            from secagg import ckks
+            from secagg.he_round import CkksServer
+
+            ctx = ckks.load_server_context(he, p.he)  # refuses a context with any key
+            if p.mode is Mode.CKKS:
+                core = CkksServer(p, keys, ctx, timeout=stages.encrypted_input, now=now)
+            else:
+                core = SecAggServer(p, keys, timeouts=stages, now=now, he_context=ctx)
+        self.cores[p.round_id] = core
         return _encode_state(core)
 
     def call(self, rid: bytes, op: str, cid: int, data: bytes, now: float, text: str) -> bytes:
@@ -210,6 +252,7 @@ class RayGroupCore:
         directory: Mapping[int, bytes],
         timeouts: StageTimeouts,
         now: float,
+        he: bytes = b"",
     ) -> None:
         self._ray, self._actor, self.worker = ray, actor, worker
         self.round_id = params.round_id
@@ -218,7 +261,7 @@ class RayGroupCore:
         for f in fields(StageTimeouts):
             t.f64(float(getattr(timeouts, f.name)))
         state = ray.get(
-            actor.open.remote(params.encode(), _encode_directory(directory), t.getvalue(), now)
+            actor.open.remote(params.encode(), _encode_directory(directory), t.getvalue(), now, he)
         )
         self._s = _decode_state(Reader(state))
 
@@ -229,6 +272,8 @@ class RayGroupCore:
     error = property(lambda self: self._s.error)
     records = property(lambda self: self._s.records)
     stage_times = property(lambda self: self._s.stage_times)
+    key_epoch = property(lambda self: self._s.key_epoch)
+    """``ckks``/``hybrid``: the key-epoch fingerprint the actor says it summed under."""
 
     def _call(self, op: str, cid: int, data: bytes, now: float, text: str = "") -> list[Any]:
         if self._s.done:
@@ -304,10 +349,10 @@ class RayHosts:
 
     def core(
         self, g: int, params: RoundParams, directory: Mapping[int, bytes],
-        timeouts: StageTimeouts, now: float,
+        timeouts: StageTimeouts, now: float, he: bytes = b"",
     ) -> RayGroupCore:  # fmt: skip
         k = g % len(self.actors)
-        return RayGroupCore(self.ray, self.actors[k], k, params, directory, timeouts, now)
+        return RayGroupCore(self.ray, self.actors[k], k, params, directory, timeouts, now, he)
 
     def close(self) -> None:
         for a in self.actors:

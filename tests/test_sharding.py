@@ -318,9 +318,10 @@ def test_no_sum_below_min_contributors() -> None:
     assert r["status"] == "aborted" and "0 contributors" in r["abort"]["reason"]
 
 
-def test_hybrid_sharded_is_refused_with_a_typed_error() -> None:
-    with pytest.raises(UnsupportedShardedMode, match="masked only"):
-        simulate_sharded(replace(CFG, mode="hybrid"), 3)
+def test_dp_sharded_is_refused_with_a_typed_error() -> None:
+    # hybrid/ckks are sharded now (tests/test_sharded_he.py); DP stays single-round only
+    with pytest.raises(UnsupportedShardedMode, match="single rounds only"):
+        simulate_sharded(replace(CFG, dp_epsilon=1.0), 3)
 
 
 def test_cli_engine_local_json_and_flag_errors(capsys: pytest.CaptureFixture[str]) -> None:
