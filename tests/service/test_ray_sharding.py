@@ -20,10 +20,9 @@ from secagg.service.ray_engine import RayEngine  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Any]:
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+def cluster(ray_cluster: Any) -> Iterator[Any]:
+    """The run's shared local Ray cluster (tests/service/conftest.py)."""
+    yield ray_cluster
 
 
 def _cfg(clients: int) -> SimulationConfig:

@@ -24,15 +24,9 @@ ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[None]:
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        if started:
-            ray.shutdown()
+def cluster(ray_cluster: Any) -> Iterator[None]:
+    """The run's shared local Ray cluster (tests/service/conftest.py)."""
+    yield None
 
 
 def test_ray_worker_killed_mid_round_then_the_next_round_runs(
