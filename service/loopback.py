@@ -350,11 +350,14 @@ def simulate_grpc(
     progress: bool = False,
     client_runner: Callable[[list[ClientJob]], list[ClientOutcome]] | None = None,
     disconnect_grace: float = 1.0,
+    on_round: Callable[[AdminClient, bytes], None] | None = None,
 ) -> dict[str, Any]:
     """Run the configured round through a loopback gRPC server; return the report.
 
     A simulated dropout cancels its stream, so it costs ``disconnect_grace`` seconds (short:
-    loopback reconnects are immediate), not a stage deadline.
+    loopback reconnects are immediate), not a stage deadline. ``on_round`` is called with
+    the operator's admin client and the round id once the round is created (benchmarks use
+    it to follow the stages; the client is closed when the round has ended).
     """
     wall0 = time.perf_counter()
     if Mode.parse(cfg.mode) is not Mode.MASKED:
@@ -406,6 +409,8 @@ def simulate_grpc(
                 tolerate_corrupt=cfg.tolerated_corrupt,
             )
             round_id = admin.create_round(spec).round_id
+            if on_round is not None:
+                on_round(admin, round_id)
             jobs = [
                 ClientJob(
                     server.target,

@@ -276,7 +276,7 @@ class RoundRunner:
                 self._metrics.messages.labels("duplicate").inc()
                 return True
             except ProtocolViolation as exc:
-                self._after(self.core.tick(now), now)
+                self._after(self.core.tick(now), now, scan=True)  # the sender may be dropped
                 self._metrics.messages.labels("refused").inc()
                 event(
                     log,
@@ -312,7 +312,7 @@ class RoundRunner:
             reason = (
                 f"its stream closed and it did not reconnect within {self.disconnect_grace:g} s"
             )
-            self._after(self.core.depart(cid, now, reason), now)
+            self._after(self.core.depart(cid, now, reason), now, scan=True)
 
     def _rejoin(self, cid: int) -> None:
         with self._lock:
@@ -323,15 +323,18 @@ class RoundRunner:
             now = time.monotonic()
             self._after(self.core.abort(self.core.stage.value, reason), now)
 
-    def _after(self, out: list[Outgoing], now: float) -> None:
+    def _after(self, out: list[Outgoing], now: float, *, scan: bool = False) -> None:
         """Record what changed (stage, dropouts, outcome), then deliver ``out``.
 
         Recording first means a crash never leaves a client holding a result, or a stage,
-        that the store does not know about.
+        that the store does not know about. The core drops clients only when a stage ends
+        (or the round does), when it refuses a message, or when a client departs (``scan``):
+        an accepted message that ends nothing and sends nothing is recorded without
+        scanning the ``n`` client records, so a stage costs ``O(n)``, not ``O(n^2)``.
         """
         finishing = self.core.done and not self._finalized
         if not self._finalized:
-            self._record_progress()
+            self._record_progress(scan or bool(out) or self.core.done)
         if finishing:
             self._record_outcome()
         encoded: dict[int, bytes] = {}
@@ -346,8 +349,10 @@ class RoundRunner:
                 mailbox.close()
             self._loop.call_soon_threadsafe(self.finished.set)
 
-    def _record_progress(self) -> None:
+    def _record_progress(self, scan: bool = True) -> None:
         stage = self.core.stage
+        if stage == self._stage and not scan:
+            return
         if stage != self._stage:
             for name, seconds in self.core.stage_times.items():
                 if name not in self._observed:
