@@ -46,6 +46,7 @@ from secagg.service.store import Store
 from secagg.simulate import SimulationConfig, simulation_inputs
 
 __all__ = [
+    "PER_DIRECTORY_ENTRY_SECONDS",
     "PER_NEIGHBOUR_SECONDS",
     "WORKERS",
     "ClientJob",
@@ -72,6 +73,12 @@ PER_NEIGHBOUR_SECONDS = 0.01
 """A simulated client's work per neighbour in one stage, generously (X25519, Shamir shares,
 AEAD: a few ms on one loaded core): with every client on this machine a stage lasts about
 ``n * k`` of these divided by the cores."""
+PER_DIRECTORY_ENTRY_SECONDS = 0.001
+"""A simulated client's work per directory entry when it joins, generously (decoding the
+entry and verifying the authority's Ed25519 signature on it: about 0.1 ms on one loaded
+core): every client checks all ``n`` entries before it advertises its keys, so with every
+client on this machine the joins alone take about ``n * n`` of these divided by the cores
+(a 1,000-client round: 1,000,000 signature checks before the first stage can end)."""
 
 
 def default_deadlines(
@@ -81,15 +88,18 @@ def default_deadlines(
 
     Every client runs on this machine's cores, so a stage takes about ``n`` clients' work
     (``PER_CLIENT_SECONDS`` plus ``PER_NEIGHBOUR_SECONDS`` per neighbour) over the cores, and
-    the bulk stages add ``n * dim`` words. A fixed 10 s share-keys deadline made 200-client
-    runs abort. A silent client costs the grace period, not these.
+    the bulk stages add ``n * dim`` words; the first stage also waits for every client's
+    join, which checks the whole directory (``PER_DIRECTORY_ENTRY_SECONDS`` per entry). A
+    fixed 10 s share-keys deadline made 200-client runs abort. A silent client costs the
+    grace period, not these.
     """
     k = clients - 1 if degree is None else degree
     cpus = cores or os.cpu_count() or 2
     per_client = 10.0 + clients * (PER_CLIENT_SECONDS + PER_NEIGHBOUR_SECONDS * k) / cpus
     bulk = per_client + clients * dim / 2e6
+    joins = clients * clients * PER_DIRECTORY_ENTRY_SECONDS / cpus
     return StageTimeouts(
-        advertise_keys=30.0 + PER_CLIENT_SECONDS * clients,
+        advertise_keys=30.0 + PER_CLIENT_SECONDS * clients + joins,
         share_keys=per_client,
         masked_input=bulk,
         consistency=per_client,
