@@ -45,6 +45,7 @@ from secagg.service.client import (
     HEContext,
     Policy,
     RetryPolicy,
+    TransferStats,
     _round_id,
     _Session,
     _Silent,
@@ -127,8 +128,8 @@ class AsyncClient:
         self._executor = executor
 
     @property
-    def stats(self) -> Any:
-        """Bytes moved (:class:`secagg.service.client.TransferStats`)."""
+    def stats(self) -> TransferStats:
+        """Bytes this client moved."""
         return self.sdk.stats
 
     def close(self) -> None:
