@@ -99,7 +99,13 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     g = p.add_argument_group("transport (--transport grpc: a real server and clients on loopback)")
     g.add_argument("--transport", default="inprocess", choices=["inprocess", "grpc"])
-    g.add_argument("--workers", default="threads", choices=["threads", "processes"])
+    g.add_argument(
+        "--workers",
+        default="threads",
+        choices=["threads", "processes", "async"],
+        help="clients as threads here, threads of worker processes, or asyncio coroutines "
+        "of worker processes (async: for hundreds of clients; docs/benchmarks.md)",
+    )
     g.add_argument("--processes", type=int, default=None, help="worker processes (default: cores)")
     g.add_argument("--stage-timeout", type=float, default=None, help="seconds per stage")
     g.add_argument(

@@ -502,6 +502,11 @@ class Client:
                 timeout=self.retry.connect_budget,
             )
         )
+        return self._checked_round(info, rid)
+
+    def _checked_round(self, info: aggregation_pb2.RoundInfo, rid: bytes) -> JoinedRound:
+        """Decode a ``GetRound`` answer for round ``rid`` and check it against the policy
+        (shared with :class:`secagg.service.aio_client.AsyncClient`)."""
         joined = round_info_from_proto(info)
         if joined.round_id != rid:
             raise ServerMisbehaviour("the server described another round")
@@ -694,6 +699,26 @@ class Client:
                 self, joined, vector, weight, rounding_key=rounding_key, on_send=on_send,
                 key_epoch=key_epoch, he_context=he_context,
             )  # fmt: skip
+        core, dp_key = self._core(
+            joined, vector, weight, rounding_key=rounding_key, he_context=he_context,
+            key_epoch=key_epoch,
+        )  # fmt: skip
+        result = _Session(self, joined, core, on_send).run()
+        self._settle(joined, dp_key, result)
+        return result
+
+    def _core(
+        self,
+        joined: JoinedRound,
+        vector: npt.ArrayLike,
+        weight: int,
+        *,
+        rounding_key: bytes | None,
+        he_context: HEContext | None,
+        key_epoch: bytes | None,
+    ) -> tuple[SecAggClient | PlaintextClient | CkksClient, str | None]:
+        """The protocol core for an unsharded joined round, and the DP ledger key reserved
+        for it (``None``: no DP round); shared with the asyncio driver."""
         core: SecAggClient | PlaintextClient | CkksClient
         p = joined.params
         secret: ckks.SecretContext | None = None
@@ -749,10 +774,13 @@ class Client:
             # The site's own count, whatever the server announces; before anything is sent.
             dp_key = self.policy.expected_job or ANY_JOB
             self.dp_budget.reserve(dp_key, joined.round_id, offer, self.policy.dp)
-        result = _Session(self, joined, core, on_send).run()
+        return core, dp_key
+
+    def _settle(self, joined: JoinedRound, dp_key: str | None, result: ClientResult | None) -> None:
+        """Settle the DP ledger entry reserved by :meth:`_core` once the round ended."""
+        offer = joined.params.dp
         if dp_key is not None and offer is not None and result is not None:
             self.dp_budget.settle(dp_key, joined.round_id, offer, len(result.contributors))
-        return result
 
     def _unary(self, call: Callable[[], Any]) -> Any:
         deadline = time.monotonic() + self.retry.connect_budget
@@ -836,15 +864,7 @@ class _Session:
         backoff = retry.initial_backoff
         while True:
             self.queue = queue.SimpleQueue()
-            self._put(
-                aggregation_pb2.ClientFrame(
-                    hello=aggregation_pb2.Hello(
-                        resume_from=self.received, max_chunk_bytes=self.client.chunk_bytes
-                    )
-                )
-            )
-            for seq in range(self.acked, len(self.sent)):
-                self._put_message(seq)
+            self.opening_frames()
             rid = self.joined.round_id
             call = self.client._stub.Session(
                 iter(self.queue.get, None),
@@ -874,29 +894,63 @@ class _Session:
             backoff = min(2 * backoff, retry.max_backoff)
 
     def _pump(self, call: Iterator[aggregation_pb2.ServerFrame]) -> ClientResult:
-        stats = self.client.stats
-        asm = Assembler(self.client.chunk_bytes, self.max_in)
+        asm = self.assembler()
         for frame in call:
-            self.last_progress = time.monotonic()
-            stats.grpc_received += frame.ByteSize() + GRPC_PREFIX
-            if frame.WhichOneof("kind") == "ack":
-                self.acked = max(self.acked, frame.ack.seq + 1)
+            data = self._message(frame, asm)
+            if data is None:
                 continue
-            got = asm.add(frame.chunk)
-            if got is None:
-                continue
-            seq, data = got
-            if seq != self.received:
-                raise ServerMisbehaviour(f"server message {seq} arrived out of order")
-            self.received += 1
-            stats.protocol_received += len(data)
-            replies = self.core.receive(bytes(data), time.monotonic())
-            if not self._accept(replies):
-                raise _Silent
-            if self.core.done:
-                assert self.core.result is not None
-                return self.core.result
+            result = self._replied(self.core.receive(data, time.monotonic()))
+            if result is not None:
+                return result
         raise _Unavailable("the server ended the session before the round did")
+
+    # The steps of one attempt, shared with the asyncio driver (service/aio_client.py),
+    # which runs the same checks and the same core on its own transport.
+
+    def opening_frames(self) -> None:
+        """Queue an attempt's first frames: Hello (resuming after the messages received so
+        far), then every message the server has not acknowledged."""
+        self._put(
+            aggregation_pb2.ClientFrame(
+                hello=aggregation_pb2.Hello(
+                    resume_from=self.received, max_chunk_bytes=self.client.chunk_bytes
+                )
+            )
+        )
+        for seq in range(self.acked, len(self.sent)):
+            self._put_message(seq)
+
+    def assembler(self) -> Assembler:
+        """A fresh reassembler of the server's chunks (one per attempt)."""
+        return Assembler(self.client.chunk_bytes, self.max_in)
+
+    def _message(self, frame: aggregation_pb2.ServerFrame, asm: Assembler) -> bytes | None:
+        """Account one server frame; the server message it completes, in order, or ``None``."""
+        stats = self.client.stats
+        self.last_progress = time.monotonic()
+        stats.grpc_received += frame.ByteSize() + GRPC_PREFIX
+        if frame.WhichOneof("kind") == "ack":
+            self.acked = max(self.acked, frame.ack.seq + 1)
+            return None
+        got = asm.add(frame.chunk)
+        if got is None:
+            return None
+        seq, data = got
+        if seq != self.received:
+            raise ServerMisbehaviour(f"server message {seq} arrived out of order")
+        self.received += 1
+        stats.protocol_received += len(data)
+        return bytes(data)
+
+    def _replied(self, replies: list[Message]) -> ClientResult | None:
+        """Send the core's replies (``_Silent`` if ``on_send`` refuses one); the result once
+        the core is done."""
+        if not self._accept(replies):
+            raise _Silent
+        if self.core.done:
+            assert self.core.result is not None
+            return self.core.result
+        return None
 
     def _accept(self, messages: list[Message]) -> bool:
         for m in messages:
@@ -914,6 +968,10 @@ class _Session:
 
     def _put(self, frame: aggregation_pb2.ClientFrame) -> None:
         self.client.stats.grpc_sent += frame.ByteSize() + GRPC_PREFIX
+        self.emit(frame)
+
+    def emit(self, frame: aggregation_pb2.ClientFrame) -> None:
+        """Hand one frame to the open call's request stream."""
         self.queue.put(frame)
 
 

@@ -8,6 +8,7 @@ process or spread over worker processes (each hosting a group of client threads)
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import multiprocessing
 import os
@@ -17,16 +18,18 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import grpc.aio
 import numpy as np
 import numpy.typing as npt
 
 from secagg import graph
+from secagg.client import ClientResult
 from secagg.directory import Authority, sign_entry
-from secagg.errors import SecAggError
+from secagg.errors import ConfigurationError, SecAggError
 from secagg.keys import IdentityKey
 from secagg.messages import SEND_ORDER, Message
 from secagg.params import Mode, make_params
@@ -34,14 +37,24 @@ from secagg.quantize import dequantize, encode, unpack
 from secagg.rounds.base import Stage
 from secagg.server import PER_CLIENT_SECONDS, StageTimeouts
 from secagg.service.admin import AdminClient
-from secagg.service.client import Client, Policy
+from secagg.service.aio_client import AsyncClient, aio_channel
+from secagg.service.client import Client, Policy, TransferStats
 from secagg.service.config import ServerConfig
 from secagg.service.coordinator import RoundSpec
 from secagg.service.server import BackgroundServer
 from secagg.service.store import Store
 from secagg.simulate import SimulationConfig, simulation_inputs
 
-__all__ = ["PER_NEIGHBOUR_SECONDS", "ClientJob", "default_deadlines", "simulate_grpc"]
+__all__ = [
+    "PER_DIRECTORY_ENTRY_SECONDS",
+    "PER_NEIGHBOUR_SECONDS",
+    "WORKERS",
+    "ClientJob",
+    "default_deadlines",
+    "run_async_group",
+    "run_client_async",
+    "simulate_grpc",
+]
 
 FEDERATION = "simulate"
 """Federation name the simulated authority signs directory entries for."""
@@ -60,6 +73,12 @@ PER_NEIGHBOUR_SECONDS = 0.01
 """A simulated client's work per neighbour in one stage, generously (X25519, Shamir shares,
 AEAD: a few ms on one loaded core): with every client on this machine a stage lasts about
 ``n * k`` of these divided by the cores."""
+PER_DIRECTORY_ENTRY_SECONDS = 0.001
+"""A simulated client's work per directory entry when it joins, generously (decoding the
+entry and verifying the authority's Ed25519 signature on it: about 0.1 ms on one loaded
+core): every client checks all ``n`` entries before it advertises its keys, so with every
+client on this machine the joins alone take about ``n * n`` of these divided by the cores
+(a 1,000-client round: 1,000,000 signature checks before the first stage can end)."""
 
 
 def default_deadlines(
@@ -69,15 +88,18 @@ def default_deadlines(
 
     Every client runs on this machine's cores, so a stage takes about ``n`` clients' work
     (``PER_CLIENT_SECONDS`` plus ``PER_NEIGHBOUR_SECONDS`` per neighbour) over the cores, and
-    the bulk stages add ``n * dim`` words. A fixed 10 s share-keys deadline made 200-client
-    runs abort. A silent client costs the grace period, not these.
+    the bulk stages add ``n * dim`` words; the first stage also waits for every client's
+    join, which checks the whole directory (``PER_DIRECTORY_ENTRY_SECONDS`` per entry). A
+    fixed 10 s share-keys deadline made 200-client runs abort. A silent client costs the
+    grace period, not these.
     """
     k = clients - 1 if degree is None else degree
     cpus = cores or os.cpu_count() or 2
     per_client = 10.0 + clients * (PER_CLIENT_SECONDS + PER_NEIGHBOUR_SECONDS * k) / cpus
     bulk = per_client + clients * dim / 2e6
+    joins = clients * clients * PER_DIRECTORY_ENTRY_SECONDS / cpus
     return StageTimeouts(
-        advertise_keys=30.0 + PER_CLIENT_SECONDS * clients,
+        advertise_keys=30.0 + PER_CLIENT_SECONDS * clients + joins,
         share_keys=per_client,
         masked_input=bulk,
         consistency=per_client,
@@ -118,51 +140,127 @@ class ClientOutcome:
     sums_sha256: str | None
 
 
-def run_client(job: ClientJob) -> ClientOutcome:
-    """Join, run and report one client (in a thread or a worker process)."""
-    t0 = time.perf_counter()
+def _policy(job: ClientJob) -> Policy:
+    return Policy(
+        allow_insecure_plaintext=job.plaintext,
+        min_threshold=1,
+        dropout=graph.DEFAULT_DROPOUT if job.dropout is None else job.dropout,
+        corrupt=graph.DEFAULT_CORRUPT if job.corrupt is None else job.corrupt,
+        authority=Authority(FEDERATION, job.authority_key),
+    )
 
+
+def _silent_at(job: ClientJob) -> Callable[[Message], bool]:
     def on_send(msg: Message) -> bool:
         return job.drop_at is None or SEND_ORDER[job.drop_at] > SEND_ORDER[msg.TYPE]
 
-    client = Client(
-        job.target,
-        IdentityKey(job.seed),
-        policy=Policy(
-            allow_insecure_plaintext=job.plaintext,
-            min_threshold=1,
-            dropout=graph.DEFAULT_DROPOUT if job.dropout is None else job.dropout,
-            corrupt=graph.DEFAULT_CORRUPT if job.corrupt is None else job.corrupt,
-            authority=Authority(FEDERATION, job.authority_key),
-        ),
-        insecure_no_tls=True,  # an in-process loopback simulation
-    )
-    error = None
-    completed = False
+    return on_send
+
+
+def _outcome(
+    result: ClientResult | None, error: str | None, seconds: float, s: TransferStats
+) -> ClientOutcome:
     digest = None
-    try:
-        joined = client.join(job.round_id)
-        result = client.participate(
-            joined, job.vector, job.weight, rounding_key=job.rounding_key, on_send=on_send
-        )
-        if result is not None:
-            completed = True
-            digest = hashlib.sha256(result.sums.astype("<u8").tobytes()).hexdigest()
-    except SecAggError as exc:
-        error = f"{type(exc).__name__}: {exc}"
-    finally:
-        client.close()
-    s = client.stats
+    if result is not None:
+        digest = hashlib.sha256(result.sums.astype("<u8").tobytes()).hexdigest()
     return ClientOutcome(
-        completed,
+        result is not None,
         error,
-        time.perf_counter() - t0,
+        seconds,
         s.protocol_sent,
         s.protocol_received,
         s.grpc_sent,
         s.grpc_received,
         digest,
     )
+
+
+def run_client(job: ClientJob) -> ClientOutcome:
+    """Join, run and report one client (in a thread or a worker process)."""
+    t0 = time.perf_counter()
+    client = Client(
+        job.target,
+        IdentityKey(job.seed),
+        policy=_policy(job),
+        insecure_no_tls=True,  # an in-process loopback simulation
+    )
+    error = None
+    result = None
+    try:
+        joined = client.join(job.round_id)
+        result = client.participate(
+            joined, job.vector, job.weight, rounding_key=job.rounding_key, on_send=_silent_at(job)
+        )
+    except SecAggError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        client.close()
+    return _outcome(result, error, time.perf_counter() - t0, client.stats)
+
+
+async def run_client_async(
+    job: ClientJob, channel: grpc.aio.Channel, executor: Executor | None = None
+) -> ClientOutcome:
+    """:func:`run_client` as a coroutine (:class:`secagg.service.aio_client.AsyncClient`).
+
+    ``seconds`` is the client's wall time from join to result, which on a shared event loop
+    includes waiting for the loop; :func:`run_async_group` also reports CPU seconds.
+    """
+    t0 = time.perf_counter()
+    client = AsyncClient(
+        channel,
+        job.target,
+        IdentityKey(job.seed),
+        policy=_policy(job),
+        insecure_no_tls=True,  # an in-process loopback simulation
+        executor=executor,
+    )
+    error = None
+    result = None
+    try:
+        joined = await client.join(job.round_id)
+        result = await client.participate(
+            joined, job.vector, job.weight, rounding_key=job.rounding_key, on_send=_silent_at(job)
+        )
+    except SecAggError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        client.close()
+    return _outcome(result, error, time.perf_counter() - t0, client.stats)
+
+
+CLIENTS_PER_CHANNEL = 64
+"""Clients of one worker process sharing one HTTP/2 connection (``--workers async``)."""
+ASYNC_CPU_THREADS = 1
+"""Threads that run the protocol cores of one worker process's clients (``--workers
+async``): the cores hold the GIL for most of their work, so more threads buy little; the
+processes spread the clients over the cores."""
+
+
+def run_async_group(jobs: list[ClientJob]) -> list[ClientOutcome]:
+    """Run ``jobs`` as :class:`AsyncClient` coroutines on one event loop (one process)."""
+    return asyncio.run(_async_group(jobs))
+
+
+async def _async_group(jobs: list[ClientJob]) -> list[ClientOutcome]:
+    if not jobs:
+        return []
+    target = jobs[0].target
+    n_channels = -(-len(jobs) // CLIENTS_PER_CHANNEL)
+    channels = [aio_channel(target) for _ in range(n_channels)]
+    with ThreadPoolExecutor(ASYNC_CPU_THREADS, thread_name_prefix="secagg-client") as pool:
+        try:
+            return list(
+                await asyncio.gather(
+                    *(
+                        run_client_async(job, channels[i % n_channels], pool)
+                        for i, job in enumerate(jobs)
+                    )
+                )
+            )
+        finally:
+            for ch in channels:
+                await ch.close()
 
 
 def _run_group(jobs: list[ClientJob]) -> list[ClientOutcome]:
@@ -179,11 +277,15 @@ def _run_group(jobs: list[ClientJob]) -> list[ClientOutcome]:
     return [o for o in out if o is not None]
 
 
-def _run_processes(jobs: list[ClientJob], processes: int) -> list[ClientOutcome]:
+def _run_processes(
+    jobs: list[ClientJob],
+    processes: int,
+    group: Callable[[list[ClientJob]], list[ClientOutcome]] = _run_group,
+) -> list[ClientOutcome]:
     groups = [jobs[i::processes] for i in range(processes)]
     ctx = multiprocessing.get_context("spawn")  # never fork a process running gRPC threads
     with ProcessPoolExecutor(processes, mp_context=ctx) as pool:
-        results = list(pool.map(_run_group, groups))
+        results = list(pool.map(group, groups))
     order: dict[int, ClientOutcome] = {}
     for g, res in zip(range(processes), results, strict=True):
         for k, o in enumerate(res):
@@ -227,6 +329,27 @@ class _Progress:
             sys.stderr.flush()
 
 
+WORKERS = ("threads", "processes", "async")
+"""How ``simulate_grpc`` hosts its clients: threads of this process (one per client), worker
+processes of client threads, or worker processes each running its clients as coroutines on
+one event loop (:mod:`secagg.service.aio_client`; for hundreds of clients)."""
+
+
+def _runner(
+    workers: str, processes: int | None
+) -> Callable[[list[ClientJob]], list[ClientOutcome]]:
+    if workers not in WORKERS:
+        raise ConfigurationError(f"workers={workers!r}: choose one of {', '.join(WORKERS)}")
+    if workers == "threads":
+        return _run_group
+    group = run_async_group if workers == "async" else _run_group
+
+    def run(jobs: list[ClientJob]) -> list[ClientOutcome]:
+        return _run_processes(jobs, processes or min(len(jobs), os.cpu_count() or 2), group)
+
+    return run
+
+
 def simulate_grpc(
     cfg: SimulationConfig,
     *,
@@ -237,11 +360,14 @@ def simulate_grpc(
     progress: bool = False,
     client_runner: Callable[[list[ClientJob]], list[ClientOutcome]] | None = None,
     disconnect_grace: float = 1.0,
+    on_round: Callable[[AdminClient, bytes], None] | None = None,
 ) -> dict[str, Any]:
     """Run the configured round through a loopback gRPC server; return the report.
 
     A simulated dropout cancels its stream, so it costs ``disconnect_grace`` seconds (short:
-    loopback reconnects are immediate), not a stage deadline.
+    loopback reconnects are immediate), not a stage deadline. ``on_round`` is called with
+    the operator's admin client and the round id once the round is created (benchmarks use
+    it to follow the stages; the client is closed when the round has ended).
     """
     wall0 = time.perf_counter()
     if Mode.parse(cfg.mode) is not Mode.MASKED:
@@ -293,6 +419,8 @@ def simulate_grpc(
                 tolerate_corrupt=cfg.tolerated_corrupt,
             )
             round_id = admin.create_round(spec).round_id
+            if on_round is not None:
+                on_round(admin, round_id)
             jobs = [
                 ClientJob(
                     server.target,
@@ -311,11 +439,7 @@ def simulate_grpc(
             ]
             t_round = time.perf_counter()
             show = progress and sys.stderr.isatty()
-            runner = client_runner or (
-                _run_group
-                if workers == "threads"
-                else lambda js: _run_processes(js, processes or min(len(js), os.cpu_count() or 2))
-            )
+            runner = client_runner or _runner(workers, processes)
             if show:
                 with _Progress(admin, round_id, cfg.clients):
                     outcomes = runner(jobs)

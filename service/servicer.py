@@ -43,6 +43,8 @@ SESSION = f"/{SERVICE}/Session"
 WATCH_ROUNDS = f"/{SERVICE}/WatchRounds"
 MAX_WATCHES_PER_PARTICIPANT = 4
 """Open ``WatchRounds`` streams one participant may hold on one job (more are refused)."""
+ROUND_INFO_CACHE = 64
+"""Rounds whose serialized ``RoundInfo`` (directory included) ``GetRound`` keeps."""
 
 
 async def _fail(context: Any, exc: Exception) -> NoReturn:
@@ -71,6 +73,8 @@ class AggregationServicer:
         self._config = config
         self._open: collections.Counter[tuple[bytes, int]] = collections.Counter()
         self._watching: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._info: dict[bytes, tuple[RoundRunner, bytes]] = {}
+        """Round id -> (runner, its serialized ``RoundInfo`` without caller and status)."""
 
     def register(self, server: Any) -> None:
         """Add this servicer's handlers to a ``grpc.aio`` server."""
@@ -78,7 +82,7 @@ class AggregationServicer:
             "GetRound": grpc.unary_unary_rpc_method_handler(
                 self.GetRound,
                 request_deserializer=aggregation_pb2.GetRoundRequest.FromString,
-                response_serializer=aggregation_pb2.RoundInfo.SerializeToString,
+                response_serializer=_frame_bytes,
             ),
             "Session": grpc.stream_stream_rpc_method_handler(
                 self.Session,
@@ -111,26 +115,44 @@ class AggregationServicer:
 
     async def GetRound(  # noqa: N802
         self, request: aggregation_pb2.GetRoundRequest, context: Any
-    ) -> aggregation_pb2.RoundInfo:
+    ) -> bytes:
+        """The serialized ``RoundInfo`` for the caller.
+
+        Everything but the caller's id and the round's status is the same for every
+        participant, and the directory grows with the round: it is serialized once per round
+        (:meth:`_round_info_base`) and the two per-caller fields are appended (protobuf
+        concatenation is a merge), so ``n`` calls cost ``O(n)`` entries, not ``O(n^2)``.
+        """
         try:
             runner, cid = self._seat(context, GET_ROUND)
             if request.round_id != runner.round_id:
                 raise Unauthenticated("the call is signed for another round")
-            return serde.round_info_to_proto(
-                round_id=runner.round_id,
-                job=runner.job,
-                params=runner.params,
-                members=runner.members,
-                client_id=cid,
-                deadlines=runner.deadlines,
-                plaintext=runner.plaintext,
-                max_chunk_bytes=self._config.max_chunk_bytes,
-                max_message_bytes=runner.max_message_bytes,
-                status=runner.status,
-                groups=getattr(runner, "groups", 0),  # a sharded front door (service/sharded.py)
-            )
+            own = aggregation_pb2.RoundInfo(client_id=cid, status=runner.status)
+            return self._round_info_base(runner) + own.SerializeToString()
         except Exception as exc:
             await _fail(context, exc)
+
+    def _round_info_base(self, runner: RoundRunner) -> bytes:
+        hit = self._info.get(runner.round_id)
+        if hit is not None and hit[0] is runner:
+            return hit[1]
+        base = serde.round_info_to_proto(
+            round_id=runner.round_id,
+            job=runner.job,
+            params=runner.params,
+            members=runner.members,
+            client_id=0,
+            deadlines=runner.deadlines,
+            plaintext=runner.plaintext,
+            max_chunk_bytes=self._config.max_chunk_bytes,
+            max_message_bytes=runner.max_message_bytes,
+            status="",
+            groups=getattr(runner, "groups", 0),  # a sharded front door (service/sharded.py)
+        ).SerializeToString()
+        if len(self._info) >= ROUND_INFO_CACHE:
+            self._info.pop(next(iter(self._info)))
+        self._info[runner.round_id] = (runner, base)
+        return base
 
     async def Session(  # noqa: N802
         self, request_iterator: AsyncIterator[aggregation_pb2.ClientFrame], context: Any

@@ -262,8 +262,13 @@ class ServerState:
     # -- progress ---------------------------------------------------------------------------
 
     def ready(self) -> bool:
-        """Whether every expected client still active has answered."""
-        return self.ctx.active(self.expected) <= self.received
+        """Whether every expected client still active has answered.
+
+        Called after every message: only the clients yet to answer are looked up, and the
+        first active one ends the search (``O(1)`` lookups in a running stage, not ``O(n)``).
+        """
+        records = self.ctx.records
+        return not any(records[c].active for c in self.expected - self.received)
 
     def survivors(self) -> frozenset[int]:
         """Close the stage: drop silent clients and return those who answered."""
