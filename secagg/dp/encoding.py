@@ -29,7 +29,7 @@ import numpy.typing as npt
 from numba import njit, prange
 
 from secagg.dp.randomness import KeyStream
-from secagg.dp.rotation import rotate, unrotate
+from secagg.dp.rotation import inv_sqrt, rotate, signed_fwht, unrotate, unrotate_owned
 from secagg.errors import ConfigurationError, InputError
 from secagg.kernels.cpu import _LAUNCH
 
@@ -54,14 +54,23 @@ at most ``beta`` (KLS21, conditional randomized rounding), so with ``beta <= 1/2
 has probability ``<= 2^-64``. A client that gives up raises :class:`~secagg.errors.InputError`."""
 
 
+def _checked_norm(v: F64) -> float:
+    """``||v||_2`` (numpy's, ``sqrt(v . v)``); :class:`InputError` on a NaN or infinity.
+
+    A NaN or infinite element makes the norm NaN or infinite, so the elementwise check runs
+    only then (a finite vector whose squares overflow passes it, as before)."""
+    norm = float(np.linalg.norm(v))
+    if not math.isfinite(norm) and not np.all(np.isfinite(v)):
+        raise InputError("update contains a NaN or infinity")
+    return norm
+
+
 def clip_l2(x: npt.ArrayLike, clip: float) -> F64:
     """``x * min(1, clip / ||x||_2)``: the client's update with L2 norm at most ``clip``."""
     v = np.asarray(x, dtype=np.float64)
-    if not np.all(np.isfinite(v)):
-        raise InputError("update contains a NaN or infinity")
+    norm = _checked_norm(v)
     if not clip > 0:
         raise ConfigurationError(f"clip norm must be positive, got {clip}")
-    norm = float(np.linalg.norm(v))
     return v * (clip / norm) if norm > clip else v.copy()
 
 
@@ -89,21 +98,6 @@ def _norm_sq(r: I64) -> int:
     return sum(int(v) * int(v) for v in r.tolist())
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _round_kernel(z: Any, coins: Any, out: Any) -> None:  # pragma: no cover - compiled
-    """``out = floor(z) + [coins >> 11 < frac53(z)]``, elementwise (one fused pass).
-
-    ``frac53 = (z - floor z) 2^53`` is exact (``z - floor z`` is in ``[0, 1)`` and ``|z| <
-    2^52``), so the coin comparison, and ``out``, are those of the numpy formulation
-    (:func:`conditional_round_reference`) bit for bit.
-    """
-    for i in prange(z.shape[0]):
-        low = np.floor(z[i])
-        frac53 = np.uint64((z[i] - low) * 9007199254740992.0)
-        up = (coins[i] >> np.uint64(11)) < frac53
-        out[i] = np.int64(low) + np.int64(up)
-
-
 def conditional_round_reference(z: F64, bound_sq: int, src: KeyStream) -> I64:
     """:func:`conditional_round` in plain numpy (the reference the kernel is tested against)."""
     if np.abs(z).max(initial=0.0) >= 2.0**52:
@@ -121,6 +115,27 @@ def conditional_round_reference(z: F64, bound_sq: int, src: KeyStream) -> I64:
     )
 
 
+def _round_until(y: F64, inv: float, gamma: float, bound_sq: int, src: KeyStream) -> I64:
+    """Conditional rounding of ``z = (y * inv) * gamma`` (one fused pass an attempt:
+    :func:`secagg.kernels.dp_encode.round_norm`), the exact norm check in int64 where no
+    partial sum can wrap and in Python integers otherwise."""
+    from secagg.kernels.dp_encode import round_norm
+
+    r = np.empty(y.size, dtype=np.int64)
+    for _ in range(MAX_ROUNDING_ATTEMPTS):
+        coins = src.words(y.size)
+        with _LAUNCH:  # one parallel region at a time (kernels/cpu.py: workqueue layer)
+            total, peak, big = round_norm(y, inv, gamma, coins, r)
+        if big:
+            raise InputError("scaled coordinate too large to round exactly (>= 2^52)")
+        norm = int(total) if int(peak) ** 2 * r.size < 1 << 63 else _norm_sq(r)
+        if norm <= bound_sq:
+            return r
+    raise InputError(
+        f"conditional rounding exceeded ||r||^2 <= {bound_sq} {MAX_ROUNDING_ATTEMPTS} times"
+    )
+
+
 def conditional_round(z: F64, bound_sq: int, src: KeyStream) -> I64:
     """Unbiased randomized rounding of ``z``, redrawn until ``||r||_2^2 <= bound_sq`` (exact).
 
@@ -128,21 +143,10 @@ def conditional_round(z: F64, bound_sq: int, src: KeyStream) -> I64:
     ------
     InputError
         If :data:`MAX_ROUNDING_ATTEMPTS` attempts all exceed the bound (probability
-        ``<= beta^64`` for a clipped input).
+        ``<= beta^64`` for a clipped input), or a coordinate is ``>= 2^52`` in magnitude.
     """
-    if np.abs(z).max(initial=0.0) >= 2.0**52:
-        raise InputError("scaled coordinate too large to round exactly (>= 2^52)")
     z = np.ascontiguousarray(z, dtype=np.float64)
-    r = np.empty(z.size, dtype=np.int64)
-    for _ in range(MAX_ROUNDING_ATTEMPTS):
-        coins = src.words(z.size)
-        with _LAUNCH:  # one parallel region at a time (kernels/cpu.py: workqueue layer)
-            _round_kernel(z, coins, r)
-        if _norm_sq(r) <= bound_sq:
-            return r
-    raise InputError(
-        f"conditional rounding exceeded ||r||^2 <= {bound_sq} {MAX_ROUNDING_ATTEMPTS} times"
-    )
+    return _round_until(z.reshape(-1), 1.0, 1.0, bound_sq, src)
 
 
 def encode_update(
@@ -154,20 +158,45 @@ def encode_update(
     rotation_key: bytes,
     rounding: KeyStream,
 ) -> I64:
-    """Steps 1-3 of the pipeline: the integer vector (length ``d'``) a client adds noise to."""
-    z = rotate(clip_l2(x, clip), rotation_key) * gamma
+    """Steps 1-3 of the pipeline: the integer vector (length ``d'``) a client adds noise to.
+
+    Bit for bit :func:`secagg.dp.reference.encode_update` (``round(rotate(clip(x)) *
+    gamma)``) in three passes over ``d'``: the norm (BLAS), clip factor + padding + signs
+    (one Numba pass), the FWHT in place, then ``/ sqrt(d')``, ``* gamma``, the rounding and
+    the norm of the result in one Numba pass per attempt.
+    """
+    v = np.ascontiguousarray(x, dtype=np.float64)
+    if v.ndim != 1:
+        return _encode_update_numpy(v, clip, gamma, beta, rotation_key, rounding)
+    norm = _checked_norm(v)
+    if not clip > 0:
+        raise ConfigurationError(f"clip norm must be positive, got {clip}")
+    scaled = norm > clip
+    y = signed_fwht(v, clip / norm if scaled else 1.0, scaled, rotation_key)
+    bound = rounded_norm_bound_sq(clip, gamma, y.size, beta)
+    if math.isqrt(bound) + 1 >= 1 << 31:
+        raise ConfigurationError("Delta_2 too large for exact int64 norm checks (>= 2^31)")
+    return _round_until(y, inv_sqrt(y.size), float(gamma), bound, rounding)
+
+
+def _encode_update_numpy(
+    v: F64, clip: float, gamma: float, beta: float, key: bytes, src: KeyStream
+) -> I64:
+    """The unfused formulation (inputs that are not one flat vector take it)."""
+    z = rotate(clip_l2(v, clip), key) * gamma
     bound = rounded_norm_bound_sq(clip, gamma, z.size, beta)
     if math.isqrt(bound) + 1 >= 1 << 31:
         raise ConfigurationError("Delta_2 too large for exact int64 norm checks (>= 2^31)")
-    return conditional_round(z, bound, rounding)
+    return conditional_round(z, bound, src)
 
 
 def to_ring(v: I64, bits: int) -> U64:
-    """Modular clipping: ``v mod 2^bits`` as ``uint64`` (two's complement, then masked)."""
+    """Modular clipping: ``v mod 2^bits`` as ``uint64`` (two's complement, then masked; one
+    pass into a fresh array)."""
     if not 1 <= bits <= 64:
         raise ConfigurationError(f"ring width must be 1..64 bits, got {bits}")
-    out = np.asarray(v, dtype=np.int64).astype(np.uint64)
-    return out if bits == 64 else out & np.uint64((1 << bits) - 1)
+    u = np.asarray(v, dtype=np.int64).view(np.uint64)
+    return u.copy() if bits == 64 else np.bitwise_and(u, np.uint64((1 << bits) - 1))
 
 
 def centre(v: U64, bits: int) -> I64:
@@ -208,5 +237,12 @@ def centre_scaled(v: U64, bits: int, gamma: float) -> F64:
 
 
 def decode_sum(total: U64, *, bits: int, gamma: float, rotation_key: bytes, dim: int) -> F64:
-    """Server side: the released (noisy) sum of the clipped updates in the original basis."""
-    return unrotate(centre_scaled(total, bits, gamma), rotation_key, dim)
+    """Server side: the released (noisy) sum of the clipped updates in the original basis.
+
+    Bit for bit :func:`secagg.dp.reference.decode_sum`: centre and scale in one pass into a
+    fresh buffer, the FWHT in place on it, signs and ``1 / sqrt(d')`` in one pass.
+    """
+    buf = centre_scaled(total, bits, gamma)
+    if buf.ndim != 1:
+        return unrotate(buf, rotation_key, dim)
+    return unrotate_owned(buf, rotation_key, dim)

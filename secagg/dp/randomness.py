@@ -9,13 +9,19 @@ can be regenerated bit for bit by whoever learns its key (the dropout-robust noi
 
 Uniform integers below ``m`` use rejection on whole words (no modulo bias): a word ``u`` is
 accepted when ``u >= 2^64 mod m`` and then ``u mod m`` is exactly uniform.
+
+The keystream is OpenSSL's ChaCha20 (RFC 8439, through ``cryptography``, as the mask streams
+of :mod:`secagg.kernels.openssl`): 16-byte IV = 32-bit block counter 0, then the 96-bit
+nonce. Its bytes are pycryptodome's (:func:`secagg.prg.keystream_bytes`) byte for byte,
+tested, and about 5x faster on the development box (2.3 ms against 12 ms for the 8 MiB of
+rounding coins at ``d' = 2^20``, docs/dp.md "Speed").
 """
 
 from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
-from Crypto.Cipher import ChaCha20
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from secagg.errors import ConfigurationError
 from secagg.prg import KEY_BYTES, MAX_STREAM_BYTES, Purpose, nonce_for
@@ -23,6 +29,13 @@ from secagg.prg import KEY_BYTES, MAX_STREAM_BYTES, Purpose, nonce_for
 __all__ = ["U64", "KeyStream"]
 
 U64 = npt.NDArray[np.uint64]
+
+_CHUNK_BYTES = 1 << 18
+"""Keystream bytes made per OpenSSL call for long reads (256 KiB of zeros in, stays in L2)."""
+
+_ZEROS = memoryview(bytes(_CHUNK_BYTES))
+_SLACK_WORDS = 8
+"""Spare output words ``update_into`` may ask for beyond its input (one ChaCha20 block)."""
 
 MAX_VECTOR_MODULUS = 1 << 63
 """Vectorised uniform draws take moduli below 2^63 (larger ones use :meth:`KeyStream.below_int`)."""
@@ -50,7 +63,8 @@ class KeyStream:
     def __init__(self, key: bytes, purpose: Purpose) -> None:
         if len(key) != KEY_BYTES:
             raise ConfigurationError(f"DP stream keys are {KEY_BYTES} bytes, got {len(key)}")
-        self._cipher = ChaCha20.new(key=key, nonce=nonce_for(purpose))
+        iv = bytes(4) + nonce_for(purpose)  # block counter 0 (LE32), then the RFC 8439 nonce
+        self._cipher = Cipher(algorithms.ChaCha20(key, iv), None).encryptor()
         self._used = 0
 
     def __repr__(self) -> str:
@@ -67,8 +81,14 @@ class KeyStream:
         if self._used + nbytes > MAX_STREAM_BYTES:
             raise ConfigurationError("DP keystream exhausted (2^32 - 1 ChaCha20 blocks)")
         self._used += nbytes
-        raw = self._cipher.encrypt(bytes(nbytes))
-        return np.frombuffer(raw, dtype="<u8").astype(np.uint64, copy=False)
+        if nbytes <= 256:
+            raw = self._cipher.update(bytes(nbytes))
+            return np.frombuffer(raw, dtype="<u8").astype(np.uint64, copy=False)
+        out = np.empty(count + _SLACK_WORDS, dtype="<u8")
+        view = memoryview(out).cast("B")
+        for start in range(0, nbytes, _CHUNK_BYTES):
+            self._cipher.update_into(_ZEROS[: min(_CHUNK_BYTES, nbytes - start)], view[start:])
+        return out[:count].astype(np.uint64, copy=False)
 
     def below(self, m: U64) -> U64:
         """One exactly uniform integer in ``[0, m_i)`` per element ``1 <= m_i < 2^63`` of ``m``."""

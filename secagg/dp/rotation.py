@@ -29,10 +29,14 @@ __all__ = [
     "fwht",
     "fwht_inplace",
     "fwht_reference",
+    "inv_sqrt",
     "padded_dim",
     "rotate",
     "sign_vector",
+    "sign_words",
+    "signed_fwht",
     "unrotate",
+    "unrotate_owned",
 ]
 
 F64 = npt.NDArray[np.float64]
@@ -141,32 +145,75 @@ def fwht(v: npt.NDArray[_T]) -> npt.NDArray[_T]:
     return fwht_inplace(np.array(v, copy=True))
 
 
+def sign_words(key: bytes, dim: int) -> npt.NDArray[np.uint64]:
+    """The signs of ``D`` as bits: bit ``j % 64`` of word ``j // 64`` is 1 where ``D_jj = -1``
+    (``ceil(dim / 64)`` words of the ``DP_ROTATION`` keystream)."""
+    return KeyStream(key, Purpose.DP_ROTATION).words((dim + 63) // 64)
+
+
 def sign_vector(key: bytes, dim: int) -> F64:
     """The ``+-1`` diagonal of ``D`` for a padded dimension ``dim`` (a power of two)."""
-    words = KeyStream(key, Purpose.DP_ROTATION).words((dim + 63) // 64)
+    words = sign_words(key, dim)
     bits = np.unpackbits(words.astype("<u8").view(np.uint8), bitorder="little")[:dim]
     return 1.0 - 2.0 * bits.astype(np.float64)
 
 
-def rotate(x: npt.ArrayLike, key: bytes) -> F64:
-    """``H D pad(x) / sqrt(d')``: an orthogonal map, so L2 norms are preserved."""
-    v = np.asarray(x, dtype=np.float64)
+def inv_sqrt(n: int) -> float:
+    """``1 / sqrt(d')`` exactly as the numpy formulation computes it (one float64 division)."""
+    return float(1.0 / np.sqrt(n))
+
+
+def signed_fwht(v: F64, scale: float, scaled: bool, key: bytes) -> F64:
+    """``H D pad(v * scale)`` (``H D pad(v)`` unless ``scaled``), *not* divided by
+    ``sqrt(d')``: one fused pass (:func:`secagg.kernels.dp_encode.signed_pad`) into a fresh
+    buffer, then the in-place FWHT. ``v`` is a contiguous 1-D float64 array."""
+    from secagg.kernels.dp_encode import signed_pad
+
     n = padded_dim(v.shape[0])
-    padded = np.zeros(n, dtype=np.float64)
-    padded[: v.shape[0]] = v
-    padded *= sign_vector(key, n)
-    out = fwht_inplace(padded)
-    out *= 1.0 / np.sqrt(n)
+    out = np.empty(n, dtype=np.float64)
+    with _LAUNCH:  # one parallel region at a time (kernels/cpu.py: workqueue layer)
+        signed_pad(v, float(scale), bool(scaled), sign_words(key, n), out)
+    return fwht_inplace(out)
+
+
+def rotate(x: npt.ArrayLike, key: bytes) -> F64:
+    """``H D pad(x) / sqrt(d')``: an orthogonal map, so L2 norms are preserved.
+
+    Bit for bit :func:`secagg.dp.reference.rotate` (signs and padding in one pass).
+    """
+    v = np.ascontiguousarray(x, dtype=np.float64)
+    if v.ndim != 1:
+        from secagg.dp import reference
+
+        return reference.rotate(v, key)
+    out = signed_fwht(v, 1.0, False, key)
+    out *= inv_sqrt(out.shape[0])
+    return out
+
+
+def unrotate_owned(y: F64, key: bytes, dim: int) -> F64:
+    """:func:`unrotate` that may overwrite ``y`` (a contiguous 1-D float64 array the caller
+    owns): FWHT in place, then signs and ``1 / sqrt(d')`` in one pass into the ``dim`` output."""
+    from secagg.kernels.dp_encode import unsign_scale
+
+    n = y.shape[0]
+    if n != padded_dim(dim):
+        raise ConfigurationError(f"rotated length {n} does not match dimension {dim}")
+    fwht_inplace(y)
+    out = np.empty(dim, dtype=np.float64)
+    with _LAUNCH:
+        unsign_scale(y, sign_words(key, n), inv_sqrt(n), out)
     return out
 
 
 def unrotate(y: npt.ArrayLike, key: bytes, dim: int) -> F64:
-    """Inverse of :func:`rotate`: ``D H y / sqrt(d')`` truncated to the first ``dim`` entries."""
+    """Inverse of :func:`rotate`: ``D H y / sqrt(d')`` truncated to the first ``dim`` entries.
+
+    Bit for bit :func:`secagg.dp.reference.unrotate`.
+    """
     v = np.asarray(y, dtype=np.float64)
-    n = v.shape[0]
-    if n != padded_dim(dim):
-        raise ConfigurationError(f"rotated length {n} does not match dimension {dim}")
-    out = fwht(v)
-    out *= sign_vector(key, n)
-    out *= 1.0 / np.sqrt(n)
-    return out[:dim]
+    if v.ndim != 1:
+        from secagg.dp import reference
+
+        return reference.unrotate(v, key, dim)
+    return unrotate_owned(np.array(v, dtype=np.float64, copy=True), key, dim)
