@@ -26,7 +26,10 @@ from typing import Any
 import numpy as np
 from numba import njit, prange, uint64
 
-__all__ = ["pack_lanes", "round_norm", "signed_pad", "unsign_scale"]
+__all__ = ["NORM_BLOCK", "pack_lanes", "round_norm", "signed_pad", "sum_squares", "unsign_scale"]
+
+NORM_BLOCK = 1 << 12
+"""Elements per block of :func:`sum_squares` (part of its definition: the summation order)."""
 
 _TWO53 = 9007199254740992.0  # 2^53: coins are the top 53 bits of a keystream word
 _LIMIT = 4503599627370496.0  # 2^52: floor(z) and the 53-bit fraction are exact below it
@@ -34,6 +37,50 @@ _ONE = uint64(1)
 _SIX = uint64(6)
 _SIXTY_THREE = uint64(63)
 _ELEVEN = uint64(11)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def sum_squares(v: Any, partial: Any) -> float:  # pragma: no cover - compiled
+    """``sum v_j^2`` in a fixed order, whatever the thread count: block ``b`` of
+    :data:`NORM_BLOCK` elements sums element ``b B + 8 i + l`` into lane ``l`` in order of
+    ``i``, its lanes are added ``l = 0 .. 7``, the blocks in order ``b = 0, 1, ..``
+    (``partial``: one slot a block). :func:`secagg.dp.reference.norm` is the numpy form."""
+    n = v.shape[0]
+    for b in prange(partial.shape[0]):
+        start = b * NORM_BLOCK
+        stop = min(n, start + NORM_BLOCK)
+        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
+        j = start
+        while j + 8 <= stop:
+            a0 += v[j] * v[j]
+            a1 += v[j + 1] * v[j + 1]
+            a2 += v[j + 2] * v[j + 2]
+            a3 += v[j + 3] * v[j + 3]
+            a4 += v[j + 4] * v[j + 4]
+            a5 += v[j + 5] * v[j + 5]
+            a6 += v[j + 6] * v[j + 6]
+            a7 += v[j + 7] * v[j + 7]
+            j += 8
+        rest = stop - j  # the last block's tail: lanes 0 .. rest - 1
+        if rest > 0:
+            a0 += v[j] * v[j]
+        if rest > 1:
+            a1 += v[j + 1] * v[j + 1]
+        if rest > 2:
+            a2 += v[j + 2] * v[j + 2]
+        if rest > 3:
+            a3 += v[j + 3] * v[j + 3]
+        if rest > 4:
+            a4 += v[j + 4] * v[j + 4]
+        if rest > 5:
+            a5 += v[j + 5] * v[j + 5]
+        if rest > 6:
+            a6 += v[j + 6] * v[j + 6]
+        partial[b] = a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7
+    total = 0.0
+    for b in range(partial.shape[0]):
+        total += partial[b]
+    return total
 
 
 @njit(cache=True, nogil=True, parallel=True)

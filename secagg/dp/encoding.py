@@ -29,7 +29,15 @@ import numpy.typing as npt
 from numba import njit, prange
 
 from secagg.dp.randomness import KeyStream
-from secagg.dp.rotation import inv_sqrt, rotate, signed_fwht, unrotate, unrotate_owned
+from secagg.dp.rotation import (
+    inv_sqrt,
+    padded_dim,
+    rotate,
+    signed_fwht,
+    unrotate,
+    unrotate_owned,
+)
+from secagg.dp.scratch import borrow
 from secagg.errors import ConfigurationError, InputError
 from secagg.kernels.cpu import _LAUNCH
 
@@ -40,6 +48,7 @@ __all__ = [
     "conditional_round_reference",
     "decode_sum",
     "encode_update",
+    "l2_norm",
     "rounded_norm_bound_sq",
     "to_ring",
 ]
@@ -54,12 +63,29 @@ at most ``beta`` (KLS21, conditional randomized rounding), so with ``beta <= 1/2
 has probability ``<= 2^-64``. A client that gives up raises :class:`~secagg.errors.InputError`."""
 
 
+def l2_norm(v: F64) -> float:
+    """``||v||_2`` summed in a fixed order (:func:`secagg.kernels.dp_encode.sum_squares`;
+    numpy form :func:`secagg.dp.reference.norm`): the same bits on every machine and thread
+    count. ``v`` is a contiguous 1-D float64 array.
+
+    Not BLAS: ``np.linalg.norm`` is OpenBLAS's threaded ``ddot``, whose result depends on its
+    thread count and whose idle workers then spin for a core's worth of CPU for milliseconds
+    after every call (docs/dp.md, "Speed")."""
+    from secagg.kernels.dp_encode import NORM_BLOCK, sum_squares
+
+    partial = np.empty(-(-v.shape[0] // NORM_BLOCK), dtype=np.float64)
+    with _LAUNCH:  # one parallel region at a time (kernels/cpu.py: workqueue layer)
+        return math.sqrt(sum_squares(v, partial))
+
+
 def _checked_norm(v: F64) -> float:
-    """``||v||_2`` (numpy's, ``sqrt(v . v)``); :class:`InputError` on a NaN or infinity.
+    """:func:`l2_norm`; :class:`InputError` on a NaN or infinity.
 
     A NaN or infinite element makes the norm NaN or infinite, so the elementwise check runs
     only then (a finite vector whose squares overflow passes it, as before)."""
-    norm = float(np.linalg.norm(v))
+    if v.ndim != 1:
+        v = np.ascontiguousarray(v).reshape(-1)
+    norm = l2_norm(np.ascontiguousarray(v))
     if not math.isfinite(norm) and not np.all(np.isfinite(v)):
         raise InputError("update contains a NaN or infinity")
     return norm
@@ -115,15 +141,18 @@ def conditional_round_reference(z: F64, bound_sq: int, src: KeyStream) -> I64:
     )
 
 
-def _round_until(y: F64, inv: float, gamma: float, bound_sq: int, src: KeyStream) -> I64:
+def _round_until(
+    y: F64, inv: float, gamma: float, bound_sq: int, src: KeyStream, coins: U64
+) -> I64:
     """Conditional rounding of ``z = (y * inv) * gamma`` (one fused pass an attempt:
-    :func:`secagg.kernels.dp_encode.round_norm`), the exact norm check in int64 where no
-    partial sum can wrap and in Python integers otherwise."""
+    :func:`secagg.kernels.dp_encode.round_norm`; ``coins``: a scratch ``uint64`` vector of
+    ``y``'s length), the exact norm check in int64 where no partial sum can wrap and in
+    Python integers otherwise."""
     from secagg.kernels.dp_encode import round_norm
 
     r = np.empty(y.size, dtype=np.int64)
     for _ in range(MAX_ROUNDING_ATTEMPTS):
-        coins = src.words(y.size)
+        src.words_into(coins)
         with _LAUNCH:  # one parallel region at a time (kernels/cpu.py: workqueue layer)
             total, peak, big = round_norm(y, inv, gamma, coins, r)
         if big:
@@ -145,8 +174,9 @@ def conditional_round(z: F64, bound_sq: int, src: KeyStream) -> I64:
         If :data:`MAX_ROUNDING_ATTEMPTS` attempts all exceed the bound (probability
         ``<= beta^64`` for a clipped input), or a coordinate is ``>= 2^52`` in magnitude.
     """
-    z = np.ascontiguousarray(z, dtype=np.float64)
-    return _round_until(z.reshape(-1), 1.0, 1.0, bound_sq, src)
+    z = np.ascontiguousarray(z, dtype=np.float64).reshape(-1)
+    with borrow(np.uint64, z.size) as coins:
+        return _round_until(z, 1.0, 1.0, bound_sq, src, coins)
 
 
 def encode_update(
@@ -172,11 +202,13 @@ def encode_update(
     if not clip > 0:
         raise ConfigurationError(f"clip norm must be positive, got {clip}")
     scaled = norm > clip
-    y = signed_fwht(v, clip / norm if scaled else 1.0, scaled, rotation_key)
-    bound = rounded_norm_bound_sq(clip, gamma, y.size, beta)
-    if math.isqrt(bound) + 1 >= 1 << 31:
-        raise ConfigurationError("Delta_2 too large for exact int64 norm checks (>= 2^31)")
-    return _round_until(y, inv_sqrt(y.size), float(gamma), bound, rounding)
+    n = padded_dim(v.shape[0])
+    with borrow(np.float64, n) as y, borrow(np.uint64, n) as coins:
+        signed_fwht(v, clip / norm if scaled else 1.0, scaled, rotation_key, y)
+        bound = rounded_norm_bound_sq(clip, gamma, n, beta)
+        if math.isqrt(bound) + 1 >= 1 << 31:
+            raise ConfigurationError("Delta_2 too large for exact int64 norm checks (>= 2^31)")
+        return _round_until(y, inv_sqrt(n), float(gamma), bound, rounding, coins)
 
 
 def _encode_update_numpy(
@@ -223,13 +255,22 @@ def _centre_scale_kernel(
         out[i] = np.float64(s) / gamma
 
 
-def centre_scaled(v: U64, bits: int, gamma: float) -> F64:
+def centre_scaled(v: U64, bits: int, gamma: float, out: F64 | None = None) -> F64:
     """``centre(v, bits).astype(float64) / gamma``, bit for bit (a fused Numba pass for
-    ``bits <= 62``)."""
+    ``bits <= 62``), into ``out`` if given (a contiguous float64 array of ``v``'s size)."""
     u = np.ascontiguousarray(v, dtype=np.uint64)
+    if out is not None and (
+        out.shape != u.shape or out.dtype != np.float64 or not out.flags.c_contiguous
+    ):
+        raise ConfigurationError(f"decode buffer must be {u.shape} contiguous float64 values")
     if not 1 <= bits <= 62:
-        return centre(u, bits).astype(np.float64) / gamma
-    out = np.empty(u.size, dtype=np.float64)
+        res = centre(u, bits).astype(np.float64) / gamma
+        if out is None:
+            return res
+        out[...] = res
+        return out
+    if out is None:
+        out = np.empty(u.size, dtype=np.float64)
     mask, half = np.uint64((1 << bits) - 1), np.uint64(1 << (bits - 1))
     with _LAUNCH:  # one parallel region at a time (kernels/cpu.py: workqueue layer)
         _centre_scale_kernel(u, mask, half, np.int64(1 << bits), float(gamma), out)
@@ -240,9 +281,11 @@ def decode_sum(total: U64, *, bits: int, gamma: float, rotation_key: bytes, dim:
     """Server side: the released (noisy) sum of the clipped updates in the original basis.
 
     Bit for bit :func:`secagg.dp.reference.decode_sum`: centre and scale in one pass into a
-    fresh buffer, the FWHT in place on it, signs and ``1 / sqrt(d')`` in one pass.
+    scratch buffer (:mod:`secagg.dp.scratch`), the FWHT in place on it, signs and
+    ``1 / sqrt(d')`` in one pass into the result.
     """
-    buf = centre_scaled(total, bits, gamma)
-    if buf.ndim != 1:
-        return unrotate(buf, rotation_key, dim)
-    return unrotate_owned(buf, rotation_key, dim)
+    u = np.asarray(total)
+    if u.ndim != 1:
+        return unrotate(centre_scaled(u, bits, gamma), rotation_key, dim)
+    with borrow(np.float64, u.size) as buf:
+        return unrotate_owned(centre_scaled(u, bits, gamma, buf), rotation_key, dim)

@@ -19,6 +19,8 @@ rounding coins at ``d' = 2^20``, docs/dp.md "Speed").
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
@@ -75,20 +77,41 @@ class KeyStream:
         """Keystream bytes consumed so far."""
         return self._used
 
-    def words(self, count: int) -> U64:
-        """The next ``count`` keystream words as ``uint64``."""
-        nbytes = 8 * count
+    def _take(self, nbytes: int) -> None:
         if self._used + nbytes > MAX_STREAM_BYTES:
             raise ConfigurationError("DP keystream exhausted (2^32 - 1 ChaCha20 blocks)")
         self._used += nbytes
+
+    def words(self, count: int) -> U64:
+        """The next ``count`` keystream words as ``uint64``."""
+        nbytes = 8 * count
         if nbytes <= 256:
+            self._take(nbytes)
             raw = self._cipher.update(bytes(nbytes))
             return np.frombuffer(raw, dtype="<u8").astype(np.uint64, copy=False)
-        out = np.empty(count + _SLACK_WORDS, dtype="<u8")
+        out = np.empty(count + _SLACK_WORDS, dtype=np.uint64)
+        self.words_into(out, count)
+        return out[:count]
+
+    def words_into(self, out: U64, count: int | None = None) -> None:
+        """The next ``count`` (default ``out.size``) keystream words into ``out[:count]``
+        (a contiguous ``uint64`` array; with fewer than 8 spare words after ``count`` the
+        last partial chunk goes through a bounce buffer)."""
+        count = out.size if count is None else count
+        if out.dtype != np.uint64 or not out.flags.c_contiguous or not 0 <= count <= out.size:
+            raise ConfigurationError("keystream words go into a contiguous uint64 array")
+        nbytes = 8 * count
+        self._take(nbytes)
         view = memoryview(out).cast("B")
+        spare = 8 * (out.size - count)
         for start in range(0, nbytes, _CHUNK_BYTES):
-            self._cipher.update_into(_ZEROS[: min(_CHUNK_BYTES, nbytes - start)], view[start:])
-        return out[:count].astype(np.uint64, copy=False)
+            width = min(_CHUNK_BYTES, nbytes - start)
+            if start + width + 8 * _SLACK_WORDS <= nbytes + spare:
+                self._cipher.update_into(_ZEROS[:width], view[start:])
+            else:  # no room for the slack update_into may want: bounce
+                view[start : start + width] = self._cipher.update(bytes(_ZEROS[:width]))
+        if sys.byteorder == "big":  # the words are little-endian (module docstring)
+            out[:count].byteswap(inplace=True)
 
     def below(self, m: U64) -> U64:
         """One exactly uniform integer in ``[0, m_i)`` per element ``1 <= m_i < 2^63`` of ``m``."""

@@ -31,6 +31,7 @@ __all__ = [
     "conditional_round",
     "decode_sum",
     "encode_update",
+    "norm",
     "pack_ring",
     "rotate",
     "sign_vector",
@@ -57,6 +58,24 @@ class ReferenceKeyStream:
         return np.frombuffer(raw, dtype="<u8").astype(np.uint64)
 
 
+NORM_BLOCK = 1 << 12
+"""Block length of the fixed summation order of :func:`norm`."""
+
+
+def norm(v: F64) -> float:
+    """``||v||_2`` in the order :func:`secagg.kernels.dp_encode.sum_squares` defines: within
+    each block of :data:`NORM_BLOCK` elements, eight lanes (element ``j`` in lane ``j mod 8``)
+    each summed in order (``cumsum`` is sequential), the lanes added in order, then the
+    blocks in order. Zero padding adds ``+0.0`` to sums that are ``>= +0``: a no-op."""
+    sq = np.asarray(v, dtype=np.float64).reshape(-1) ** 2
+    blocks = -(-sq.size // NORM_BLOCK)
+    padded = np.zeros(max(1, blocks) * NORM_BLOCK)
+    padded[: sq.size] = sq
+    lanes = np.cumsum(padded.reshape(-1, NORM_BLOCK // 8, 8), axis=1)[:, -1, :]
+    per_block = np.cumsum(lanes, axis=1)[:, -1]
+    return math.sqrt(float(np.cumsum(per_block)[-1]))
+
+
 def clip_l2(x: npt.ArrayLike, clip: float) -> F64:
     """``x * min(1, clip / ||x||_2)``."""
     v = np.asarray(x, dtype=np.float64)
@@ -64,8 +83,8 @@ def clip_l2(x: npt.ArrayLike, clip: float) -> F64:
         raise InputError("update contains a NaN or infinity")
     if not clip > 0:
         raise ConfigurationError(f"clip norm must be positive, got {clip}")
-    norm = float(np.linalg.norm(v))
-    return v * (clip / norm) if norm > clip else v.copy()
+    norm_ = norm(v)
+    return v * (clip / norm_) if norm_ > clip else v.copy()
 
 
 def sign_vector(key: bytes, dim: int) -> F64:

@@ -50,9 +50,68 @@ def padded_dim(dim: int) -> int:
     return 1 << (dim - 1).bit_length()
 
 
-_BLOCK = 1 << 11
-"""Butterfly stages ``h < _BLOCK`` run block by block (16 KiB of float64: in L1), the
-later ones as radix-4 passes over the whole vector."""
+_L1_BLOCK = 1 << 11
+"""Stages ``h < _L1_BLOCK`` run sub-block by sub-block (16 KiB of float64: in L1)."""
+
+_L2_BLOCK = 1 << 15
+"""Stages ``h < _L2_BLOCK`` run block by block (256 KiB: in L2); the later ``log2(d' /
+_L2_BLOCK)`` stages run on tiles of whole columns of the ``(d' / _L2_BLOCK) x _L2_BLOCK``
+matrix (:data:`_TILE` elements), all of them per tile: two passes over the vector in all,
+against one per two stages for whole-vector radix-4 passes."""
+
+_TILE = 1 << 13
+"""Elements of one column tile of the late stages (64 KiB), at least 8 columns wide."""
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _butterfly_stages(v: Any, base: int, size: int, h: int, stride: int, width: int) -> None:  # pragma: no cover
+    """Stages ``h, 2h, ..`` below ``size`` of the rows ``base + k stride`` (``k < size``),
+    each row ``width`` contiguous elements: radix-4 (two stages, the same four sums) while
+    two stages remain, radix-2 for a last odd one."""
+    while h < size:
+        if 4 * h <= size:
+            for g in range(0, size, 4 * h):
+                for k in range(g, g + h):
+                    r0 = base + k * stride
+                    r1 = r0 + h * stride
+                    r2 = r1 + h * stride
+                    r3 = r2 + h * stride
+                    for c in range(width):
+                        a0, a1, a2, a3 = v[r0 + c], v[r1 + c], v[r2 + c], v[r3 + c]
+                        s0, s1, s2, s3 = a0 + a1, a0 - a1, a2 + a3, a2 - a3
+                        v[r0 + c] = s0 + s2
+                        v[r1 + c] = s1 + s3
+                        v[r2 + c] = s0 - s2
+                        v[r3 + c] = s1 - s3
+            h *= 4
+        else:
+            for g in range(0, size, 2 * h):
+                for k in range(g, g + h):
+                    r0 = base + k * stride
+                    r1 = r0 + h * stride
+                    for c in range(width):
+                        x = v[r0 + c]
+                        y = v[r1 + c]
+                        v[r0 + c] = x + y
+                        v[r1 + c] = x - y
+            h *= 2
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _wht8(v: Any, base: int, size: int) -> None:  # pragma: no cover - compiled
+    """Stages ``h = 1, 2, 4`` of ``v[base : base + size]`` in registers, 8 elements at a time
+    (the butterflies of :func:`fwht_reference`, in its stage order)."""
+    for j in range(base, base + size, 8):
+        a0, a1, a2, a3 = v[j], v[j + 1], v[j + 2], v[j + 3]
+        a4, a5, a6, a7 = v[j + 4], v[j + 5], v[j + 6], v[j + 7]
+        b0, b1, b2, b3 = a0 + a1, a0 - a1, a2 + a3, a2 - a3  # h = 1
+        b4, b5, b6, b7 = a4 + a5, a4 - a5, a6 + a7, a6 - a7
+        c0, c1, c2, c3 = b0 + b2, b1 + b3, b0 - b2, b1 - b3  # h = 2
+        c4, c5, c6, c7 = b4 + b6, b5 + b7, b4 - b6, b5 - b7
+        v[j], v[j + 4] = c0 + c4, c0 - c4  # h = 4
+        v[j + 1], v[j + 5] = c1 + c5, c1 - c5
+        v[j + 2], v[j + 6] = c2 + c6, c2 - c6
+        v[j + 3], v[j + 7] = c3 + c7, c3 - c7
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -60,48 +119,30 @@ def _fwht_kernel(v: Any) -> None:  # pragma: no cover - compiled
     """In place: the butterflies ``(a, b) -> (a + b, a - b)`` of every stage ``h = 1, 2, ..``.
 
     Each element goes through the stages in the same order with the same operands as in
-    :func:`fwht_reference`, so float64 results are bit-identical and integer ones exact.
+    :func:`fwht_reference` (only the order *between* independent butterflies changes), so
+    float64 results are bit-identical and integer ones exact. Stages below
+    :data:`_L2_BLOCK` run per block (those below :data:`_L1_BLOCK` per sub-block), the rest
+    per column tile: the vector is read and written twice.
     """
     n = v.shape[0]
     if n < 2:
         return
-    b = min(n, _BLOCK)
-    for blk in prange(n // b):
-        base = blk * b
-        for j in range(base, base + b, 2):  # h = 1
-            x = v[j]
-            y = v[j + 1]
-            v[j] = x + y
-            v[j + 1] = x - y
-        h = 2
-        while h < b:
-            for i in range(base, base + b, 2 * h):
-                for j in range(i, i + h):
-                    x = v[j]
-                    y = v[j + h]
-                    v[j] = x + y
-                    v[j + h] = x - y
-            h *= 2
-    h = b
-    while h < n:
-        if 4 * h <= n:  # stages h and 2h together: the same four sums, one pass
-            for g in prange(n // (4 * h)):
-                for j in range(g * 4 * h, g * 4 * h + h):
-                    a0, a1, a2, a3 = v[j], v[j + h], v[j + 2 * h], v[j + 3 * h]
-                    s0, s1, s2, s3 = a0 + a1, a0 - a1, a2 + a3, a2 - a3
-                    v[j] = s0 + s2
-                    v[j + h] = s1 + s3
-                    v[j + 2 * h] = s0 - s2
-                    v[j + 3 * h] = s1 - s3
-            h *= 4
-        else:
-            for g in prange(n // (2 * h)):
-                for j in range(g * 2 * h, g * 2 * h + h):
-                    x = v[j]
-                    y = v[j + h]
-                    v[j] = x + y
-                    v[j + h] = x - y
-            h *= 2
+    b2 = min(n, _L2_BLOCK)
+    b1 = min(n, _L1_BLOCK)
+    for blk in prange(n // b2):
+        base = blk * b2
+        for sub in range(b2 // b1):
+            if b1 >= 8:
+                _wht8(v, base + sub * b1, b1)
+                _butterfly_stages(v, base + sub * b1, b1, 8, 1, 1)
+            else:
+                _butterfly_stages(v, base + sub * b1, b1, 1, 1, 1)
+        _butterfly_stages(v, base, b2 // b1, 1, b1, b1)  # stages b1 .. b2/2 as rows of b1
+    rows = n // b2
+    if rows > 1:
+        width = max(8, min(b2, _TILE // rows))
+        for t in prange(b2 // width):
+            _butterfly_stages(v, t * width, rows, 1, b2, width)
 
 
 def fwht_reference(v: npt.NDArray[_T]) -> npt.NDArray[_T]:
@@ -163,14 +204,20 @@ def inv_sqrt(n: int) -> float:
     return float(1.0 / np.sqrt(n))
 
 
-def signed_fwht(v: F64, scale: float, scaled: bool, key: bytes) -> F64:
+def signed_fwht(
+    v: F64, scale: float, scaled: bool, key: bytes, out: F64 | None = None
+) -> F64:
     """``H D pad(v * scale)`` (``H D pad(v)`` unless ``scaled``), *not* divided by
-    ``sqrt(d')``: one fused pass (:func:`secagg.kernels.dp_encode.signed_pad`) into a fresh
-    buffer, then the in-place FWHT. ``v`` is a contiguous 1-D float64 array."""
+    ``sqrt(d')``: one fused pass (:func:`secagg.kernels.dp_encode.signed_pad`) into ``out``
+    (a contiguous float64 array of length ``d'``; default a fresh one), then the in-place
+    FWHT. ``v`` is a contiguous 1-D float64 array."""
     from secagg.kernels.dp_encode import signed_pad
 
     n = padded_dim(v.shape[0])
-    out = np.empty(n, dtype=np.float64)
+    if out is None:
+        out = np.empty(n, dtype=np.float64)
+    if out.shape != (n,) or out.dtype != np.float64 or not out.flags.c_contiguous:
+        raise ConfigurationError(f"rotation buffer must be {n} contiguous float64 values")
     with _LAUNCH:  # one parallel region at a time (kernels/cpu.py: workqueue layer)
         signed_pad(v, float(scale), bool(scaled), sign_words(key, n), out)
     return fwht_inplace(out)

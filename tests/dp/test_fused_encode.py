@@ -170,3 +170,40 @@ def test_pack_ring_is_bit_identical(count: int, lane: int, spare: int) -> None:
     assert _same_bits(got, reference.pack_ring(v, lane, words))
     bits = min(lane, 64)
     assert _same_bits(unpack_ring(got, lane, count, bits), v)
+
+
+@pytest.mark.parametrize("log_n", [3, 11, 12, 15, 16, 18, 20])
+def test_fwht_blocked_schedule_is_bit_identical(log_n: int) -> None:
+    """The two-level schedule (L1 sub-blocks, L2 blocks, column tiles of the late stages)
+    against the stage-by-stage reference: below, at and past each block size, an even and an
+    odd number of late stages (2^20: 32 rows of 2^15, 2^18: 8 rows)."""
+    n = 1 << log_n
+    v = np.random.default_rng(log_n).normal(0, 1, n)  # test data only
+    assert _same_bits(rotation.fwht(v), rotation.fwht_reference(v))
+    iv = np.random.default_rng(log_n).integers(-(10**6), 10**6, n)
+    assert _same_bits(rotation.fwht(iv), rotation.fwht_reference(iv))
+
+
+@given(st.integers(0, 20000), st.integers(0, 3))
+def test_norm_has_the_defined_order(dim: int, seed: int) -> None:
+    """The kernel's blocked eight-lane sum of squares equals its numpy specification bit for
+    bit (any length: whole blocks, a partial last block, a tail of fewer than eight)."""
+    v = np.random.default_rng(seed).normal(size=dim) * 10.0 ** (seed - 1)  # test data only
+    assert encoding.l2_norm(v) == reference.norm(v)
+    if dim:
+        assert math.isclose(encoding.l2_norm(v), float(np.linalg.norm(v)), rel_tol=1e-12)
+
+
+def test_norm_is_the_same_for_every_thread_count() -> None:
+    """The order is fixed by the blocks, not by how ``prange`` splits them: a run limited to
+    one Numba thread gives the same bits as the default."""
+    import numba
+
+    v = np.random.default_rng(7).normal(size=300_001)  # test data only
+    full = encoding.l2_norm(v)
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        assert encoding.l2_norm(v) == full == reference.norm(v)
+    finally:
+        numba.set_num_threads(before)
