@@ -15,21 +15,52 @@ for bit (the tests compare them on random inputs):
 * :func:`pack_lanes`: lane-major packing of ring values into words (``packing.pack_ring``).
 
 All are ``@njit(parallel=True)`` with ``prange`` over independent coordinates (reductions
-only for the norm); callers hold :data:`secagg.kernels.cpu._LAUNCH`. They trust their
+only for the norm); callers launch them inside :func:`launch` (one parallel region at a
+time, with the thread count of :func:`secagg.kernels.config.dp_threads`). They trust their
 arguments (shapes, dtypes, contiguity): the wrappers in :mod:`secagg.dp` check them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import numba
 import numpy as np
 from numba import njit, prange, uint64
 
-__all__ = ["NORM_BLOCK", "pack_lanes", "round_norm", "signed_pad", "sum_squares", "unsign_scale"]
+from secagg.kernels.config import dp_threads
+from secagg.kernels.cpu import _LAUNCH
+
+__all__ = [
+    "NORM_BLOCK",
+    "launch",
+    "pack_lanes",
+    "round_norm",
+    "signed_pad",
+    "sum_squares",
+    "unsign_scale",
+]
 
 NORM_BLOCK = 1 << 12
 """Elements per block of :func:`sum_squares` (part of its definition: the summation order)."""
+
+
+@contextmanager
+def launch() -> Iterator[None]:
+    """Hold :data:`secagg.kernels.cpu._LAUNCH` (one parallel region at a time: Numba's
+    ``workqueue`` layer aborts on concurrent launches) and run this thread's parallel regions
+    on :func:`~secagg.kernels.config.dp_threads` threads (``0``: all), restored after."""
+    want = dp_threads()
+    with _LAUNCH:
+        before = numba.get_num_threads()
+        numba.set_num_threads(min(want, numba.config.NUMBA_NUM_THREADS) if want else before)
+        try:
+            yield
+        finally:
+            numba.set_num_threads(before)
+
 
 _TWO53 = 9007199254740992.0  # 2^53: coins are the top 53 bits of a keystream word
 _LIMIT = 4503599627370496.0  # 2^52: floor(z) and the 53-bit fraction are exact below it

@@ -39,7 +39,7 @@ from secagg.dp.rotation import (
 )
 from secagg.dp.scratch import borrow
 from secagg.errors import ConfigurationError, InputError
-from secagg.kernels.cpu import _LAUNCH
+from secagg.kernels.dp_encode import launch
 
 __all__ = [
     "MAX_ROUNDING_ATTEMPTS",
@@ -74,7 +74,7 @@ def l2_norm(v: F64) -> float:
     from secagg.kernels.dp_encode import NORM_BLOCK, sum_squares
 
     partial = np.empty(-(-v.shape[0] // NORM_BLOCK), dtype=np.float64)
-    with _LAUNCH:  # one parallel region at a time (kernels/cpu.py: workqueue layer)
+    with launch():  # kernels/dp_encode.py: one region at a time, SECAGG_DP_THREADS
         return math.sqrt(sum_squares(v, partial))
 
 
@@ -153,7 +153,7 @@ def _round_until(
     r = np.empty(y.size, dtype=np.int64)
     for _ in range(MAX_ROUNDING_ATTEMPTS):
         src.words_into(coins)
-        with _LAUNCH:  # one parallel region at a time (kernels/cpu.py: workqueue layer)
+        with launch():  # kernels/dp_encode.py: one region at a time, SECAGG_DP_THREADS
             total, peak, big = round_norm(y, inv, gamma, coins, r)
         if big:
             raise InputError("scaled coordinate too large to round exactly (>= 2^52)")
@@ -272,7 +272,7 @@ def centre_scaled(v: U64, bits: int, gamma: float, out: F64 | None = None) -> F6
     if out is None:
         out = np.empty(u.size, dtype=np.float64)
     mask, half = np.uint64((1 << bits) - 1), np.uint64(1 << (bits - 1))
-    with _LAUNCH:  # one parallel region at a time (kernels/cpu.py: workqueue layer)
+    with launch():  # kernels/dp_encode.py: one region at a time, SECAGG_DP_THREADS
         _centre_scale_kernel(u, mask, half, np.int64(1 << bits), float(gamma), out)
     return out
 

@@ -54,11 +54,11 @@ def pack_ring(values: U64, lane_bits: int, words: int) -> U64:
     per = WORD_BITS // lane_bits
     v = np.asarray(values)
     if v.dtype == np.uint64 and v.ndim == 1 and v.size <= words * per and lane_bits <= WORD_BITS:
-        from secagg.kernels.cpu import _LAUNCH
+        from secagg.kernels.dp_encode import launch
         from secagg.kernels.dp_encode import pack_lanes
 
         out = np.empty(words, dtype=np.uint64)
-        with _LAUNCH:  # one parallel region at a time (kernels/cpu.py: workqueue layer)
+        with launch():  # kernels/dp_encode.py: one region at a time, SECAGG_DP_THREADS
             pack_lanes(np.ascontiguousarray(v), lane_bits, out)
         return out
     padded = np.zeros(words * per, dtype=np.uint64)

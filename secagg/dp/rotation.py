@@ -22,7 +22,7 @@ from numba import njit, prange
 
 from secagg.dp.randomness import KeyStream
 from secagg.errors import ConfigurationError
-from secagg.kernels.cpu import _LAUNCH
+from secagg.kernels.dp_encode import launch
 from secagg.prg import Purpose
 
 __all__ = [
@@ -64,7 +64,9 @@ _TILE = 1 << 13
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _butterfly_stages(v: Any, base: int, size: int, h: int, stride: int, width: int) -> None:  # pragma: no cover
+def _butterfly_stages(
+    v: Any, base: int, size: int, h: int, stride: int, width: int
+) -> None:  # pragma: no cover
     """Stages ``h, 2h, ..`` below ``size`` of the rows ``base + k stride`` (``k < size``),
     each row ``width`` contiguous elements: radix-4 (two stages, the same four sums) while
     two stages remain, radix-2 for a last odd one."""
@@ -169,7 +171,7 @@ def fwht_inplace(v: npt.NDArray[_T]) -> npt.NDArray[_T]:
     if n & (n - 1) or n == 0:
         raise ConfigurationError(f"Hadamard length must be a power of two, got {n}")
     if v.ndim == 1 and v.dtype in (np.float64, np.int64) and v.flags.c_contiguous:
-        with _LAUNCH:  # one parallel region at a time (kernels/cpu.py: workqueue layer)
+        with launch():  # kernels/dp_encode.py: one region at a time, SECAGG_DP_THREADS
             _fwht_kernel(v)
     else:
         v[...] = fwht_reference(v)
@@ -204,9 +206,7 @@ def inv_sqrt(n: int) -> float:
     return float(1.0 / np.sqrt(n))
 
 
-def signed_fwht(
-    v: F64, scale: float, scaled: bool, key: bytes, out: F64 | None = None
-) -> F64:
+def signed_fwht(v: F64, scale: float, scaled: bool, key: bytes, out: F64 | None = None) -> F64:
     """``H D pad(v * scale)`` (``H D pad(v)`` unless ``scaled``), *not* divided by
     ``sqrt(d')``: one fused pass (:func:`secagg.kernels.dp_encode.signed_pad`) into ``out``
     (a contiguous float64 array of length ``d'``; default a fresh one), then the in-place
@@ -218,7 +218,7 @@ def signed_fwht(
         out = np.empty(n, dtype=np.float64)
     if out.shape != (n,) or out.dtype != np.float64 or not out.flags.c_contiguous:
         raise ConfigurationError(f"rotation buffer must be {n} contiguous float64 values")
-    with _LAUNCH:  # one parallel region at a time (kernels/cpu.py: workqueue layer)
+    with launch():  # kernels/dp_encode.py: one region at a time, SECAGG_DP_THREADS
         signed_pad(v, float(scale), bool(scaled), sign_words(key, n), out)
     return fwht_inplace(out)
 
@@ -248,7 +248,7 @@ def unrotate_owned(y: F64, key: bytes, dim: int) -> F64:
         raise ConfigurationError(f"rotated length {n} does not match dimension {dim}")
     fwht_inplace(y)
     out = np.empty(dim, dtype=np.float64)
-    with _LAUNCH:
+    with launch():  # kernels/dp_encode.py: one region at a time, SECAGG_DP_THREADS
         unsign_scale(y, sign_words(key, n), inv_sqrt(n), out)
     return out
 

@@ -207,3 +207,24 @@ def test_norm_is_the_same_for_every_thread_count() -> None:
         assert encoding.l2_norm(v) == full == reference.norm(v)
     finally:
         numba.set_num_threads(before)
+
+
+def test_thread_knob_changes_no_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``SECAGG_DP_THREADS`` (1 by default, 0 = all Numba threads) changes how the passes
+    are scheduled, never their output; a malformed value is refused with the variable named."""
+    from secagg.errors import KernelError
+
+    x = _vector(5, 70_000, 2.0)
+    kw = {"clip": 1.0, "gamma": 300.0, "beta": 0.5, "rotation_key": KEY}
+    out = []
+    for value in ("1", "0", "2"):
+        monkeypatch.setenv("SECAGG_DP_THREADS", value)
+        r = encoding.encode_update(x, **kw, rounding=KeyStream(KEY, Purpose.DP_ROUNDING))  # type: ignore[arg-type]
+        ring = encoding.to_ring(r, 20)
+        out.append(
+            (r, encoding.decode_sum(ring, bits=20, gamma=300.0, rotation_key=KEY, dim=x.size))
+        )
+    assert all(_same_bits(a[0], out[0][0]) and _same_bits(a[1], out[0][1]) for a in out)
+    monkeypatch.setenv("SECAGG_DP_THREADS", "two")
+    with pytest.raises(KernelError, match="SECAGG_DP_THREADS"):
+        rotation.rotate(x, KEY)
