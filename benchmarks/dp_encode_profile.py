@@ -3,10 +3,12 @@
 ::
 
     python benchmarks/dp_encode_profile.py [--dim 1000000] [--clients 100] [--threads 1,2]
-        [--repeat 5] [--json]
+        [--dp-threads N] [--repeat 5] [--json]
 
 For each Numba thread count in ``--threads`` a fresh process (``NUMBA_NUM_THREADS`` must be set
-before Numba starts) runs, with every kernel compiled and warm:
+before Numba starts) runs, with every kernel compiled and warm, and with the DP passes on
+``SECAGG_DP_THREADS=--dp-threads`` threads (default: the variable as set, else 1; ``0`` = all
+``NUMBA_NUM_THREADS``; the masked kernels always use all):
 
 * the DP client's ``d``-dependent in-round work as the round calls it
   (``DPClient.encode`` with prepared noise, then ``packing.pack_ring``: clip, rotate, scale,
@@ -158,6 +160,7 @@ def main() -> None:
     parser.add_argument(
         "--threads", default="1,2", help="NUMBA_NUM_THREADS values, comma-separated"
     )
+    parser.add_argument("--dp-threads", default=None, help="SECAGG_DP_THREADS for the DP passes")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -169,17 +172,24 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     for t in args.threads.split(","):
         env = {**os.environ, "NUMBA_NUM_THREADS": t.strip()}
+        if args.dp_threads is not None:
+            env["SECAGG_DP_THREADS"] = args.dp_threads
         cmd = [sys.executable, __file__, "--child", f"--dim={args.dim}",
                f"--clients={args.clients}", f"--repeat={args.repeat}"]  # fmt: skip
         out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
         results[t.strip()] = json.loads(out.strip().splitlines()[-1])
     load1 = os.getloadavg()
     if args.json:
-        print(json.dumps({"dim": args.dim, "load": [load0, load1], "threads": results}, indent=1))
+        doc = {"dim": args.dim, "load": [load0, load1], "dp_threads": args.dp_threads}
+        print(json.dumps({**doc, "threads": results}, indent=1))
         return
     names = list(next(iter(results.values())))
     head = "".join(f" | {t} thr wall ms | {t} thr CPU ms" for t in results)
-    print(f"d = {args.dim}, load average {load0[0]:.2f} -> {load1[0]:.2f}, best of {args.repeat}")
+    dp_threads = args.dp_threads or os.environ.get("SECAGG_DP_THREADS") or "1"
+    print(
+        f"d = {args.dim}, load average {load0[0]:.2f} -> {load1[0]:.2f}, best of {args.repeat},"
+        f" SECAGG_DP_THREADS={dp_threads}"
+    )
     print(f"| stage{head} |")
     print("|---" * (1 + 2 * len(results)) + "|")
     for n in names:
