@@ -191,7 +191,7 @@ def encode_update(
     """Steps 1-3 of the pipeline: the integer vector (length ``d'``) a client adds noise to.
 
     Bit for bit :func:`secagg.dp.reference.encode_update` (``round(rotate(clip(x)) *
-    gamma)``) in three passes over ``d'``: the norm (BLAS), clip factor + padding + signs
+    gamma)``) in three passes over ``d'``: the norm (fixed order), clip factor + padding + signs
     (one Numba pass), the FWHT in place, then ``/ sqrt(d')``, ``* gamma``, the rounding and
     the norm of the result in one Numba pass per attempt.
     """
