@@ -55,7 +55,8 @@ def launch() -> Iterator[None]:
     want = dp_threads()
     with _LAUNCH:
         before = numba.get_num_threads()
-        numba.set_num_threads(min(want, numba.config.NUMBA_NUM_THREADS) if want else before)
+        most: int = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+        numba.set_num_threads(min(want, most) if want else before)
         try:
             yield
         finally:
@@ -144,8 +145,8 @@ def round_norm(
     the sum only when ``max^2 * len < 2^63`` (then no partial sum wraps).
     """
     n = y.shape[0]
-    total = 0
-    peak = 0
+    total: Any = 0
+    peak: Any = 0
     big = 0
     for i in prange(n):
         z = (y[i] * inv) * gamma

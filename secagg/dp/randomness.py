@@ -102,7 +102,7 @@ class KeyStream:
             raise ConfigurationError("keystream words go into a contiguous uint64 array")
         nbytes = 8 * count
         self._take(nbytes)
-        view = memoryview(out).cast("B")
+        view = out.data.cast("B")
         spare = 8 * (out.size - count)
         for start in range(0, nbytes, _CHUNK_BYTES):
             width = min(_CHUNK_BYTES, nbytes - start)
