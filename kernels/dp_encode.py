@@ -15,13 +15,16 @@ for bit (the tests compare them on random inputs):
 * :func:`pack_lanes`: lane-major packing of ring values into words (``packing.pack_ring``).
 
 All are ``@njit(parallel=True)`` with ``prange`` over independent coordinates (reductions
-only for the norm); callers launch them inside :func:`launch` (one parallel region at a
-time, with the thread count of :func:`secagg.kernels.config.dp_threads`). They trust their
-arguments (shapes, dtypes, contiguity): the wrappers in :mod:`secagg.dp` check them.
+only for the norm), with a CUDA twin in :mod:`secagg.kernels.dp_encode_cuda` (the norm
+excepted) chosen by :func:`kernels`; callers launch them inside :func:`launch` (one
+parallel region at a time, with the thread count of
+:func:`secagg.kernels.config.dp_threads`). They trust their arguments (shapes, dtypes,
+contiguity): the wrappers in :mod:`secagg.dp` check them.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -30,6 +33,8 @@ import numba
 import numpy as np
 from numba import njit, prange, uint64
 
+from secagg.errors import KernelError
+from secagg.kernels import config
 from secagg.kernels.config import dp_threads
 from secagg.kernels.cpu import _LAUNCH
 
@@ -45,6 +50,25 @@ __all__ = [
 
 NORM_BLOCK = 1 << 12
 """Elements per block of :func:`sum_squares` (part of its definition: the summation order)."""
+
+
+def kernels() -> Any:
+    """The module whose passes run (one dispatcher for the pair): this one (Numba CPU), or
+    :mod:`secagg.kernels.dp_encode_cuda` when ``SECAGG_KERNELS=cuda`` (the DP encode takes
+    host arrays, so ``auto`` means the CPU). Read on every call.
+
+    Raises
+    ------
+    KernelError
+        ``cuda`` forced without a device or the simulator, or ``SECAGG_KERNELS`` invalid.
+    """
+    if config.backend() != "cuda":
+        return sys.modules[__name__]
+    if not config.cuda_available():
+        raise KernelError("SECAGG_KERNELS=cuda, but no CUDA device or simulator is available")
+    from secagg.kernels import dp_encode_cuda
+
+    return dp_encode_cuda
 
 
 @contextmanager

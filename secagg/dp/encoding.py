@@ -148,8 +148,9 @@ def _round_until(
     :func:`secagg.kernels.dp_encode.round_norm`; ``coins``: a scratch ``uint64`` vector of
     ``y``'s length), the exact norm check in int64 where no partial sum can wrap and in
     Python integers otherwise."""
-    from secagg.kernels.dp_encode import round_norm
+    from secagg.kernels.dp_encode import kernels
 
+    round_norm = kernels().round_norm
     r = np.empty(y.size, dtype=np.int64)
     for _ in range(MAX_ROUNDING_ATTEMPTS):
         src.words_into(coins)

@@ -54,7 +54,9 @@ def pack_ring(values: U64, lane_bits: int, words: int) -> U64:
     per = WORD_BITS // lane_bits
     v = np.asarray(values)
     if v.dtype == np.uint64 and v.ndim == 1 and v.size <= words * per and lane_bits <= WORD_BITS:
-        from secagg.kernels.dp_encode import launch, pack_lanes
+        from secagg.kernels.dp_encode import kernels, launch
+
+        pack_lanes = kernels().pack_lanes
 
         out = np.empty(words, dtype=np.uint64)
         with launch():  # kernels/dp_encode.py: one region at a time, SECAGG_DP_THREADS

@@ -166,13 +166,20 @@ def fwht_reference(v: npt.NDArray[_T]) -> npt.NDArray[_T]:
 
 def fwht_inplace(v: npt.NDArray[_T]) -> npt.NDArray[_T]:
     """:func:`fwht` overwriting ``v`` (contiguous float64 or int64: the parallel Numba
-    kernel; other dtypes: :func:`fwht_reference`, copied back). Returns ``v``."""
+    kernel, or its CUDA twin under ``SECAGG_KERNELS=cuda``; other dtypes:
+    :func:`fwht_reference`, copied back). Returns ``v``."""
+    from secagg.kernels.dp_encode import kernels
+
     n = v.shape[0]
     if n & (n - 1) or n == 0:
         raise ConfigurationError(f"Hadamard length must be a power of two, got {n}")
     if v.ndim == 1 and v.dtype in (np.float64, np.int64) and v.flags.c_contiguous:
+        k = kernels()
         with launch():  # kernels/dp_encode.py: one region at a time, SECAGG_DP_THREADS
-            _fwht_kernel(v)
+            if hasattr(k, "fwht_inplace"):
+                k.fwht_inplace(v)  # the CUDA twin
+            else:
+                _fwht_kernel(v)
     else:
         v[...] = fwht_reference(v)
     return v
@@ -211,7 +218,9 @@ def signed_fwht(v: F64, scale: float, scaled: bool, key: bytes, out: F64 | None 
     ``sqrt(d')``: one fused pass (:func:`secagg.kernels.dp_encode.signed_pad`) into ``out``
     (a contiguous float64 array of length ``d'``; default a fresh one), then the in-place
     FWHT. ``v`` is a contiguous 1-D float64 array."""
-    from secagg.kernels.dp_encode import signed_pad
+    from secagg.kernels.dp_encode import kernels
+
+    signed_pad = kernels().signed_pad
 
     n = padded_dim(v.shape[0])
     if out is None:
@@ -241,7 +250,9 @@ def rotate(x: npt.ArrayLike, key: bytes) -> F64:
 def unrotate_owned(y: F64, key: bytes, dim: int) -> F64:
     """:func:`unrotate` that may overwrite ``y`` (a contiguous 1-D float64 array the caller
     owns): FWHT in place, then signs and ``1 / sqrt(d')`` in one pass into the ``dim`` output."""
-    from secagg.kernels.dp_encode import unsign_scale
+    from secagg.kernels.dp_encode import kernels
+
+    unsign_scale = kernels().unsign_scale
 
     n = y.shape[0]
     if n != padded_dim(dim):

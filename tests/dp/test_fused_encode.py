@@ -228,3 +228,16 @@ def test_thread_knob_changes_no_bits(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SECAGG_DP_THREADS", "two")
     with pytest.raises(KernelError, match="SECAGG_DP_THREADS"):
         rotation.rotate(x, KEY)
+
+
+def test_cuda_forced_without_a_device_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One dispatcher for the CPU/CUDA pair: ``SECAGG_KERNELS=cuda`` without a device (or the
+    simulator) is a ``KernelError`` naming the variable, never a silent CPU fallback."""
+    from secagg.errors import KernelError
+    from secagg.kernels import config
+
+    if config.cuda_available():
+        pytest.skip("a CUDA device or the simulator is available here")
+    monkeypatch.setenv("SECAGG_KERNELS", "cuda")
+    with pytest.raises(KernelError, match="SECAGG_KERNELS=cuda"):
+        rotation.rotate(np.ones(8), KEY)
