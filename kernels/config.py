@@ -27,11 +27,13 @@ __all__ = [
     "CUDA_BLOCKS_PER_SM",
     "CUDA_THREADS",
     "CUDA_TILE_WORDS",
+    "DP_THREADS_VAR",
     "ENV_VAR",
     "SMALL_WORDS",
     "Backend",
     "backend",
     "cuda_available",
+    "dp_threads",
     "simulator",
 ]
 
@@ -85,6 +87,31 @@ def backend() -> Backend:
         if value == name:
             return name
     raise KernelError(f"{ENV_VAR} must be one of {', '.join(BACKENDS)}, got {value!r}")
+
+
+DP_THREADS_VAR = "SECAGG_DP_THREADS"
+"""Numba threads of the DP encode/decode passes (:mod:`secagg.kernels.dp_encode`): a
+positive count, or ``0`` for all of Numba's threads. Default ``1``.
+
+The passes are short (0.3-6 ms each at ``d' = 2^20``) and memory-bound, and a parallel region
+with static scheduling waits at its barrier for its slowest thread: on the 2-core
+development box shared with other jobs, two threads made the encode 3x slower in wall time
+and 3x dearer in CPU (spinning workers) than one (``benchmarks/dp_encode_profile.py``,
+docs/dp.md "Speed"). On an idle many-core server ``0`` shortens the decode's wall time."""
+
+
+def dp_threads() -> int:
+    """The thread count :data:`DP_THREADS_VAR` asks for (``0``: all); read on every call.
+
+    Raises
+    ------
+    KernelError
+        If the variable is not a non-negative integer.
+    """
+    value = os.environ.get(DP_THREADS_VAR, "").strip() or "1"
+    if not value.isdigit():
+        raise KernelError(f"{DP_THREADS_VAR} must be a non-negative integer, got {value!r}")
+    return int(value)
 
 
 def simulator() -> bool:

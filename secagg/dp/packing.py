@@ -46,8 +46,22 @@ def dp_words(offer: DPOffer, n_clients: int) -> int:
 
 
 def pack_ring(values: U64, lane_bits: int, words: int) -> U64:
-    """Pack ``values`` (each below ``2^lane_bits``) lane-major into ``words`` uint64 words."""
+    """Pack ``values`` (each below ``2^lane_bits``) lane-major into ``words`` uint64 words.
+
+    One Numba pass (:func:`secagg.kernels.dp_encode.pack_lanes`) for a flat ``uint64``
+    vector that fits, bit for bit :func:`secagg.dp.reference.pack_ring`; numpy otherwise.
+    """
     per = WORD_BITS // lane_bits
+    v = np.asarray(values)
+    if v.dtype == np.uint64 and v.ndim == 1 and v.size <= words * per and lane_bits <= WORD_BITS:
+        from secagg.kernels.dp_encode import kernels, launch
+
+        pack_lanes = kernels().pack_lanes
+
+        out = np.empty(words, dtype=np.uint64)
+        with launch():  # kernels/dp_encode.py: one region at a time, SECAGG_DP_THREADS
+            pack_lanes(np.ascontiguousarray(v), lane_bits, out)
+        return out
     padded = np.zeros(words * per, dtype=np.uint64)
     padded[: values.size] = values
     out = np.zeros(words, dtype=np.uint64)

@@ -9,13 +9,21 @@ can be regenerated bit for bit by whoever learns its key (the dropout-robust noi
 
 Uniform integers below ``m`` use rejection on whole words (no modulo bias): a word ``u`` is
 accepted when ``u >= 2^64 mod m`` and then ``u mod m`` is exactly uniform.
+
+The keystream is OpenSSL's ChaCha20 (RFC 8439, through ``cryptography``, as the mask streams
+of :mod:`secagg.kernels.openssl`): 16-byte IV = 32-bit block counter 0, then the 96-bit
+nonce. Its bytes are pycryptodome's (:func:`secagg.prg.keystream_bytes`) byte for byte,
+tested, and about 5x faster on the development box (2.3 ms against 12 ms for the 8 MiB of
+rounding coins at ``d' = 2^20``, docs/dp.md "Speed").
 """
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import numpy.typing as npt
-from Crypto.Cipher import ChaCha20
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from secagg.errors import ConfigurationError
 from secagg.prg import KEY_BYTES, MAX_STREAM_BYTES, Purpose, nonce_for
@@ -23,6 +31,13 @@ from secagg.prg import KEY_BYTES, MAX_STREAM_BYTES, Purpose, nonce_for
 __all__ = ["U64", "KeyStream"]
 
 U64 = npt.NDArray[np.uint64]
+
+_CHUNK_BYTES = 1 << 18
+"""Keystream bytes made per OpenSSL call for long reads (256 KiB of zeros in, stays in L2)."""
+
+_ZEROS = memoryview(bytes(_CHUNK_BYTES))
+_SLACK_WORDS = 8
+"""Spare output words ``update_into`` may ask for beyond its input (one ChaCha20 block)."""
 
 MAX_VECTOR_MODULUS = 1 << 63
 """Vectorised uniform draws take moduli below 2^63 (larger ones use :meth:`KeyStream.below_int`)."""
@@ -50,7 +65,8 @@ class KeyStream:
     def __init__(self, key: bytes, purpose: Purpose) -> None:
         if len(key) != KEY_BYTES:
             raise ConfigurationError(f"DP stream keys are {KEY_BYTES} bytes, got {len(key)}")
-        self._cipher = ChaCha20.new(key=key, nonce=nonce_for(purpose))
+        iv = bytes(4) + nonce_for(purpose)  # block counter 0 (LE32), then the RFC 8439 nonce
+        self._cipher = Cipher(algorithms.ChaCha20(key, iv), None).encryptor()
         self._used = 0
 
     def __repr__(self) -> str:
@@ -61,14 +77,41 @@ class KeyStream:
         """Keystream bytes consumed so far."""
         return self._used
 
-    def words(self, count: int) -> U64:
-        """The next ``count`` keystream words as ``uint64``."""
-        nbytes = 8 * count
+    def _take(self, nbytes: int) -> None:
         if self._used + nbytes > MAX_STREAM_BYTES:
             raise ConfigurationError("DP keystream exhausted (2^32 - 1 ChaCha20 blocks)")
         self._used += nbytes
-        raw = self._cipher.encrypt(bytes(nbytes))
-        return np.frombuffer(raw, dtype="<u8").astype(np.uint64, copy=False)
+
+    def words(self, count: int) -> U64:
+        """The next ``count`` keystream words as ``uint64``."""
+        nbytes = 8 * count
+        if nbytes <= 256:
+            self._take(nbytes)
+            raw = self._cipher.update(bytes(nbytes))
+            return np.frombuffer(raw, dtype="<u8").astype(np.uint64, copy=False)
+        out = np.empty(count + _SLACK_WORDS, dtype=np.uint64)
+        self.words_into(out, count)
+        return out[:count]
+
+    def words_into(self, out: U64, count: int | None = None) -> None:
+        """The next ``count`` (default ``out.size``) keystream words into ``out[:count]``
+        (a contiguous ``uint64`` array; with fewer than 8 spare words after ``count`` the
+        last partial chunk goes through a bounce buffer)."""
+        count = out.size if count is None else count
+        if out.dtype != np.uint64 or not out.flags.c_contiguous or not 0 <= count <= out.size:
+            raise ConfigurationError("keystream words go into a contiguous uint64 array")
+        nbytes = 8 * count
+        self._take(nbytes)
+        view = out.data.cast("B")
+        spare = 8 * (out.size - count)
+        for start in range(0, nbytes, _CHUNK_BYTES):
+            width = min(_CHUNK_BYTES, nbytes - start)
+            if start + width + 8 * _SLACK_WORDS <= nbytes + spare:
+                self._cipher.update_into(_ZEROS[:width], view[start:])
+            else:  # no room for the slack update_into may want: bounce
+                view[start : start + width] = self._cipher.update(bytes(_ZEROS[:width]))
+        if sys.byteorder == "big":  # the words are little-endian (module docstring)
+            out[:count].byteswap(inplace=True)
 
     def below(self, m: U64) -> U64:
         """One exactly uniform integer in ``[0, m_i)`` per element ``1 <= m_i < 2^63`` of ``m``."""
