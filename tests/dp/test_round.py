@@ -218,17 +218,18 @@ def test_attack_server_claims_more_survivors_at_unmasking_refused() -> None:
 
 
 def test_clients_reveal_exactly_the_components_their_own_U_allows() -> None:
-    """With ``|U| = 8`` every client reveals shares of components ``< level(8)`` of exactly
-    the survivors it holds shares of, and the server's own bookkeeping cannot change that
-    (the unmask request has no field to ask for more)."""
+    """With ``|U| = 8`` every client reveals shares of the components ``plan.removed(8)``
+    (the bits of ``2^m - 1 - x(8)``: a subset, not a prefix) of exactly the survivors it
+    holds shares of, and the server's own bookkeeping cannot change that (the unmask request
+    has no field to ask for more)."""
     h = harness()
     seen = step(h, {"masked": {9, 10}})
-    j = offer().plan.level(N - 2)
-    assert 0 < j < offer().plan.components - 1
+    removed = offer().plan.removed(N - 2)
+    assert 0 < len(removed) < offer().plan.components - 1
     msgs = [m for m in seen["unmask"] if isinstance(m, UnmaskShares)]
     assert len(msgs) == N - 2
     for m in msgs:
-        assert {k for _, k, _ in m.dp_shares} == set(range(j))
+        assert {k for _, k, _ in m.dp_shares} == set(removed)
         assert {o for o, _, _ in m.dp_shares} == {o for o, _ in m.seed_shares}
         assert not {o for o, _, _ in m.dp_shares} & {9, 10}
     assert h.server.result is not None and h.server.result.dp is not None
@@ -259,6 +260,40 @@ def test_attack_holder_reveals_extra_or_false_dp_shares_is_excluded() -> None:
         assert res is not None, h.server.error
         assert h.server.records[liar].dropped_stage is Stage.UNMASKING
         assert res.dp is not None and res.dp["contributors"] == N
+
+
+def test_attack_holder_reveals_a_kept_component_is_excluded() -> None:
+    """Attack: with ``|U| = 8`` a holder reveals, in place of a removed component, a share of
+    a removable component that 8 survivors KEEP (outside ``plan.removed(8)``: the binary
+    subset, not a prefix, so "any k below the count" is no longer a valid check). The server
+    refuses the whole message (the holder is dropped, its shares unused) and the round
+    completes with the kept noise (fails if validate_dp_shares only bounded k)."""
+    plan = offer().plan
+    kept = [k for k in plan.kept(N - 2) if k < plan.removable]
+    assert kept, "the plan must keep a removable component at |U| = 8 for this test"
+    h = harness()
+    replies = h.start()
+    gone = {9, 10}
+    for stage in ("advertise", "share", "masked"):
+        silent = gone if stage == "masked" else set()
+        replies = h.to_clients(h.stage(replies, silent=silent), skip=silent)
+    liar = 1
+    held = dict(h.clients[liar]._ctx.dp_peer)  # the liar's genuine shares, kept ones too
+    replies = h.to_clients(h.stage(replies, silent=gone), skip=gone)
+    (m,) = replies[liar]
+    assert isinstance(m, UnmaskShares)
+    i = next(i for i, (o, _, _) in enumerate(m.dp_shares) if o != liar)
+    owner = m.dp_shares[i][0]
+    # a genuine share (it matches the dealer's signed commitment) of a kept component
+    fake = (owner, kept[0], held[owner][kept[0]])
+    bad = (*m.dp_shares[:i], fake, *m.dp_shares[i + 1 :])
+    replies[liar] = [dataclasses.replace(m, dp_shares=bad)]
+    h.to_clients(h.stage(replies, silent=gone), skip=gone)
+    res = h.server.result
+    assert res is not None, h.server.error
+    assert h.server.records[liar].dropped_stage is Stage.UNMASKING
+    assert res.dp is not None and res.dp["contributors"] == N - 2
+    assert res.dp["removed_set"] == list(plan.removed(N - 2))
 
 
 def test_attack_dealer_withholds_dp_bundle_costs_only_its_shares() -> None:

@@ -60,8 +60,10 @@ def coarse() -> DPCalibration:
 def _direct_rho(cal: DPCalibration, survivors: int) -> float:
     """KLS21's rho from the components left, without going through round_rho."""
     plan = cal.plan
-    j = max(k for k, s in enumerate(plan.levels) if s <= survivors)
-    kept = sorted(plan.component_variances[j:] * survivors)
+    # the binary plan keeps the bits of x(s) = ceil((R(s) - b) / D) and the base
+    x = -(-(-(-plan.target_variance // survivors) - plan.base_variance) // plan.unit_variance)
+    bits = [k for k in range(plan.removable) if x >> k & 1]
+    kept = sorted([plan.component_variances[k] for k in (*bits, plan.removable)] * survivors)
     d = cal.padded_dim
     return ddg_rho(rounded_norm_bound_sq(cal.clip, cal.gamma, d, cal.beta), kept, d)
 
