@@ -10,8 +10,8 @@ withholders ``w``, the dimension and the clip norm ``c``:
    large enough ``gamma`` makes rounding nearly free in privacy, at the cost of bits);
 3. target variance ``T = ceil(Delta_2^2 / (2 rho))``, raised by ``0.1%`` steps until the worst
    survivor count ``t <= s <= n`` meets ``rho`` with the exact ``tau`` of its components;
-4. the XNoise plan (:mod:`secagg.dp.xnoise`, binary components) and the ring width ``b`` for the stated wrap
-   probability (:mod:`secagg.dp.lanes`).
+4. the XNoise plan (:mod:`secagg.dp.xnoise`, binary components) and the ring width ``b`` for
+   the stated wrap probability (:mod:`secagg.dp.lanes`).
 """
 
 from __future__ import annotations
@@ -157,10 +157,8 @@ def calibrate(
     # The largest component carries about T max(1 / (n - w), 1 / (t - w) - (1 - xi) / (n - w))
     # (the base b = R(n), or the top binary one, below R(t) - b + D); keep it within the exact
     # sampler's range (a smaller gamma costs privacy only through the rounding term).
-    share = max(
-        1.0 / (n_clients - max_withholders),
-        1.0 / (min_survivors - max_withholders) - (1.0 - max_excess) / (n_clients - max_withholders),
-    )
+    honest_n, honest_t = n_clients - max_withholders, min_survivors - max_withholders
+    share = max(1.0 / honest_n, 1.0 / honest_t - (1.0 - max_excess) / honest_n)
     cap = max_integer_variance() / share * 2 * rho / 1.02
     while rounded_norm_bound_sq(clip, gamma, d, beta) > cap:
         gamma *= 0.9

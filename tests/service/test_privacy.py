@@ -53,7 +53,7 @@ def cal() -> DPCalibration:
 
 @pytest.fixture(scope="module")
 def coarse() -> DPCalibration:
-    # xi = 0.5: levels 6, 10 of n = 10, so 9 survivors keep much more noise than 6 or 10.
+    # xi = 0.5: unit D = 397 of base 795; 9 survivors keep 3 units (1.35 T), 10 keep none.
     return calibrate(2.0, DELTA, 4, n_clients=10, min_survivors=6, dim=30, clip=1.0, max_excess=0.5)
 
 
