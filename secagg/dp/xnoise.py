@@ -239,8 +239,9 @@ def make_plan(
 def check_plan(plan: XNoisePlan, *, min_target_variance: int, max_withholders: int) -> None:
     """Client side: refuse a plan handed out by the server that is inconsistent or too weak.
 
-    The client recomputes the plan from its headline numbers (so levels and residuals cannot
-    be doctored) and compares the target and the tolerated withholders with its own policy.
+    The client recomputes the plan from its headline numbers (so base, unit and component
+    count cannot be doctored) and compares the target and the tolerated withholders with its
+    own policy.
 
     Raises
     ------
