@@ -18,6 +18,10 @@ with the excess split in *binary* (subset-sum) components, so that a client adds
   of the seeds of the components whose bit is set in ``2^m - 1 - x(s)`` and no others; the
   server regenerates those components and subtracts them mod ``2^b``.
 
+Where the geometric ladder of survivor levels has fewer components (small rounds, ``t`` close
+to ``n``) the plan is that ladder instead: components ``R(s_j) - R(s_(j+1))`` removed as a
+prefix (:attr:`XNoisePlan.ladder`).
+
 What is left is, for each survivor, ``b + x(s) D`` in ``[R(s), R(s) + D)``: the released sum
 carries ``s (b + x(s) D)`` in total and at least ``(s - w) R(s) >= T`` from honest survivors,
 for every ``t <= s <= n``; :attr:`XNoisePlan.max_release_ratio` bounds the excess.
@@ -25,6 +29,7 @@ for every ``t <= s <= n``; :attr:`XNoisePlan.max_release_ratio` bounds the exces
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -69,6 +74,15 @@ def _bits(value: int, width: int) -> tuple[int, ...]:
     return tuple(i for i in range(width) if value >> i & 1)
 
 
+def _ladder_levels(t: int, n: int, xi: float) -> tuple[int, ...]:
+    """``s_0 = t``, ``s_(j+1) = min(n, max(s_j + 1, floor((1 + xi) s_j) + 1))`` up to ``n``."""
+    out = [t]
+    while out[-1] < n:
+        s = out[-1]
+        out.append(min(n, max(s + 1, math.floor((1 + xi) * s) + 1)))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class XNoisePlan:
     """The noise components of one round; every field is recomputed by each client.
@@ -92,6 +106,13 @@ class XNoisePlan:
         ``D``.
     removable:
         ``m``: the least with ``b + (2^m - 1) D >= R(t)``.
+    ladder:
+        ``True`` when the geometric ladder of survivor levels (``s_0 = t``,
+        ``s_(j+1) = max(s_j + 1, floor((1 + xi) s_j) + 1)``, up to ``n``) has fewer components
+        than the binary plan (or as many and a lower release ratio): small rounds, or ``t``
+        close to ``n``. Then ``m = L`` removable components ``R(s_j) - R(s_(j+1))``, removed
+        as a prefix, and each survivor keeps ``R(s_j)`` for ``s_j <= s < s_(j+1)`` (``D`` is
+        unused and kept as computed).
     """
 
     target_variance: int
@@ -102,6 +123,7 @@ class XNoisePlan:
     base_variance: int
     unit_variance: int
     removable: int
+    ladder: bool = False
 
     def _check(self, survivors: int) -> None:
         if not self.min_survivors <= survivors <= self.n_clients:
@@ -115,7 +137,12 @@ class XNoisePlan:
         return -(-self.target_variance // (survivors - self.max_withholders))
 
     def keep_units(self, survivors: int) -> int:
-        """``x(s) = ceil((R(s) - b) / D)``, in ``[0, 2^m - 1]``: removable units kept."""
+        """``x(s) = ceil((R(s) - b) / D)``, in ``[0, 2^m - 1]``: removable units kept
+        (with :attr:`ladder`, the number of removable components kept, ``L - j``)."""
+        if self.ladder:
+            self._check(survivors)
+            steps = _ladder_levels(self.min_survivors, self.n_clients, self.max_excess)
+            return self.removable - max(j for j, s in enumerate(steps) if s <= survivors)
         return -(-(self.needed(survivors) - self.base_variance) // self.unit_variance)
 
     @property
@@ -125,24 +152,40 @@ class XNoisePlan:
 
     @property
     def component_variances(self) -> tuple[int, ...]:
-        """``(D, 2 D, .., 2^(m-1) D, b)``: the removable components, then the base."""
+        """``(D, 2 D, .., 2^(m-1) D, b)``: the removable components, then the base (with
+        :attr:`ladder`: ``R(s_j) - R(s_(j+1))``, then the base)."""
+        if self.ladder:
+            steps = _ladder_levels(self.min_survivors, self.n_clients, self.max_excess)
+            r = [self.needed(s) for s in steps]
+            return (*(r[k] - r[k + 1] for k in range(self.removable)), self.base_variance)
         return (*(self.unit_variance << i for i in range(self.removable)), self.base_variance)
 
     def removed(self, survivors: int) -> tuple[int, ...]:
-        """Components each survivor's seed holders reveal: the bits of ``2^m - 1 - x(s)``."""
+        """Components each survivor's seed holders reveal: the bits of ``2^m - 1 - x(s)``
+        (with :attr:`ladder`: ``0 .. j - 1``)."""
         m = self.removable
+        if self.ladder:
+            return tuple(range(m - self.keep_units(survivors)))
         return _bits((1 << m) - 1 - self.keep_units(survivors), m)
 
     def kept(self, survivors: int) -> tuple[int, ...]:
-        """Components left in the sum for each survivor: the bits of ``x(s)``, and the base."""
-        return (*_bits(self.keep_units(survivors), self.removable), self.removable)
+        """Components left in the sum for each survivor: the bits of ``x(s)``, and the base
+        (with :attr:`ladder`: ``j .. L``)."""
+        m = self.removable
+        if self.ladder:
+            return tuple(range(m - self.keep_units(survivors), m + 1))
+        return (*_bits(self.keep_units(survivors), m), m)
 
     def level(self, survivors: int) -> int:
         """How many components are removed per survivor (``len(removed(s))``)."""
         return len(self.removed(survivors))
 
     def residual(self, survivors: int) -> int:
-        """``b + x(s) D``: the variance each survivor leaves in the sum, in ``[R(s), R(s) + D)``."""
+        """``b + x(s) D``: the variance each survivor leaves in the sum, in ``[R(s), R(s) + D)``
+        (with :attr:`ladder`: ``R(s_j)``, exactly ``R(s)`` where every count is a level)."""
+        if self.ladder:
+            kept = self.component_variances[self.removable - self.keep_units(survivors) :]
+            return sum(kept)
         return self.base_variance + self.keep_units(survivors) * self.unit_variance
 
     def residual_variance(self, survivors: int) -> int:
@@ -227,6 +270,15 @@ def make_plan(
         unit,
         removable,
     )
+    steps = _ladder_levels(min_survivors, n_clients, max_excess)
+    if 1 < len(steps) <= plan.components:
+        # the geometric ladder, where it is no longer (small rounds, or t close to n)
+        lad = dataclasses.replace(plan, removable=len(steps) - 1, ladder=True)
+        if min(lad.component_variances) >= MIN_COMPONENT_VARIANCE and (
+            lad.components,
+            lad.max_release_ratio,
+        ) < (plan.components, plan.max_release_ratio):
+            plan = lad
     big = max(plan.component_variances)
     if big > max_integer_variance():
         raise InfeasibleParameters(

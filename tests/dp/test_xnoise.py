@@ -69,6 +69,22 @@ def test_binary_plan_known_answer() -> None:
     assert plan.keep_units(70) == 9 and plan.removed(70) == (1, 2, 4)  # 31 - 9 = 0b10110
 
 
+def test_small_rounds_or_t_near_n_keep_the_ladder() -> None:
+    """Where the geometric ladder has fewer components it is kept (``n = 5``, ``t = 2``: four
+    components, a level at every count, instead of the binary plan's six; ``n = 2``, ``t = 1``:
+    two instead of six; ``n = 100``, ``t = 95``: two instead of three), removed as a prefix."""
+    plan = make_plan(10**7, 5, 2)
+    assert plan.ladder and plan.components == 4 and plan.levels == (2, 3, 4, 5)
+    assert plan.component_variances == (1_666_666, 833_334, 500_000, 2_000_000)
+    assert [plan.removed(s) for s in range(2, 6)] == [(), (0,), (0, 1), (0, 1, 2)]
+    assert all(plan.residual(s) == -(-(10**7) // s) for s in range(2, 6))
+    assert make_plan(10**7, 2, 1).components == 2
+    near = make_plan(10**7, 100, 95)
+    assert near.ladder and near.levels == (95, 100) and near.components == 2
+    assert near.residual(99) == -(-(10**7) // 95)
+    assert not make_plan(10**7, 100, 41).ladder and make_plan(10**7, 7, 7).components == 1
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     target=st.integers(1, 10**10),
@@ -91,14 +107,20 @@ def test_binary_plan_property(target: int, n: int, t_frac: float, w_frac: float,
     b, d, m = plan.base_variance, plan.unit_variance, plan.removable
     r_t = -(-target // (t - w))
     assert b == -(-target // (n - w)) and d == max(MIN_COMPONENT_VARIANCE, int(xi * b))
-    assert b + ((1 << m) - 1) * d >= r_t
-    assert m == 0 or b + ((1 << (m - 1)) - 1) * d < r_t  # least such m
+    binary_m = (-(-(r_t - b) // d)).bit_length()  # least with b + (2^m - 1) D >= R(t)
+    assert b + ((1 << binary_m) - 1) * d >= r_t
+    assert binary_m == 0 or b + ((1 << (binary_m - 1)) - 1) * d < r_t
     assert plan.components <= math.ceil(math.log2((r_t - b) / d + 1)) + 1
+    if plan.ladder:  # the geometric ladder, only when it has fewer components
+        assert m <= binary_m and plan.components == len(plan.levels)
+    else:
+        assert m == binary_m
     assert min(plan.component_variances) >= MIN_COMPONENT_VARIANCE
     ratio = plan.max_release_ratio
     for s in range(t, n + 1):
         need = -(-target // (s - w))
-        assert need <= plan.residual(s) < need + d
+        assert need <= plan.residual(s)
+        assert plan.ladder or plan.residual(s) < need + d
         assert plan.honest_variance(s) >= target
         assert plan.residual_variance(s) / target <= ratio
         removed, kept = plan.removed(s), plan.kept(s)
@@ -182,8 +204,8 @@ def test_attack_too_few_survivors_reveals_nothing() -> None:
 
 def test_attack_doctored_plan_levels() -> None:
     """Attack: the server hands out a base or unit that looks fine but shrinks the kept noise
-    (half the unit: every kept unit carries half its variance), or one removable component
-    too many (so a survivor count keeps fewer units).
+    (half the unit: every kept unit carries half its variance), one removable component
+    too many (so a survivor count keeps fewer units), or the other reading of the components.
 
     Clients recompute the plan from its headline numbers and refuse any difference."""
     plan = make_plan(200_000, 20, 14)
@@ -191,6 +213,7 @@ def test_attack_doctored_plan_levels() -> None:
         dataclasses.replace(plan, unit_variance=plan.unit_variance // 2),
         dataclasses.replace(plan, base_variance=plan.base_variance // 2),
         dataclasses.replace(plan, removable=plan.removable + 1),
+        dataclasses.replace(plan, ladder=True),  # reads the components another way
     ):
         with pytest.raises(ServerMisbehaviour, match="recomputation"):
             check_plan(bad, min_target_variance=1, max_withholders=0)
