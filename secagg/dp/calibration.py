@@ -90,6 +90,7 @@ class DPCalibration:
             "bits": self.bits,
             "wrap_probability_bound": self.wrap_probability,
             "components": self.plan.components,
+            "noise_plan": self.plan.kind,
             "levels": list(self.plan.levels),
             "max_release_ratio": self.plan.max_release_ratio,
             "max_withholders": self.plan.max_withholders,

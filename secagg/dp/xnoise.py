@@ -125,6 +125,11 @@ class XNoisePlan:
     removable: int
     ladder: bool = False
 
+    @property
+    def kind(self) -> str:
+        """``"binary"`` or ``"ladder"`` (reported as ``noise_plan``)."""
+        return "ladder" if self.ladder else "binary"
+
     def _check(self, survivors: int) -> None:
         if not self.min_survivors <= survivors <= self.n_clients:
             raise ConfigurationError(

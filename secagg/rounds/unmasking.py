@@ -452,6 +452,7 @@ def _dp_report(ctx: ServerContext, s: int) -> dict[str, object]:
         "removed_components": plan.level(s),
         "removed_set": list(plan.removed(s)),
         "components": plan.components,
+        "noise_plan": plan.kind,
         "levels": list(plan.levels),
         "max_release_ratio": plan.max_release_ratio,
         "max_withholders": plan.max_withholders,

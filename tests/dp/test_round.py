@@ -312,6 +312,7 @@ def test_attack_holder_reveals_a_kept_component_is_excluded() -> None:
     assert h.server.records[liar].dropped_stage is Stage.UNMASKING
     assert res.dp is not None and res.dp["contributors"] == N - 1
     assert res.dp["removed_set"] == list(plan.removed(N - 1))
+    assert res.dp["noise_plan"] == "binary" and offer().plan.kind == "ladder"
 
 
 def test_attack_dealer_withholds_dp_bundle_costs_only_its_shares() -> None:
