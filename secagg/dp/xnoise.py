@@ -279,10 +279,13 @@ def make_plan(
     if 1 < len(steps) <= plan.components:
         # the geometric ladder, where it is no longer (small rounds, or t close to n)
         lad = dataclasses.replace(plan, removable=len(steps) - 1, ladder=True)
-        if min(lad.component_variances) >= MIN_COMPONENT_VARIANCE and (
-            lad.components,
-            lad.max_release_ratio,
-        ) < (plan.components, plan.max_release_ratio):
+        variances = lad.component_variances
+        feasible = min(variances) >= MIN_COMPONENT_VARIANCE
+        feasible = feasible and max(variances) <= max_integer_variance()
+        if feasible and (lad.components, lad.max_release_ratio) < (
+            plan.components,
+            plan.max_release_ratio,
+        ):
             plan = lad
     big = max(plan.component_variances)
     if big > max_integer_variance():
