@@ -15,10 +15,11 @@ at the calibrated base variance; keystream words per sample (the Python referenc
 one client's pipeline (clip, rotate, round, all XNoise components, reduce mod 2^b) at
 ``--dim``, split into the input-dependent part (encode, add, reduce: the critical path when
 the noise is drawn ahead, docs/dp.md "Speed") and the noise; the server's removal for
-``--clients`` survivors (nobody dropped: ``j = L``, the most work) at ``--server-dim`` with its
-``s j d'`` samples/s and the time that rate gives at ``--dim``; and the components / release
-ratio trade-off over ``max_excess``. The plan is that of ``--clients`` / ``--survivors`` at
-epsilon 3, delta 1e-5, 100 rounds. CPU time is ``time.process_time`` (all threads).
+``--clients`` survivors (nobody dropped: all ``m`` removable, the most work) at
+``--server-dim`` with its ``s j d'`` samples/s and the time that rate gives at ``--dim``; and
+the components / release ratio trade-off over ``max_excess``. The plan is that of
+``--clients`` / ``--survivors`` at epsilon 3, delta 1e-5, 100 rounds. CPU time is
+``time.process_time`` (all threads).
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ def main() -> None:
             f"  split: input-dependent (encode + add + reduce) {t_in:.3f} s wall "
             f"{cpu_in:.3f} s CPU; noise (input-independent) {t_nz:.3f} s wall {cpu_nz:.3f} s CPU"
         )
-    # Server: every survivor's removable components, nobody dropped (j = L, the most work).
+    # Server: every survivor's removable components, nobody dropped (all m: the most work).
     s_cal = _cal(a.server_dim, a.clients, a.survivors)
     plan = s_cal.plan
     j = plan.level(a.clients)

@@ -354,7 +354,7 @@ def deal_shares(c: _Ctx) -> ShareKeys:
 
 def start_dp(c: _Ctx) -> list[bytes]:
     """DP rounds: draw this client's noise seeds (the offer was checked against its policy
-    before the first message) and return the ``L`` removable ones to share with ``b_u``."""
+    before the first message) and return the ``m`` removable ones to share with ``b_u``."""
     offer = c.params.dp
     prepared, c.dp_prepared = c.dp_prepared, None
     if offer is None:
@@ -633,15 +633,15 @@ class ConsistencyState(_State):
 
 def reveal_dp_shares(c: _Ctx) -> tuple[tuple[int, int, bytes], ...]:
     """DP rounds: for every signed survivor this client holds shares of (itself included),
-    its shares of noise seeds ``k < j``, ``j`` computed from this client's OWN view of the
-    signed survivor set (``DPClient.reveal``), whatever the server would like removed."""
+    its shares of the noise seeds ``plan.removed(|U|)``, computed from this client's OWN view
+    of the signed survivor set (``DPClient.reveal``), whatever the server would like removed."""
     if c.dp is None:
         return ()
     alive = set(c.u2)
-    j = c.dp.reveal(c.u2, sorted(c.roster))
+    removed = c.dp.reveal(c.u2, sorted(c.roster))
     held = {c.cid: c.dp_own} if c.cid in alive else {}
     held.update((u, sh) for u, sh in c.dp_peer.items() if u in alive and u in c.peer_shares)
-    out = tuple((u, k, held[u][k]) for u in sorted(held) for k in j)
+    out = tuple((u, k, held[u][k]) for u in sorted(held) for k in removed)
     c.dp_peer.clear()
     c.dp_own = ()
     return out

@@ -94,7 +94,7 @@ class RoundParams:
         ``masked`` and ``hybrid`` rounds only, unweighted, for exactly this ``dim``, ``n``, ``t``
         (the plan's ``min_survivors`` is the threshold). Encoded after the layout as a
         marker byte and the offer's headline numbers (:func:`encode_dp_offer`); the plan's
-        levels and residuals are recomputed on decoding, never read from the wire. A
+        components are recomputed on decoding, never read from the wire. A
         params encoding without it (the format before DP) decodes with ``dp=None``.
     he_clients:
         ``0``, or (a group round of a sharded ``ckks``/``hybrid`` round) the number of
@@ -286,7 +286,7 @@ MAX_HE_CLIENTS = 2 * MAX_CLIENTS
 
 def encode_dp_offer(w: Writer, dp: DPOffer) -> None:
     """Append ``dp``: marker, dim u64, clip/gamma/beta f64, bits u8, rounds u32, then the
-    plan's ``T`` u64, ``n``/``t``/``w`` u32 and ``xi`` f64 (levels are recomputed)."""
+    plan's ``T`` u64, ``n``/``t``/``w`` u32 and ``xi`` f64 (components are recomputed)."""
     p = dp.plan
     w.u8(DP_MARKER).u64(dp.dim).f64(dp.clip).f64(dp.gamma).f64(dp.beta).u8(dp.bits)
     w.u32(dp.rounds).u64(p.target_variance).u32(p.n_clients).u32(p.min_survivors)
@@ -295,7 +295,7 @@ def encode_dp_offer(w: Writer, dp: DPOffer) -> None:
 
 def decode_dp_offer(r: Reader, n_clients: int, threshold: int) -> DPOffer:
     """Inverse of :func:`encode_dp_offer`; the plan is rebuilt with ``make_plan``, only once
-    its ``n`` and ``t`` are the round's (so the rebuild costs at most ``n`` levels).
+    its ``n`` and ``t`` are the round's (the rebuild is three integer formulas).
 
     Raises
     ------

@@ -10,8 +10,8 @@ withholders ``w``, the dimension and the clip norm ``c``:
    large enough ``gamma`` makes rounding nearly free in privacy, at the cost of bits);
 3. target variance ``T = ceil(Delta_2^2 / (2 rho))``, raised by ``0.1%`` steps until the worst
    survivor count ``t <= s <= n`` meets ``rho`` with the exact ``tau`` of its components;
-4. the XNoise plan (:mod:`secagg.dp.xnoise`) and the ring width ``b`` for the stated wrap
-   probability (:mod:`secagg.dp.lanes`).
+4. the XNoise plan (:mod:`secagg.dp.xnoise`, binary components) and the ring width ``b`` for
+   the stated wrap probability (:mod:`secagg.dp.lanes`).
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ class DPCalibration:
             "bits": self.bits,
             "wrap_probability_bound": self.wrap_probability,
             "components": self.plan.components,
+            "noise_plan": self.plan.kind,
             "levels": list(self.plan.levels),
             "max_release_ratio": self.plan.max_release_ratio,
             "max_withholders": self.plan.max_withholders,
@@ -101,11 +102,12 @@ class DPCalibration:
 def round_rho(plan: XNoisePlan, survivors: int, delta2_sq: int, dim: int) -> float:
     """``rho`` of a round with ``survivors`` contributors, counting only honest noise.
 
-    The ``survivors - w`` honest survivors each leave components ``j .. L`` in the sum.
+    The ``survivors - w`` honest survivors each leave the components ``plan.kept(s)`` (the
+    bits of ``x(s)`` and the base) in the sum; ``tau`` is charged over that exact list.
     """
-    j = plan.level(survivors)
+    cv = plan.component_variances
     honest = survivors - plan.max_withholders
-    variances = sorted(plan.component_variances[j:] * honest)
+    variances = sorted([cv[k] for k in plan.kept(survivors)] * honest)
     return ddg_rho(delta2_sq, variances, dim)
 
 
@@ -153,9 +155,12 @@ def calibrate(
     rho = rho_for_epsilon(epsilon, delta, rounds, sampling_rate)
     d = padded_dim(dim)
     gamma = math.sqrt(d / (4.0 * rounding_inflation)) / clip
-    # The base component carries about T / (n - w); keep it within the exact sampler's range
-    # (a smaller gamma costs privacy only through the rounding term of Delta_2^2).
-    cap = max_integer_variance() * (n_clients - max_withholders) * 2 * rho / 1.01
+    # The largest component carries about T max(1 / (n - w), 1 / (t - w) - (1 - xi) / (n - w))
+    # (the base b = R(n), or the top binary one, below R(t) - b + D); keep it within the exact
+    # sampler's range (a smaller gamma costs privacy only through the rounding term).
+    honest_n, honest_t = n_clients - max_withholders, min_survivors - max_withholders
+    share = max(1.0 / honest_n, 1.0 / honest_t - (1.0 - max_excess) / honest_n)
+    cap = max_integer_variance() / share * 2 * rho / 1.02
     while rounded_norm_bound_sq(clip, gamma, d, beta) > cap:
         gamma *= 0.9
     delta2_sq = rounded_norm_bound_sq(clip, gamma, d, beta)

@@ -65,7 +65,7 @@ class PreparedNoise:
 
     The noise does not depend on the input or on the session: with the plan of the next
     round (a job's rounds share ``n``, ``t``, ``T`` and ``dim``) the client checks the offer
-    against its policy, draws ``L + 1`` fresh seeds and a fresh salt from :mod:`secrets`,
+    against its policy, draws ``m + 1`` fresh seeds and a fresh salt from :mod:`secrets`,
     and sums its components under the salt-keyed stream keys
     (:func:`secagg.dp.xnoise.component_key` with ``precompute_salt``). The round's
     :class:`DPClient` takes it only if the round's offer equals :attr:`offer`; seeds, salt
@@ -172,7 +172,7 @@ class DPClient:
 
     @property
     def shared_seeds(self) -> list[bytes]:
-        """Seeds of the removable components ``0 .. L-1``: Shamir-share them with ``b_u``.
+        """Seeds of the removable components ``0 .. m-1``: Shamir-share them with ``b_u``.
 
         The base component's seed is never exposed.
         """
@@ -212,12 +212,13 @@ class DPClient:
         """Whether this round uses noise drawn before the round."""
         return self.salt is not None
 
-    def reveal(self, survivors: Sequence[int], roster: Sequence[int]) -> range:
+    def reveal(self, survivors: Sequence[int], roster: Sequence[int]) -> tuple[int, ...]:
         """Components ``k`` whose seed shares to reveal for every survivor (checked ``U``).
 
         ``roster`` is the set the client itself accepted (its checked roster, at most
         ``n``); ``survivors`` must be a duplicate-free subset of it with ``>= t`` members,
-        and ``k < j`` for ``j = max{j : s_j <= |U|}``, whatever the server asks for.
+        and the components are ``plan.removed(|U|)`` (the bits of ``2^m - 1 - x(|U|)``,
+        never the base), whatever the server asks for.
 
         Raises
         ------
@@ -233,7 +234,7 @@ class DPClient:
             raise ServerMisbehaviour(
                 f"{len(survivors)} survivors < threshold {plan.min_survivors}: no noise removed"
             )
-        return range(plan.level(len(survivors)))
+        return plan.removed(len(survivors))
 
 
 class DPServer:
@@ -255,7 +256,8 @@ class DPServer:
     ) -> npt.NDArray[np.float64]:
         """The released sum of the clipped updates from the unmasked ring sum ``total``.
 
-        ``seeds[u]`` are survivor ``u``'s reconstructed seeds of components ``0 .. j-1``;
+        ``seeds[u]`` are survivor ``u``'s reconstructed seeds of components
+        ``plan.removed(|U|)``, in that order;
         ``salts[u]`` its signed precompute salt if it drew its noise before the round.
         """
         o = self.offer
@@ -282,10 +284,13 @@ class DPServer:
         if set(seeds) != set(survivors):
             raise ConfigurationError("need the removable seeds of exactly the survivors")
         salts = salts or {}
+        removed = o.plan.removed(s)
+        if any(len(seeds[u]) != len(removed) for u in survivors):
+            raise ConfigurationError(f"need {len(removed)} removable seeds of every survivor")
         keys = {
             u: [
                 component_key(seed, self.session_id, u, k, precompute_salt=salts.get(u))
-                for k, seed in enumerate(seeds[u])
+                for k, seed in zip(removed, seeds[u], strict=True)
             ]
             for u in survivors
         }

@@ -58,7 +58,7 @@ def run_dp_aggregate(
     rotation_key = secrets.token_bytes(32)
     d = cal.padded_dim
     roster = list(range(n))
-    j = revealed_components(cal.plan, list(survivors), roster)
+    removed = revealed_components(cal.plan, list(survivors), roster)
     total = np.zeros(d, dtype=np.uint64)
     exact = np.zeros(d, dtype=np.int64)
     removable: dict[int, list[bytes]] = {}
@@ -75,7 +75,7 @@ def run_dp_aggregate(
         )
         exact += r
         total += to_ring(r + client_noise(cal.plan, keys, d), cal.bits)
-        removable[i] = keys[: j.stop]
+        removable[i] = [keys[k] for k in removed]
     s = len(survivors)
     total -= to_ring(removal_noise(cal.plan, removable, s, d), cal.bits)
     residual = centre(total, cal.bits) - exact
@@ -90,7 +90,7 @@ def run_dp_aggregate(
             "released_std": math.sqrt(released) / cal.gamma,
             "honest_std": math.sqrt(cal.plan.honest_variance(s)) / cal.gamma,
             "contributors": s,
-            "removed_components": j.stop,
+            "removed_components": len(removed),
             "rho_round": round_rho(cal.plan, s, cal.delta2_sq, d),
         }
     )

@@ -3,27 +3,33 @@
 Dordis (Jiang et al., EuroSys 2024) has every client add more noise than it would need if
 all stayed, as separately seeded components, and has the server subtract the components it no
 longer needs once the survivors are known. This module is the sans-I/O arithmetic of that
-scheme for discrete Gaussian noise with *integer* variances (so that everything is exact):
+scheme for discrete Gaussian noise with *integer* variances (so that everything is exact),
+with the excess split in *binary* (subset-sum) components, so that a client adds
+``O(log((n/t - 1) / xi))`` components instead of a ladder of ``O(log(n/t) / xi)``:
 
-* survivor-count levels ``t = s_0 < s_1 < ... < s_L = n`` (:func:`make_plan`);
-* per-client residual variance at level ``j``: ``R_j = ceil(T / (s_j - w))``, where ``T`` is
-  the target variance of the released sum and ``w`` the number of survivors that may withhold
-  their noise (the trust assumption, ``docs/dp.md``);
-* client ``i`` adds components ``k = 0 .. L``, component ``k`` being ``N_Z(0, v_k)`` with
-  ``v_k = R_k - R_(k+1)`` (``v_L = R_L``), drawn from the stream of its own seed
-  ``seed_(i,k)``; the seeds of ``k < L`` are Shamir-shared with the masking seeds, the seed of
-  the base component ``L`` is never shared;
-* with ``s`` survivors, ``j = max{j : s_j <= s}``; every client reveals, for every survivor,
-  its shares of the seeds of components ``k < j`` and no others; the server regenerates those
-  components and subtracts them mod ``2^b``.
+* per-survivor residual needed with ``s`` survivors: ``R(s) = ceil(T / (s - w))``, where ``T``
+  is the target variance of the released sum and ``w`` the number of survivors that may
+  withhold their noise (the trust assumption, ``docs/dp.md``);
+* a base component of variance ``b = R(n)`` (never shared) and ``m`` removable components of
+  variances ``2^i D``, ``i = 0 .. m-1``, with unit ``D = max(4, floor(xi R(n)))`` and ``m``
+  the least with ``b + (2^m - 1) D >= R(t)`` (:func:`make_plan`);
+* with ``s`` survivors a survivor keeps ``x(s) = ceil((R(s) - b) / D)`` units: components whose
+  bit is set in ``x(s)``, plus the base; every client reveals, for every survivor, its shares
+  of the seeds of the components whose bit is set in ``2^m - 1 - x(s)`` and no others; the
+  server regenerates those components and subtracts them mod ``2^b``.
 
-What is left is, for each survivor, ``sum_(k >= j) v_k = R_j``: the released sum carries
-``s R_j`` in total and at least ``(s - w) R_j >= T`` from honest survivors, for every
-``t <= s <= n``; :attr:`XNoisePlan.max_release_ratio` bounds the excess.
+Where the geometric ladder of survivor levels has fewer components (small rounds, ``t`` close
+to ``n``) the plan is that ladder instead: components ``R(s_j) - R(s_(j+1))`` removed as a
+prefix (:attr:`XNoisePlan.ladder`).
+
+What is left is, for each survivor, ``b + x(s) D`` in ``[R(s), R(s) + D)``: the released sum
+carries ``s (b + x(s) D)`` in total and at least ``(s - w) R(s) >= T`` from honest survivors,
+for every ``t <= s <= n``; :attr:`XNoisePlan.max_release_ratio` bounds the excess.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -53,19 +59,36 @@ __all__ = [
 I64 = npt.NDArray[np.int64]
 
 DEFAULT_MAX_EXCESS = 0.05
-"""Default spacing of survivor levels: the released variance exceeds the target by at most
-about 5% (exactly :attr:`XNoisePlan.max_release_ratio`)."""
+"""Default ``xi``: the unit of the removable components is ``xi R(n)``, so the released variance
+exceeds the target by at most about 5% (exactly :attr:`XNoisePlan.max_release_ratio`)."""
 
 MIN_COMPONENT_VARIANCE = 4
 """Smallest component variance: the sum-of-discrete-Gaussians term ``tau`` of the accountant
 (KLS21, ``10 exp(-2 pi^2 a b / (a + b))`` per added component, ``a >= b >= 4``) stays below
 ``1e-16`` per component from here up, so its share ``tau d / 4`` of ``rho`` is below ``1e-7``
-for 100 components of ``d = 2^20`` (it is always computed and charged, never assumed)."""
+for 100 components of ``d = 2^20`` (it is always computed and charged, never assumed). It is
+also the least unit ``D`` of the binary components."""
+
+
+def _bits(value: int, width: int) -> tuple[int, ...]:
+    return tuple(i for i in range(width) if value >> i & 1)
+
+
+def _ladder_levels(t: int, n: int, xi: float) -> tuple[int, ...]:
+    """``s_0 = t``, ``s_(j+1) = min(n, max(s_j + 1, floor((1 + xi) s_j) + 1))`` up to ``n``."""
+    out = [t]
+    while out[-1] < n:
+        s = out[-1]
+        out.append(min(n, max(s + 1, math.floor((1 + xi) * s) + 1)))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
 class XNoisePlan:
     """The noise components of one round; every field is recomputed by each client.
+
+    Components ``0 .. m-1`` are removable, of variance ``2^i D``; component ``m`` (the last)
+    is the base, of variance ``b``, whose seed is never shared.
 
     Attributes
     ----------
@@ -76,11 +99,20 @@ class XNoisePlan:
     max_withholders:
         ``w``: survivors that may add no noise (colluding with the server or faulty).
     max_excess:
-        Level spacing ``xi``.
-    levels:
-        ``s_0 = t < ... < s_L = n``.
-    residuals:
-        ``R_j = ceil(T / (s_j - w))``, non-increasing.
+        ``xi``: the unit is ``D = max(MIN_COMPONENT_VARIANCE, floor(xi R(n)))``.
+    base_variance:
+        ``b = R(n) = ceil(T / (n - w))``.
+    unit_variance:
+        ``D``.
+    removable:
+        ``m``: the least with ``b + (2^m - 1) D >= R(t)``.
+    ladder:
+        ``True`` when the geometric ladder of survivor levels (``s_0 = t``,
+        ``s_(j+1) = max(s_j + 1, floor((1 + xi) s_j) + 1)``, up to ``n``) has fewer components
+        than the binary plan (or as many and a lower release ratio): small rounds, or ``t``
+        close to ``n``. Then ``m = L`` removable components ``R(s_j) - R(s_(j+1))``, removed
+        as a prefix, and each survivor keeps ``R(s_j)`` for ``s_j <= s < s_(j+1)`` (``D`` is
+        unused and kept as computed).
     """
 
     target_variance: int
@@ -88,39 +120,103 @@ class XNoisePlan:
     min_survivors: int
     max_withholders: int
     max_excess: float
-    levels: tuple[int, ...]
-    residuals: tuple[int, ...]
+    base_variance: int
+    unit_variance: int
+    removable: int
+    ladder: bool = False
 
     @property
-    def components(self) -> int:
-        """``L + 1``: noise vectors each client samples."""
-        return len(self.levels)
+    def kind(self) -> str:
+        """``"binary"`` or ``"ladder"`` (reported as ``noise_plan``)."""
+        return "ladder" if self.ladder else "binary"
 
-    @property
-    def component_variances(self) -> tuple[int, ...]:
-        """``v_k = R_k - R_(k+1)`` and ``v_L = R_L``."""
-        r = self.residuals
-        return (*tuple(r[k] - r[k + 1] for k in range(len(r) - 1)), r[-1])
-
-    def level(self, survivors: int) -> int:
-        """``j = max{j : s_j <= survivors}`` for ``t <= survivors <= n``."""
+    def _check(self, survivors: int) -> None:
         if not self.min_survivors <= survivors <= self.n_clients:
             raise ConfigurationError(
                 f"{survivors} survivors outside [t={self.min_survivors}, n={self.n_clients}]"
             )
-        return max(j for j, s in enumerate(self.levels) if s <= survivors)
+
+    def needed(self, survivors: int) -> int:
+        """``R(s) = ceil(T / (s - w))``: the per-survivor residual ``s`` survivors need."""
+        self._check(survivors)
+        return -(-self.target_variance // (survivors - self.max_withholders))
+
+    def keep_units(self, survivors: int) -> int:
+        """``x(s) = ceil((R(s) - b) / D)``, in ``[0, 2^m - 1]``: removable units kept
+        (with :attr:`ladder`, the number of removable components kept, ``L - j``)."""
+        if self.ladder:
+            self._check(survivors)
+            steps = _ladder_levels(self.min_survivors, self.n_clients, self.max_excess)
+            return self.removable - max(j for j, s in enumerate(steps) if s <= survivors)
+        return -(-(self.needed(survivors) - self.base_variance) // self.unit_variance)
+
+    @property
+    def components(self) -> int:
+        """``m + 1``: noise vectors each client samples."""
+        return self.removable + 1
+
+    @property
+    def component_variances(self) -> tuple[int, ...]:
+        """``(D, 2 D, .., 2^(m-1) D, b)``: the removable components, then the base (with
+        :attr:`ladder`: ``R(s_j) - R(s_(j+1))``, then the base)."""
+        if self.ladder:
+            steps = _ladder_levels(self.min_survivors, self.n_clients, self.max_excess)
+            r = [self.needed(s) for s in steps]
+            return (*(r[k] - r[k + 1] for k in range(self.removable)), self.base_variance)
+        return (*(self.unit_variance << i for i in range(self.removable)), self.base_variance)
+
+    def removed(self, survivors: int) -> tuple[int, ...]:
+        """Components each survivor's seed holders reveal: the bits of ``2^m - 1 - x(s)``
+        (with :attr:`ladder`: ``0 .. j - 1``)."""
+        m = self.removable
+        if self.ladder:
+            return tuple(range(m - self.keep_units(survivors)))
+        return _bits((1 << m) - 1 - self.keep_units(survivors), m)
+
+    def kept(self, survivors: int) -> tuple[int, ...]:
+        """Components left in the sum for each survivor: the bits of ``x(s)``, and the base
+        (with :attr:`ladder`: ``j .. L``)."""
+        m = self.removable
+        if self.ladder:
+            return tuple(range(m - self.keep_units(survivors), m + 1))
+        return (*_bits(self.keep_units(survivors), m), m)
+
+    def level(self, survivors: int) -> int:
+        """How many components are removed per survivor (``len(removed(s))``)."""
+        return len(self.removed(survivors))
+
+    def residual(self, survivors: int) -> int:
+        """``b + x(s) D``: the variance each survivor leaves in the sum, in ``[R(s), R(s) + D)``
+        (with :attr:`ladder`: ``R(s_j)``, exactly ``R(s)`` where every count is a level)."""
+        if self.ladder:
+            kept = self.component_variances[self.removable - self.keep_units(survivors) :]
+            return sum(kept)
+        return self.base_variance + self.keep_units(survivors) * self.unit_variance
 
     def residual_variance(self, survivors: int) -> int:
         """Total variance left in the released sum when every survivor added its noise."""
-        return survivors * self.residuals[self.level(survivors)]
+        return survivors * self.residual(survivors)
 
     def honest_variance(self, survivors: int) -> int:
         """Variance left from the ``survivors - w`` honest survivors: always ``>= T``."""
-        return (survivors - self.max_withholders) * self.residuals[self.level(survivors)]
+        return (survivors - self.max_withholders) * self.residual(survivors)
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        """Survivor counts ``t = s_0 < s_1 < ..`` at which the removed set changes."""
+        t, n = self.min_survivors, self.n_clients
+        return tuple(
+            s for s in range(t, n + 1) if s == t or self.keep_units(s) != self.keep_units(s - 1)
+        )
+
+    @property
+    def residuals(self) -> tuple[int, ...]:
+        """The per-survivor residual ``b + x D`` at each of :attr:`levels` (non-increasing)."""
+        return tuple(self.residual(s) for s in self.levels)
 
     @property
     def max_release_ratio(self) -> float:
-        """``max_s (s R_j(s)) / T`` over ``t <= s <= n``: the bound on excess released noise."""
+        """``max_s s (b + x(s) D) / T`` over ``t <= s <= n``: the bound on excess noise."""
         worst = max(
             self.residual_variance(s) for s in range(self.min_survivors, self.n_clients + 1)
         )
@@ -129,15 +225,7 @@ class XNoisePlan:
     @property
     def max_total_variance(self) -> int:
         """Variance of the sum before any removal (``n`` clients, every component)."""
-        return self.n_clients * self.residuals[0]
-
-
-def _levels(t: int, n: int, xi: float) -> tuple[int, ...]:
-    out = [t]
-    while out[-1] < n:
-        s = out[-1]
-        out.append(min(n, max(s + 1, math.floor((1 + xi) * s) + 1)))
-    return tuple(out)
+        return self.n_clients * sum(self.component_variances)
 
 
 def make_plan(
@@ -153,8 +241,9 @@ def make_plan(
     Raises
     ------
     InfeasibleParameters
-        If a component variance would fall below :data:`MIN_COMPONENT_VARIANCE` (raise the
-        target, i.e. the scale ``gamma``, or ``max_excess``).
+        If the base variance ``R(n)`` would fall below :data:`MIN_COMPONENT_VARIANCE` (raise
+        the target, i.e. the scale ``gamma``), or a component would leave the exact sampler's
+        range (lower ``gamma``).
     """
     if not 1 <= min_survivors <= n_clients:
         raise ConfigurationError(f"need 1 <= t <= n, got t={min_survivors}, n={n_clients}")
@@ -166,22 +255,43 @@ def make_plan(
         raise ConfigurationError(
             f"target variance must be a positive integer, got {target_variance}"
         )
-    levels = _levels(min_survivors, n_clients, max_excess)
-    residuals = tuple(-(-target_variance // (s - max_withholders)) for s in levels)
+    base = -(-target_variance // (n_clients - max_withholders))
+    if base < MIN_COMPONENT_VARIANCE:
+        raise InfeasibleParameters(
+            f"noise component variance {base} < {MIN_COMPONENT_VARIANCE}: target variance "
+            f"{target_variance} too small for n={n_clients} (w={max_withholders})"
+        )
+    unit = max(MIN_COMPONENT_VARIANCE, math.floor(max_excess * base))
+    most = -(-target_variance // (min_survivors - max_withholders))
+    # m = least with b + (2^m - 1) D >= R(t), i.e. 2^m > x(t) = ceil((R(t) - b) / D)
+    removable = (-(-(most - base) // unit)).bit_length()
     plan = XNoisePlan(
-        target_variance, n_clients, min_survivors, max_withholders, max_excess, levels, residuals
+        target_variance,
+        n_clients,
+        min_survivors,
+        max_withholders,
+        max_excess,
+        base,
+        unit,
+        removable,
     )
-    small, big = min(plan.component_variances), max(plan.component_variances)
+    steps = _ladder_levels(min_survivors, n_clients, max_excess)
+    if 1 < len(steps) <= plan.components:
+        # the geometric ladder, where it is no longer (small rounds, or t close to n)
+        lad = dataclasses.replace(plan, removable=len(steps) - 1, ladder=True)
+        variances = lad.component_variances
+        feasible = min(variances) >= MIN_COMPONENT_VARIANCE
+        feasible = feasible and max(variances) <= max_integer_variance()
+        if feasible and (lad.components, lad.max_release_ratio) < (
+            plan.components,
+            plan.max_release_ratio,
+        ):
+            plan = lad
+    big = max(plan.component_variances)
     if big > max_integer_variance():
         raise InfeasibleParameters(
             f"noise component variance {big} exceeds the exact sampler's "
             f"{max_integer_variance()}: lower the scale gamma"
-        )
-    if small < MIN_COMPONENT_VARIANCE:
-        raise InfeasibleParameters(
-            f"noise component variance {small} < {MIN_COMPONENT_VARIANCE}: target variance "
-            f"{target_variance} too small for {len(levels)} levels between t={min_survivors} "
-            f"and n={n_clients}"
         )
     return plan
 
@@ -189,8 +299,9 @@ def make_plan(
 def check_plan(plan: XNoisePlan, *, min_target_variance: int, max_withholders: int) -> None:
     """Client side: refuse a plan handed out by the server that is inconsistent or too weak.
 
-    The client recomputes the plan from its headline numbers (so levels and residuals cannot
-    be doctored) and compares the target and the tolerated withholders with its own policy.
+    The client recomputes the plan from its headline numbers (so base, unit and component
+    count cannot be doctored) and compares the target and the tolerated withholders with its
+    own policy.
 
     Raises
     ------
@@ -261,7 +372,7 @@ def component_noise(variance: int, key: bytes, dim: int, *, backend: str = "cpu"
 
 
 def client_noise(plan: XNoisePlan, keys: Sequence[bytes], dim: int, *, backend: str = "cpu") -> I64:
-    """The total noise a client adds: the sum of its ``L + 1`` components (``keys[k]``).
+    """The total noise a client adds: the sum of its ``m + 1`` components (``keys[k]``).
 
     All components in one pass of the batched kernel (the same vector as summing
     :func:`component_noise` over ``k``).
@@ -271,11 +382,15 @@ def client_noise(plan: XNoisePlan, keys: Sequence[bytes], dim: int, *, backend: 
     return discrete_gaussian_sum(list(keys), plan.component_variances, dim, backend=backend)
 
 
-def revealed_components(plan: XNoisePlan, survivors: Sequence[int], roster: Sequence[int]) -> range:
+def revealed_components(
+    plan: XNoisePlan, survivors: Sequence[int], roster: Sequence[int]
+) -> tuple[int, ...]:
     """Client side: which component seeds (``k``) to reveal shares of, for every survivor.
 
     ``survivors`` is the (consistency-checked) survivor set the server announced; the client
     refuses one that is not a duplicate-free subset of the round's roster of size ``>= t``.
+    The answer is :meth:`XNoisePlan.removed` of ``|U|``: the bits of ``2^m - 1 - x(|U|)``,
+    never the base component ``m``.
     """
     if len(set(survivors)) != len(survivors) or not set(survivors) <= set(roster):
         raise ServerMisbehaviour("survivor set has duplicates or ids outside the roster")
@@ -285,7 +400,7 @@ def revealed_components(plan: XNoisePlan, survivors: Sequence[int], roster: Sequ
         raise ServerMisbehaviour(
             f"{len(survivors)} survivors < threshold {plan.min_survivors}: no noise removed"
         )
-    return range(plan.level(len(survivors)))
+    return plan.removed(len(survivors))
 
 
 def removal_noise(
@@ -298,18 +413,21 @@ def removal_noise(
 ) -> I64:
     """Server side: the sum of the removable components of every survivor (to subtract).
 
-    ``removed_keys[i]`` are the stream keys of survivor ``i``'s components ``0 .. j-1``,
-    rebuilt from the revealed seed shares. All ``s j`` vectors go through one pass of the
-    batched kernel (parallel over coordinate chunks, summed in place: no per-vector array).
+    ``removed_keys[i]`` are the stream keys of survivor ``i``'s components
+    ``plan.removed(survivors)``, in that order, rebuilt from the revealed seed shares. All
+    vectors go through one pass of the batched kernel (parallel over coordinate chunks,
+    summed in place: no per-vector array).
     """
-    j = plan.level(survivors)
+    removed = plan.removed(survivors)
     if len(removed_keys) != survivors:
         raise ConfigurationError(f"need removable keys of {survivors} survivors")
     variances = plan.component_variances
     flat: list[bytes] = []
     for cid, keys in removed_keys.items():
-        if len(keys) != j:
-            raise ConfigurationError(f"survivor {cid}: need {j} removable keys, got {len(keys)}")
+        if len(keys) != len(removed):
+            raise ConfigurationError(
+                f"survivor {cid}: need {len(removed)} removable keys, got {len(keys)}"
+            )
         flat.extend(keys)
-    return discrete_gaussian_sum(flat, [variances[k] for k in range(j)] * survivors, dim,
+    return discrete_gaussian_sum(flat, [variances[k] for k in removed] * survivors, dim,
                                  backend=backend)  # fmt: skip

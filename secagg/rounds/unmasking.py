@@ -147,18 +147,18 @@ def validate_dp_shares(
     ctx: ServerContext, cid: int, msg: UnmaskShares, seed_owners: set[int]
 ) -> None:
     """DP rounds: ``cid`` reveals, for exactly the survivors it reveals seed shares of,
-    its shares of noise seeds ``0 .. j-1`` (``j`` from ``|U|``), each matching the dealer's
-    signed DP commitment (a liar is refused whole, like a bad seed share)."""
+    its shares of the noise seeds ``plan.removed(|U|)``, each matching the dealer's signed
+    DP commitment (a liar is refused whole, like a bad seed share)."""
     offer = ctx.params.dp
     if offer is None:
         raise ProtocolViolation("DP seed shares revealed in a round without DP", client_id=cid)
-    j = offer.plan.level(len(ctx.u2))
+    removed = offer.plan.removed(len(ctx.u2))
     pairs = [(o, k) for o, k, _ in msg.dp_shares]
-    want = {(o, k) for o in seed_owners for k in range(j)}
+    want = {(o, k) for o in seed_owners for k in removed}
     if len(set(pairs)) != len(pairs) or set(pairs) != want:
         raise ProtocolViolation(
-            f"client {cid} must reveal DP seed shares 0..{j - 1} of exactly the survivors it"
-            " reveals seed shares of",
+            f"client {cid} must reveal DP seed shares of components {list(removed)} of exactly"
+            " the survivors it reveals seed shares of",
             client_id=cid,
         )
     sid = ctx.session_id
@@ -407,14 +407,15 @@ def unmask(ctx: ServerContext, responders: frozenset[int]) -> RoundResult:
 def _dp_seeds(
     ctx: ServerContext, alive: list[int], responders: frozenset[int]
 ) -> dict[int, list[bytes]]:
-    """The survivors' revealed noise seeds ``0 .. j-1``, each from its first ``t`` committed
-    shares (the ``b_u`` path)."""
+    """The survivors' revealed noise seeds of components ``plan.removed(|U|)`` (in that
+    order), each from its first ``t`` committed shares (the ``b_u`` path)."""
     offer = ctx.params.dp
     assert offer is not None
-    t, j = ctx.params.threshold, offer.plan.level(len(alive))
+    t, removed = ctx.params.threshold, offer.plan.removed(len(alive))
+    j = len(removed)
     tables = []
     for u in alive:
-        for k in range(j):
+        for k in removed:
             got = {h: sh for h, sh in ctx.dp_seed_shares.get((u, k), {}).items() if h in responders}
             if len(got) < t:
                 raise ReconstructionError(
@@ -449,7 +450,9 @@ def _dp_report(ctx: ServerContext, s: int) -> dict[str, object]:
         "honest_std": plan.honest_variance(s) ** 0.5 / offer.gamma,
         "contributors": s,
         "removed_components": plan.level(s),
+        "removed_set": list(plan.removed(s)),
         "components": plan.components,
+        "noise_plan": plan.kind,
         "levels": list(plan.levels),
         "max_release_ratio": plan.max_release_ratio,
         "max_withholders": plan.max_withholders,

@@ -58,7 +58,9 @@ def test_released_noise_meets_target_whatever_drops(dropped: int) -> None:
         inputs += x * min(1.0, cal.clip / np.linalg.norm(x))
         total += to_ring(r + client_noise(plan, keys[i], d), bits)
     j = revealed_components(plan, survivors, list(range(n)))
-    removed = removal_noise(plan, {i: keys[i][: j.stop] for i in survivors}, len(survivors), d)
+    removed = removal_noise(
+        plan, {i: [keys[i][k] for k in j] for i in survivors}, len(survivors), d
+    )
     released = total - to_ring(removed, bits)
     residual = centre(released, bits) - exact
     want = plan.residual_variance(len(survivors))

@@ -74,5 +74,4 @@ def test_plan_invariants(n: int, frac: float, w: int, target: int, xi: float) ->
     for s in range(t, n + 1):
         assert plan.honest_variance(s) >= target
         assert plan.residual_variance(s) / target <= plan.max_release_ratio
-        j = plan.level(s)
-        assert sum(plan.component_variances[j:]) == plan.residuals[j]
+        assert sum(plan.component_variances[k] for k in plan.kept(s)) == plan.residual(s)

@@ -44,6 +44,15 @@ def offer(epsilon: float = 3.0, rounds: int = 10) -> DPOffer:
     return DPOffer.from_calibration(cal)
 
 
+@functools.cache
+def binary_offer() -> DPOffer:
+    """``xi = 20%``: a binary plan (``m = 2`` removable components); 9 survivors remove
+    component 1 and keep component 0, a subset and not a prefix (``offer()`` at ``xi = 5%``
+    is the ladder with a level at every survivor count, 4 components against binary's 5)."""
+    cal = calibrate(3.0, 1e-5, 10, n_clients=N, min_survivors=T, dim=DIM, clip=1.0, max_excess=0.2)
+    return DPOffer.from_calibration(cal)
+
+
 def harness(dp: DPOffer | None = None, policy: object = POLICY) -> Harness:
     return Harness(N, DIM, neighbors="all", threshold=T, dp=dp or offer(), policy=policy)
 
@@ -217,20 +226,29 @@ def test_attack_server_claims_more_survivors_at_unmasking_refused() -> None:
     assert h.errors and all(isinstance(e, ServerMisbehaviour) for e in h.errors)
 
 
-def test_clients_reveal_exactly_the_components_their_own_U_allows() -> None:
-    """With ``|U| = 8`` every client reveals shares of components ``< level(8)`` of exactly
-    the survivors it holds shares of, and the server's own bookkeeping cannot change that
-    (the unmask request has no field to ask for more)."""
-    h = harness()
-    seen = step(h, {"masked": {9, 10}})
-    j = offer().plan.level(N - 2)
-    assert 0 < j < offer().plan.components - 1
+@pytest.mark.parametrize(("binary", "gone"), [(False, {9, 10}), (True, {10})])
+def test_clients_reveal_exactly_the_components_their_own_U_allows(
+    binary: bool, gone: set[int]
+) -> None:
+    """With ``|U| = 8`` (level plan) or ``|U| = 9`` (binary plan: the bits of
+    ``2^m - 1 - x(9)``, a subset, not a prefix) every client reveals shares of exactly the
+    components ``plan.removed(|U|)`` of exactly the survivors it holds shares of, and the
+    server's own bookkeeping cannot change that (the unmask request has no field to ask for
+    more)."""
+    o = binary_offer() if binary else offer()
+    h = harness(o)
+    seen = step(h, {"masked": gone})
+    removed = o.plan.removed(N - len(gone))
+    assert 0 < len(removed) < o.plan.components - 1
+    assert o.plan.ladder is not binary
+    if binary:
+        assert removed == (1,)  # component 0 is kept
     msgs = [m for m in seen["unmask"] if isinstance(m, UnmaskShares)]
-    assert len(msgs) == N - 2
+    assert len(msgs) == N - len(gone)
     for m in msgs:
-        assert {k for _, k, _ in m.dp_shares} == set(range(j))
+        assert {k for _, k, _ in m.dp_shares} == set(removed)
         assert {o for o, _, _ in m.dp_shares} == {o for o, _ in m.seed_shares}
-        assert not {o for o, _, _ in m.dp_shares} & {9, 10}
+        assert not {o for o, _, _ in m.dp_shares} & gone
     assert h.server.result is not None and h.server.result.dp is not None
 
 
@@ -259,6 +277,42 @@ def test_attack_holder_reveals_extra_or_false_dp_shares_is_excluded() -> None:
         assert res is not None, h.server.error
         assert h.server.records[liar].dropped_stage is Stage.UNMASKING
         assert res.dp is not None and res.dp["contributors"] == N
+
+
+def test_attack_holder_reveals_a_kept_component_is_excluded() -> None:
+    """Attack: with ``|U| = 9`` (binary plan) a holder reveals, in place of the removed
+    component 1, a genuine share of component 0, which 9 survivors KEEP (outside
+    ``plan.removed(9)``: a subset, not a prefix, so "any k below the count" is no longer a
+    valid check). The server refuses the whole message (the holder is dropped, its shares
+    unused) and the round completes with the kept noise (failed when validate_dp_shares only
+    bounded ``k``)."""
+    plan = binary_offer().plan
+    kept = [k for k in plan.kept(N - 1) if k < plan.removable]
+    assert kept == [0] and plan.removed(N - 1) == (1,)
+    h = harness(binary_offer())
+    replies = h.start()
+    gone = {10}
+    for stage in ("advertise", "share", "masked"):
+        silent = gone if stage == "masked" else set()
+        replies = h.to_clients(h.stage(replies, silent=silent), skip=silent)
+    liar = 1
+    held = dict(h.clients[liar]._ctx.dp_peer)  # the liar's genuine shares, kept ones too
+    replies = h.to_clients(h.stage(replies, silent=gone), skip=gone)
+    (m,) = replies[liar]
+    assert isinstance(m, UnmaskShares)
+    i = next(i for i, (o, _, _) in enumerate(m.dp_shares) if o != liar)
+    owner = m.dp_shares[i][0]
+    # a genuine share (it matches the dealer's signed commitment) of a kept component
+    fake = (owner, kept[0], held[owner][kept[0]])
+    bad = (*m.dp_shares[:i], fake, *m.dp_shares[i + 1 :])
+    replies[liar] = [dataclasses.replace(m, dp_shares=bad)]
+    h.to_clients(h.stage(replies, silent=gone), skip=gone)
+    res = h.server.result
+    assert res is not None, h.server.error
+    assert h.server.records[liar].dropped_stage is Stage.UNMASKING
+    assert res.dp is not None and res.dp["contributors"] == N - 1
+    assert res.dp["removed_set"] == list(plan.removed(N - 1))
+    assert res.dp["noise_plan"] == "binary" and offer().plan.kind == "ladder"
 
 
 def test_attack_dealer_withholds_dp_bundle_costs_only_its_shares() -> None:

@@ -39,8 +39,11 @@ POLICY = ClientPolicy(
 
 
 @functools.cache
-def offer() -> DPOffer:
-    cal = calibrate(4.0, 1e-5, 5, n_clients=N, min_survivors=T, dim=DIM, clip=1.0)
+def offer(xi: float = 0.05) -> DPOffer:
+    """``xi = 5%``: the ladder (a level at every survivor count, exact: 4 components against
+    the binary plan's 5); ``xi = 20%``: binary, ``m = 2``, and 9 survivors reveal
+    component 1 but keep component 0 (a subset, not a prefix)."""
+    cal = calibrate(4.0, 1e-5, 5, n_clients=N, min_survivors=T, dim=DIM, clip=1.0, max_excess=xi)
     return DPOffer.from_calibration(cal)
 
 
@@ -49,11 +52,13 @@ CASES = [(0, "masked", "masked")] + [(k, s, "masked") for k in (1, 3) for s in S
 CASES.append((3, "masked", "hybrid"))
 
 
+@pytest.mark.parametrize("xi", [0.05, 0.2])
 @pytest.mark.parametrize(("dropped", "stage", "mode"), CASES)
 def test_released_noise_matches_plan_for_actual_survivors(
-    dropped: int, stage: str, mode: str
+    dropped: int, stage: str, mode: str, xi: float
 ) -> None:
-    o = offer()
+    o = offer(xi)
+    assert o.plan.ladder is (xi == 0.05)
     params = make_params(N, DIM, mode=mode, neighbors="all", threshold=T, dp=o)
     he_secret = he_server = None
     if mode == "hybrid":

@@ -47,21 +47,27 @@ def _offer(cal: DPCalibration) -> DPOffer:
 
 @pytest.fixture(scope="module")
 def cal() -> DPCalibration:
-    # 8 sites, t = 6 (levels 6, 7, 8), 4 rounds of epsilon 2 in total.
+    # 8 sites, t = 6 (the ladder: levels 6, 7, 8), 4 rounds of epsilon 2 in total.
     return calibrate(2.0, DELTA, 4, n_clients=8, min_survivors=6, dim=30, clip=1.0)
 
 
 @pytest.fixture(scope="module")
 def coarse() -> DPCalibration:
-    # xi = 0.5: levels 6, 10 of n = 10, so 9 survivors keep much more noise than 6 or 10.
+    # xi = 0.5: the ladder, levels 6, 10 of n = 10, so 9 survivors keep much more than 6 or 10.
     return calibrate(2.0, DELTA, 4, n_clients=10, min_survivors=6, dim=30, clip=1.0, max_excess=0.5)
 
 
 def _direct_rho(cal: DPCalibration, survivors: int) -> float:
     """KLS21's rho from the components left, without going through round_rho."""
     plan = cal.plan
-    j = max(k for k, s in enumerate(plan.levels) if s <= survivors)
-    kept = sorted(plan.component_variances[j:] * survivors)
+    m = plan.removable
+    if plan.ladder:  # levels s_j: components j .. m stay
+        j = max(k for k, s in enumerate(plan.levels) if s <= survivors)
+        ks: list[int] = list(range(j, m + 1))
+    else:  # binary: the bits of x(s) = ceil((R(s) - b) / D) and the base stay
+        x = -(-(-(-plan.target_variance // survivors) - plan.base_variance) // plan.unit_variance)
+        ks = [k for k in range(m) if x >> k & 1] + [m]
+    kept = sorted([plan.component_variances[k] for k in ks] * survivors)
     d = cal.padded_dim
     return ddg_rho(rounded_norm_bound_sq(cal.clip, cal.gamma, d, cal.beta), kept, d)
 
