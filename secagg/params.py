@@ -37,8 +37,10 @@ __all__ = [
 PROTOCOL_VERSION = 2
 """Wire version of every message and of the round parameters. 2 (this release): the
 reveal_nonces stage, signed share commitments, the optional DP sections (with the salts of
-noise drawn ahead of the round) and the chunked DP noise streams; a peer speaking 1 is
-refused when it decodes."""
+noise drawn ahead of the round), the chunked DP noise streams, the binary noise plan, the
+``he_clients`` section of sharded hybrid/ckks rounds and their group ciphertexts; a peer
+speaking 1 is refused when it decodes. None of 2 has been released, so later changes of this
+release stay 2."""
 ROUND_ID_BYTES = 16
 MAX_CLIENTS = 1 << 16
 """Largest roster a round accepts (bounds every list decoded from the wire)."""
