@@ -168,7 +168,9 @@ def _run_with_dealer(
     out = h.stage(h.start())
     replies = h.to_clients(out)
     replies[dealer] = [
-        _garbage_deal(h, dealer, match_commitments=match, bad_for=bad_for, unsigned_for=unsigned_for)
+        _garbage_deal(
+            h, dealer, match_commitments=match, bad_for=bad_for, unsigned_for=unsigned_for
+        )
     ]
     out = h.stage(replies)
     gone = {dealer} if silent_after_share else set()
@@ -285,9 +287,7 @@ def test_server_altered_share_digests_cost_only_those_shares() -> None:
     def swap(cid: int, msg: Message) -> Message:
         if cid != 4 or not isinstance(msg, ShareDelivery):
             return msg
-        commits = tuple(
-            (u, bytes(64) + c[64:]) if u == 2 else (u, c) for u, c in msg.commitments
-        )
+        commits = tuple((u, bytes(64) + c[64:]) if u == 2 else (u, c) for u, c in msg.commitments)
         return dataclasses.replace(msg, commitments=commits)
 
     out = h.stage(h.to_clients(out, tamper=swap))
