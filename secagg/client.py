@@ -376,18 +376,20 @@ def accept_share(
     """The two shares ``dealer`` sent this client, or ``None`` (with a warning naming the
     dealer) when they fail the AEAD or do not match the dealer's commitment digests.
 
-    The commitment's signature is not verified here (``k`` Ed25519 verifications a client
-    saved, issue 14): the AEAD, under a key only this client and the dealer can derive
-    (the dealer's ``enc_pk`` was verified with its roster entry), already proves the shares
-    are the dealer's, and the digests, from the server, are checked against them. The
+    Outside DP rounds the commitment's signature is not verified here (``k`` Ed25519
+    verifications a client saved, issue 14): the AEAD, under a key only this client and
+    the dealer can derive (the dealer's ``enc_pk`` was verified with its roster entry),
+    already proves the shares are the dealer's, and the digests, from the server, are
+    checked against them. The
     signature is evidence for the server's blame only, and the server holds the dealer's
     own copy of it: unmasking verifies the signatures of the commitments it cites, and sets
     aside shares under none (:func:`secagg.rounds.unmasking.unmask`; docs/threat-model.md,
     "Share commitments: checked by the holder, signed for the server").
 
-    DP rounds: ``dp`` is the dealer's DP bundle and its ``L`` share commitments; they must
-    decrypt and match too, and land in ``c.dp_peer``. ``dp_salt`` (the dealer's precompute
-    salt, covered by the same signature) is not used by the holder.
+    DP rounds with removable components: ``dp`` is the dealer's DP bundle and its ``L``
+    share commitments; they must decrypt and match too, and land in ``c.dp_peer``. These
+    rounds still verify the signature, which covers ``h_dp`` and the dealer's precompute
+    salt ``dp_salt`` (docs/dp.md: holders refuse a salt the server swapped or invented).
 
     Nothing here raises: a peer's bad bundle costs this client that one share, never the
     round (docs/protocol.md, "Shares with evidence").
@@ -396,7 +398,7 @@ def accept_share(
     if commitment is None:
         c.warnings.append(f"share bundle from client {dealer} came without its commitment")
         return None
-    h_seed, h_key = commitment[:32], commitment[32:64]
+    h_seed, h_key, sig = commitment[:32], commitment[32:64], commitment[64:]
     dp_ct, h_dp = dp
     if c.dp is not None and c.dp.shared_seeds and (dp_ct is None or h_dp is None):
         # (a plan with one component, t = n, has no removable seeds and no DP bundle)
@@ -412,6 +414,16 @@ def accept_share(
     except DecryptionError:
         c.warnings.append(f"share bundle from client {dealer} failed authentication")
         return None
+    if c.dp is not None and c.dp.shared_seeds:
+        # DP rounds keep the check (docs/dp.md, "Wire"): the dealer's precompute salt
+        # reaches the holder only under this signature, and holders refuse a salt the
+        # server swapped, invented or stripped.
+        try:
+            payload = share_commit_payload(sid, dealer, c.cid, h_seed, h_key, h_dp or b"", dp_salt)
+            verify_signature(c.directory[dealer], payload, sig)
+        except InvalidSignature:
+            c.warnings.append(f"share commitment of client {dealer} is not signed by it")
+            return None
     seed_share, key_share = pt[: shamir.SHARE_BYTES], pt[shamir.SHARE_BYTES :]
     if not (
         constant_time_equal(share_commitment(sid, dealer, c.cid, b"seed", seed_share), h_seed)
