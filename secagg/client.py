@@ -374,11 +374,22 @@ def accept_share(
     dp_salt: bytes = b"",
 ) -> tuple[bytes, bytes] | None:
     """The two shares ``dealer`` sent this client, or ``None`` (with a warning naming the
-    dealer) when they fail the AEAD, the dealer's signature or its commitments.
+    dealer) when they fail the AEAD or do not match the dealer's commitment digests.
 
-    DP rounds: ``dp`` is the dealer's DP bundle and its ``L`` share commitments; they must
-    decrypt and match too (the signature covers them, and the dealer's precompute salt
-    ``dp_salt`` if it drew its noise before the round), and land in ``c.dp_peer``.
+    Outside DP rounds the commitment's signature is not verified here (``k`` Ed25519
+    verifications a client saved, issue 14): the AEAD, under a key only this client and
+    the dealer can derive (the dealer's ``enc_pk`` was verified with its roster entry),
+    already proves the shares are the dealer's, and the digests, from the server, are
+    checked against them. The
+    signature is evidence for the server's blame only, and the server holds the dealer's
+    own copy of it: unmasking verifies the signatures of the commitments it cites, and sets
+    aside shares under none (:func:`secagg.rounds.unmasking.unmask`; docs/threat-model.md,
+    "Share commitments: checked by the holder, signed for the server").
+
+    DP rounds with removable components: ``dp`` is the dealer's DP bundle and its ``L``
+    share commitments; they must decrypt and match too, and land in ``c.dp_peer``. These
+    rounds still verify the signature, which covers ``h_dp`` and the dealer's precompute
+    salt ``dp_salt`` (docs/dp.md: holders refuse a salt the server swapped or invented).
 
     Nothing here raises: a peer's bad bundle costs this client that one share, never the
     round (docs/protocol.md, "Shares with evidence").
@@ -403,12 +414,16 @@ def accept_share(
     except DecryptionError:
         c.warnings.append(f"share bundle from client {dealer} failed authentication")
         return None
-    try:
-        payload = share_commit_payload(sid, dealer, c.cid, h_seed, h_key, h_dp or b"", dp_salt)
-        verify_signature(c.directory[dealer], payload, sig)
-    except InvalidSignature:
-        c.warnings.append(f"share commitment of client {dealer} is not signed by it")
-        return None
+    if c.dp is not None and c.dp.shared_seeds:
+        # DP rounds keep the check (docs/dp.md, "Wire"): the dealer's precompute salt
+        # reaches the holder only under this signature, and holders refuse a salt the
+        # server swapped, invented or stripped.
+        try:
+            payload = share_commit_payload(sid, dealer, c.cid, h_seed, h_key, h_dp or b"", dp_salt)
+            verify_signature(c.directory[dealer], payload, sig)
+        except InvalidSignature:
+            c.warnings.append(f"share commitment of client {dealer} is not signed by it")
+            return None
     seed_share, key_share = pt[: shamir.SHARE_BYTES], pt[shamir.SHARE_BYTES :]
     if not (
         constant_time_equal(share_commitment(sid, dealer, c.cid, b"seed", seed_share), h_seed)

@@ -114,11 +114,17 @@ def test_client_refuses_roster_with_small_order_key() -> None:
 
 
 def _garbage_deal(
-    h: Harness, cid: int, *, match_commitments: bool = True, bad_for: set[int] | None = None
+    h: Harness,
+    cid: int,
+    *,
+    match_commitments: bool = True,
+    bad_for: set[int] | None = None,
+    unsigned_for: frozenset[int] | set[int] = frozenset(),
 ) -> ShareKeys:
     """What a malicious dealer sends: random field elements as the shares of the holders in
     ``bad_for`` (all by default), valid under the AEAD, the others honest; it signs
-    commitments to what it sends (``match_commitments``) or to its honest shares."""
+    commitments to what it sends (``match_commitments``) or to its honest shares. The
+    commitments of the holders in ``unsigned_for`` carry a signature over other bytes."""
     c = h.clients[cid]._ctx
     holders = sorted(c.neighbours | {cid})
     sid = c.session_id
@@ -139,6 +145,8 @@ def _garbage_deal(
         h_seed = share_commitment(sid, cid, v, b"seed", seed_s)
         h_key = share_commitment(sid, cid, v, b"key", key_s)
         sig = h.identities[cid].sign(share_commit_payload(sid, cid, v, h_seed, h_key))
+        if v in unsigned_for:
+            sig = h.identities[cid].sign(b"not the commitment")
         commitments.append((v, h_seed + h_key + sig))
     bundles = []
     for v in sorted(c.neighbours):
@@ -155,10 +163,15 @@ def _run_with_dealer(
     match: bool,
     silent_after_share: bool = False,
     bad_for: set[int] | None = None,
+    unsigned_for: frozenset[int] | set[int] = frozenset(),
 ) -> None:
     out = h.stage(h.start())
     replies = h.to_clients(out)
-    replies[dealer] = [_garbage_deal(h, dealer, match_commitments=match, bad_for=bad_for)]
+    replies[dealer] = [
+        _garbage_deal(
+            h, dealer, match_commitments=match, bad_for=bad_for, unsigned_for=unsigned_for
+        )
+    ]
     out = h.stage(replies)
     gone = {dealer} if silent_after_share else set()
     for _ in range(3):
@@ -220,6 +233,71 @@ def test_dealer_whose_shares_all_fail_their_commitment_is_named() -> None:
     assert "client 2" in err.reason
     assert not h.server.records[2].active
     assert all(h.server.records[c].active for c in set(h.ids) - {2})
+
+
+def test_unsigned_garbage_shares_are_set_aside_by_the_server() -> None:
+    """Attack: a dealer sends two holders garbage shares that match its digests but under no
+    valid signature, hoping the round aborts without naming it (or names the holders).
+    Holders no longer verify the commitment signatures (issue 14: ``k`` verifications a
+    client saved; they check the AEAD and the digests), so both keep and reveal them; the
+    server, which verifies the signatures of the shares it would cite, sets those two
+    aside, reconstructs from the signed rest and the round completes exactly, naming the
+    dealer, never the holders. Fails if :func:`secagg.rounds.unmasking._convict` stops
+    filtering on the dealer's signatures (then the cited garbage convicts nobody provably:
+    the round aborts with evidence that does not re-verify)."""
+    h = Harness(9, 8, neighbors="all")
+    _run_with_dealer(h, 2, match=True, bad_for={1, 3}, unsigned_for={1, 3})
+    assert h.server.error is None, h.server.error
+    assert_exact(h, set(h.ids))
+    assert all(rec.active for rec in h.server.records.values())
+    (warning,) = [w for w in h.server.ctx.warnings if "set aside" in w]
+    assert "client 2 committed" in warning and "holders [1, 3]" in warning
+    assert not any("share commitment" in w for c in (1, 3) for w in h.clients[c].warnings)
+
+
+def test_unsigned_garbage_to_every_holder_aborts_naming_the_dealer() -> None:
+    """Attack: as above for every holder, so fewer than ``t`` shares carry the dealer's
+    signature. The round aborts naming the dealer (without signed proof, as before when
+    the holders discarded such shares) and every honest client stays active. Fails if the
+    server cites unsigned shares (its evidence would not re-verify) or blames a holder."""
+    h = Harness(6, 8, neighbors="all")
+    everyone = set(h.ids)
+    _run_with_dealer(h, 2, match=True, unsigned_for=everyone)
+    err = h.server.error
+    assert isinstance(err, RoundAborted) and h.server.result is None
+    assert "client 2" in err.reason and "validly committed" in err.reason
+    assert err.evidence is None
+    assert all(h.server.records[c].active for c in everyone - {2})
+
+
+def test_server_altered_share_digests_cost_only_those_shares() -> None:
+    """Attack: the server (which cannot read the shares) swaps the digests of one dealer's
+    commitment in one holder's delivery, keeping the dealer's signature. The holder's
+    digest check, which remains now that it skips the signature, discards the shares with
+    a warning naming the dealer and reveals nothing for it: the round completes exactly
+    and the honest holder is not dropped as a liar. Fails without the digest check in
+    :func:`secagg.client.accept_share` (the holder would reveal a share the server's copy
+    of the commitment refuses, and be excluded)."""
+    from secagg.messages import ShareDelivery
+
+    h = Harness(9, 8, neighbors="all")
+    out = h.stage(h.start())
+    out = h.stage(h.to_clients(out))
+
+    def swap(cid: int, msg: Message) -> Message:
+        if cid != 4 or not isinstance(msg, ShareDelivery):
+            return msg
+        commits = tuple((u, bytes(64) + c[64:]) if u == 2 else (u, c) for u, c in msg.commitments)
+        return dataclasses.replace(msg, commitments=commits)
+
+    out = h.stage(h.to_clients(out, tamper=swap))
+    assert any("client 2 do not match" in w for w in h.clients[4].warnings)
+    for _ in range(3):
+        out = h.stage(h.to_clients(out))
+        if h.server.done:
+            break
+    assert_exact(h, set(h.ids))
+    assert all(rec.active for rec in h.server.records.values())
 
 
 # --- holders that lie at unmasking ---------------------------------------------------------

@@ -276,17 +276,18 @@ def _convict(
 ) -> bytes:
     """Blame ``owner`` with evidence, unless its shares fail only for lack of signatures.
 
-    Honest holders accept only shares under a valid dealer signature, so an unsigned one here
-    came from a holder colluding with the dealer: such shares are set aside (and their holders
-    named in a warning) and the rest are tried once more.
+    Holders check shares against the digests, not the signatures (a dealer's own copy is
+    here): a share whose stored commitment carries no valid signature of ``owner`` is one
+    the dealer itself sent unsigned, so it cannot be cited. Such shares are set aside (the
+    dealer, never the holders, named in a warning) and the rest are tried once more.
     """
     t = ctx.params.threshold
     signed = {h: s for h, s in got.items() if _commit_signed(ctx, owner, h)}
     unsigned = sorted(set(got) - set(signed))
     if unsigned:
         ctx.warnings.append(
-            f"clients {unsigned} revealed shares of client {owner}'s {what} under no valid "
-            "signature of it; they were set aside"
+            f"client {owner} committed to its {what} shares for holders {unsigned} under no "
+            "valid signature of its own; those shares were set aside"
         )
     if len(signed) < t:
         raise ReconstructionError(
