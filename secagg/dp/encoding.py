@@ -45,7 +45,6 @@ __all__ = [
     "MAX_ROUNDING_ATTEMPTS",
     "clip_l2",
     "conditional_round",
-    "conditional_round_reference",
     "decode_sum",
     "encode_update",
     "l2_norm",
@@ -122,23 +121,6 @@ def _norm_sq(r: I64) -> int:
     if peak * peak * r.size < 1 << 63:
         return int(np.dot(r, r))
     return sum(int(v) * int(v) for v in r.tolist())
-
-
-def conditional_round_reference(z: F64, bound_sq: int, src: KeyStream) -> I64:
-    """:func:`conditional_round` in plain numpy (the reference the kernel is tested against)."""
-    if np.abs(z).max(initial=0.0) >= 2.0**52:
-        raise InputError("scaled coordinate too large to round exactly (>= 2^52)")
-    low = np.floor(z)
-    frac53 = ((z - low) * 2.0**53).astype(np.uint64)  # exact: z - low is in [0, 1)
-    base = low.astype(np.int64)
-    for _ in range(MAX_ROUNDING_ATTEMPTS):
-        up = (src.words(z.size) >> np.uint64(11)) < frac53
-        r = base + up.astype(np.int64)
-        if _norm_sq(r) <= bound_sq:
-            return r
-    raise InputError(
-        f"conditional rounding exceeded ||r||^2 <= {bound_sq} {MAX_ROUNDING_ATTEMPTS} times"
-    )
 
 
 def _round_until(
