@@ -152,3 +152,17 @@ def test_member_refuses_its_groups_encrypted_sum(mode: str) -> None:
     assert "decrypts the total only" in str(next(iter(errors.values())))
     assert secret.decryptions_left == secret.epoch.budget
     assert all(c.result is None for c in clients.values())
+
+
+def test_group_results_carry_the_totals_key_epoch() -> None:
+    """``GroupResults`` encodes the key epoch after the ciphertexts (and only with them):
+    a masked result's bytes are unchanged by the new field."""
+    from secagg.groups import GroupResults, GroupRow
+
+    rows = (GroupRow(0, 4, 4, True, ""),)
+    enc = GroupResults(bytes(16), True, "", "", (1, 2, 3, 4), 0, b"", rows, (b"ct",), b"e" * 16)
+    back = GroupResults.decode(enc.encode())
+    assert back == enc and back.key_epoch == b"e" * 16
+    masked = GroupResults(bytes(16), True, "", "", (1, 2, 3, 4), 4, bytes(8), rows)
+    assert replace(masked, key_epoch=b"x").encode() == masked.encode()
+    assert GroupResults.decode(masked.encode()).key_epoch == b""
