@@ -23,6 +23,7 @@ from secagg.dp.rotation import padded_dim
 from secagg.errors import (
     DecryptionBudgetExhausted,
     DecryptionError,
+    GroupResultRefused,
     InputError,
     InvalidPublicKey,
     InvalidSignature,
@@ -164,6 +165,9 @@ class _Ctx:
         """DP rounds: this client's noise state, its own and its peers' noise-seed shares."""
         self.dp_prepared: PreparedNoise | None = None
         """DP rounds: noise drawn before the round, until ShareKeys takes (or drops) it."""
+        self.group_round = False
+        """A group round of a sharded ``hybrid``/``ckks`` round: its encrypted sum is the
+        coordinator's; this member refuses it and decrypts the total only."""
 
     @property
     def rid(self) -> bytes:
@@ -710,11 +714,38 @@ class UnmaskingState(_State):
             if c.dp is not None:
                 return dp_result(c, msg), []
             sums = kernels.unpack(msg.words, p.quant, p.quant.values(p.dim))
+        elif c.group_round:
+            return group_notice(c, msg), []
         elif c.params.mode is Mode.HYBRID:
             return hybrid_verdict(c, msg)
         else:
             sums = decrypt_result(c, msg.ciphertexts)
         return finish_result(c, sums, msg.contributors), []
+
+
+def group_notice(c: _Ctx, msg: EncryptedResult) -> _State:
+    """A group round of a sharded ``hybrid``/``ckks`` round ends with the server's notice:
+    the contributors (checked by the caller), no ciphertext. The group's sum goes to the
+    coordinator only; this member decrypts the total alone (one decryption of its budget a
+    round). A notice carrying ciphertexts is refused before anything is decrypted: decrypting
+    it would reveal the group's sum to this member.
+
+    The result holds the contributors only (no lane sums, weight 0).
+
+    Raises
+    ------
+    GroupResultRefused
+        The server sent the group's encrypted sum (or a DP removal) to this member.
+    """
+    if msg.ciphertexts or msg.dp_removal:
+        raise GroupResultRefused(
+            f"the server sent this member {len(msg.ciphertexts)} ciphertexts of its group's"
+            " sum; in a sharded round a member decrypts the total only",
+            client_id=c.cid,
+        )
+    empty = np.zeros(0, dtype=np.uint64)
+    c.result = ClientResult(empty, msg.contributors, 0, np.zeros(0, dtype=np.float64))
+    return _Final(c, Stage.COMPLETED)
 
 
 def hybrid_verdict(c: _Ctx, msg: EncryptedResult) -> tuple[_State, list[Message]]:
@@ -894,6 +925,11 @@ class SecAggClient:
         DP rounds: noise drawn before the round (:class:`secagg.dp.participants.PreparedNoise`,
         docs/dp.md "Speed"). Used if its offer equals ``params.dp``, otherwise dropped and
         the noise drawn in the round; single-use either way (erased on abort too).
+    group_round:
+        ``hybrid``/``ckks``: this is a group round of a sharded round (the caller knows: it
+        ran the assignment). The group's encrypted sum is the coordinator's; this client
+        refuses it (:class:`~secagg.errors.GroupResultRefused`) and ends with the server's
+        notice of the contributors (:func:`group_notice`), sending no verdict.
 
     Raises
     ------
@@ -922,6 +958,7 @@ class SecAggClient:
         layout: bytes | None = None,
         key_epoch: bytes | None = None,
         dp_prepared: PreparedNoise | None = None,
+        group_round: bool = False,
     ) -> None:
         policy = policy if policy is not None else ClientPolicy()
         policy.check_params(params)  # before anything else: the server chose these
@@ -973,6 +1010,7 @@ class SecAggClient:
             policy,
         )
         self._ctx.dp_prepared = dp_prepared
+        self._ctx.group_round = group_round and params.mode is not Mode.MASKED
         self._state: _State = self._first_state()
         self._started = False
 

@@ -15,6 +15,7 @@ __all__ = [
     "DecryptionBudgetExhausted",
     "DecryptionError",
     "DuplicateMessage",
+    "GroupResultRefused",
     "InfeasibleParameters",
     "InputError",
     "InvalidPublicKey",
@@ -143,6 +144,12 @@ class PolicyViolation(ServerMisbehaviour, ConfigurationError):
     :class:`secagg.policy.ClientPolicy`: weak ``(n, k, t)``, too few contributors, a mode,
     size or layout the client does not accept. The client refuses before revealing anything;
     the message names the numbers that missed."""
+
+
+class GroupResultRefused(PolicyViolation):
+    """Sharded ``hybrid``/``ckks``: the server handed a group member its group's encrypted
+    sum. A group's sum goes to the coordinator only; the member decrypts the total alone
+    (docs/sharding.md), so it refuses before decrypting anything."""
 
 
 # --- cryptography -------------------------------------------------------------------------

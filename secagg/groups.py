@@ -86,6 +86,8 @@ _COMMIT, _OPEN, _ROSTER, _OPENS, _RESULTS = 1, 2, 3, 4, 5
 _MAX_TEXT = 1024
 _MAX_SUMS = 1 << 31
 _MAX_CIPHERTEXTS = 1 << 16
+_MAX_EPOCH = 64
+"""Bound on a key-epoch fingerprint in :class:`GroupResults` (16 bytes today)."""
 
 
 class AssignmentAborted(RoundAborted):
@@ -264,7 +266,10 @@ class GroupResults:
     Per-group sums are not sent: a client learns the total only, as in a single round.
     ``ckks``/``hybrid``: ``sums`` is empty and ``ciphertexts`` is the encrypted total the
     front door added from the group ciphertexts (SEAL serializations; the key holders
-    decrypt it); encoded after the rows, absent in ``masked``."""
+    decrypt it); encoded after the rows, absent in ``masked``. ``key_epoch``: with
+    ciphertexts, the fingerprint of the CKKS key epoch the total was added under
+    (:attr:`secagg.ckks_budget.KeyEpoch.fingerprint`), which a key holder checks against its
+    own before decrypting; encoded after the ciphertexts."""
 
     round_id: bytes
     completed: bool
@@ -276,6 +281,7 @@ class GroupResults:
     """Little-endian u64 lane sums (empty when aborted)."""
     rows: tuple[GroupRow, ...]
     ciphertexts: tuple[bytes, ...] = ()
+    key_epoch: bytes = b""
 
     def encode(self) -> bytes:
         w = _header(Writer(), _RESULTS, self.round_id).u8(int(self.completed))
@@ -289,6 +295,8 @@ class GroupResults:
             w.u32(len(self.ciphertexts))
             for ct in self.ciphertexts:
                 w.var(ct)
+            if self.key_epoch:
+                w.var(self.key_epoch)
         return w.getvalue()
 
     @classmethod
@@ -314,10 +322,11 @@ class GroupResults:
             if not 1 <= n_cts <= _MAX_CIPHERTEXTS:
                 raise MalformedMessage(f"group results with {n_cts} ciphertexts")
             cts = tuple(r.var(_MAX_SUMS) for _ in range(n_cts))
+        epoch = r.var(_MAX_EPOCH) if cts and r.remaining else b""
         r.end()
         return cls(
             rid, bool(completed), stage, reason, contributors, total_weight, sums, tuple(rows),
-            cts,
+            cts, epoch,
         )  # fmt: skip
 
 

@@ -93,7 +93,9 @@ class CollectState(ServerState):
         self.require(contributors, "submitted an encrypted input")
         cts = tuple(ctx.he_sum.finish())
         ctx.result = RoundResult(contributors, ciphertexts=cts)
-        msg = EncryptedResult(ctx.params.round_id, 0, ctx.session_id, contributors, cts)
+        # a sharded group round (he_clients): the sum is the coordinator's, not the members'
+        shown = () if ctx.params.he_clients else cts
+        msg = EncryptedResult(ctx.params.round_id, 0, ctx.session_id, contributors, shown)
         return CompletedState(ctx), [(cid, msg) for cid in contributors]
 
 
@@ -145,7 +147,7 @@ class _CkksWaiting(_State):
     accepts = EncryptedResult
 
     def handle(self, msg: Message) -> tuple[_State, list[Message]]:
-        from secagg.client import finish_result
+        from secagg.client import finish_result, group_notice
 
         assert isinstance(msg, EncryptedResult)
         c = self.ctx
@@ -156,6 +158,8 @@ class _CkksWaiting(_State):
         if not set(msg.contributors) <= set(c.directory):
             raise c.misbehaviour("result's contributor set names clients outside the directory")
         check_contributors(msg.contributors, c.params, c.policy)  # before decrypting
+        if c.group_round:  # sharded: the group's sum is the coordinator's, never decrypted
+            return group_notice(c, msg), []
         return finish_result(c, decrypt_result(c, msg.ciphertexts), msg.contributors), []
 
 
@@ -166,7 +170,9 @@ class CkksClient(SecAggClient):
     the round's description); a context of another epoch is refused here with
     :class:`~secagg.errors.KeyEpochMismatch`. Either way the session id binds the client's
     own epoch. :meth:`start` refuses (:class:`~secagg.errors.DecryptionBudgetExhausted`)
-    when the context has no decryption left, before anything is sent.
+    when the context has no decryption left, before anything is sent. ``group_round``: a
+    group round of a sharded round (:class:`~secagg.client.SecAggClient`); the client then
+    refuses the group's encrypted sum and ends with the contributors.
     """
 
     modes = (Mode.CKKS,)
@@ -185,6 +191,7 @@ class CkksClient(SecAggClient):
         policy: ClientPolicy | None = None,
         layout: bytes | None = None,
         key_epoch: bytes | None = None,
+        group_round: bool = False,
     ) -> None:
         if key_epoch is not None and key_epoch != he_context.epoch.fingerprint:
             raise KeyEpochMismatch(
@@ -202,6 +209,7 @@ class CkksClient(SecAggClient):
             he_context=he_context,
             policy=policy,
             layout=layout,
+            group_round=group_round,
         )
 
     def _first_state(self) -> _State:

@@ -210,13 +210,14 @@ class GroupRound:
                 assert secret is not None
                 self.clients[m.cid] = CkksClient(
                     m.cid, identity, params, group_dir, x, m.weight, secret.key_holder(),
-                    rounding_key=self.rounding[m.cid], policy=policy,
+                    rounding_key=self.rounding[m.cid], policy=policy, group_round=True,
                 )  # fmt: skip
             else:
                 self.clients[m.cid] = SecAggClient(
                     m.cid, identity, params, group_dir, x, m.weight,
                     rounding_key=self.rounding[m.cid], policy=policy,
                     he_context=None if secret is None else secret.key_holder(),
+                    group_round=True,  # hybrid: the group's sum is the coordinator's
                 )  # fmt: skip
             if m.drop != _NO_DROP:
                 # ckks has no stage but the upload: a dropped client never uploads
@@ -271,9 +272,10 @@ class GroupRound:
             for cid, msg in batch:
                 if withheld_from(self.drop.get(cid), msg.TYPE) or cid not in self.clients:
                     continue
-                if isinstance(msg, EncryptedResult):
+                if isinstance(msg, EncryptedResult) and msg.ciphertexts:
                     # sharded HE: the group's encrypted sum goes to the coordinator, not to
-                    # the key holders; they decrypt the total only
+                    # the key holders (who refuse it); they decrypt the total only. The
+                    # group round's server sends them the contributors only.
                     continue
                 data = msg.encode()
                 self.down += len(data)

@@ -716,9 +716,12 @@ class Client:
         rounding_key: bytes | None,
         he_context: HEContext | None,
         key_epoch: bytes | None,
+        group_round: bool = False,
     ) -> tuple[SecAggClient | PlaintextClient | CkksClient, str | None]:
         """The protocol core for an unsharded joined round, and the DP ledger key reserved
-        for it (``None``: no DP round); shared with the asyncio driver."""
+        for it (``None``: no DP round); shared with the asyncio driver. ``group_round``: a
+        group round of a sharded round (:mod:`secagg.service.sharded_client`), whose
+        encrypted sum the core refuses (:class:`~secagg.errors.GroupResultRefused`)."""
         core: SecAggClient | PlaintextClient | CkksClient
         p = joined.params
         secret: ckks.SecretContext | None = None
@@ -745,6 +748,7 @@ class Client:
                 rounding_key=rounding_key,
                 policy=self.policy.core(),
                 key_epoch=key_epoch,
+                group_round=group_round,
             )
         else:
             prepared = None
@@ -764,6 +768,7 @@ class Client:
                     policy=self.policy.core(),
                     key_epoch=key_epoch,
                     dp_prepared=prepared,
+                    group_round=group_round,
                 )
             except BaseException:
                 if prepared is not None:

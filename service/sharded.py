@@ -18,7 +18,10 @@ whether a partial sum was published.
 parameters sized for the whole sharded round, ``RoundParams.he_clients``); the front door
 adds the completed groups' encrypted sums with its keyless context
 (:func:`secagg.sharded_he.add_group_sums`) and sends the encrypted total in
-``GroupResults``; the clients (key holders) decrypt it. The front door sees no sum.
+``GroupResults`` with its key epoch; the clients (key holders) decrypt it. The front door
+sees no sum, and neither do the group members: a group round of a sharded HE round sends its
+members the contributors only (an ``EncryptedResult`` with no ciphertext, no verdict stage;
+``RoundParams.he_clients`` marks such a round), so each key holder decrypts the total alone.
 """
 
 from __future__ import annotations
@@ -262,7 +265,7 @@ class FrontDoorCore:
             return self._broadcast(
                 gr.GroupResults(
                     self.params.round_id, True, "", "", contributors, 0, b"",
-                    tuple(self.rows), cts,
+                    tuple(self.rows), cts, self.he.epoch.fingerprint,
                 )
             )  # fmt: skip
         sums = np.zeros(self.params.quant.values(self.params.dim), dtype=np.uint64)

@@ -10,11 +10,18 @@ finally checks the front door's :class:`~secagg.groups.GroupResults` against wha
 (its own group's contributors, every completed group at least ``min_contributors`` strong
 and inside its group) before returning the published sum.
 
-``ckks``/``hybrid``: the group round runs as any round of that mode (its key holders check
-their group's encrypted sum as in a single round); the front door then sends the encrypted
-total of the groups, which this client decrypts with its own key after the same checks.
-It needs two decryptions of its budget per sharded round, and refuses before sending
-anything when fewer are left.
+``ckks``/``hybrid``: the group round runs as a group round of that mode (``group_round``
+of :class:`~secagg.client.SecAggClient`/:class:`~secagg.he_round.CkksClient`): the group's
+encrypted sum is the coordinator's, so the client ends the group round with the server's
+notice of its contributors and refuses any ciphertext there
+(:class:`~secagg.errors.GroupResultRefused`) before decrypting anything. The front door then
+sends the encrypted total of the groups with its key epoch; after the checks above the client
+refuses a total under another epoch, decrypts it with its own key (one decryption of its
+budget per sharded round, required before anything is sent) and, in weighted rounds, refuses
+a total whose weight lane cannot come from the published contributors (``count <= weight <=
+count * max_weight``; a group's sum passed off as the total of more contributors fails it
+unless the coordinator adds ciphertexts several times, which no client can see:
+docs/sharding.md).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from secagg.errors import (
     SecAggError,
     ServerMisbehaviour,
 )
+from secagg.keys import constant_time_equal
 from secagg.messages import Message
 from secagg.params import Mode
 from secagg.service.errors import PolicyRefused
@@ -196,13 +204,27 @@ class FrontDoorClient:
                 f"the published encrypted total has {len(msg.ciphertexts)} ciphertexts, not"
                 f" {p.he.n_ciphertexts} (and no plaintext sum)"
             )
+        own = secret.epoch.fingerprint
+        if not constant_time_equal(msg.key_epoch, own):  # before the budget is charged
+            raise ServerMisbehaviour(
+                f"the encrypted total was added under CKKS key {msg.key_epoch.hex() or 'none'},"
+                f" this key holder's is {own.hex()}: not decrypted"
+            )
         try:
             sums = decrypt_lane_sums(secret, p, msg.ciphertexts)
         except DecryptionBudgetExhausted:
             raise
         except SecAggError as exc:
             raise ServerMisbehaviour(f"the encrypted total does not decrypt: {exc}") from None
-        weighted_sum, total = kernels.dequantize(sums, p.quant, len(contributors), p.dim)
+        n = len(contributors)
+        weighted_sum, total = kernels.dequantize(sums, p.quant, n, p.dim)
+        if p.quant.weighted and not n <= total <= n * p.quant.max_weight:
+            # the weight lane sums every contributor's weight in 1..max_weight
+            raise ServerMisbehaviour(
+                f"the decrypted total carries weight {total}; {n} contributors of weight"
+                f" 1..{p.quant.max_weight} sum to {n}..{n * p.quant.max_weight}: it is not"
+                " the sum of the published contributors"
+            )
         return ClientResult(sums, contributors, total, weighted_sum)
 
 
@@ -233,13 +255,14 @@ def participate_sharded(
         if he_context is None:
             raise PolicyRefused(f"a {p.mode.name.lower()} round needs the CKKS key context")
         secret = secret_context(he_context, p.he)
-        secret.require_budget(2)  # the group's sum and the total: refuse before sending
+        secret.require_budget(1)  # the total only: refuse before sending
 
     def run_group(gjoined: JoinedRound) -> ClientResult | None:
-        return client.participate(
-            gjoined, vector, weight, rounding_key=rounding_key, on_send=on_send,
-            key_epoch=key_epoch, he_context=secret,
+        core, _ = client._core(
+            gjoined, vector, weight, rounding_key=rounding_key, he_context=secret,
+            key_epoch=key_epoch, group_round=True,
         )  # fmt: skip
+        return _Session(client, gjoined, core, on_send).run()
 
     core = FrontDoorClient(client, joined, run_group, secret)
     try:

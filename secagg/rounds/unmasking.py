@@ -46,6 +46,7 @@ from secagg.messages import (
 from secagg.prg import Purpose, StreamMask, derive_key
 from secagg.rounds.base import Outgoing, RoundResult, ServerContext, ServerState, Stage
 from secagg.rounds.blame import after_result
+from secagg.rounds.terminal import CompletedState
 
 __all__ = ["UnmaskingState", "check_dealer_evidence", "pair_sign"]
 
@@ -128,19 +129,24 @@ class UnmaskingState(ServerState):
         ctx.result = result
         msg: Message
         if result.ciphertexts is not None:
+            # A sharded group round (he_clients): the group's sum is the coordinator's; the
+            # members get the contributors only and decrypt the total alone (no verdicts).
+            group = bool(ctx.params.he_clients)
             msg = EncryptedResult(
                 ctx.params.round_id,
                 0,
                 ctx.session_id,
                 result.contributors,
-                result.ciphertexts,
+                () if group else result.ciphertexts,
                 result.dp_removal,
             )
+            nxt = CompletedState(ctx) if group else after_result(ctx)
         else:
             msg = AggregateResult(
                 ctx.params.round_id, 0, ctx.session_id, result.contributors, ctx.acc
             )
-        return after_result(ctx), [(cid, msg) for cid in sorted(ctx.active(ctx.u2))]
+            nxt = after_result(ctx)
+        return nxt, [(cid, msg) for cid in sorted(ctx.active(ctx.u2))]
 
 
 def validate_dp_shares(

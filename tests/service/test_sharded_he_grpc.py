@@ -41,10 +41,11 @@ def d(tmp_path: Path) -> Iterator[Deployment]:
         dep.stop()
 
 
-def _contexts(mode: str) -> tuple[bytes, bytes]:
+def _contexts(mode: str, max_weight: int = 1) -> tuple[bytes, bytes]:
     """The operator's keygen for a sharded round: CKKS sized for all N plus the groups."""
     he_clients = sharded_he_clients(Mode.parse(mode), N, G)
-    he = replace(make_params(N, DIM, mode=mode), he_clients=he_clients).he
+    base = make_params(N, DIM, mode=mode, max_weight=max_weight)
+    he = replace(base, he_clients=he_clients).he
     secret = ckks.make_secret_context(he)
     return secret, ckks.make_public_context(secret)
 
@@ -62,19 +63,24 @@ def _run(
     rid: bytes,
     secret: bytes,
     hook: Callable[[int], Callable[[Message], bool] | None] = lambda cid: None,
+    contexts: dict[int, ckks.SecretContext] | None = None,
 ) -> tuple[dict[int, Any], dict[int, np.ndarray[Any, Any]], dict[int, bytes]]:
+    """Every client joins and participates; ``contexts`` collects each key holder's loaded
+    secret context (its own decryption count)."""
     rng = np.random.default_rng(11)  # test data, no secrets
     xs = {c: rng.uniform(-1, 1, DIM) for c in range(1, N + 1)}
     keys = {c: secrets.token_bytes(32) for c in xs}
+    held = contexts if contexts is not None else {}
 
     def job(cid: int, name: str) -> Callable[[], Any]:
         def go() -> Any:
             with d.client(name, policy=POLICY) as c:
                 joined = c.join(rid)
                 assert joined.groups == G
+                held[cid] = ckks.load_secret_context(secret, joined.params.he)
                 return c.participate(
                     joined, xs[cid], 1, rounding_key=keys[cid], on_send=hook(cid),
-                    he_context=ckks.load_secret_context(secret, joined.params.he),
+                    he_context=held[cid],
                 )  # fmt: skip
 
         return go
@@ -83,8 +89,10 @@ def _run(
     return {int(k): v for k, v in out.items()}, xs, keys
 
 
-def _expected(xs: dict[int, Any], keys: dict[int, bytes], ids: Any) -> np.ndarray[Any, Any]:
-    spec = make_params(N, DIM).quant
+def _expected(
+    xs: dict[int, Any], keys: dict[int, bytes], ids: Any, max_weight: int = 1
+) -> np.ndarray[Any, Any]:
+    spec = make_params(N, DIM, max_weight=max_weight).quant
     return sum(lane_values(xs[c], 1, spec, keys[c]) for c in ids)  # type: ignore[return-value]
 
 
@@ -93,13 +101,18 @@ def test_sharded_he_round_over_grpc_is_exact(d: Deployment, mode: str) -> None:
     names = d.enroll(N)
     secret, server_ctx = _contexts(mode)
     rid = d.create(names, DIM, groups=G, mode=mode, he_context=server_ctx)
-    out, xs, keys = _run(d, names, rid, secret)
+    held: dict[int, ckks.SecretContext] = {}
+    out, xs, keys = _run(d, names, rid, secret, contexts=held)
     errors = {c: o.error for c, o in out.items() if o.error is not None}
     assert not errors
     want = _expected(xs, keys, range(1, N + 1))
     for o in out.values():
         assert o.result.contributors == tuple(range(1, N + 1))
         assert np.array_equal(o.result.sums, want)
+    # one decryption of each key holder's budget: the total; no member saw its group's sum
+    # (before the fix every member also decrypted its group's sum: two)
+    assert sorted(held) == list(range(1, N + 1))
+    assert all(h.decryptions_left == h.epoch.budget - 1 for h in held.values())
     front = _front(d, rid).front
     # the front door published ciphertexts only, summed with a keyless context
     assert front.result is not None and front.result.sums is None and front.result.ciphertexts
@@ -210,3 +223,62 @@ def test_front_door_refuses_a_group_ciphertext_under_another_key() -> None:
     assert msg.completed and msg.contributors == (1, 2, 3, 4, 9, 10, 11, 12) and not msg.sums
     total = ckks.decrypt(secret, msg.ciphertexts)
     assert np.array_equal(total, 8 * ones)
+
+
+def _fails_with(out: dict[int, Any], text: str) -> None:
+    from secagg.errors import ServerMisbehaviour
+
+    for c, o in out.items():
+        assert isinstance(o.error, ServerMisbehaviour), (c, o.error)
+        assert text in str(o.error), (c, o.error)
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "ckks"])
+def test_a_groups_sum_passed_off_as_the_total_is_refused(
+    d: Deployment, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attack: the front door (the adversary) publishes group 0's encrypted sum as "the
+    total" under the full contributor list and group lines, so group 0's sum would be
+    revealed to every client. In a weighted round (``max_weight`` 4, every weight 1) the
+    decrypted weight lane is 4, not the 12..48 that 12 contributors sum to: every client
+    refuses it. Without the weight check the clients accepted group 0's sum as the total."""
+    from secagg.service.sharded import FrontDoorCore
+
+    real = FrontDoorCore._add_encrypted
+
+    def only_group_0(self: FrontDoorCore, ends: Any) -> Any:
+        ends, _ = real(self, ends)
+        first = next(e for e in ends if e.group == 0)
+        return ends, tuple(first.result.ciphertexts)
+
+    monkeypatch.setattr(FrontDoorCore, "_add_encrypted", only_group_0)
+    names = d.enroll(N)
+    secret, server_ctx = _contexts(mode, max_weight=4)
+    rid = d.create(names, DIM, groups=G, mode=mode, he_context=server_ctx, max_weight=4)
+    out, _, _ = _run(d, names, rid, secret)
+    _fails_with(out, "carries weight 4; 12 contributors of weight 1..4 sum to 12..48")
+
+
+def test_a_total_under_another_key_epoch_is_not_decrypted(
+    d: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attack: the front door labels the encrypted total with another key epoch (a total
+    added under another key would burn a decryption of every key holder's budget and fail).
+    Every client refuses it before decrypting: its budget is untouched. Without the epoch
+    check the clients decrypted it (and accepted it: here the content is the real total)."""
+    from secagg.groups import GroupResults
+    from secagg.service.sharded import FrontDoorCore
+
+    real = FrontDoorCore._broadcast
+
+    def relabel(self: FrontDoorCore, msg: GroupResults) -> Any:
+        return real(self, replace(msg, key_epoch=bytes(16)) if msg.ciphertexts else msg)
+
+    monkeypatch.setattr(FrontDoorCore, "_broadcast", relabel)
+    names = d.enroll(N)
+    secret, server_ctx = _contexts("ckks")
+    rid = d.create(names, DIM, groups=G, mode="ckks", he_context=server_ctx)
+    held: dict[int, ckks.SecretContext] = {}
+    out, _, _ = _run(d, names, rid, secret, contexts=held)
+    _fails_with(out, "added under CKKS key " + "00" * 16)
+    assert all(h.decryptions_left == h.epoch.budget for h in held.values())
