@@ -29,11 +29,13 @@ __all__ = [
     "CUDA_TILE_WORDS",
     "DP_THREADS_VAR",
     "ENV_VAR",
+    "MASK_THREADS_VAR",
     "SMALL_WORDS",
     "Backend",
     "backend",
     "cuda_available",
     "dp_threads",
+    "mask_threads",
     "simulator",
 ]
 
@@ -108,9 +110,39 @@ def dp_threads() -> int:
     KernelError
         If the variable is not a non-negative integer.
     """
-    value = os.environ.get(DP_THREADS_VAR, "").strip() or "1"
+    return _threads(DP_THREADS_VAR)
+
+
+MASK_THREADS_VAR = "SECAGG_MASK_THREADS"
+"""Numba threads of the masking-layer CPU kernels (:mod:`secagg.kernels.cpu`: the fused
+quantize + pack + mask, unpack, dequantize, the Numba keystream and unmask): a positive
+count, or ``0`` for all of Numba's threads. Default ``1``.
+
+Like the DP passes (:data:`DP_THREADS_VAR`) these are short memory-bound passes: at
+``10^6`` values the unpack and the dequantize take 1-4 ms, and under the OpenMP layer the
+second thread's start-up and its spin after the region cost more than it saves. On the
+2-core development box shared with other jobs, a client's decode of the published
+aggregate took 13.7 CPU-ms on two threads against 1.9 on one (``benchmarks/mask_threads.py``,
+docs/kernels.md "Threads"). The server's unmask expands keystream with OpenSSL on one
+thread either way. On an idle many-core server ``0`` shortens the wall time of one
+call."""
+
+
+def mask_threads() -> int:
+    """The thread count :data:`MASK_THREADS_VAR` asks for (``0``: all); read on every call.
+
+    Raises
+    ------
+    KernelError
+        If the variable is not a non-negative integer.
+    """
+    return _threads(MASK_THREADS_VAR)
+
+
+def _threads(var: str) -> int:
+    value = os.environ.get(var, "").strip() or "1"
     if not value.isdigit():
-        raise KernelError(f"{DP_THREADS_VAR} must be a non-negative integer, got {value!r}")
+        raise KernelError(f"{var} must be a non-negative integer, got {value!r}")
     return int(value)
 
 
