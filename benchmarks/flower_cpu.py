@@ -108,7 +108,8 @@ def ours(clients: int, dim: int, dropout: float) -> dict[str, Any]:
 
 def flower(python: Path, clients: int, dim: int, dropout: float) -> dict[str, Any]:
     """One Flower round in the Flower environment, its stopwatch on CPU seconds."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BENCH), os.environ.get("PYTHONPATH", "")]))
+    path = os.pathsep.join([str(BENCH), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path)
     res = subprocess.run(
         [str(python), "-c", _FLOWER, str(clients), str(dim), "11", "6", str(dropout)],
         cwd=ROOT, env=env, capture_output=True, text=True, check=False,

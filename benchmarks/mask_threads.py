@@ -33,6 +33,10 @@ from secagg.prg import Purpose, StreamMask
 from secagg.quantize import QuantSpec
 
 
+def _ms(samples: list[float]) -> float:
+    return round(statistics.median(samples), 2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dim", type=int, default=1_000_000)
@@ -43,12 +47,16 @@ def main() -> None:
     args = parser.parse_args()
     spec = QuantSpec(clip=8.0, bits=16, n_clients=args.clients)
     x = np.random.default_rng(0).uniform(-1, 1, args.dim)  # public test data, not secret
-    masks = [StreamMask(bytes([i + 1]) * 32, Purpose.PAIR_MASK, 1 - 2 * (i % 2)) for i in range(args.neighbors)]
+    masks = [
+        StreamMask(bytes([i + 1]) * 32, Purpose.PAIR_MASK, 1 - 2 * (i % 2))
+        for i in range(args.neighbors)
+    ]
     masks.append(StreamMask(bytes(32), Purpose.SELF_MASK, 1))
     words = kernels.mask_vector(x, 1, spec, bytes(32), masks)
     data = AggregateResult(bytes(16), 0, bytes(32), (1, 2), words).encode()
     junk = np.zeros(8 << 20)
-    report: dict[str, Any] = {"dim": args.dim, "words": int(words.size), "load_start": os.getloadavg()}
+    report: dict[str, Any] = {"dim": args.dim, "words": int(words.size)}
+    report["load_start"] = os.getloadavg()
     steps: dict[str, Callable[[], Any]] = {
         "mask_vector": lambda: kernels.mask_vector(x, 1, spec, bytes(32), masks),
         "decode_message": lambda: decode_message(data),
@@ -70,9 +78,8 @@ def main() -> None:
                 cpu[name].append(1e3 * (time.process_time() - c0))
                 wall[name].append(1e3 * (time.perf_counter() - w0))
         report[f"threads={threads}"] = {
-            k: {"cpu_ms": round(statistics.median(cpu[k]), 2), "wall_ms": round(statistics.median(wall[k]), 2)}
-            for k in steps
-        }  # fmt: skip
+            k: {"cpu_ms": _ms(cpu[k]), "wall_ms": _ms(wall[k])} for k in steps
+        }
     report["load_end"] = os.getloadavg()
     print(json.dumps(report, indent=1))
 

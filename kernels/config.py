@@ -118,14 +118,13 @@ MASK_THREADS_VAR = "SECAGG_MASK_THREADS"
 quantize + pack + mask, unpack, dequantize, the Numba keystream and unmask): a positive
 count, or ``0`` for all of Numba's threads. Default ``1``.
 
-Like the DP passes (:data:`DP_THREADS_VAR`) these are short memory-bound passes: at
-``10^6`` values the unpack and the dequantize take 1-4 ms, and under the OpenMP layer the
-second thread's start-up and its spin after the region cost more than it saves. On the
-2-core development box shared with other jobs, a client's decode of the published
-aggregate took 13.7 CPU-ms on two threads against 1.9 on one (``benchmarks/mask_threads.py``,
-docs/kernels.md "Threads"). The server's unmask expands keystream with OpenSSL on one
-thread either way. On an idle many-core server ``0`` shortens the wall time of one
-call."""
+Like the DP passes (:data:`DP_THREADS_VAR`) these are short memory-bound passes, and under
+Numba's OpenMP layer a second thread costs its start-up and its spin after the region. On
+the 2-core development box shared with other jobs, one sparse client's calls at ``10^6``
+values took, on one thread against two, 13.9 against 27.9 CPU-ms (``mask_vector``), 2.3
+against 5.4 (unpack) and 0.9 against 11.7 (dequantize), and less wall time too
+(``benchmarks/mask_threads.py``, docs/kernels.md "Threads"). On an idle many-core server
+``0`` shortens one large call's wall time."""
 
 
 def mask_threads() -> int:

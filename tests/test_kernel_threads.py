@@ -126,4 +126,3 @@ def test_round_exact_on_either_thread_count(monkeypatch: pytest.MonkeyPatch) -> 
         monkeypatch.setenv(config.MASK_THREADS_VAR, value)
         report = simulate(SimulationConfig(clients=5, dim=3_000, dropout=0.0, seed=1))
         assert report["status"] == "completed" and report["exact"]
-
