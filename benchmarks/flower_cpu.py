@@ -41,7 +41,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 import types
 from collections import defaultdict
@@ -92,14 +91,14 @@ def ours(clients: int, dim: int, dropout: float) -> dict[str, Any]:
             decode[self.client_id] += spent
         return out
 
-    real_time = sim.time
-    sim.time = types.SimpleNamespace(perf_counter=time.process_time)  # type: ignore[assignment]
+    real_time = sim.time  # type: ignore[attr-defined]
+    sim.time = types.SimpleNamespace(perf_counter=time.process_time)  # type: ignore[attr-defined,assignment]
     client_mod.SecAggClient.start = timed_start  # type: ignore[method-assign]
     client_mod.SecAggClient.receive = timed  # type: ignore[method-assign]
     try:
         report = sim.simulate(cfg)
     finally:
-        sim.time = real_time
+        sim.time = real_time  # type: ignore[attr-defined]
         client_mod.SecAggClient.start = start  # type: ignore[method-assign]
         client_mod.SecAggClient.receive = receive  # type: ignore[method-assign]
     assert report["status"] == "completed" and report["exact"], report.get("error")
@@ -165,4 +164,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -109,7 +109,7 @@ def test_aggregate_words_copied_from_mutable_buffer() -> None:
     A view there would let the next message rewrite the last result."""
     words = np.arange(7, dtype=np.uint64)
     buf = bytearray(AggregateResult(RID, 0, SID, (1, 2), words).encode())
-    msg = decode_message(buf)
+    msg = decode_message(memoryview(buf))
     assert isinstance(msg, AggregateResult)
     buf[-8:] = bytes(8 * [0xFF])
     assert np.array_equal(msg.words, words)
