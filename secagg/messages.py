@@ -255,6 +255,12 @@ class NonceReveal(Message):
         return cls(round_id, sender, r.fixed(SESSION_ID_BYTES), r.fixed(NONCE_BYTES))
 
 
+def _word_bytes(words: npt.NDArray[np.uint64]) -> memoryview:
+    """The little-endian bytes of ``words``: a view of the array when it is contiguous and
+    little-endian already (no copy), else of a converted copy."""
+    return memoryview(np.ascontiguousarray(words, dtype="<u8")).cast("B")
+
+
 def _read_words(view: memoryview) -> npt.NDArray[np.uint64]:
     """Little-endian uint64 words from ``view``: a read-only view of an immutable ``bytes``
     encoding on a little-endian host (no 8 MB copy and its page faults for a 10^6-value
@@ -372,7 +378,7 @@ class MaskedInput(Message):
 
     def _body(self, w: Writer) -> None:
         w.fixed(self.session_id, SESSION_ID_BYTES).u64(self.words.size)
-        w.raw(np.ascontiguousarray(self.words, dtype="<u8").tobytes())
+        w.borrow(_word_bytes(self.words))
 
     @classmethod
     def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> MaskedInput:
@@ -700,7 +706,7 @@ class AggregateResult(Message):
 
     def _body(self, w: Writer) -> None:
         w.fixed(self.session_id, SESSION_ID_BYTES).ids(self.contributors).u64(self.words.size)
-        w.raw(np.ascontiguousarray(self.words, dtype="<u8").tobytes())
+        w.borrow(_word_bytes(self.words))
 
     @classmethod
     def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> AggregateResult:
