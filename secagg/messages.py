@@ -258,7 +258,7 @@ class NonceReveal(Message):
 def _word_bytes(words: npt.NDArray[np.uint64]) -> memoryview:
     """The little-endian bytes of ``words``: a view of the array when it is contiguous and
     little-endian already (no copy), else of a converted copy."""
-    return memoryview(np.ascontiguousarray(words, dtype="<u8")).cast("B")
+    return np.ascontiguousarray(words, dtype="<u8").data.cast("B")
 
 
 def _read_words(view: memoryview) -> npt.NDArray[np.uint64]:
