@@ -29,11 +29,13 @@ __all__ = [
     "CUDA_TILE_WORDS",
     "DP_THREADS_VAR",
     "ENV_VAR",
+    "MASK_THREADS_VAR",
     "SMALL_WORDS",
     "Backend",
     "backend",
     "cuda_available",
     "dp_threads",
+    "mask_threads",
     "simulator",
 ]
 
@@ -108,9 +110,38 @@ def dp_threads() -> int:
     KernelError
         If the variable is not a non-negative integer.
     """
-    value = os.environ.get(DP_THREADS_VAR, "").strip() or "1"
+    return _threads(DP_THREADS_VAR)
+
+
+MASK_THREADS_VAR = "SECAGG_MASK_THREADS"
+"""Numba threads of the masking-layer CPU kernels (:mod:`secagg.kernels.cpu`: the fused
+quantize + pack + mask, unpack, dequantize, the Numba keystream and unmask): a positive
+count, or ``0`` for all of Numba's threads. Default ``1``.
+
+Like the DP passes (:data:`DP_THREADS_VAR`) these are short memory-bound passes, and under
+Numba's OpenMP layer a second thread costs its start-up and its spin after the region. On
+the 2-core development box shared with other jobs, one sparse client's calls at ``10^6``
+values took, on one thread against two, 13.9 against 27.9 CPU-ms (``mask_vector``), 2.3
+against 5.4 (unpack) and 0.9 against 11.7 (dequantize), and less wall time too
+(``benchmarks/mask_threads.py``, docs/kernels.md "Threads"). On an idle many-core server
+``0`` shortens one large call's wall time."""
+
+
+def mask_threads() -> int:
+    """The thread count :data:`MASK_THREADS_VAR` asks for (``0``: all); read on every call.
+
+    Raises
+    ------
+    KernelError
+        If the variable is not a non-negative integer.
+    """
+    return _threads(MASK_THREADS_VAR)
+
+
+def _threads(var: str) -> int:
+    value = os.environ.get(var, "").strip() or "1"
     if not value.isdigit():
-        raise KernelError(f"{DP_THREADS_VAR} must be a non-negative integer, got {value!r}")
+        raise KernelError(f"{var} must be a non-negative integer, got {value!r}")
     return int(value)
 
 

@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import numba
 import numpy as np
 import numpy.typing as npt
 from numba import float64, njit, prange, uint32, uint64
 
 from secagg.kernels.chacha import BLOCK_WORDS, chacha20_block_inline
-from secagg.kernels.config import CPU_CHUNK_WORDS, CPU_LANES
+from secagg.kernels.config import CPU_CHUNK_WORDS, CPU_LANES, mask_threads
 
 __all__ = ["add_masks", "dequantize", "keystream_words", "mask_vector", "unpack"]
 
@@ -38,6 +41,21 @@ _LAUNCH = threading.Lock()
 """One parallel region at a time: Numba's ``workqueue`` threading layer (the fallback when
 neither OpenMP nor TBB is there) aborts the process on concurrent launches, and on 2 cores
 two concurrent regions gain nothing anyway."""
+
+
+@contextmanager
+def launch() -> Iterator[None]:
+    """Hold :data:`_LAUNCH` and run this thread's parallel regions on
+    :func:`~secagg.kernels.config.mask_threads` threads (``0``: all), restored after."""
+    want = mask_threads()
+    with _LAUNCH:
+        before = numba.get_num_threads()
+        most: int = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+        numba.set_num_threads(min(want, most) if want else before)
+        try:
+            yield
+        finally:
+            numba.set_num_threads(before)
 
 
 @njit(cache=True)
@@ -201,7 +219,7 @@ def keystream_words(
     """``count`` ChaCha20 blocks from block ``first`` as ``16 * count`` uint32 words."""
     out = np.empty(16 * count, dtype=np.uint32)
     if count:
-        with _LAUNCH:
+        with launch():
             _keystream_kernel(key.reshape(1, 8), nonce.reshape(1, 3), first, count, out)
     return out
 
@@ -228,7 +246,7 @@ def mask_vector(
     if n_words == 0:
         return out, False
     nan_flags = np.zeros(-(-n_words // _CHUNK), dtype=np.bool_)
-    with _LAUNCH:
+    with launch():
         _mask_kernel(
             x, np.int64(dim), weighted, np.uint64(weight), np.int64(lanes), np.int64(lane_bits),
             np.float64(clip), np.float64(scale), np.int64(max_level),
@@ -245,7 +263,7 @@ def add_masks(
 ) -> None:
     """In place: ``acc += sum(sign * stream)`` mod 2^64."""
     if acc.size and keys.shape[0]:
-        with _LAUNCH:
+        with launch():
             _add_masks_kernel(acc, keys, nonces, signs)
 
 
@@ -256,7 +274,7 @@ def unpack(
     out = np.empty(count, dtype=np.uint64)
     if count:
         mask = (1 << lane_bits) - 1 if lane_bits < 64 else (1 << 64) - 1
-        with _LAUNCH:
+        with launch():
             _unpack_kernel(words, np.int64(lanes), np.int64(lane_bits), np.uint64(mask), out)
     return out
 
@@ -267,6 +285,6 @@ def dequantize(
     """``sums[:dim] / scale - offset`` in float64, element by element as numpy does it."""
     out = np.empty(dim, dtype=np.float64)
     if dim:
-        with _LAUNCH:
+        with launch():
             _dequantize_kernel(sums, np.float64(scale), np.float64(offset), out)
     return out

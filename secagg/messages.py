@@ -255,6 +255,22 @@ class NonceReveal(Message):
         return cls(round_id, sender, r.fixed(SESSION_ID_BYTES), r.fixed(NONCE_BYTES))
 
 
+def _word_bytes(words: npt.NDArray[np.uint64]) -> memoryview:
+    """The little-endian bytes of ``words``: a view of the array when it is contiguous and
+    little-endian already (no copy), else of a converted copy."""
+    return np.ascontiguousarray(words, dtype="<u8").data.cast("B")
+
+
+def _read_words(view: memoryview) -> npt.NDArray[np.uint64]:
+    """Little-endian uint64 words from ``view``: a read-only view of an immutable ``bytes``
+    encoding on a little-endian host (no 8 MB copy and its page faults for a 10^6-value
+    aggregate), a private copy of anything else (a buffer the caller could change later)."""
+    words = np.frombuffer(view, dtype="<u8")
+    if isinstance(view.obj, bytes) and words.dtype == np.uint64:
+        return words
+    return words.astype(np.uint64)
+
+
 def _pairs(w: Writer, pairs: tuple[tuple[int, bytes], ...], size: int) -> None:
     """``count u32 | (peer u32 | blob[size])*``, packed in one C-level pass."""
     if any(len(blob) != size for _, blob in pairs):
@@ -362,7 +378,7 @@ class MaskedInput(Message):
 
     def _body(self, w: Writer) -> None:
         w.fixed(self.session_id, SESSION_ID_BYTES).u64(self.words.size)
-        w.raw(np.ascontiguousarray(self.words, dtype="<u8").tobytes())
+        w.borrow(_word_bytes(self.words))
 
     @classmethod
     def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> MaskedInput:
@@ -690,7 +706,7 @@ class AggregateResult(Message):
 
     def _body(self, w: Writer) -> None:
         w.fixed(self.session_id, SESSION_ID_BYTES).ids(self.contributors).u64(self.words.size)
-        w.raw(np.ascontiguousarray(self.words, dtype="<u8").tobytes())
+        w.borrow(_word_bytes(self.words))
 
     @classmethod
     def _decode_body(cls, r: Reader, round_id: bytes, sender: int) -> AggregateResult:
@@ -699,8 +715,7 @@ class AggregateResult(Message):
         n = r.u64()
         if 8 * n != r.remaining:
             raise MalformedMessage(f"result announces {n} words, carries {r.remaining} bytes")
-        words = np.frombuffer(r.view(8 * n), dtype="<u8").astype(np.uint64)
-        return cls(round_id, sender, session, contributors, words)
+        return cls(round_id, sender, session, contributors, _read_words(r.view(8 * n)))
 
 
 @dataclass(frozen=True)

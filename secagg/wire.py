@@ -20,7 +20,7 @@ class Writer:
     __slots__ = ("_parts",)
 
     def __init__(self) -> None:
-        self._parts: list[bytes] = []
+        self._parts: list[bytes | memoryview] = []
 
     def u8(self, v: int) -> Writer:
         self._parts.append(struct.pack(">B", v))
@@ -56,6 +56,13 @@ class Writer:
 
     def raw(self, data: bytes | memoryview) -> Writer:
         self._parts.append(bytes(data))
+        return self
+
+    def borrow(self, data: memoryview) -> Writer:
+        """Append ``data`` without copying it (a packed vector's bytes: one copy fewer of
+        8 d / P bytes per upload). The buffer must not change before :meth:`getvalue`,
+        which :meth:`secagg.messages.Message.encode` calls right after the body."""
+        self._parts.append(data)
         return self
 
     def getvalue(self) -> bytes:
