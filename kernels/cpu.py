@@ -44,10 +44,11 @@ two concurrent regions gain nothing anyway."""
 
 
 @contextmanager
-def launch() -> Iterator[None]:
-    """Hold :data:`_LAUNCH` and run this thread's parallel regions on
-    :func:`~secagg.kernels.config.mask_threads` threads (``0``: all), restored after."""
-    want = mask_threads()
+def launch(threads: int | None = None) -> Iterator[None]:
+    """Hold :data:`_LAUNCH` and run this thread's parallel regions on ``threads`` Numba
+    threads (``0``: all; default :func:`~secagg.kernels.config.mask_threads`), restored
+    after. The DP passes come through here with their own knob (``dp_encode.launch``)."""
+    want = mask_threads() if threads is None else threads
     with _LAUNCH:
         before = numba.get_num_threads()
         most: int = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]

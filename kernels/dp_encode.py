@@ -29,14 +29,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import numba
 import numpy as np
 from numba import njit, prange, uint64
 
 from secagg.errors import KernelError
 from secagg.kernels import config
 from secagg.kernels.config import dp_threads
-from secagg.kernels.cpu import _LAUNCH
+from secagg.kernels.cpu import launch as cpu_launch
 
 __all__ = [
     "NORM_BLOCK",
@@ -73,18 +72,11 @@ def kernels() -> Any:
 
 @contextmanager
 def launch() -> Iterator[None]:
-    """Hold :data:`secagg.kernels.cpu._LAUNCH` (one parallel region at a time: Numba's
-    ``workqueue`` layer aborts on concurrent launches) and run this thread's parallel regions
-    on :func:`~secagg.kernels.config.dp_threads` threads (``0``: all), restored after."""
-    want = dp_threads()
-    with _LAUNCH:
-        before = numba.get_num_threads()
-        most: int = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
-        numba.set_num_threads(min(want, most) if want else before)
-        try:
-            yield
-        finally:
-            numba.set_num_threads(before)
+    """:func:`secagg.kernels.cpu.launch` with :func:`~secagg.kernels.config.dp_threads`
+    threads: one parallel region at a time (Numba's ``workqueue`` layer aborts on
+    concurrent launches), ``0`` meaning all, restored after."""
+    with cpu_launch(dp_threads()):
+        yield
 
 
 _TWO53 = 9007199254740992.0  # 2^53: coins are the top 53 bits of a keystream word
