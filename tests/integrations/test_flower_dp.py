@@ -140,7 +140,9 @@ def test_site_kit_keeps_the_dp_ledger_in_the_kit(kits: Kits) -> None:
         client.close()
 
 
-def test_flower_app_runs_dp_rounds(federation: Federation, tmp_path: Path) -> None:
+def test_flower_app_runs_dp_rounds(
+    federation: Federation, tmp_path: Path, warm_dp_kernels: None
+) -> None:
     """A Flower app (real ServerApp, strategy, ClientApp, mod) with ``SecAggFedAvg(dp=...)``
     and nodes holding a DP policy in their node config: three DP rounds (node 4 crashes in
     round 2), each charged to the job's ledger with its real contributors, and each node's
