@@ -22,6 +22,7 @@ import numpy as np
 from secagg import ckks, graph
 from secagg.client import SecAggClient, decrypt_lane_sums
 from secagg.errors import RoundAborted, SecAggError
+from secagg.he_params import HEParams
 from secagg.he_round import CkksClient, CkksServer
 from secagg.keys import IdentityKey, random_seed
 from secagg.messages import SEND_ORDER, EncryptedInput, Message, encrypted_input_payload
@@ -271,6 +272,18 @@ def simulation_inputs(
     return ids, inputs, weights, schedule(cfg, ids, rng)
 
 
+def he_params_report(he: HEParams, **extra: Any) -> dict[str, Any]:
+    """The ``he`` section of a report: the CKKS parameters of the round, then ``extra``."""
+    return {
+        "poly_modulus_degree": he.poly_modulus_degree,
+        "coeff_mod_bit_sizes": list(he.coeff_mod_bit_sizes),
+        "scale_bits": he.scale_bits,
+        "lanes_per_slot": he.lanes_per_slot,
+        "ciphertexts_per_client": he.n_ciphertexts,
+        **extra,
+    }
+
+
 def simulate(cfg: SimulationConfig) -> dict[str, Any]:
     """Run the configured round and return the report printed by ``secagg simulate``."""
     params = make_params(
@@ -302,14 +315,7 @@ def simulate(cfg: SimulationConfig) -> dict[str, Any]:
         secret_bytes = ckks.make_secret_context(he)
         he_secret = ckks.load_secret_context(secret_bytes, he)
         he_server = ckks.load_server_context(ckks.make_public_context(secret_bytes), he)
-        he_report = {
-            "poly_modulus_degree": he.poly_modulus_degree,
-            "coeff_mod_bit_sizes": list(he.coeff_mod_bit_sizes),
-            "scale_bits": he.scale_bits,
-            "lanes_per_slot": he.lanes_per_slot,
-            "ciphertexts_per_client": he.n_ciphertexts,
-            "keygen_seconds": time.perf_counter() - t0,
-        }
+        he_report = he_params_report(he, keygen_seconds=time.perf_counter() - t0)
     ids, inputs, weights, plan = simulation_inputs(cfg)
     if params.mode is Mode.CKKS:
         # No stage but the upload: a dropped client simply never uploads.

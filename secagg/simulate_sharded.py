@@ -50,7 +50,14 @@ from secagg.quantize import dequantize, lane_values
 from secagg.rounds.base import Stage
 from secagg.server import SecAggServer, StageTimeouts
 from secagg.sharded_he import EncryptedGroupSum, GroupCiphertextRefused, add_group_sums
-from secagg.simulate import DROP_STAGES, SimulationConfig, schedule, withheld_from, withholds
+from secagg.simulate import (
+    DROP_STAGES,
+    SimulationConfig,
+    he_params_report,
+    schedule,
+    withheld_from,
+    withholds,
+)
 from secagg.wire import Reader, Writer
 
 __all__ = [
@@ -535,15 +542,9 @@ def simulate_sharded(
         t0 = time.perf_counter()
         he_secret = ckks.make_secret_context(he)  # the key holders' (simulated clients')
         he_public = ckks.make_public_context(he_secret)
-        he_report = {
-            "poly_modulus_degree": he.poly_modulus_degree,
-            "coeff_mod_bit_sizes": list(he.coeff_mod_bit_sizes),
-            "scale_bits": he.scale_bits,
-            "lanes_per_slot": he.lanes_per_slot,
-            "ciphertexts_per_client": he.n_ciphertexts,
-            "he_clients": he_clients,
-            "keygen_seconds": time.perf_counter() - t0,
-        }
+        he_report = he_params_report(
+            he, he_clients=he_clients, keygen_seconds=time.perf_counter() - t0
+        )
         server_ctx = ckks.load_server_context(he_public, he)  # the coordinator's: no key
     for g, members in enumerate(asg.groups):
         params_of[g] = params = _group_params(
