@@ -8,8 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -31,12 +30,9 @@ N, G, DIM = 12, 3, 6
 
 
 @pytest.fixture
-def d(tmp_path: Path) -> Iterator[Deployment]:
-    dep = Deployment(tmp_path / "store.sqlite").start()
-    try:
-        yield dep
-    finally:
-        dep.stop()
+def d(deployment: Deployment) -> Deployment:
+    """The running server of tests/service/conftest.py, by the short name used here."""
+    return deployment
 
 
 def _front(d: Deployment, rid: bytes) -> ShardedRunner:

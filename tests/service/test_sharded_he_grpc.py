@@ -10,7 +10,7 @@ contributors' integer lane sums bit for bit (values within 0.25 of integers, che
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,21 +24,18 @@ from secagg.messages import SEND_ORDER, EncryptedInput, Message
 from secagg.params import Mode, make_params
 from secagg.quantize import lane_values
 from secagg.service.client import Policy
-from secagg.service.sharded import ShardedRunner
 
 from .helpers import Deployment, run_threads
+from .test_sharded_grpc import _front
 
 N, G, DIM = 12, 3, 6
 POLICY = Policy(allowed_modes=frozenset({"masked", "hybrid", "ckks"}))
 
 
 @pytest.fixture
-def d(tmp_path: Path) -> Iterator[Deployment]:
-    dep = Deployment(tmp_path / "store.sqlite").start()
-    try:
-        yield dep
-    finally:
-        dep.stop()
+def d(deployment: Deployment) -> Deployment:
+    """The running server of tests/service/conftest.py, by the short name used here."""
+    return deployment
 
 
 def _contexts(mode: str, max_weight: int = 1) -> tuple[bytes, bytes]:
@@ -48,13 +45,6 @@ def _contexts(mode: str, max_weight: int = 1) -> tuple[bytes, bytes]:
     he = replace(base, he_clients=he_clients).he
     secret = ckks.make_secret_context(he)
     return secret, ckks.make_public_context(secret)
-
-
-def _front(d: Deployment, rid: bytes) -> ShardedRunner:
-    assert d.server is not None and d.server.service is not None
-    runner = d.server.service.coordinator.runner(rid)
-    assert isinstance(runner, ShardedRunner)
-    return runner
 
 
 def _run(

@@ -6,7 +6,7 @@ A local Ray cluster is started here (``num_cpus=2``); the module is skipped with
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from secagg.errors import RoundAborted
-from secagg.messages import EncryptedInput, Message
+from secagg.messages import EncryptedInput
 
 from .helpers import Deployment
 from .test_sharded_he_grpc import G, N, _contexts, _expected, _front, _run
+from .test_sharded_ray import kill_group_1_worker
 
 ray = pytest.importorskip("ray")
 
@@ -47,20 +48,9 @@ def test_sharded_he_on_ray_actors_then_a_worker_killed(
 
         rid = d.create(names, 6, groups=G, mode=mode, he_context=server_ctx)
         killed: list[int] = []
-
-        def hook(cid: int) -> Callable[[Message], bool]:
-            def on_send(m: Message) -> bool:
-                runner = _front(d, rid)
-                asg = runner.front.assignment
-                assert asg is not None and runner.hosts is not None
-                if cid == asg.groups[1][0] and isinstance(m, EncryptedInput) and not killed:
-                    killed.append(cid)
-                    ray.kill(runner.hosts.actors[1], no_restart=True)  # group 1's worker
-                return True
-
-            return on_send
-
-        out, xs, keys = _run(d, names, rid, secret, hook)
+        out, xs, keys = _run(
+            d, names, rid, secret, kill_group_1_worker(d, rid, EncryptedInput, killed)
+        )
         runner = _front(d, rid)
         asg = runner.front.assignment
         assert asg is not None and killed

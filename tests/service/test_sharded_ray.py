@@ -29,6 +29,27 @@ def cluster(ray_cluster: Any) -> Iterator[None]:
     yield None
 
 
+def kill_group_1_worker(
+    d: Deployment, rid: bytes, on: type[Message], killed: list[int]
+) -> Callable[[int], Callable[[Message], bool]]:
+    """A ``hook`` for the sharded ``_run`` helpers: group 1's first member, about to send its
+    first ``on`` message, kills group 1's Ray worker (once; ``killed`` gets its id)."""
+
+    def hook(cid: int) -> Callable[[Message], bool]:
+        def on_send(m: Message) -> bool:
+            runner = _front(d, rid)
+            asg = runner.front.assignment
+            assert asg is not None and runner.hosts is not None
+            if cid == asg.groups[1][0] and isinstance(m, on) and not killed:
+                killed.append(cid)
+                ray.kill(runner.hosts.actors[1], no_restart=True)  # group 1's worker
+            return True
+
+        return on_send
+
+    return hook
+
+
 def test_ray_worker_killed_mid_round_then_the_next_round_runs(
     cluster: None, tmp_path: Path
 ) -> None:
@@ -38,20 +59,7 @@ def test_ray_worker_killed_mid_round_then_the_next_round_runs(
         rid = d.create(names, DIM, groups=G)
         xs, keys = _inputs()
         killed: list[int] = []
-
-        def hook(cid: int) -> Callable[[Message], bool]:
-            def on_send(m: Message) -> bool:
-                front = _front(d, rid)
-                asg = front.front.assignment
-                assert asg is not None and front.hosts is not None
-                if cid == asg.groups[1][0] and isinstance(m, MaskedInput) and not killed:
-                    killed.append(cid)
-                    ray.kill(front.hosts.actors[1], no_restart=True)  # group 1's worker
-                return True
-
-            return on_send
-
-        out = _run(d, names, rid, xs, keys, hook=hook)
+        out = _run(d, names, rid, xs, keys, hook=kill_group_1_worker(d, rid, MaskedInput, killed))
         asg = _front(d, rid).front.assignment
         assert asg is not None and killed
         rest = [c for c in range(1, N + 1) if c not in asg.groups[1]]
